@@ -1,0 +1,978 @@
+//! The gateway's configuration model: what the user writes (TOML), validated into values
+//! that are ready to run.
+//!
+//! Layout:
+//! - [`Config`] is the whole file. It has two parts that change in different ways:
+//!   - the **local bootstrap** ([`Config::gateway`], [`Config::spool`],
+//!     [`Config::telemetry`]): identity, state directory, spool and telemetry. It only
+//!     changes on the device itself.
+//!   - the **pipeline** ([`Pipeline`]: `inputs`, `stages`, `output`): replaced at run
+//!     time by a SIGHUP reload (and, later, by remote configuration). Rebuilding it never
+//!     touches the spool.
+//! - [`load`] / [`parse`] read and validate; every error names the file, line and column
+//!   (syntax and type errors) or the field path (semantic errors) and what to do.
+//! - [`DEFAULT_CONFIG`] is the commented default that `gateway print-config` prints; a test
+//!   checks that it parses and validates.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+mod duration;
+mod template;
+
+pub use template::{TopicTemplate, TopicTemplateError};
+
+/// The commented default configuration printed by `gateway print-config`.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// A whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Local bootstrap: identity and state directory of this gateway.
+    pub gateway: Bootstrap,
+    /// Local bootstrap: the SQLite spool that holds events while Kafka is away.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    /// Local bootstrap: logs, metrics and health endpoint.
+    #[serde(default)]
+    pub telemetry: Telemetry,
+    /// Pipeline: the inputs events come from.
+    #[serde(default)]
+    pub inputs: Vec<Input>,
+    /// Pipeline: the stages every event passes through, in order.
+    #[serde(default)]
+    pub stages: Vec<Stage>,
+    /// Pipeline: where events go.
+    pub output: Output,
+}
+
+/// The part of the configuration that can be replaced at run time.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pipeline {
+    /// The inputs events come from.
+    pub inputs: Vec<Input>,
+    /// The stages every event passes through, in order.
+    pub stages: Vec<Stage>,
+    /// Where events go.
+    pub output: Output,
+}
+
+impl Config {
+    /// The replaceable part of this configuration.
+    pub fn pipeline(&self) -> Pipeline {
+        Pipeline {
+            inputs: self.inputs.clone(),
+            stages: self.stages.clone(),
+            output: self.output.clone(),
+        }
+    }
+
+    /// Where the spool database lives: `spool.path`, or `spool.sqlite` in the state
+    /// directory.
+    pub fn spool_path(&self) -> PathBuf {
+        self.spool
+            .path
+            .clone()
+            .unwrap_or_else(|| self.gateway.state_dir.join("spool.sqlite"))
+    }
+}
+
+/// Identity and local state of this gateway. Never replaced remotely.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    /// This gateway's id: sent to Kafka as the `gateway-id` header and used in MQTT client
+    /// ids. Letters, digits, `-`, `_` and `.` only.
+    pub id: String,
+    /// Directory for the spool and other state. Created if missing.
+    pub state_dir: PathBuf,
+}
+
+/// Durability of spool commits (SQLite `PRAGMA synchronous`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    /// fsync on every commit: a committed event survives power loss. The default.
+    #[default]
+    Full,
+    /// fsync at checkpoints only: survives a crash of the process, not a power cut.
+    Normal,
+    /// No fsync: for tests and RAM disks only.
+    Off,
+}
+
+/// What the spool does when its byte budget is used up.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// Stop taking new events (and so stop acknowledging them upstream): backpressure.
+    /// Nothing is dropped. The default.
+    #[default]
+    Block,
+    /// Delete the oldest spooled events to make room; every one is counted as dropped
+    /// (`reason="spool_overflow"`).
+    DropOldest,
+}
+
+/// The SQLite spool.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Path of the database file. Default: `<gateway.state_dir>/spool.sqlite`.
+    pub path: Option<PathBuf>,
+    /// Byte budget for spooled event data (payload bytes, not counting SQLite overhead).
+    pub max_bytes: u64,
+    /// What happens when `max_bytes` is reached: `block` or `drop_oldest`.
+    pub overflow: OverflowPolicy,
+    /// `full` (default: survives power loss), `normal` or `off`.
+    pub synchronous: Synchronous,
+    /// Group commit: commit after this many rows...
+    pub commit_rows: usize,
+    /// ...or after this long, whichever comes first.
+    #[serde(with = "duration")]
+    pub commit_interval: Duration,
+    /// Rows read per drain batch when Kafka is back.
+    pub drain_batch: usize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            path: None,
+            max_bytes: 256 * 1024 * 1024,
+            overflow: OverflowPolicy::Block,
+            synchronous: Synchronous::Full,
+            commit_rows: 1000,
+            commit_interval: Duration::from_millis(50),
+            drain_batch: 1000,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines. The default.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logs, metrics and health.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// `human` or `json`.
+    pub log_format: LogFormat,
+    /// A tracing filter such as `info` or `gateway=debug,rdkafka=warn`. `RUST_LOG` overrides.
+    pub log_level: String,
+    /// Address of the HTTP endpoint serving `/metrics` (Prometheus) and `/health`.
+    /// Unset: no endpoint.
+    pub listen: Option<String>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            log_format: LogFormat::Human,
+            log_level: "info".into(),
+            listen: None,
+        }
+    }
+}
+
+/// One input.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Input {
+    /// An MQTT subscription.
+    Mqtt(MqttInput),
+}
+
+impl Input {
+    /// The input's name (unique in a config).
+    pub fn name(&self) -> &str {
+        match self {
+            Input::Mqtt(m) => &m.name,
+        }
+    }
+}
+
+/// When an input acknowledges an event upstream.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AckPolicy {
+    /// As soon as it is received: fastest; an event can be lost if the gateway dies.
+    OnReceive,
+    /// Once it is safe: committed to the spool, or confirmed by Kafka. The default.
+    #[default]
+    OnSpool,
+    /// Only once Kafka confirmed it, even when it went through the spool.
+    OnDelivery,
+}
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MqttVersion {
+    /// MQTT 3.1.1. The default.
+    #[default]
+    V311,
+    /// MQTT 5.
+    V5,
+}
+
+/// Payload format of an MQTT input.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    /// A JSON object, mapped by `[inputs.json]`. The default.
+    #[default]
+    Json,
+    /// SenML (RFC 8428) JSON: an array of records.
+    Senml,
+    /// A bare number; the reading name comes from the `{metric}` topic field.
+    Number,
+}
+
+/// How to read an epoch or text timestamp.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeUnit {
+    /// Numbers by magnitude (s, ms, us or ns), strings as RFC 3339. The default.
+    #[default]
+    Auto,
+    /// Epoch seconds (may have a fraction).
+    S,
+    /// Epoch milliseconds.
+    Ms,
+    /// Epoch microseconds.
+    Us,
+    /// Epoch nanoseconds.
+    Ns,
+    /// RFC 3339 text.
+    Rfc3339,
+}
+
+/// Which fields of a JSON payload carry what. Field names may be dotted paths
+/// (`"gps.lat"`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JsonMapping {
+    /// Field with the device id. Used when the topic has no `{device}` field.
+    pub device: String,
+    /// Field with the event time. Missing: gateway time, clock quality `gateway`.
+    pub time: String,
+    /// How to read `time`.
+    pub time_unit: TimeUnit,
+    /// Field with a per-device sequence number; when present it makes the event id.
+    pub seq: String,
+    /// Latitude field (degrees).
+    pub lat: String,
+    /// Longitude field (degrees).
+    pub lon: String,
+    /// Altitude field (metres).
+    pub alt: String,
+    /// Horizontal accuracy field (metres).
+    pub accuracy: String,
+    /// Reading fields. Empty: every other top-level number (and string, as a text reading).
+    pub readings: Vec<String>,
+    /// Fields copied into tags.
+    pub tags: Vec<String>,
+}
+
+impl Default for JsonMapping {
+    fn default() -> Self {
+        JsonMapping {
+            device: "device".into(),
+            time: "ts".into(),
+            time_unit: TimeUnit::Auto,
+            seq: "seq".into(),
+            lat: "lat".into(),
+            lon: "lon".into(),
+            alt: "alt".into(),
+            accuracy: "acc".into(),
+            readings: Vec::new(),
+            tags: Vec::new(),
+        }
+    }
+}
+
+/// TLS settings for a connection.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificate(s) to trust.
+    pub ca_file: PathBuf,
+    /// PEM client certificate for mutual TLS.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
+}
+
+/// A secret: read from a file or from an environment variable, never written in the
+/// config itself and never logged.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Secret {
+    /// Read the secret from this file (trailing newline removed).
+    pub file: Option<PathBuf>,
+    /// Read the secret from this environment variable.
+    pub env: Option<String>,
+}
+
+impl Secret {
+    /// Reads the secret's value.
+    pub fn read(&self) -> Result<String, String> {
+        if let Some(var) = &self.env {
+            if let Ok(v) = std::env::var(var) {
+                return Ok(v);
+            }
+            if self.file.is_none() {
+                return Err(format!("environment variable {var} is not set"));
+            }
+        }
+        match &self.file {
+            Some(f) => std::fs::read_to_string(f)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+                .map_err(|e| format!("cannot read secret file {}: {e}", f.display())),
+            None => Err("a secret needs `file` or `env`".into()),
+        }
+    }
+}
+
+/// Reconnect backoff: doubles from `min` up to `max`, with random jitter.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backoff {
+    /// First delay.
+    #[serde(with = "duration")]
+    pub min: Duration,
+    /// Longest delay.
+    #[serde(with = "duration")]
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            min: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An MQTT input.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttInput {
+    /// Name of the input: the `source` of its events and the `input` metrics label.
+    pub name: String,
+    /// Broker host.
+    pub host: String,
+    /// Broker port. Default 1883 (8883 with TLS).
+    pub port: Option<u16>,
+    /// `v311` (default) or `v5`.
+    #[serde(default)]
+    pub protocol: MqttVersion,
+    /// Client id. Default `<gateway.id>-<name>`: stable, so a persistent session survives
+    /// restarts.
+    pub client_id: Option<String>,
+    /// Start a clean session each connect. Default `false`: the broker keeps QoS 1
+    /// messages for the gateway while it is away.
+    #[serde(default)]
+    pub clean_session: bool,
+    /// Keep-alive interval.
+    #[serde(default = "default_keep_alive", with = "duration")]
+    pub keep_alive: Duration,
+    /// User name.
+    pub username: Option<String>,
+    /// Password (from a file or the environment).
+    pub password: Option<Secret>,
+    /// TLS (rustls). Unset: plain TCP.
+    pub tls: Option<TlsConfig>,
+    /// Subscription QoS: 0 or 1.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// When a message is acknowledged to the broker: `on_receive`, `on_spool` (default)
+    /// or `on_delivery`.
+    #[serde(default)]
+    pub ack_policy: AckPolicy,
+    /// Topic templates: MQTT filters where `{name}` matches one level and captures it
+    /// (`{device}` is the device id, `{metric}` the reading name of a bare number, others
+    /// become tags). `+` and a final `#` work as usual.
+    pub topics: Vec<String>,
+    /// Payload format: `json` (default), `senml` or `number`.
+    #[serde(default)]
+    pub format: PayloadFormat,
+    /// Field mapping for `json` payloads.
+    #[serde(default)]
+    pub json: JsonMapping,
+    /// Largest accepted payload in bytes.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: usize,
+    /// Reconnect backoff.
+    #[serde(default)]
+    pub reconnect: Backoff,
+}
+
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_qos() -> u8 {
+    1
+}
+fn default_max_payload() -> usize {
+    256 * 1024
+}
+
+/// A stage: a synchronous function over events.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Stage {
+    /// Add static tags to every event (existing tags are kept).
+    Tags {
+        /// Tags to add.
+        tags: BTreeMap<String, String>,
+    },
+    /// Keep only events that match (all given criteria must match).
+    Keep(MatchSpec),
+    /// Drop events that match (all given criteria must match).
+    Drop(MatchSpec),
+    /// Check a reading against a range.
+    Range {
+        /// Reading name.
+        reading: String,
+        /// Smallest accepted value.
+        min: Option<f64>,
+        /// Largest accepted value.
+        max: Option<f64>,
+        /// `drop` the event (default), or `tag` it with `out_of_range=<reading>`.
+        #[serde(default)]
+        action: RangeAction,
+    },
+}
+
+impl Stage {
+    /// The stage's kind, as written in config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Stage::Tags { .. } => "tags",
+            Stage::Keep(_) => "keep",
+            Stage::Drop(_) => "drop",
+            Stage::Range { .. } => "range",
+        }
+    }
+}
+
+/// What a range stage does with an out-of-range reading.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RangeAction {
+    /// Drop the event (counted, `reason="out_of_range"`).
+    #[default]
+    Drop,
+    /// Keep it, tagged `out_of_range=<reading>`.
+    Tag,
+}
+
+/// Event selection for `keep` / `drop`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    /// Device id globs (`*` and `?`). Empty: any device.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// MQTT topic filters (`+`, `#`). Empty: any topic.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Input names. Empty: any input.
+    #[serde(default)]
+    pub sources: Vec<String>,
+}
+
+/// Where events go.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Output {
+    /// The Kafka output.
+    pub kafka: KafkaOutput,
+}
+
+/// Kafka record value encoding.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueFormat {
+    /// JSON, schema `edge-gateway.event.v1` (README). The default.
+    #[default]
+    Json,
+    /// postcard bytes of the event model.
+    Postcard,
+}
+
+/// Kafka compression codec.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// No compression.
+    None,
+    /// gzip.
+    Gzip,
+    /// snappy.
+    Snappy,
+    /// lz4. The default: cheap on small CPUs.
+    #[default]
+    Lz4,
+    /// zstd: best ratio.
+    Zstd,
+}
+
+impl Compression {
+    /// librdkafka's name for the codec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// Kafka security settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSecurity {
+    /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name.
+    pub username: Option<String>,
+    /// SASL password (from a file or the environment).
+    pub password: Option<Secret>,
+    /// CA certificate file for `ssl` / `sasl_ssl`.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS.
+    pub client_cert_file: Option<PathBuf>,
+    /// Client key for mutual TLS.
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl Default for KafkaSecurity {
+    fn default() -> Self {
+        KafkaSecurity {
+            protocol: default_protocol(),
+            sasl_mechanism: None,
+            username: None,
+            password: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+        }
+    }
+}
+
+fn default_protocol() -> String {
+    "plaintext".into()
+}
+
+/// The Kafka output.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaOutput {
+    /// Bootstrap servers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Topic template. Fields: `{source}`, `{device}`, and any tag as `{tag.NAME}`.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Record key template (default `{device}`, so a device's events stay in order).
+    #[serde(default = "default_key")]
+    pub key: String,
+    /// `json` (default) or `postcard`.
+    #[serde(default)]
+    pub value_format: ValueFormat,
+    /// `none`, `gzip`, `snappy`, `lz4` (default) or `zstd`.
+    #[serde(default)]
+    pub compression: Compression,
+    /// How long to wait to fill a batch (`linger.ms`).
+    #[serde(default = "default_linger", with = "duration")]
+    pub linger: Duration,
+    /// Largest batch in bytes (`batch.size`).
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: u64,
+    /// Producer queue bound in messages (`queue.buffering.max.messages`).
+    #[serde(default = "default_queue_messages")]
+    pub queue_max_messages: u64,
+    /// Producer queue bound in KiB (`queue.buffering.max.kbytes`). librdkafka's default
+    /// is 1 GiB, far too much for a small device.
+    #[serde(default = "default_queue_kbytes")]
+    pub queue_max_kbytes: u64,
+    /// A record not confirmed within this time fails (`message.timeout.ms`) and goes
+    /// back to the spool.
+    #[serde(default = "default_message_timeout", with = "duration")]
+    pub message_timeout: Duration,
+    /// Switch to spooling when the oldest unconfirmed record is older than this.
+    #[serde(default = "default_spool_after", with = "duration")]
+    pub spool_after: Duration,
+    /// Topic for payloads that could not be decoded (raw bytes, reason in headers).
+    /// Unset: they are only counted.
+    pub dead_letter_topic: Option<String>,
+    /// TLS / SASL.
+    #[serde(default)]
+    pub security: KafkaSecurity,
+    /// Other librdkafka producer properties, passed through as they are.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+fn default_topic() -> String {
+    "telemetry.{source}".into()
+}
+fn default_key() -> String {
+    "{device}".into()
+}
+fn default_linger() -> Duration {
+    Duration::from_millis(20)
+}
+fn default_batch_bytes() -> u64 {
+    512 * 1024
+}
+fn default_queue_messages() -> u64 {
+    20_000
+}
+fn default_queue_kbytes() -> u64 {
+    16 * 1024
+}
+fn default_message_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_spool_after() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// A configuration error: where it is and what to do.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file, if the config came from one.
+    pub file: Option<PathBuf>,
+    /// 1-based line and column, for syntax and type errors.
+    pub position: Option<(usize, usize)>,
+    /// The field path (`inputs[0].qos`), for semantic errors.
+    pub path: Option<String>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}", file.display())?;
+            if let Some((l, c)) = self.position {
+                write!(f, ":{l}:{c}")?;
+            }
+            write!(f, ": ")?;
+        } else if let Some((l, c)) = self.position {
+            write!(f, "line {l}, column {c}: ")?;
+        }
+        if let Some(p) = &self.path {
+            write!(f, "{p}: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+/// All the errors found in one config (validation reports every field error at once).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: Some(path.to_path_buf()),
+            position: None,
+            path: None,
+            message: format!("cannot read the config file: {e}"),
+        }])
+    })?;
+    parse(&text, Some(path))
+}
+
+/// Parses and validates config text. `file` is only used in error messages.
+pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigErrors> {
+    let config: Config = toml::from_str(text).map_err(|e| {
+        let position = e.span().map(|s| line_col(text, s.start));
+        ConfigErrors(vec![ConfigError {
+            file: file.map(Path::to_path_buf),
+            position,
+            path: None,
+            message: e.message().trim_end().to_string(),
+        }])
+    })?;
+    let errors = validate(&config);
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(
+            errors
+                .into_iter()
+                .map(|(path, message)| ConfigError {
+                    file: file.map(Path::to_path_buf),
+                    position: None,
+                    path: Some(path),
+                    message,
+                })
+                .collect(),
+        ))
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |n| before.len() - n - 1) + 1;
+    (line, col)
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Semantic checks; returns every (field path, message) found.
+pub fn validate(c: &Config) -> Vec<(String, String)> {
+    let mut errs = Vec::new();
+    let mut err = |p: String, m: &str| errs.push((p, m.to_string()));
+    if !valid_id(&c.gateway.id) {
+        err(
+            "gateway.id".into(),
+            "must be non-empty and use only letters, digits, '-', '_' and '.'",
+        );
+    }
+    if c.spool.max_bytes < 64 * 1024 {
+        err("spool.max_bytes".into(), "must be at least 65536 bytes");
+    }
+    if c.spool.commit_rows == 0 {
+        err("spool.commit_rows".into(), "must be at least 1");
+    }
+    if c.spool.drain_batch == 0 {
+        err("spool.drain_batch".into(), "must be at least 1");
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, input) in c.inputs.iter().enumerate() {
+        let Input::Mqtt(m) = input;
+        let p = format!("inputs[{i}]");
+        if !valid_id(&m.name) {
+            err(
+                format!("{p}.name"),
+                "must be non-empty and use only letters, digits, '-', '_' and '.'",
+            );
+        }
+        if !names.insert(m.name.clone()) {
+            err(format!("{p}.name"), "another input has this name; names must be unique");
+        }
+        if m.host.is_empty() {
+            err(format!("{p}.host"), "must not be empty");
+        }
+        if m.qos > 1 {
+            err(format!("{p}.qos"), "must be 0 or 1");
+        }
+        if m.qos == 0 && m.ack_policy != AckPolicy::OnReceive {
+            // QoS 0 has no acknowledgement at all; the policy has no effect. Not an
+            // error, but say so where it matters: in the docs.
+        }
+        if m.topics.is_empty() {
+            err(format!("{p}.topics"), "give at least one topic template");
+        }
+        for (j, t) in m.topics.iter().enumerate() {
+            match TopicTemplate::parse(t) {
+                Err(e) => err(format!("{p}.topics[{j}]"), &e.to_string()),
+                Ok(tt) => {
+                    if m.format == PayloadFormat::Number && !tt.captures().any(|c| c == "metric")
+                    {
+                        err(
+                            format!("{p}.topics[{j}]"),
+                            "format \"number\" needs a {metric} field in the topic to name the reading",
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(tls) = &m.tls {
+            if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+                err(
+                    format!("{p}.tls"),
+                    "client_cert_file and client_key_file go together",
+                );
+            }
+        }
+        if let Some(s) = &m.password {
+            if s.file.is_none() && s.env.is_none() {
+                err(format!("{p}.password"), "give `file` or `env`");
+            }
+        }
+        if m.max_payload == 0 {
+            err(format!("{p}.max_payload"), "must be at least 1");
+        }
+        if m.reconnect.min.is_zero() || m.reconnect.min > m.reconnect.max {
+            err(
+                format!("{p}.reconnect"),
+                "min must be above zero and not above max",
+            );
+        }
+    }
+    for (i, s) in c.stages.iter().enumerate() {
+        if let Stage::Range { min, max, .. } = s {
+            if min.is_none() && max.is_none() {
+                err(format!("stages[{i}]"), "a range needs min, max or both");
+            }
+            if let (Some(a), Some(b)) = (min, max) {
+                if a > b {
+                    err(format!("stages[{i}]"), "min is above max");
+                }
+            }
+        }
+        if let Stage::Keep(m) | Stage::Drop(m) = s {
+            if m.devices.is_empty() && m.topics.is_empty() && m.sources.is_empty() {
+                err(
+                    format!("stages[{i}]"),
+                    "give at least one of devices, topics, sources",
+                );
+            }
+        }
+    }
+    let k = &c.output.kafka;
+    if k.brokers.trim().is_empty() {
+        err("output.kafka.brokers".into(), "must not be empty");
+    }
+    if k.topic.is_empty() {
+        err("output.kafka.topic".into(), "must not be empty");
+    }
+    if k.queue_max_messages == 0 || k.queue_max_kbytes == 0 {
+        err(
+            "output.kafka.queue_max_messages".into(),
+            "queue bounds must be above zero",
+        );
+    }
+    if k.message_timeout < Duration::from_secs(1) {
+        err("output.kafka.message_timeout".into(), "must be at least 1s");
+    }
+    match k.security.protocol.as_str() {
+        "plaintext" | "ssl" | "sasl_plaintext" | "sasl_ssl" => {}
+        _ => err(
+            "output.kafka.security.protocol".into(),
+            "must be plaintext, ssl, sasl_plaintext or sasl_ssl",
+        ),
+    }
+    if k.security.protocol.starts_with("sasl") {
+        match k.security.sasl_mechanism.as_deref() {
+            Some("PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") => {}
+            _ => err(
+                "output.kafka.security.sasl_mechanism".into(),
+                "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+            ),
+        }
+        if k.security.username.is_none() || k.security.password.is_none() {
+            err(
+                "output.kafka.security".into(),
+                "SASL needs username and password",
+            );
+        }
+    }
+    errs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        let c = parse(DEFAULT_CONFIG, None).expect("default config must validate");
+        assert_eq!(c.gateway.id, "gw-0001");
+        assert_eq!(c.spool.synchronous, Synchronous::Full);
+        assert_eq!(c.inputs.len(), 1);
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_column() {
+        let text = "[gateway]\nid = \"a\"\nstate_dir = \"/tmp\"\ncolour = 3\n[output.kafka]\nbrokers = \"x:1\"\n";
+        let e = parse(text, Some(Path::new("gw.toml"))).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("gw.toml:4:1: "), "{msg}");
+        assert!(msg.contains("colour"), "{msg}");
+    }
+
+    #[test]
+    fn semantic_errors_are_all_listed_with_paths() {
+        let text = r#"
+[gateway]
+id = "bad id"
+state_dir = "/tmp"
+[[inputs]]
+type = "mqtt"
+name = "a"
+host = "h"
+qos = 2
+topics = ["a/{device"]
+[output.kafka]
+brokers = ""
+"#;
+        let e = parse(text, None).unwrap_err();
+        let paths: Vec<_> = e.0.iter().filter_map(|e| e.path.clone()).collect();
+        assert_eq!(
+            paths,
+            [
+                "gateway.id",
+                "inputs[0].qos",
+                "inputs[0].topics[0]",
+                "output.kafka.brokers"
+            ]
+        );
+    }
+
+    #[test]
+    fn durations_and_secrets() {
+        let text = r#"
+[gateway]
+id = "g"
+state_dir = "/tmp"
+[spool]
+commit_interval = "5ms"
+[output.kafka]
+brokers = "k:9092"
+linger = "1s"
+"#;
+        let c = parse(text, None).expect("valid");
+        assert_eq!(c.spool.commit_interval, Duration::from_millis(5));
+        assert_eq!(c.output.kafka.linger, Duration::from_secs(1));
+        let s = Secret {
+            file: None,
+            env: Some("GATEWAY_TEST_SECRET_UNSET".into()),
+        };
+        assert!(s.read().is_err());
+    }
+}
