@@ -1,1 +1,27 @@
-//! placeholder
+//! The edge IoT stream gateway: MQTT in, local stages, a SQLite spool, batches to Kafka.
+//!
+//! Layout (one noun per module):
+//! - [`event`]: the event model and the records that travel to Kafka.
+//! - [`sources`]: inputs ([`sources::mqtt`]) and payload decoders ([`sources::payload`]).
+//! - [`ack`]: in-order upstream acknowledgements, released when an event is safe.
+//! - [`stages`]: synchronous filters and enrichment, run in the input tasks.
+//! - [`router`]: the thread that owns the spool and the producer; direct vs spooling mode.
+//! - [`spool`]: the SQLite spool.
+//! - [`sinks`]: outputs ([`sinks::kafka`]).
+//! - [`metrics`]: Prometheus metrics and the `/metrics` + `/health` endpoint.
+//! - [`app`]: wires it together; [`app::run`] is the entry point.
+//! - `demo` (feature `demo`): the self-contained demo behind `gateway demo`.
+//!
+//! ARCHITECTURE.md has the invariants.
+
+pub mod ack;
+pub mod app;
+#[cfg(feature = "demo")]
+pub mod demo;
+pub mod event;
+pub mod metrics;
+pub mod router;
+pub mod sinks;
+pub mod sources;
+pub mod spool;
+pub mod stages;

@@ -1,0 +1,187 @@
+//! The running gateway: telemetry endpoint, spool, router, and the pipeline's inputs,
+//! rebuilt live on reload.
+//!
+//! Entry point: [`run`]. It returns when `shutdown` resolves, after inputs stopped taking
+//! messages, the router spooled whatever Kafka had not confirmed, and acknowledgements for
+//! what is safe went out.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use gateway_config::{Config, Input, Pipeline};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+use crate::router::{self, RouterHandle};
+use crate::sources::{mqtt, SourceContext, SourceState};
+use crate::spool::Spool;
+use crate::stages::Chain;
+
+/// The inputs of one pipeline generation.
+struct Inputs {
+    state: watch::Sender<SourceState>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Inputs {
+    async fn quiesce(&self) {
+        let _ = self.state.send(SourceState::Quiesce);
+    }
+
+    async fn stop(self) {
+        let _ = self.state.send(SourceState::Stop);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn start_inputs(p: &Pipeline, gateway_id: &str, router: &RouterHandle, metrics: &Metrics) -> Result<Inputs, String> {
+    let chain = Arc::new(Chain::build(&p.stages, Some(metrics))?);
+    // Check every input can be built before starting any.
+    for input in &p.inputs {
+        let Input::Mqtt(m) = input;
+        mqtt::options(m, gateway_id)?;
+    }
+    let (state, rx) = watch::channel(SourceState::Run);
+    let ctx = SourceContext {
+        gateway_id: gateway_id.to_string(),
+        chain,
+        items: router.items(),
+        metrics: metrics.clone(),
+        dead_letters: p.output.kafka.dead_letter_topic.is_some(),
+    };
+    let tasks = p
+        .inputs
+        .iter()
+        .map(|input| {
+            let Input::Mqtt(m) = input.clone();
+            let ctx = ctx.clone();
+            let rx = rx.clone();
+            tokio::spawn(async move {
+                let name = m.name.clone();
+                if let Err(e) = mqtt::run(m, ctx, rx).await {
+                    tracing::error!(input = %name, error = %e, "input stopped");
+                }
+            })
+        })
+        .collect();
+    Ok(Inputs { state, tasks })
+}
+
+/// Where reload requests come from (SIGHUP, or a caller such as remote config).
+pub type ReloadRequests = mpsc::Receiver<Config>;
+
+/// Runs the gateway until `shutdown` resolves. New configs arriving on `reloads` replace
+/// the pipeline live.
+pub async fn run(
+    config: Config,
+    metrics: Metrics,
+    mut reloads: ReloadRequests,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    if let Some(addr) = &config.telemetry.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on telemetry.listen = {addr}"))?;
+        tracing::info!(address = %listener.local_addr()?, "serving /metrics and /health");
+        tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+    }
+    let path = config.spool_path();
+    let (spool, report) = Spool::open(&path, config.spool.synchronous)
+        .with_context(|| format!("cannot open the spool at {}", path.display()))?;
+    if report.quarantined.is_some() {
+        metrics.spool_quarantined();
+    }
+    tracing::info!(spool = %path.display(), rows = spool.rows(), bytes = spool.bytes(), "spool open");
+    let router = router::start(spool, config.spool.clone(), &config.output.kafka, &config.gateway.id, metrics.clone())
+        .map_err(anyhow::Error::msg)?;
+    let mut current = config;
+    let mut inputs = start_inputs(&current.pipeline(), &current.gateway.id, &router, &metrics).map_err(anyhow::Error::msg)?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(next) = reloads.recv() => {
+                if next.gateway != current.gateway || next.spool != current.spool || next.telemetry != current.telemetry {
+                    tracing::warn!("[gateway], [spool] and [telemetry] changes take effect on restart; applying the pipeline only");
+                }
+                let pipeline = next.pipeline();
+                if pipeline == current.pipeline() {
+                    tracing::info!("configuration unchanged");
+                    continue;
+                }
+                // Build the new stages first: a bad config leaves the running one alone.
+                if let Err(e) = Chain::build(&pipeline.stages, None) {
+                    tracing::error!(error = %e, "new configuration rejected; keeping the running one");
+                    continue;
+                }
+                inputs.quiesce().await;
+                inputs.stop().await;
+                let out = pipeline.output.kafka.clone();
+                let result = tokio::task::block_in_place(|| router.reconfigure(out));
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "new Kafka output rejected; keeping the running one");
+                }
+                match start_inputs(&pipeline, &current.gateway.id, &router, &metrics) {
+                    Ok(i) => {
+                        inputs = i;
+                        current.inputs = pipeline.inputs;
+                        current.stages = pipeline.stages;
+                        current.output = pipeline.output;
+                        tracing::info!("pipeline reloaded");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "new inputs rejected; restarting the previous ones");
+                        inputs = start_inputs(&current.pipeline(), &current.gateway.id, &router, &metrics).map_err(anyhow::Error::msg)?;
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down: stopping inputs, spooling what Kafka has not confirmed");
+    inputs.quiesce().await;
+    tokio::task::block_in_place(|| router.shutdown());
+    inputs.stop().await;
+    Ok(())
+}
+
+/// Forwards SIGHUP as a reload of `path`; a config that does not validate is logged and
+/// ignored.
+pub fn reload_on_sighup(path: PathBuf) -> anyhow::Result<ReloadRequests> {
+    let (tx, rx) = mpsc::channel(4);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match gateway_config::load(&path) {
+                Ok(c) => {
+                    tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+                    if tx.send(c).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => tracing::error!("SIGHUP: the configuration does not validate, keeping the running one:\n{e}"),
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

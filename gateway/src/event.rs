@@ -1,0 +1,209 @@
+//! The one event model every input is turned into, and the records that travel through
+//! the spool to Kafka.
+//!
+//! A [`Record`] is what the router moves: an [`Event`] or a [`DeadLetter`] (a payload that
+//! could not be decoded). Records are stored in the spool as postcard bytes
+//! ([`Record::encode`] / [`Record::decode`]); the encoding is versioned by the spool schema.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How far the event time can be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClockQuality {
+    /// The device stamped the event with its own (set) clock.
+    Device,
+    /// The device sent no usable time; the gateway stamped it on receipt.
+    Gateway,
+    /// Time source unknown (e.g. uptime-based).
+    Unknown,
+}
+
+impl ClockQuality {
+    /// The name used in the JSON value schema.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClockQuality::Device => "device",
+            ClockQuality::Gateway => "gateway",
+            ClockQuality::Unknown => "unknown",
+        }
+    }
+}
+
+/// A geo-location fix (WGS 84).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Location {
+    /// Latitude in degrees, -90..=90.
+    pub lat: f64,
+    /// Longitude in degrees, -180..=180.
+    pub lon: f64,
+    /// Altitude in metres.
+    pub alt: Option<f64>,
+    /// Horizontal accuracy in metres.
+    pub accuracy: Option<f64>,
+}
+
+/// A reading's value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Value {
+    /// A number.
+    Number(f64),
+    /// Text.
+    Text(String),
+    /// A boolean.
+    Bool(bool),
+}
+
+/// One sensor event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Stable id: `<device>:<seq>` where the source has a sequence, else a content hash.
+    /// Redeliveries of the same input give the same id, so consumers can drop duplicates.
+    pub id: String,
+    /// Device id.
+    pub device: String,
+    /// Name of the input the event came from.
+    pub source: String,
+    /// Where in that input: the MQTT topic, the serial port.
+    pub origin: String,
+    /// Event time, ns since the Unix epoch (UTC).
+    pub time_ns: i64,
+    /// How far `time_ns` can be trusted.
+    pub clock: ClockQuality,
+    /// When the gateway received it, ns since the Unix epoch (UTC).
+    pub received_ns: i64,
+    /// Location, if the event has one.
+    pub location: Option<Location>,
+    /// Readings by name.
+    pub readings: BTreeMap<String, Value>,
+    /// Tags by name.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A payload that could not be decoded, kept with the reason for a dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Name of the input.
+    pub source: String,
+    /// Topic or port it came from.
+    pub origin: String,
+    /// Why it was rejected (a `dropped` reason label, e.g. `malformed_json`).
+    pub reason: String,
+    /// Human-readable detail.
+    pub detail: String,
+    /// When it was received, ns since the Unix epoch.
+    pub received_ns: i64,
+    /// The raw payload.
+    pub payload: Vec<u8>,
+}
+
+/// What the router moves, spools and sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    /// A decoded event.
+    Event(Event),
+    /// A rejected payload bound for the dead-letter topic.
+    DeadLetter(DeadLetter),
+}
+
+/// A record that cannot be read back from the spool.
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable spool record: {0}")]
+pub struct DecodeError(#[from] postcard::Error);
+
+impl Record {
+    /// postcard bytes, as stored in the spool.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising plain data into a Vec cannot fail.
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Reads postcard bytes back.
+    pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+        Ok(postcard::from_bytes(bytes)?)
+    }
+
+    /// The input the record came from.
+    pub fn source(&self) -> &str {
+        match self {
+            Record::Event(e) => &e.source,
+            Record::DeadLetter(d) => &d.source,
+        }
+    }
+}
+
+/// Now, in ns since the Unix epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// A content-hash event id: the same input bytes always give the same id.
+pub fn content_id(source: &str, origin: &str, payload: &[u8], index: usize) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(source.as_bytes());
+    h.update(&[0]);
+    h.update(origin.as_bytes());
+    h.update(&[0]);
+    h.update(payload);
+    h.update(&(index as u64).to_le_bytes());
+    format!("h{:032x}", h.digest128())
+}
+
+/// RFC 3339 text (UTC, nanoseconds trimmed) for ns since the epoch.
+pub fn rfc3339(ns: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ns as i128)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Event {
+        Event {
+            id: "pump-1:7".into(),
+            device: "pump-1".into(),
+            source: "site".into(),
+            origin: "sensors/pump-1/telemetry".into(),
+            time_ns: 1_700_000_000_123_000_000,
+            clock: ClockQuality::Device,
+            received_ns: 1_700_000_000_200_000_000,
+            location: Some(Location {
+                lat: 52.5,
+                lon: 13.4,
+                alt: Some(34.0),
+                accuracy: None,
+            }),
+            readings: [("temperature".to_string(), Value::Number(21.5))].into(),
+            tags: [("site".to_string(), "berlin".to_string())].into(),
+        }
+    }
+
+    #[test]
+    fn postcard_round_trip_and_size() {
+        let r = Record::Event(sample());
+        let bytes = r.encode();
+        assert!(bytes.len() < 140, "compact: {} bytes", bytes.len());
+        assert_eq!(Record::decode(&bytes).expect("decodes"), r);
+        assert!(Record::decode(&bytes[..bytes.len() / 2]).is_err());
+    }
+
+    #[test]
+    fn content_ids_are_stable_and_distinct() {
+        let a = content_id("s", "t", b"{}", 0);
+        assert_eq!(a, content_id("s", "t", b"{}", 0));
+        assert_ne!(a, content_id("s", "t", b"{}", 1));
+        assert_ne!(a, content_id("s", "u", b"{}", 0));
+        assert_eq!(a.len(), 33);
+    }
+
+    #[test]
+    fn rfc3339_text() {
+        assert_eq!(rfc3339(1_700_000_000_123_000_000), "2023-11-14T22:13:20.123Z");
+    }
+}

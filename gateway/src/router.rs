@@ -1,0 +1,720 @@
+//! The router: one thread that owns the spool and the Kafka producer and decides, for
+//! every record, whether it goes straight to Kafka (direct mode) or into the spool.
+//!
+//! ```text
+//!  inputs ──Item──> router ──send──> librdkafka ──Report──> router
+//!                     │  └──append──> spool (group commit) ──drain──┘
+//! ```
+//!
+//! Rules (the architecture invariants in ARCHITECTURE.md):
+//! - Every record gets a `seq` on arrival: the gateway-wide receive order. Spool rows are
+//!   keyed by it and drained in it, so per-device order holds.
+//! - **Direct mode** only while the spool is empty, nothing is being drained, and Kafka is
+//!   healthy. Otherwise new records go behind the spool.
+//! - Kafka is unhealthy after a failed delivery, a full producer queue, or when the oldest
+//!   direct record waited longer than `spool_after`; then every direct record still in
+//!   flight is also copied into the spool (so its upstream ack can go out), and its row is
+//!   deleted if Kafka confirms it after all.
+//! - A spool row is deleted only after its delivery report came back without error.
+//! - Drain starts only when no direct record is in flight (a failed one re-enters the
+//!   spool at its original `seq`, ahead of later records). While Kafka is unhealthy the
+//!   drain sends one probe batch at a time; the first confirmed record switches to full
+//!   speed.
+//! - An upstream [`Ack`] is released when its record is committed to the spool or
+//!   confirmed by Kafka (`on_spool`), or only when confirmed (`on_delivery`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use gateway_config::{KafkaOutput, OverflowPolicy, SpoolConfig};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::ack::Ack;
+use crate::event::Record;
+use crate::metrics::{InputMetrics, Metrics};
+use crate::sinks::kafka::{KafkaSink, Opaque, Report};
+use crate::spool::{Row, Spool, SpoolError};
+
+/// A record on its way from an input to the router.
+#[derive(Debug)]
+pub struct Item {
+    /// The record.
+    pub record: Record,
+    /// The upstream acknowledgement share of the record.
+    pub ack: Ack,
+    /// Hold the ack until Kafka confirmed the record (`on_delivery`), not just until it is
+    /// in the spool.
+    pub until_delivered: bool,
+}
+
+/// Commands to the router.
+pub enum Control {
+    /// Replace the Kafka output (a new producer); the reply says whether it worked.
+    Reconfigure(Box<KafkaOutput>, std::sync::mpsc::Sender<Result<(), String>>),
+    /// Finish: spool what is not confirmed, commit, and exit.
+    Shutdown,
+}
+
+/// A handle on the running router thread.
+pub struct RouterHandle {
+    items: flume::Sender<Item>,
+    control: flume::Sender<Control>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RouterHandle {
+    /// Where inputs send their records. Bounded: a full channel is backpressure.
+    pub fn items(&self) -> flume::Sender<Item> {
+        self.items.clone()
+    }
+
+    /// Replaces the Kafka output; returns once the new producer is in place.
+    pub fn reconfigure(&self, output: KafkaOutput) -> Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.control
+            .send(Control::Reconfigure(Box::new(output), tx))
+            .map_err(|_| "the router has stopped".to_string())?;
+        rx.recv().map_err(|_| "the router has stopped".to_string())?
+    }
+
+    /// Stops the router: every record not confirmed by Kafka ends up in the spool.
+    pub fn shutdown(mut self) {
+        let _ = self.control.send(Control::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the router thread over an open spool.
+pub fn start(
+    spool: Spool,
+    spool_cfg: SpoolConfig,
+    output: &KafkaOutput,
+    gateway_id: &str,
+    metrics: Metrics,
+) -> Result<RouterHandle, String> {
+    let (items_tx, items_rx) = flume::bounded(4096);
+    let (control_tx, control_rx) = flume::unbounded();
+    let (reports_tx, reports_rx) = flume::unbounded();
+    let sink = KafkaSink::new(output, gateway_id, reports_tx.clone())?;
+    let next_seq = spool.max_seq() + 1;
+    let router = Router {
+        max_inflight: (output.queue_max_messages as usize).clamp(1, 1_000_000),
+        spool_after: output.spool_after,
+        spool,
+        cfg: spool_cfg,
+        sink,
+        gateway_id: gateway_id.to_string(),
+        reports_tx,
+        reports_rx,
+        metrics,
+        inputs: Vec::new(),
+        input_idx: HashMap::new(),
+        next_seq,
+        pending: Vec::new(),
+        pending_bytes: 0,
+        pending_acks: Vec::new(),
+        pending_since: None,
+        pending_deletes: Vec::new(),
+        deletes_since: None,
+        respooled_low: false,
+        delivery_acks: HashMap::new(),
+        direct: BTreeMap::new(),
+        drain_inflight: BTreeMap::new(),
+        drain_cursor: 0,
+        drain_failed_min: None,
+        healthy: true,
+        next_probe: Instant::now(),
+        write_retry_at: None,
+        shutting_down: false,
+        last_progress_log: Instant::now(),
+    };
+    router.publish_state();
+    let thread = std::thread::Builder::new()
+        .name("router".into())
+        .spawn(move || router.run(items_rx, control_rx))
+        .map_err(|e| format!("cannot start the router thread: {e}"))?;
+    Ok(RouterHandle {
+        items: items_tx,
+        control: control_tx,
+        thread: Some(thread),
+    })
+}
+
+/// A record handed to the producer straight from an input.
+struct Direct {
+    data: Vec<u8>,
+    input: u32,
+    /// An event (counted as delivered), not a dead letter.
+    event: bool,
+    ack: Option<Ack>,
+    until_delivered: bool,
+    sent: Instant,
+    /// A copy is in the spool (pending or committed).
+    spooled: bool,
+}
+
+enum Wake {
+    Item(Item),
+    ItemsClosed,
+    Report(Report),
+    Control(Control),
+    Idle,
+}
+
+struct Router {
+    spool: Spool,
+    cfg: SpoolConfig,
+    sink: KafkaSink,
+    gateway_id: String,
+    reports_tx: flume::Sender<Report>,
+    reports_rx: flume::Receiver<Report>,
+    metrics: Metrics,
+    inputs: Vec<InputMetrics>,
+    input_idx: HashMap<String, u32>,
+    max_inflight: usize,
+    spool_after: Duration,
+    next_seq: u64,
+    /// Rows waiting for the next group commit.
+    pending: Vec<Row>,
+    pending_bytes: u64,
+    /// Acks released by the next commit.
+    pending_acks: Vec<Ack>,
+    pending_since: Option<Instant>,
+    /// Confirmed seqs whose rows the next commit deletes.
+    pending_deletes: Vec<u64>,
+    deletes_since: Option<Instant>,
+    /// A failed direct record re-entered `pending` below the drain cursor.
+    respooled_low: bool,
+    /// `on_delivery` acks of spooled records, by seq.
+    delivery_acks: HashMap<u64, Ack>,
+    direct: BTreeMap<u64, Direct>,
+    drain_inflight: BTreeMap<u64, (u32, bool)>,
+    drain_cursor: u64,
+    drain_failed_min: Option<u64>,
+    healthy: bool,
+    next_probe: Instant,
+    /// Set after a failed spool write: inputs are held back until the retry succeeds.
+    write_retry_at: Option<Instant>,
+    shutting_down: bool,
+    last_progress_log: Instant,
+}
+
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const WRITE_RETRY: Duration = Duration::from_secs(1);
+
+fn error_kind(e: &KafkaError) -> &'static str {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::QueueFull) => "queue_full",
+        Some(RDKafkaErrorCode::MessageTimedOut) => "timeout",
+        Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => "purged",
+        Some(RDKafkaErrorCode::Fatal) => "fatal",
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => "too_large",
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => "unknown_topic",
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => "not_authorized",
+        _ => "other",
+    }
+}
+
+impl Router {
+    fn run(mut self, items: flume::Receiver<Item>, control: flume::Receiver<Control>) {
+        self.metrics.router_alive(true);
+        let mut items_open = true;
+        loop {
+            let accepting = items_open && !self.shutting_down && !self.blocked();
+            self.metrics.spool_blocked(items_open && !accepting && !self.shutting_down);
+            let timeout = self.next_deadline();
+            let wake = {
+                let mut sel = flume::Selector::new()
+                    .recv(&self.reports_rx, |r| r.map_or(Wake::Idle, Wake::Report))
+                    // A dropped handle means shut down.
+                    .recv(&control, |c| Wake::Control(c.unwrap_or(Control::Shutdown)));
+                if accepting {
+                    sel = sel.recv(&items, |i| i.map_or(Wake::ItemsClosed, Wake::Item));
+                }
+                sel.wait_timeout(timeout).unwrap_or(Wake::Idle)
+            };
+            match wake {
+                Wake::Item(item) => {
+                    self.accept(item);
+                    // Take what else is there, bounded, to amortise the loop.
+                    for _ in 0..1024 {
+                        if self.blocked() {
+                            break;
+                        }
+                        match items.try_recv() {
+                            Ok(i) => self.accept(i),
+                            Err(flume::TryRecvError::Empty) => break,
+                            Err(flume::TryRecvError::Disconnected) => {
+                                items_open = false;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Wake::Report(r) => self.on_report(r),
+                Wake::Control(Control::Reconfigure(out, reply)) => {
+                    let _ = reply.send(self.replace_sink(&out));
+                }
+                Wake::Control(Control::Shutdown) => {
+                    // Take what the inputs already handed over, then finish.
+                    self.shutting_down = true;
+                    while let Ok(i) = items.try_recv() {
+                        self.accept(i);
+                    }
+                    break;
+                }
+                Wake::ItemsClosed => items_open = false,
+                Wake::Idle => {}
+            }
+            while let Ok(r) = self.reports_rx.try_recv() {
+                self.on_report(r);
+            }
+            self.tick();
+        }
+        self.finish();
+        self.metrics.router_alive(false);
+    }
+
+    fn blocked(&self) -> bool {
+        if self.write_retry_at.is_some() {
+            return true;
+        }
+        self.cfg.overflow == OverflowPolicy::Block
+            && self.spool.bytes() + self.pending_bytes >= self.cfg.max_bytes
+    }
+
+    fn next_deadline(&self) -> Duration {
+        let mut d = Duration::from_millis(100);
+        if let Some(since) = self.pending_since.or(self.deletes_since) {
+            d = d.min(self.cfg.commit_interval.saturating_sub(since.elapsed()));
+        }
+        d.max(Duration::from_millis(1))
+    }
+
+    fn input(&mut self, name: &str) -> u32 {
+        if let Some(i) = self.input_idx.get(name) {
+            return *i;
+        }
+        let i = self.inputs.len() as u32;
+        self.inputs.push(self.metrics.input(name));
+        self.input_idx.insert(name.to_string(), i);
+        i
+    }
+
+    fn direct_allowed(&self) -> bool {
+        self.healthy
+            && !self.shutting_down
+            && self.spool.rows() == 0
+            && self.pending.is_empty()
+            && self.drain_inflight.is_empty()
+            && self.direct.len() < self.max_inflight
+            && !self.sink.is_fatal()
+    }
+
+    fn accept(&mut self, item: Item) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let input = self.input(item.record.source());
+        let event = matches!(item.record, Record::Event(_));
+        let data = item.record.encode();
+        if self.direct_allowed() {
+            let opaque = Box::new(Opaque { seq, from_spool: false, sent: Instant::now() });
+            match self.sink.send(&item.record, opaque) {
+                Ok(()) => {
+                    self.direct.insert(
+                        seq,
+                        Direct {
+                            data,
+                            input,
+                            event,
+                            ack: Some(item.ack),
+                            until_delivered: item.until_delivered,
+                            sent: Instant::now(),
+                            spooled: false,
+                        },
+                    );
+                    return;
+                }
+                Err((e, _)) => {
+                    self.metrics.kafka_error(error_kind(&e));
+                    if self.healthy {
+                        tracing::warn!(error = %e, "Kafka producer refused a record; spooling");
+                    }
+                    self.healthy = false;
+                }
+            }
+        }
+        self.spool_row(seq, input, data, item.ack, item.until_delivered);
+    }
+
+    fn spool_row(&mut self, seq: u64, input: u32, data: Vec<u8>, ack: Ack, until_delivered: bool) {
+        self.pending_bytes += data.len() as u64;
+        self.pending.push(Row {
+            seq,
+            source: self.inputs[input as usize].name.clone(),
+            data,
+        });
+        if until_delivered {
+            self.delivery_acks.insert(seq, ack);
+        } else {
+            self.pending_acks.push(ack);
+        }
+        self.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    fn on_report(&mut self, r: Report) {
+        let seq = r.opaque.seq;
+        self.metrics.kafka_latency(r.opaque.sent.elapsed().as_secs_f64());
+        if let Some(e) = &r.error {
+            self.metrics.kafka_error(error_kind(e));
+        }
+        if !r.opaque.from_spool {
+            let Some(mut d) = self.direct.remove(&seq) else { return };
+            match r.error {
+                None => {
+                    self.healthy = true;
+                    if d.event {
+                        self.inputs[d.input as usize].delivered.inc();
+                    }
+                    if d.spooled {
+                        self.delete_row(seq);
+                    }
+                    // Dropping the ack releases it upstream.
+                }
+                Some(e) => {
+                    if self.healthy {
+                        tracing::warn!(error = %e, "Kafka delivery failed; spooling until it recovers");
+                    }
+                    self.healthy = false;
+                    if !d.spooled {
+                        if seq <= self.drain_cursor || self.drain_cursor == 0 {
+                            self.respooled_low = true;
+                        }
+                        let ack = d.ack.take().unwrap_or_default();
+                        self.spool_row(seq, d.input, std::mem::take(&mut d.data), ack, d.until_delivered);
+                    } else if let Some(ack) = d.ack.take() {
+                        // An on_delivery ack waits with the spooled copy.
+                        self.delivery_acks.insert(seq, ack);
+                    }
+                }
+            }
+        } else {
+            let Some((input, event)) = self.drain_inflight.remove(&seq) else { return };
+            match r.error {
+                None => {
+                    if !self.healthy {
+                        tracing::info!(spool_rows = self.spool.rows(), "Kafka is confirming again; draining the spool");
+                    }
+                    self.healthy = true;
+                    if event {
+                        self.inputs[input as usize].delivered.inc();
+                    }
+                    self.metrics.drained(1);
+                    self.delete_row(seq);
+                }
+                Some(e) => {
+                    if self.healthy {
+                        tracing::warn!(error = %e, "Kafka delivery failed while draining; retrying");
+                    }
+                    self.healthy = false;
+                    self.drain_failed_min = Some(self.drain_failed_min.map_or(seq, |m| m.min(seq)));
+                }
+            }
+        }
+    }
+
+    fn delete_row(&mut self, seq: u64) {
+        self.delivery_acks.remove(&seq);
+        self.pending_deletes.push(seq);
+        self.deletes_since.get_or_insert_with(Instant::now);
+    }
+
+    fn tick(&mut self) {
+        // Kafka slow: copy direct records into the spool so their acks can go out.
+        if let Some((_, oldest)) = self.direct.first_key_value() {
+            if oldest.sent.elapsed() > self.spool_after && self.direct.values().any(|d| !d.spooled) {
+                if self.healthy {
+                    tracing::warn!(waiting = self.direct.len(), after = ?self.spool_after, "Kafka is not confirming; spooling");
+                }
+                self.healthy = false;
+                self.metrics.kafka_error("slow");
+                self.spool_direct_copies();
+            }
+        }
+        if self.sink.is_fatal() && self.direct.is_empty() && self.drain_inflight.is_empty() {
+            let cfg = self.sink.config().clone();
+            if let Err(e) = self.replace_sink(&cfg) {
+                tracing::error!(error = %e, "cannot recreate the Kafka producer");
+            }
+        }
+        let commit_due = self.pending.len() >= self.cfg.commit_rows
+            || self.pending_since.is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
+            || self.pending_deletes.len() >= 8192
+            || self.deletes_since.is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
+            || self.write_retry_at.is_some_and(|t| Instant::now() >= t);
+        if commit_due {
+            self.commit();
+        }
+        self.drain();
+        self.publish_state();
+    }
+
+    fn spool_direct_copies(&mut self) {
+        let seqs: Vec<u64> = self.direct.iter().filter(|(_, d)| !d.spooled).map(|(s, _)| *s).collect();
+        for seq in seqs {
+            let Some(d) = self.direct.get_mut(&seq) else { continue };
+            d.spooled = true;
+            let data = d.data.clone();
+            let input = d.input;
+            let until = d.until_delivered;
+            // on_spool: the ack goes out with the commit; on_delivery: it stays with
+            // the direct record until Kafka answers.
+            let ack = if until { Ack::none() } else { d.ack.take().unwrap_or_default() };
+            self.respooled_low = true;
+            self.spool_row(seq, input, data, ack, false);
+        }
+    }
+
+    fn enforce_budget(&mut self) {
+        if self.cfg.overflow != OverflowPolicy::DropOldest {
+            return;
+        }
+        let total = self.spool.bytes() + self.pending_bytes;
+        if total <= self.cfg.max_bytes {
+            return;
+        }
+        let mut need = total - self.cfg.max_bytes;
+        // Rows being drained are not dropped: they may be confirmed any moment.
+        let after = self.drain_inflight.last_key_value().map_or(self.drain_cursor, |(s, _)| *s).max(self.drain_cursor);
+        match self.spool.drop_oldest(after, need) {
+            Ok(dropped) => {
+                let freed_rows = dropped.len();
+                for (seq, source) in dropped {
+                    self.delivery_acks.remove(&seq);
+                    self.metrics.dropped(&source, "spool_overflow", 1);
+                }
+                if freed_rows > 0 {
+                    tracing::warn!(rows = freed_rows, "spool full: dropped the oldest events (drop_oldest)");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "spool overflow: cannot drop old rows"),
+        }
+        let total = self.spool.bytes() + self.pending_bytes;
+        if total > self.cfg.max_bytes {
+            need = total - self.cfg.max_bytes;
+            // Still over: the pending batch alone is too big; drop its oldest rows.
+            let mut freed = 0;
+            let mut k = 0;
+            while k < self.pending.len() && freed < need {
+                freed += self.pending[k].data.len() as u64;
+                k += 1;
+            }
+            for row in self.pending.drain(..k) {
+                self.delivery_acks.remove(&row.seq);
+                self.metrics.dropped(&row.source, "spool_overflow", 1);
+            }
+            self.pending_bytes -= freed;
+        }
+    }
+
+    fn commit(&mut self) {
+        if self.pending.is_empty() && self.pending_deletes.is_empty() {
+            self.pending_since = None;
+            self.deletes_since = None;
+            return;
+        }
+        self.enforce_budget();
+        match self.spool.write(&self.pending, &self.pending_deletes) {
+            Ok(_) => {
+                if self.write_retry_at.take().is_some() {
+                    tracing::info!("spool writes work again");
+                }
+                for row in &self.pending {
+                    if let Some(i) = self.input_idx.get(&row.source) {
+                        self.inputs[*i as usize].spooled.inc();
+                    }
+                }
+                self.pending.clear();
+                self.pending_bytes = 0;
+                self.pending_deletes.clear();
+                // Committed: release the upstream acks.
+                self.pending_acks.clear();
+                self.pending_since = None;
+                self.deletes_since = None;
+            }
+            Err(e) => {
+                let kind = if matches!(e, SpoolError::DiskFull(_)) { "disk_full" } else { "io" };
+                self.metrics.spool_error(kind);
+                if self.write_retry_at.is_none() {
+                    tracing::error!(error = %e, "cannot write the spool; holding inputs back and retrying every second");
+                }
+                self.write_retry_at = Some(Instant::now() + WRITE_RETRY);
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        if self.shutting_down || !self.direct.is_empty() || self.sink.is_fatal() {
+            return;
+        }
+        if self.respooled_low {
+            if !self.pending.is_empty() {
+                self.commit();
+                if !self.pending.is_empty() {
+                    return;
+                }
+            }
+            self.respooled_low = false;
+            self.drain_failed_min = Some(0);
+        }
+        if let Some(min) = self.drain_failed_min {
+            if !self.drain_inflight.is_empty() {
+                return;
+            }
+            // Restart the drain at the first failed row; flush confirmed deletes first
+            // so they are not sent again.
+            self.commit();
+            self.drain_cursor = min.saturating_sub(1);
+            self.drain_failed_min = None;
+            self.next_probe = Instant::now() + if self.healthy { Duration::ZERO } else { PROBE_INTERVAL };
+        }
+        if self.spool.rows() == 0 {
+            self.drain_cursor = 0;
+            return;
+        }
+        let budget = if self.healthy {
+            self.max_inflight.saturating_sub(self.drain_inflight.len() + self.direct.len())
+        } else if self.drain_inflight.is_empty() && Instant::now() >= self.next_probe {
+            self.next_probe = Instant::now() + PROBE_INTERVAL;
+            self.cfg.drain_batch.min(self.max_inflight)
+        } else {
+            0
+        };
+        let mut left = budget;
+        while left > 0 {
+            let rows = match self.spool.read_after(self.drain_cursor, left.min(self.cfg.drain_batch)) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the spool");
+                    return;
+                }
+            };
+            if rows.is_empty() {
+                break;
+            }
+            for row in rows {
+                let record = match Record::decode(&row.data) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(seq = row.seq, error = %e, "undecodable spool row moved to quarantine");
+                        self.metrics.dropped(&row.source, "corrupt_record", 1);
+                        if let Err(e) = self.spool.quarantine_row(row.seq, &e.to_string()) {
+                            tracing::error!(error = %e, "cannot quarantine a spool row");
+                        }
+                        self.drain_cursor = row.seq;
+                        continue;
+                    }
+                };
+                let input = self.input(&row.source);
+                let opaque = Box::new(Opaque { seq: row.seq, from_spool: true, sent: Instant::now() });
+                match self.sink.send(&record, opaque) {
+                    Ok(()) => {
+                        self.drain_inflight.insert(row.seq, (input, matches!(record, Record::Event(_))));
+                        self.drain_cursor = row.seq;
+                        left -= 1;
+                    }
+                    Err((e, _)) => {
+                        if !matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::QueueFull)) {
+                            self.metrics.kafka_error(error_kind(&e));
+                            tracing::warn!(error = %e, "cannot hand a spooled record to the producer");
+                            self.healthy = false;
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+        if self.last_progress_log.elapsed() >= Duration::from_secs(5) && self.spool.rows() > 0 {
+            self.last_progress_log = Instant::now();
+            tracing::info!(
+                spool_rows = self.spool.rows(),
+                spool_bytes = self.spool.bytes(),
+                in_flight = self.drain_inflight.len(),
+                kafka_up = self.healthy,
+                "draining the spool"
+            );
+        }
+    }
+
+    fn publish_state(&self) {
+        self.metrics.spool_depth(
+            self.spool.rows() + self.pending.len() as u64,
+            self.spool.bytes() + self.pending_bytes,
+        );
+        let spooling = !self.healthy || self.spool.rows() > 0 || !self.pending.is_empty();
+        self.metrics
+            .router_state(self.healthy, spooling, self.direct.len() + self.drain_inflight.len());
+    }
+
+    /// Swaps the producer: direct records are copied to the spool, the old producer is
+    /// purged and its reports handled, then the new one takes over.
+    fn replace_sink(&mut self, out: &KafkaOutput) -> Result<(), String> {
+        if out == self.sink.config() && !self.sink.is_fatal() {
+            return Ok(());
+        }
+        let new = KafkaSink::new(out, &self.gateway_id, self.reports_tx.clone())?;
+        self.retire_sink();
+        self.sink = new;
+        self.max_inflight = (out.queue_max_messages as usize).clamp(1, 1_000_000);
+        self.spool_after = out.spool_after;
+        self.healthy = true;
+        tracing::info!(brokers = %out.brokers, "Kafka output replaced");
+        Ok(())
+    }
+
+    /// Moves everything the current producer holds back to the spool.
+    fn retire_sink(&mut self) {
+        self.spool_direct_copies();
+        self.commit();
+        self.sink.purge();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (!self.direct.is_empty() || !self.drain_inflight.is_empty()) && Instant::now() < deadline {
+            if let Ok(r) = self.reports_rx.recv_timeout(Duration::from_millis(50)) {
+                self.on_report(r);
+            }
+        }
+        // Whatever did not report: the spool holds a copy; on_delivery acks wait with it.
+        for (seq, mut d) in std::mem::take(&mut self.direct) {
+            if let Some(ack) = d.ack.take() {
+                self.delivery_acks.insert(seq, ack);
+            }
+        }
+        self.drain_inflight.clear();
+        self.drain_failed_min = Some(0);
+        self.commit();
+    }
+
+    fn finish(&mut self) {
+        // Give Kafka a moment for what is in flight, then spool the rest.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (!self.direct.is_empty() || !self.drain_inflight.is_empty()) && Instant::now() < deadline {
+            self.sink.flush(Duration::from_millis(100));
+            while let Ok(r) = self.reports_rx.try_recv() {
+                self.on_report(r);
+            }
+        }
+        self.retire_sink();
+        if self.write_retry_at.is_some() || !self.pending.is_empty() {
+            // One last try; what fails stays unacknowledged upstream and is redelivered.
+            self.commit();
+        }
+        // Not safe yet: these must not be acknowledged upstream when dropped.
+        for ack in self.delivery_acks.values().chain(self.pending_acks.iter()) {
+            ack.disarm();
+        }
+        self.publish_state();
+        tracing::info!(spool_rows = self.spool.rows(), "router stopped");
+    }
+}

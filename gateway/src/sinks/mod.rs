@@ -1,0 +1,3 @@
+//! Outputs. Today: Kafka.
+
+pub mod kafka;

@@ -1,0 +1,479 @@
+//! Payload decoders: MQTT (and later serial) payloads into [`Event`]s.
+//!
+//! Formats: a JSON object mapped by [`JsonMapping`], SenML (RFC 8428) JSON, and a bare
+//! number. A payload that cannot be decoded gives a [`Malformed`] with a short `reason`
+//! (the metrics label) and a human detail; it never panics.
+
+use std::collections::BTreeMap;
+
+use gateway_config::{JsonMapping, PayloadFormat, TimeUnit};
+use serde_json::Value as Json;
+
+use crate::event::{content_id, ClockQuality, Event, Location, Value};
+
+/// Why a payload was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    /// Metrics label, e.g. `malformed_json`, `missing_device`.
+    pub reason: &'static str,
+    /// What exactly was wrong.
+    pub detail: String,
+}
+
+fn bad(reason: &'static str, detail: impl Into<String>) -> Malformed {
+    Malformed {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// Everything a decoder needs to know about where a payload came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    /// The input's name.
+    pub source: &'a str,
+    /// The topic (or port).
+    pub topic: &'a str,
+    /// Fields captured from the topic template.
+    pub captures: &'a [(&'a str, &'a str)],
+    /// Receipt time, ns since the epoch.
+    pub received_ns: i64,
+}
+
+impl Origin<'_> {
+    fn capture(&self, name: &str) -> Option<&str> {
+        self.captures.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+
+    fn tags(&self) -> BTreeMap<String, String> {
+        self.captures
+            .iter()
+            .filter(|(n, _)| *n != "device" && *n != "metric")
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+}
+
+/// Decodes one payload into zero or more events.
+pub fn decode(
+    format: PayloadFormat,
+    mapping: &JsonMapping,
+    origin: &Origin<'_>,
+    payload: &[u8],
+) -> Result<Vec<Event>, Malformed> {
+    match format {
+        PayloadFormat::Json => decode_json(mapping, origin, payload).map(|e| vec![e]),
+        PayloadFormat::Senml => decode_senml(origin, payload),
+        PayloadFormat::Number => decode_number(origin, payload).map(|e| vec![e]),
+    }
+}
+
+fn lookup<'j>(obj: &'j Json, path: &str) -> Option<&'j Json> {
+    if path.is_empty() {
+        return None;
+    }
+    if let Some(v) = obj.get(path) {
+        return Some(v);
+    }
+    let mut cur = obj;
+    for part in path.split('.') {
+        cur = cur.get(part)?;
+    }
+    Some(cur)
+}
+
+/// Converts an epoch number in `unit` (or guessed by magnitude) to ns.
+pub fn epoch_to_ns(v: f64, unit: TimeUnit) -> Option<i64> {
+    if !v.is_finite() || v < 0.0 {
+        return None;
+    }
+    let factor = match unit {
+        TimeUnit::S => 1e9,
+        TimeUnit::Ms => 1e6,
+        TimeUnit::Us => 1e3,
+        TimeUnit::Ns => 1.0,
+        TimeUnit::Rfc3339 => return None,
+        TimeUnit::Auto if v < 1e11 => 1e9,
+        TimeUnit::Auto if v < 1e14 => 1e6,
+        TimeUnit::Auto if v < 1e17 => 1e3,
+        TimeUnit::Auto => 1.0,
+    };
+    let ns = v * factor;
+    (ns < 9.2e18).then_some(ns as i64)
+}
+
+/// Parses RFC 3339 text to ns since the epoch.
+pub fn rfc3339_to_ns(s: &str) -> Option<i64> {
+    let t =
+        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos()).ok()
+}
+
+/// Converts an integer epoch in `unit` (or guessed by magnitude) to ns, exactly.
+pub fn epoch_int_to_ns(v: i64, unit: TimeUnit) -> Option<i64> {
+    if v < 0 {
+        return None;
+    }
+    let factor: i64 = match unit {
+        TimeUnit::S => 1_000_000_000,
+        TimeUnit::Ms => 1_000_000,
+        TimeUnit::Us => 1_000,
+        TimeUnit::Ns => 1,
+        TimeUnit::Rfc3339 => return None,
+        TimeUnit::Auto if v < 100_000_000_000 => 1_000_000_000,
+        TimeUnit::Auto if v < 100_000_000_000_000 => 1_000_000,
+        TimeUnit::Auto if v < 100_000_000_000_000_000 => 1_000,
+        TimeUnit::Auto => 1,
+    };
+    v.checked_mul(factor)
+}
+
+fn parse_time(v: &Json, unit: TimeUnit) -> Result<i64, Malformed> {
+    let ns = match v {
+        Json::Number(n) if unit != TimeUnit::Rfc3339 => match n.as_i64() {
+            Some(i) => epoch_int_to_ns(i, unit),
+            None => n.as_f64().and_then(|f| epoch_to_ns(f, unit)),
+        },
+        Json::String(s) if matches!(unit, TimeUnit::Auto | TimeUnit::Rfc3339) => rfc3339_to_ns(s),
+        _ => None,
+    };
+    ns.ok_or_else(|| bad("bad_time", format!("cannot read {v} as a timestamp ({unit:?})")))
+}
+
+fn json_device(v: &Json) -> Option<String> {
+    match v {
+        Json::String(s) if !s.is_empty() => Some(s.clone()),
+        Json::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn location(lat: Option<f64>, lon: Option<f64>, alt: Option<f64>, acc: Option<f64>) -> Result<Option<Location>, Malformed> {
+    match (lat, lon) {
+        (None, None) => Ok(None),
+        (Some(lat), Some(lon)) => {
+            if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+                return Err(bad("bad_location", format!("lat {lat} / lon {lon} out of range")));
+            }
+            Ok(Some(Location {
+                lat,
+                lon,
+                alt,
+                accuracy: acc,
+            }))
+        }
+        _ => Err(bad("bad_location", "lat and lon must come together")),
+    }
+}
+
+fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event, Malformed> {
+    let doc: Json = serde_json::from_slice(payload)
+        .map_err(|e| bad("malformed_json", format!("not JSON: {e}")))?;
+    if !doc.is_object() {
+        return Err(bad("malformed_json", "the payload must be a JSON object"));
+    }
+    let device = match o.capture("device") {
+        Some(d) => d.to_string(),
+        None => lookup(&doc, &m.device)
+            .and_then(json_device)
+            .ok_or_else(|| bad("missing_device", format!("no device id in field {:?} or the topic", m.device)))?,
+    };
+    let (time_ns, clock) = match lookup(&doc, &m.time) {
+        Some(v) if !v.is_null() => (parse_time(v, m.time_unit)?, ClockQuality::Device),
+        _ => (o.received_ns, ClockQuality::Gateway),
+    };
+    let num = |field: &str| -> Result<Option<f64>, Malformed> {
+        match lookup(&doc, field) {
+            None | Some(Json::Null) => Ok(None),
+            Some(Json::Number(n)) => Ok(n.as_f64()),
+            Some(other) => Err(bad("bad_location", format!("field {field:?} is {other}, not a number"))),
+        }
+    };
+    let loc = location(num(&m.lat)?, num(&m.lon)?, num(&m.alt)?, num(&m.accuracy)?)?;
+    let seq = lookup(&doc, &m.seq).and_then(Json::as_u64);
+    let mut tags = o.tags();
+    for t in &m.tags {
+        if let Some(v) = lookup(&doc, t) {
+            let s = match v {
+                Json::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            tags.insert(t.clone(), s);
+        }
+    }
+    let mut readings = BTreeMap::new();
+    let to_value = |v: &Json| match v {
+        Json::Number(n) => n.as_f64().map(Value::Number),
+        Json::String(s) => Some(Value::Text(s.clone())),
+        Json::Bool(b) => Some(Value::Bool(*b)),
+        _ => None,
+    };
+    if m.readings.is_empty() {
+        let reserved = [&m.device, &m.time, &m.seq, &m.lat, &m.lon, &m.alt, &m.accuracy];
+        if let Json::Object(map) = &doc {
+            for (k, v) in map {
+                if reserved.iter().any(|r| *r == k) || m.tags.contains(k) {
+                    continue;
+                }
+                if let Some(val) = to_value(v) {
+                    readings.insert(k.clone(), val);
+                }
+            }
+        }
+    } else {
+        for r in &m.readings {
+            if let Some(val) = lookup(&doc, r).and_then(to_value) {
+                readings.insert(r.clone(), val);
+            }
+        }
+    }
+    let id = match seq {
+        Some(s) => format!("{device}:{s}"),
+        None => content_id(o.source, o.topic, payload, 0),
+    };
+    Ok(Event {
+        id,
+        device,
+        source: o.source.to_string(),
+        origin: o.topic.to_string(),
+        time_ns,
+        clock,
+        received_ns: o.received_ns,
+        location: loc,
+        readings,
+        tags,
+    })
+}
+
+fn decode_number(o: &Origin<'_>, payload: &[u8]) -> Result<Event, Malformed> {
+    let text = std::str::from_utf8(payload)
+        .map_err(|_| bad("malformed_number", "payload is not UTF-8"))?
+        .trim();
+    let v: f64 = text
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite())
+        .ok_or_else(|| bad("malformed_number", format!("{text:?} is not a number")))?;
+    let device = o
+        .capture("device")
+        .ok_or_else(|| bad("missing_device", "the topic has no {device} field"))?;
+    let metric = o.capture("metric").unwrap_or("value");
+    Ok(Event {
+        id: content_id(o.source, o.topic, payload, 0),
+        device: device.to_string(),
+        source: o.source.to_string(),
+        origin: o.topic.to_string(),
+        time_ns: o.received_ns,
+        clock: ClockQuality::Gateway,
+        received_ns: o.received_ns,
+        location: None,
+        readings: [(metric.to_string(), Value::Number(v))].into(),
+        tags: o.tags(),
+    })
+}
+
+/// SenML: resolves base fields, groups records of one device and time into one event.
+fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed> {
+    let doc: Json = serde_json::from_slice(payload)
+        .map_err(|e| bad("malformed_senml", format!("not JSON: {e}")))?;
+    let records = doc
+        .as_array()
+        .ok_or_else(|| bad("malformed_senml", "SenML is a JSON array of records"))?;
+    let mut bn = String::new();
+    let mut bt = 0.0f64;
+    let mut bv = 0.0f64;
+    // (device, time) -> event, in first-seen order.
+    let mut out: Vec<Event> = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        let r = r
+            .as_object()
+            .ok_or_else(|| bad("malformed_senml", format!("record {i} is not an object")))?;
+        if let Some(v) = r.get("bn") {
+            bn = v.as_str().ok_or_else(|| bad("malformed_senml", "bn must be text"))?.to_string();
+        }
+        if let Some(v) = r.get("bt") {
+            bt = v.as_f64().ok_or_else(|| bad("malformed_senml", "bt must be a number"))?;
+        }
+        if let Some(v) = r.get("bv") {
+            bv = v.as_f64().ok_or_else(|| bad("malformed_senml", "bv must be a number"))?;
+        }
+        let n = r.get("n").and_then(Json::as_str).unwrap_or("");
+        let full = format!("{bn}{n}");
+        let t = bt + r.get("t").and_then(Json::as_f64).unwrap_or(0.0);
+        let value = if let Some(v) = r.get("v") {
+            Value::Number(bv + v.as_f64().ok_or_else(|| bad("malformed_senml", format!("record {i}: v must be a number")))?)
+        } else if let Some(v) = r.get("vs") {
+            Value::Text(v.as_str().unwrap_or_default().to_string())
+        } else if let Some(v) = r.get("vb") {
+            Value::Bool(v.as_bool().unwrap_or_default())
+        } else if r.contains_key("bn") || r.contains_key("bt") || r.contains_key("bv") {
+            continue; // a base-only record
+        } else {
+            return Err(bad("malformed_senml", format!("record {i} has no value")));
+        };
+        // Device: topic field, else the base name without its trailing separator.
+        let (device, reading) = match o.capture("device") {
+            Some(d) => (d.to_string(), full.clone()),
+            None => {
+                let dev = bn.trim_end_matches([':', '/', '.']).to_string();
+                if dev.is_empty() {
+                    return Err(bad("missing_device", "no bn and no {device} topic field"));
+                }
+                let reading = if n.is_empty() { "value".to_string() } else { n.to_string() };
+                (dev, reading)
+            }
+        };
+        if reading.is_empty() {
+            return Err(bad("malformed_senml", format!("record {i} has no name")));
+        }
+        // RFC 8428: times below 2^28 are relative to now.
+        let (time_ns, clock) = if t == 0.0 {
+            (o.received_ns, ClockQuality::Gateway)
+        } else if t.abs() < 268_435_456.0 {
+            (o.received_ns + (t * 1e9) as i64, ClockQuality::Gateway)
+        } else {
+            (
+                epoch_to_ns(t, TimeUnit::S).ok_or_else(|| bad("bad_time", format!("record {i}: bad time {t}")))?,
+                ClockQuality::Device,
+            )
+        };
+        let idx = match out.iter().position(|e| e.device == device && e.time_ns == time_ns) {
+            Some(p) => p,
+            None => {
+                out.push(Event {
+                    id: String::new(),
+                    device,
+                    source: o.source.to_string(),
+                    origin: o.topic.to_string(),
+                    time_ns,
+                    clock,
+                    received_ns: o.received_ns,
+                    location: None,
+                    readings: BTreeMap::new(),
+                    tags: o.tags(),
+                });
+                out.len() - 1
+            }
+        };
+        out[idx].readings.insert(reading, value);
+    }
+    if out.is_empty() {
+        return Err(bad("malformed_senml", "no records with values"));
+    }
+    for (i, e) in out.iter_mut().enumerate() {
+        let num = |k: &str| match e.readings.get(k) {
+            Some(Value::Number(v)) => Some(*v),
+            _ => None,
+        };
+        if let (Some(lat), Some(lon)) = (num("lat"), num("lon")) {
+            e.location = location(Some(lat), Some(lon), num("alt"), None)?;
+            e.readings.remove("lat");
+            e.readings.remove("lon");
+            e.readings.remove("alt");
+        }
+        e.id = content_id(o.source, o.topic, payload, i);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000_000_000_000;
+
+    fn check(format: PayloadFormat, topic_caps: &[(&str, &str)], payload: &str, expected: Result<&[(&str, &str, Option<i64>, &[(&str, f64)])], &str>) {
+        let origin = Origin {
+            source: "in",
+            topic: "t/x",
+            captures: topic_caps,
+            received_ns: NOW,
+        };
+        let got = decode(format, &JsonMapping::default(), &origin, payload.as_bytes());
+        match (got, expected) {
+            (Ok(events), Ok(exp)) => {
+                assert_eq!(events.len(), exp.len(), "{payload}");
+                for (e, (dev, id_prefix, t, readings)) in events.iter().zip(exp) {
+                    assert_eq!(e.device, *dev, "{payload}");
+                    assert!(e.id.starts_with(id_prefix), "{} vs {id_prefix}", e.id);
+                    if let Some(t) = t {
+                        assert_eq!(e.time_ns, *t, "{payload}");
+                    }
+                    for (name, v) in *readings {
+                        assert_eq!(e.readings.get(*name), Some(&Value::Number(*v)), "{payload}");
+                    }
+                }
+            }
+            (Err(m), Err(reason)) => assert_eq!(m.reason, reason, "{payload}: {}", m.detail),
+            (got, exp) => panic!("{payload}: got {got:?}, expected {exp:?}"),
+        }
+    }
+
+    #[test]
+    fn json_mapping() {
+        use PayloadFormat::Json as J;
+        check(J, &[], r#"{"device":"d1","seq":5,"ts":1700000000,"t":1.5}"#, Ok(&[("d1", "d1:5", Some(1_700_000_000_000_000_000), &[("t", 1.5)])]));
+        check(J, &[("device", "topicdev")], r#"{"device":"x","ts":1700000000123,"t":2}"#, Ok(&[("topicdev", "h", Some(1_700_000_000_123_000_000), &[("t", 2.0)])]));
+        check(J, &[], r#"{"device":"d","ts":"2023-11-14T22:13:20.5Z","v":1}"#, Ok(&[("d", "h", Some(1_700_000_000_500_000_000), &[("v", 1.0)])]));
+        check(J, &[], r#"{"device":"d","ts":1700000000123456,"v":1}"#, Ok(&[("d", "h", Some(1_700_000_000_123_456_000), &[])]));
+        check(J, &[], r#"{"device":"d","v":1}"#, Ok(&[("d", "h", Some(NOW), &[])]));
+        check(J, &[], r#"{"device":"d","lat":91,"lon":0}"#, Err("bad_location"));
+        check(J, &[], r#"{"device":"d","lat":52}"#, Err("bad_location"));
+        check(J, &[], r#"{"v":1}"#, Err("missing_device"));
+        check(J, &[], r#"{"device":"d","ts":"yesterday"}"#, Err("bad_time"));
+        check(J, &[], r#"[1,2]"#, Err("malformed_json"));
+        check(J, &[], "{\"device\":", Err("malformed_json"));
+        check(J, &[], "\u{0}\u{ff}", Err("malformed_json"));
+    }
+
+    #[test]
+    fn json_location_and_tags() {
+        let origin = Origin { source: "in", topic: "s/site1/d", captures: &[("site", "site1")], received_ns: NOW };
+        let m = JsonMapping { tags: vec!["fw".into()], ..JsonMapping::default() };
+        let e = decode(PayloadFormat::Json, &m, &origin, br#"{"device":"d","lat":52.5,"lon":13.4,"alt":30,"fw":"1.2","temp":20}"#)
+            .expect("decodes")
+            .remove(0);
+        let loc = e.location.expect("location");
+        assert_eq!((loc.lat, loc.lon, loc.alt), (52.5, 13.4, Some(30.0)));
+        assert_eq!(e.tags.get("site").map(String::as_str), Some("site1"));
+        assert_eq!(e.tags.get("fw").map(String::as_str), Some("1.2"));
+        assert_eq!(e.readings.keys().collect::<Vec<_>>(), ["temp"]);
+    }
+
+    #[test]
+    fn senml() {
+        use PayloadFormat::Senml as S;
+        check(
+            S,
+            &[],
+            r#"[{"bn":"urn:dev:ow:10e2073a01080063:","bt":1.320067464e9,"n":"temp","v":23.1},{"n":"hum","v":40}, {"n":"temp","t":60,"v":24}]"#,
+            Ok(&[
+                ("urn:dev:ow:10e2073a01080063", "h", Some(1_320_067_464_000_000_000), &[("temp", 23.1), ("hum", 40.0)]),
+                ("urn:dev:ow:10e2073a01080063", "h", Some(1_320_067_524_000_000_000), &[("temp", 24.0)]),
+            ]),
+        );
+        check(S, &[("device", "d9")], r#"[{"n":"v","v":1,"t":-5}]"#, Ok(&[("d9", "h", Some(NOW - 5_000_000_000), &[("v", 1.0)])]));
+        check(S, &[], r#"{"n":"x"}"#, Err("malformed_senml"));
+        check(S, &[], r#"[{"n":"x","v":1}]"#, Err("missing_device"));
+        check(S, &[], r#"[{"bn":"d:","n":"x"}]"#, Err("malformed_senml"));
+    }
+
+    #[test]
+    fn bare_number() {
+        use PayloadFormat::Number as N;
+        check(N, &[("device", "d"), ("metric", "temp")], " 21.5\n", Ok(&[("d", "h", Some(NOW), &[("temp", 21.5)])]));
+        check(N, &[("device", "d"), ("metric", "temp")], "warm", Err("malformed_number"));
+        check(N, &[("device", "d"), ("metric", "temp")], "NaN", Err("malformed_number"));
+        check(N, &[("metric", "temp")], "1", Err("missing_device"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_payloads_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let origin = Origin { source: "in", topic: "t", captures: &[("device", "d"), ("metric", "m")], received_ns: NOW };
+            for f in [PayloadFormat::Json, PayloadFormat::Senml, PayloadFormat::Number] {
+                let _ = decode(f, &JsonMapping::default(), &origin, &bytes);
+            }
+        }
+    }
+}

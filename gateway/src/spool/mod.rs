@@ -1,0 +1,432 @@
+//! The SQLite spool: where events wait, in order, while Kafka is away.
+//!
+//! One table, `spool(seq INTEGER PRIMARY KEY, source, data)`: `seq` is the gateway-wide
+//! receive order, `data` the postcard [`Record`](crate::event::Record). Draining reads in
+//! `seq` order, so per-device order holds. A row is deleted only after Kafka confirmed its
+//! record. The router groups appends and deletes into one transaction (group commit): with
+//! WAL and `synchronous=FULL` one fsync covers a whole batch.
+//!
+//! Opening checks integrity (`PRAGMA quick_check`); a corrupt file is moved aside
+//! (`<name>.corrupt-<unix time>`, with its `-wal`/`-shm`) and a fresh spool started, so a
+//! damaged SD card never puts the gateway into a crash loop. The schema is versioned with
+//! `PRAGMA user_version`; [`MIGRATIONS`] brings older files up to date.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use gateway_config::Synchronous;
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+
+use crate::event::Record;
+
+/// Schema migrations; entry `i` upgrades `user_version` `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &["
+    CREATE TABLE spool (
+        seq    INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        data   BLOB NOT NULL
+    );
+    CREATE TABLE quarantine (
+        seq    INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        data   BLOB NOT NULL,
+        reason TEXT NOT NULL,
+        at     INTEGER NOT NULL
+    );
+"];
+
+/// Spool errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpoolError {
+    /// The disk (or the file system quota) is full.
+    #[error("the disk holding the spool is full: {0}")]
+    DiskFull(rusqlite::Error),
+    /// The file is damaged.
+    #[error("the spool file is corrupt: {0}")]
+    Corrupt(String),
+    /// The file was written by a newer gateway.
+    #[error("the spool schema version {0} is newer than this gateway knows ({1}); upgrade the gateway or move the file")]
+    TooNew(i64, usize),
+    /// Any other SQLite error.
+    #[error("spool database error: {0}")]
+    Sqlite(rusqlite::Error),
+    /// File system error around the spool (creating the directory, quarantining).
+    #[error("spool file error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<rusqlite::Error> for SpoolError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => SpoolError::DiskFull(e),
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => SpoolError::Corrupt(e.to_string()),
+            _ => SpoolError::Sqlite(e),
+        }
+    }
+}
+
+/// One spooled record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// Receive order.
+    pub seq: u64,
+    /// Input name.
+    pub source: String,
+    /// postcard bytes of the record.
+    pub data: Vec<u8>,
+}
+
+/// What happened when the spool was opened.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    /// Where a corrupt file was moved, if one was.
+    pub quarantined: Option<PathBuf>,
+    /// Why it was.
+    pub reason: Option<String>,
+}
+
+/// An open spool.
+pub struct Spool {
+    conn: Connection,
+    path: PathBuf,
+    rows: u64,
+    bytes: u64,
+    max_seq: u64,
+}
+
+/// Spool statistics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Rows waiting.
+    pub rows: u64,
+    /// Bytes of record data waiting.
+    pub bytes: u64,
+    /// Oldest and newest seq.
+    pub seq_range: Option<(u64, u64)>,
+    /// Rows per input.
+    pub per_source: Vec<(String, u64)>,
+    /// Rows moved to the quarantine table.
+    pub quarantined_rows: u64,
+    /// Schema version.
+    pub schema_version: i64,
+    /// File size (database + WAL).
+    pub file_bytes: u64,
+}
+
+fn configure(conn: &Connection, sync: Synchronous) -> Result<(), SpoolError> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(SpoolError::Corrupt(format!("cannot switch to WAL (journal_mode={mode})")));
+    }
+    let sync = match sync {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Off => "OFF",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous={sync}; PRAGMA journal_size_limit=67108864; PRAGMA temp_store=MEMORY;"
+    ))?;
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), SpoolError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version as usize > MIGRATIONS.len() {
+        return Err(SpoolError::TooNew(version, MIGRATIONS.len()));
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(m)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn check_integrity(conn: &Connection) -> Result<(), SpoolError> {
+    let mut stmt = conn.prepare("PRAGMA quick_check")?;
+    let problems: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<_, _>>()?;
+    if problems.len() == 1 && problems[0] == "ok" {
+        Ok(())
+    } else {
+        Err(SpoolError::Corrupt(problems.join("; ")))
+    }
+}
+
+fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, SpoolError> {
+    let mut conn = Connection::open(path)?;
+    configure(&conn, sync)?;
+    check_integrity(&conn)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Moves a damaged spool (and its WAL and SHM files) aside; returns the new name.
+pub fn quarantine_file(path: &Path) -> std::io::Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut target = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    let mut n = 1;
+    while target.exists() {
+        target = PathBuf::from(format!("{}.corrupt-{stamp}-{n}", path.display()));
+        n += 1;
+    }
+    std::fs::rename(path, &target)?;
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        if side.exists() {
+            std::fs::rename(&side, PathBuf::from(format!("{}{suffix}", target.display())))?;
+        }
+    }
+    Ok(target)
+}
+
+impl Spool {
+    /// Opens (or creates) the spool. A corrupt file is quarantined and a fresh one made.
+    pub fn open(path: &Path, sync: Synchronous) -> Result<(Spool, OpenReport), SpoolError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut report = OpenReport::default();
+        let conn = match open_checked(path, sync) {
+            Ok(c) => c,
+            Err(SpoolError::Corrupt(why)) => {
+                let moved = quarantine_file(path)?;
+                tracing::error!(spool = %path.display(), moved_to = %moved.display(), reason = %why,
+                    "the spool file is corrupt; moved it aside and started a fresh spool");
+                report.quarantined = Some(moved);
+                report.reason = Some(why);
+                open_checked(path, sync)?
+            }
+            Err(e) => return Err(e),
+        };
+        let (rows, bytes, max_seq): (i64, i64, i64) = conn.query_row(
+            "SELECT count(*), coalesce(sum(length(data)), 0), coalesce(max(seq), 0) FROM spool",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        Ok((
+            Spool {
+                conn,
+                path: path.to_path_buf(),
+                rows: rows as u64,
+                bytes: bytes as u64,
+                max_seq: max_seq as u64,
+            },
+            report,
+        ))
+    }
+
+    /// Rows waiting.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Bytes of record data waiting.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The highest seq ever stored in this file (0 when empty).
+    pub fn max_seq(&self) -> u64 {
+        self.max_seq
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends rows and deletes confirmed seqs, in one transaction. Returns the number of
+    /// rows actually deleted.
+    pub fn write(&mut self, appends: &[Row], deletes: &[u64]) -> Result<u64, SpoolError> {
+        let tx = self.conn.transaction()?;
+        let mut added_bytes = 0u64;
+        let mut removed = (0u64, 0u64);
+        {
+            let mut ins = tx.prepare_cached("INSERT OR REPLACE INTO spool (seq, source, data) VALUES (?1, ?2, ?3)")?;
+            for r in appends {
+                ins.execute(params![r.seq as i64, r.source, r.data])?;
+                added_bytes += r.data.len() as u64;
+            }
+            let mut del = tx.prepare_cached("DELETE FROM spool WHERE seq = ?1 RETURNING length(data)")?;
+            for seq in deletes {
+                let len: Option<i64> = del.query_row([*seq as i64], |r| r.get(0)).optional()?;
+                if let Some(len) = len {
+                    removed.0 += 1;
+                    removed.1 += len as u64;
+                }
+            }
+        }
+        tx.commit()?;
+        self.rows = self.rows + appends.len() as u64 - removed.0;
+        self.bytes = self.bytes + added_bytes - removed.1;
+        if let Some(m) = appends.iter().map(|r| r.seq).max() {
+            self.max_seq = self.max_seq.max(m);
+        }
+        Ok(removed.0)
+    }
+
+    /// Up to `limit` rows with `seq > after`, in seq order.
+    pub fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<Row>, SpoolError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, source, data FROM spool WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let rows = stmt
+            .query_map(params![after as i64, limit as i64], |r| {
+                Ok(Row {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    source: r.get(1)?,
+                    data: r.get(2)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Deletes the oldest rows with `seq > after` until at least `need` bytes are freed
+    /// (or nothing is left). Returns `(seq, source)` of every row dropped, so every drop
+    /// can be counted.
+    pub fn drop_oldest(&mut self, after: u64, need: u64) -> Result<Vec<(u64, String)>, SpoolError> {
+        let tx = self.conn.transaction()?;
+        let mut freed = 0u64;
+        let mut dropped: Vec<(u64, String)> = Vec::new();
+        let mut count = 0u64;
+        {
+            let mut sel = tx.prepare_cached("SELECT seq, source, length(data) FROM spool WHERE seq > ?1 ORDER BY seq LIMIT 256")?;
+            let mut del = tx.prepare_cached("DELETE FROM spool WHERE seq = ?1")?;
+            let mut cursor = after;
+            while freed < need {
+                let batch: Vec<(i64, String, i64)> = sel
+                    .query_map([cursor as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<Result<_, _>>()?;
+                if batch.is_empty() {
+                    break;
+                }
+                for (seq, source, len) in batch {
+                    if freed >= need {
+                        break;
+                    }
+                    del.execute([seq])?;
+                    freed += len as u64;
+                    count += 1;
+                    cursor = seq as u64;
+                    dropped.push((seq as u64, source));
+                }
+            }
+        }
+        tx.commit()?;
+        self.rows -= count;
+        self.bytes -= freed;
+        Ok(dropped)
+    }
+
+    /// Moves a row that cannot be decoded to the quarantine table.
+    pub fn quarantine_row(&mut self, seq: u64, reason: &str) -> Result<(), SpoolError> {
+        let tx = self.conn.transaction()?;
+        let len: Option<i64> = tx
+            .query_row("SELECT length(data) FROM spool WHERE seq = ?1", [seq as i64], |r| r.get(0))
+            .optional()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO quarantine (seq, source, data, reason, at) SELECT seq, source, data, ?2, unixepoch() FROM spool WHERE seq = ?1",
+            params![seq as i64, reason],
+        )?;
+        tx.execute("DELETE FROM spool WHERE seq = ?1", [seq as i64])?;
+        tx.commit()?;
+        if let Some(len) = len {
+            self.rows -= 1;
+            self.bytes -= len as u64;
+        }
+        Ok(())
+    }
+
+    /// Statistics.
+    pub fn stats(&self) -> Result<Stats, SpoolError> {
+        let seq_range: Option<(i64, i64)> = self
+            .conn
+            .query_row("SELECT min(seq), max(seq) FROM spool", [], |r| {
+                Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?))
+            })?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT source, count(*) FROM spool GROUP BY source ORDER BY source")?;
+        let per_source = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
+            .collect::<Result<_, _>>()?;
+        let quarantined_rows: i64 = self.conn.query_row("SELECT count(*) FROM quarantine", [], |r| r.get(0))?;
+        let schema_version: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let file_bytes = [String::new(), "-wal".into()]
+            .iter()
+            .filter_map(|s| std::fs::metadata(format!("{}{s}", self.path.display())).ok())
+            .map(|m| m.len())
+            .sum();
+        Ok(Stats {
+            rows: self.rows,
+            bytes: self.bytes,
+            seq_range: seq_range.map(|(a, b)| (a as u64, b as u64)),
+            per_source,
+            quarantined_rows: quarantined_rows as u64,
+            schema_version,
+            file_bytes,
+        })
+    }
+
+    /// Full integrity check (`PRAGMA integrity_check`) plus a decode of every row.
+    /// Returns the problems found (empty: healthy).
+    pub fn check(&mut self) -> Result<Vec<String>, SpoolError> {
+        let mut problems: Vec<String> = {
+            let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
+            let v: Vec<String> = stmt
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<_, _>>()?;
+            v.into_iter().filter(|p| p != "ok").collect()
+        };
+        let mut after = 0;
+        loop {
+            let rows = self.read_after(after, 1000)?;
+            let Some(last) = rows.last() else { break };
+            after = last.seq;
+            for r in rows {
+                if let Err(e) = Record::decode(&r.data) {
+                    problems.push(format!("row {}: {e}", r.seq));
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Writes every spooled record as one JSON line (the Kafka value schema, plus `seq`).
+    pub fn export(&mut self, out: &mut dyn Write) -> Result<u64, anyhow::Error> {
+        let mut after = 0;
+        let mut n = 0;
+        loop {
+            let rows = self.read_after(after, 1000)?;
+            let Some(last) = rows.last() else { break };
+            after = last.seq;
+            for r in rows {
+                let line = match Record::decode(&r.data) {
+                    Ok(rec) => {
+                        let mut v = crate::sinks::kafka::record_json(&rec);
+                        if let Some(o) = v.as_object_mut() {
+                            o.insert("seq".into(), r.seq.into());
+                        }
+                        v
+                    }
+                    Err(e) => serde_json::json!({"seq": r.seq, "source": r.source, "error": e.to_string()}),
+                };
+                serde_json::to_writer(&mut *out, &line)?;
+                out.write_all(b"\n")?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,161 @@
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn row(seq: u64, len: usize) -> Row {
+    Row {
+        seq,
+        source: if seq % 2 == 0 { "a".into() } else { "b".into() },
+        data: vec![(seq % 251) as u8; len],
+    }
+}
+
+fn open(dir: &tempfile::TempDir) -> Spool {
+    Spool::open(&dir.path().join("spool.sqlite"), Synchronous::Off)
+        .expect("opens")
+        .0
+}
+
+#[test]
+fn append_read_delete_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = open(&dir);
+    s.write(&[row(1, 10), row(2, 20), row(3, 30)], &[]).expect("write");
+    assert_eq!((s.rows(), s.bytes(), s.max_seq()), (3, 60, 3));
+    let got: Vec<u64> = s.read_after(1, 10).expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(got, [2, 3]);
+    assert_eq!(s.write(&[], &[1, 3, 99]).expect("delete"), 2);
+    assert_eq!((s.rows(), s.bytes()), (1, 20));
+    drop(s);
+    let s = open(&dir);
+    assert_eq!((s.rows(), s.bytes(), s.max_seq()), (1, 20, 2));
+}
+
+#[test]
+fn drop_oldest_frees_bytes_and_reports_each_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = open(&dir);
+    let rows: Vec<Row> = (1..=10).map(|i| row(i, 100)).collect();
+    s.write(&rows, &[]).expect("write");
+    // Rows up to seq 2 are being drained: never dropped.
+    let dropped = s.drop_oldest(2, 250).expect("drop");
+    assert_eq!(dropped.iter().map(|d| d.0).collect::<Vec<_>>(), [3, 4, 5]);
+    assert_eq!((s.rows(), s.bytes()), (7, 700));
+    let left: Vec<u64> = s.read_after(0, 100).expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(left, [1, 2, 6, 7, 8, 9, 10]);
+}
+
+#[test]
+fn a_corrupt_file_is_quarantined_and_a_fresh_spool_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.sqlite");
+    std::fs::write(&path, b"this is not a database, it is a damaged SD card sector......".repeat(100)).expect("write");
+    let (mut s, report) = Spool::open(&path, Synchronous::Full).expect("opens anyway");
+    let moved = report.quarantined.expect("quarantined");
+    assert!(moved.exists());
+    assert!(moved.file_name().expect("name").to_string_lossy().contains(".corrupt-"));
+    assert_eq!(s.rows(), 0);
+    s.write(&[row(1, 5)], &[]).expect("fresh spool works");
+}
+
+#[test]
+fn a_damaged_page_is_detected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.sqlite");
+    {
+        let (mut s, _) = Spool::open(&path, Synchronous::Full).expect("opens");
+        let rows: Vec<Row> = (1..=2000).map(|i| row(i, 200)).collect();
+        s.write(&rows, &[]).expect("write");
+        s.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").expect("checkpoint");
+    }
+    // Overwrite the middle of the file (table b-tree pages) with garbage.
+    let mut bytes = std::fs::read(&path).expect("read");
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 8192] {
+        *b = 0xA5;
+    }
+    std::fs::write(&path, &bytes).expect("write");
+    let (s, report) = Spool::open(&path, Synchronous::Full).expect("opens anyway");
+    assert!(report.quarantined.is_some(), "damage must be detected");
+    assert_eq!(s.rows(), 0);
+}
+
+#[test]
+fn undecodable_rows_go_to_quarantine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = open(&dir);
+    s.write(&[row(1, 3)], &[]).expect("write");
+    let mut out = Vec::new();
+    s.export(&mut out).expect("export");
+    assert!(String::from_utf8_lossy(&out).contains("\"error\""));
+    assert_eq!(s.check().expect("check").len(), 1);
+    s.quarantine_row(1, "bad").expect("quarantine");
+    assert_eq!(s.rows(), 0);
+    assert_eq!(s.stats().expect("stats").quarantined_rows, 1);
+}
+
+#[test]
+fn migrations_refuse_a_newer_schema() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.sqlite");
+    {
+        let c = Connection::open(&path).expect("open");
+        c.pragma_update(None, "user_version", 99).expect("set");
+    }
+    assert!(matches!(Spool::open(&path, Synchronous::Full), Err(SpoolError::TooNew(99, _))));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append(u8),
+    /// Confirm the k-th oldest unconfirmed row.
+    Confirm(u8),
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1u8..20).prop_map(Op::Append),
+        3 => any::<u8>().prop_map(Op::Confirm),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Any sequence of append / confirm / reopen keeps FIFO order and loses no
+    /// unconfirmed row.
+    #[test]
+    fn fifo_and_no_loss(ops in proptest::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = open(&dir);
+        let mut model: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut next = 1u64;
+        for o in ops {
+            match o {
+                Op::Append(n) => {
+                    let rows: Vec<Row> = (0..n as u64).map(|i| row(next + i, (next + i) as usize % 50 + 1)).collect();
+                    for r in &rows { model.insert(r.seq, r.data.len()); }
+                    next += n as u64;
+                    s.write(&rows, &[]).expect("append");
+                }
+                Op::Confirm(k) => {
+                    if let Some(seq) = model.keys().nth(k as usize % model.len().max(1)).copied() {
+                        model.remove(&seq);
+                        s.write(&[], &[seq]).expect("confirm");
+                    }
+                }
+                Op::Reopen => {
+                    drop(s);
+                    s = open(&dir);
+                }
+            }
+            let all: Vec<u64> = s.read_after(0, 100_000).expect("read").iter().map(|r| r.seq).collect();
+            prop_assert_eq!(&all, &model.keys().copied().collect::<Vec<_>>());
+            prop_assert_eq!(s.rows(), model.len() as u64);
+            prop_assert_eq!(s.bytes(), model.values().map(|v| *v as u64).sum::<u64>());
+        }
+    }
+}
