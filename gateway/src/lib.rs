@@ -10,12 +10,14 @@
 //! - [`sinks`]: outputs ([`sinks::kafka`]).
 //! - [`metrics`]: Prometheus metrics and the `/metrics` + `/health` endpoint.
 //! - [`app`]: wires it together; [`app::run`] is the entry point.
+//! - [`cli`]: the `gateway` command line.
 //! - `demo` (feature `demo`): the self-contained demo behind `gateway demo`.
 //!
 //! ARCHITECTURE.md has the invariants.
 
 pub mod ack;
 pub mod app;
+pub mod cli;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod event;

@@ -70,14 +70,25 @@ pub async fn run(cfg: MqttInput, ctx: SourceContext, mut state: watch::Receiver<
     let until_delivered = cfg.ack_policy == AckPolicy::OnDelivery;
     let (client, mut eventloop) = AsyncClient::new(opts, 65_536);
     let m = ctx.metrics.input(&cfg.name);
-    let acks = {
+    // Released acks go through an unbounded queue to a task that hands them to the
+    // client, waiting for room in its request channel: an ack is never thrown away.
+    // The queue is bounded in practice by the broker's in-flight window.
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Publish>();
+    let acks = AckQueue::new(move |p: Publish| {
+        let _ = ack_tx.send(p);
+    });
+    let acker = {
         let client = client.clone();
         let m = m.clone();
-        AckQueue::new(move |p: Publish| match client.try_ack(&p) {
-            Ok(()) => {
-                m.acks.inc();
+        tokio::spawn(async move {
+            while let Some(p) = ack_rx.recv().await {
+                match client.ack(&p).await {
+                    Ok(()) => {
+                        m.acks.inc();
+                    }
+                    Err(_) => break, // the event loop is gone
+                }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot queue an MQTT ack; the broker will redeliver"),
         })
     };
     let filters: Vec<SubscribeFilter> = templates.iter().map(|t| SubscribeFilter::new(t.filter().to_string(), qos)).collect();
@@ -139,7 +150,19 @@ pub async fn run(cfg: MqttInput, ctx: SourceContext, mut state: watch::Receiver<
             }
         }
     }
-    // Let queued acks go out before disconnecting.
+    // Let queued acks go out before disconnecting: close the ack queue, let the acker
+    // hand over what it holds, then disconnect behind those acks.
+    drop(acks);
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while !acker.is_finished() {
+            tokio::select! {
+                _ = eventloop.poll() => {}
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+    })
+    .await;
+    acker.abort();
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while let Ok(ev) = eventloop.poll().await {
@@ -150,7 +173,6 @@ pub async fn run(cfg: MqttInput, ctx: SourceContext, mut state: watch::Receiver<
     })
     .await;
     m.connected.set(0);
-    acks.reset();
     tracing::info!(input = %cfg.name, "MQTT input stopped");
     Ok(())
 }

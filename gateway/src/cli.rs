@@ -1,0 +1,191 @@
+//! The `gateway` command line: run the gateway, check and print configs, inspect the
+//! spool, and run the self-contained demo. `main.rs` only calls [`main`], so test
+//! packages can build the very same command as their own binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use crate::metrics::Metrics;
+use crate::spool::Spool;
+use gateway_config::{Config, LogFormat};
+
+/// Edge IoT stream gateway: MQTT in, local stages, SQLite spool, batches to Kafka.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (SIGHUP reloads the pipeline, SIGTERM/SIGINT stop it cleanly).
+    Run {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and report every problem.
+    CheckConfig {
+        /// The configuration file.
+        file: PathBuf,
+    },
+    /// Print a commented default configuration.
+    PrintConfig,
+    /// Inspect the spool (works while the gateway runs).
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+        /// The configuration file (to find the spool).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        /// The spool file itself, instead of --config.
+        #[arg(long, global = true)]
+        path: Option<PathBuf>,
+    },
+    /// Run a self-contained demo: in-process MQTT broker and Kafka mock, a simulated
+    /// fleet, an uplink outage midway, and a reconciliation table at the end.
+    #[cfg(feature = "demo")]
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Rows, bytes, per-input counts, schema version.
+    Stats,
+    /// Full integrity check and a decode of every row.
+    Check,
+    /// Write every spooled event as a JSON line to stdout.
+    Export,
+}
+
+fn init_logs(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    gateway_config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn spool_path(config: Option<PathBuf>, path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match (path, config) {
+        (Some(p), _) => Ok(p),
+        (None, Some(c)) => Ok(load(&c)?.spool_path()),
+        (None, None) => anyhow::bail!("give --config FILE or --path SPOOL"),
+    }
+}
+
+/// Parses the command line and runs the command; the exit code says how it went.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config: path } => {
+            let config = load(&path)?;
+            init_logs(config.telemetry.log_format, &config.telemetry.log_level);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(async {
+                let reloads = crate::app::reload_on_sighup(path.clone())?;
+                tracing::info!(config = %path.display(), id = %config.gateway.id, version = env!("CARGO_PKG_VERSION"), "gateway starting");
+                crate::app::run(config, Metrics::new(), reloads, crate::app::termination()).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { file } => match gateway_config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} input(s), {} stage(s), Kafka at {})",
+                    file.display(),
+                    c.inputs.len(),
+                    c.stages.len(),
+                    c.output.kafka.brokers
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::PrintConfig => {
+            print!("{}", gateway_config::DEFAULT_CONFIG);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Spool { command, config, path } => {
+            let path = spool_path(config, path)?;
+            if !path.exists() {
+                anyhow::bail!("no spool at {}", path.display());
+            }
+            let (mut spool, report) = Spool::open(&path, gateway_config::Synchronous::Full)
+                .with_context(|| format!("cannot open the spool at {}", path.display()))?;
+            if let Some(q) = report.quarantined {
+                eprintln!("the spool was corrupt and was moved to {}", q.display());
+            }
+            match command {
+                SpoolCommand::Stats => {
+                    let s = spool.stats()?;
+                    println!("spool:          {}", path.display());
+                    println!("schema version: {}", s.schema_version);
+                    println!("rows:           {}", s.rows);
+                    println!("data bytes:     {}", s.bytes);
+                    println!("file bytes:     {}", s.file_bytes);
+                    if let Some((a, b)) = s.seq_range {
+                        println!("seq range:      {a}..={b}");
+                    }
+                    println!("quarantined:    {}", s.quarantined_rows);
+                    for (source, n) in s.per_source {
+                        println!("  input {source}: {n} rows");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                SpoolCommand::Check => {
+                    let problems = spool.check()?;
+                    if problems.is_empty() {
+                        println!("{}: ok ({} rows)", path.display(), spool.rows());
+                        Ok(ExitCode::SUCCESS)
+                    } else {
+                        for p in &problems {
+                            println!("{p}");
+                        }
+                        Ok(ExitCode::from(1))
+                    }
+                }
+                SpoolCommand::Export => {
+                    let stdout = std::io::stdout();
+                    let mut out = std::io::BufWriter::new(stdout.lock());
+                    let n = spool.export(&mut out)?;
+                    drop(out);
+                    eprintln!("exported {n} rows");
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => {
+            init_logs(LogFormat::Human, "warn");
+            crate::demo::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
