@@ -153,6 +153,9 @@ struct Direct {
     sent: Instant,
     /// A copy is in the spool (pending or committed).
     spooled: bool,
+    /// Its spool copy was dropped by `drop_oldest`: if Kafka fails it too, it is
+    /// counted as dropped then (and not before, so a late success is not counted twice).
+    copy_dropped: bool,
 }
 
 enum Wake {
@@ -333,6 +336,7 @@ impl Router {
                             until_delivered: item.until_delivered,
                             sent: Instant::now(),
                             spooled: false,
+                            copy_dropped: false,
                         },
                     );
                     return;
@@ -388,7 +392,9 @@ impl Router {
                         tracing::warn!(error = %e, "Kafka delivery failed; spooling until it recovers");
                     }
                     self.healthy = false;
-                    if !d.spooled {
+                    if d.copy_dropped {
+                        self.metrics.dropped(&self.inputs[d.input as usize].name, "spool_overflow", 1);
+                    } else if !d.spooled {
                         if seq <= self.drain_cursor || self.drain_cursor == 0 {
                             self.respooled_low = true;
                         }
@@ -492,8 +498,7 @@ impl Router {
             Ok(dropped) => {
                 let freed_rows = dropped.len();
                 for (seq, source) in dropped {
-                    self.delivery_acks.remove(&seq);
-                    self.metrics.dropped(&source, "spool_overflow", 1);
+                    self.count_overflow(seq, &source);
                 }
                 if freed_rows > 0 {
                     tracing::warn!(rows = freed_rows, "spool full: dropped the oldest events (drop_oldest)");
@@ -511,12 +516,24 @@ impl Router {
                 freed += self.pending[k].data.len() as u64;
                 k += 1;
             }
-            for row in self.pending.drain(..k) {
-                self.delivery_acks.remove(&row.seq);
-                self.metrics.dropped(&row.source, "spool_overflow", 1);
+            let rows: Vec<Row> = self.pending.drain(..k).collect();
+            for row in rows {
+                self.count_overflow(row.seq, &row.source);
             }
             self.pending_bytes -= freed;
         }
+    }
+
+    /// Accounts for a spool row dropped by `drop_oldest`.
+    fn count_overflow(&mut self, seq: u64, source: &str) {
+        if let Some(d) = self.direct.get_mut(&seq) {
+            // Still in flight in the producer: its fate decides.
+            d.spooled = false;
+            d.copy_dropped = true;
+            return;
+        }
+        self.delivery_acks.remove(&seq);
+        self.metrics.dropped(source, "spool_overflow", 1);
     }
 
     fn commit(&mut self) {
@@ -587,8 +604,10 @@ impl Router {
         let budget = if self.healthy {
             self.max_inflight.saturating_sub(self.drain_inflight.len() + self.direct.len())
         } else if self.drain_inflight.is_empty() && Instant::now() >= self.next_probe {
+            // One row: enough to learn whether Kafka is back, and the only row that
+            // drop_oldest must leave alone while it is in flight.
             self.next_probe = Instant::now() + PROBE_INTERVAL;
-            self.cfg.drain_batch.min(self.max_inflight)
+            1
         } else {
             0
         };

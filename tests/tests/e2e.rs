@@ -21,8 +21,7 @@ fn qos1_events_reach_kafka_in_order_with_key_and_headers() {
     wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
     let started = std::time::Instant::now();
     publish(mqtt.port, devices, n, None, None);
-    let consumer = kafka.consumer(TOPIC, PARTITIONS);
-    let records = consume_until(&consumer, Duration::from_secs(180), |r| r.len() >= devices * n);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(180), |r| r.len() >= devices * n);
     eprintln!("{} records in {:?}", records.len(), started.elapsed());
     let dups = check_complete_and_ordered(&records, devices, n);
     assert_eq!(dups, 0, "no reason for duplicates without faults");
@@ -52,4 +51,248 @@ fn qos1_events_reach_kafka_in_order_with_key_and_headers() {
         }
         acks == total
     });
+}
+
+/// Publishes in a background thread; returns its handle.
+fn publish_in_background(port: u16, devices: usize, n: usize, pace: Duration) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || publish(port, devices, n, None, Some(pace)))
+}
+
+fn unique_ids(records: &[Consumed]) -> usize {
+    records.iter().filter_map(|r| r.headers.get("event-id")).collect::<std::collections::HashSet<_>>().len()
+}
+
+#[test]
+fn kafka_down_for_30s_spools_then_drains_in_order() {
+    let (devices, n) = (20, 1500); // 30k events over ~60 s
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    let gw = Gateway::start(dir.path(), &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""));
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    let publisher = publish_in_background(mqtt.port, devices, n, Duration::from_micros(2000));
+    wait_for("direct deliveries", Duration::from_secs(30), || gw.metric("gateway_events_delivered_total{input=\"site\"}") > 2000.0);
+    kafka.down();
+    let down_at = std::time::Instant::now();
+    wait_for("the spool to fill", Duration::from_secs(20), || gw.metric("gateway_spool_rows") > 1000.0);
+    assert_eq!(gw.metric("gateway_spooling"), 1.0);
+    let mut peak = 0.0f64;
+    while down_at.elapsed() < Duration::from_secs(30) {
+        peak = peak.max(gw.metric("gateway_spool_rows"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let acked_during_outage = gw.metric("gateway_upstream_acks_total{input=\"site\"}");
+    kafka.up();
+    eprintln!("spool peak {peak} rows; {acked_during_outage} acks sent during the outage");
+    assert!(peak > 5000.0, "the spool absorbed the outage (peak {peak})");
+    let published = publisher.join().expect("publisher");
+    assert_eq!(published, devices * n);
+    wait_for("the spool to drain", Duration::from_secs(120), || gw.metric("gateway_spool_rows") == 0.0 && gw.metric("gateway_spooling") == 0.0);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(120), |r| unique_ids(r) >= devices * n);
+    if unique_ids(&records) < devices * n {
+        use rdkafka::consumer::Consumer;
+        let consumer = kafka.consumer(TOPIC, PARTITIONS);
+        gw.dump();
+        for p in 0..PARTITIONS {
+            let got = records.iter().filter(|r| r.partition == p).count();
+            eprintln!("partition {p}: consumed {got}, watermarks {:?}", consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(5)));
+        }
+    }
+    let dups = check_complete_and_ordered(&records, devices, n);
+    eprintln!("{} records, {dups} duplicates (same event ids)", records.len());
+    assert!(gw.metric("gateway_spool_drained_total") > 0.0);
+    let dropped: f64 = gw.metrics().iter().filter(|(k, _)| k.starts_with("gateway_events_dropped_total")).map(|(_, v)| v).sum();
+    assert_eq!(dropped, 0.0, "nothing dropped");
+}
+
+#[test]
+fn kill_9_at_random_moments_loses_nothing_acknowledged() {
+    use rand::Rng;
+    let (devices, n) = (20, 1000); // 20k events over ~30 s
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    let mut gw = Gateway::start(
+        dir.path(),
+        &config(dir.path(), mqtt.port, &kafka.bootstrap, "synchronous = \"full\"", "", ""),
+    );
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    let publisher = publish_in_background(mqtt.port, devices, n, Duration::from_micros(1500));
+    let mut rng = rand::rng();
+    for round in 0..6 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(500..3000)));
+        // Cut Kafka sometimes, so kills also land while spooling and draining.
+        if round % 2 == 1 {
+            kafka.down();
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(100..2500)));
+        gw.kill9();
+        kafka.up();
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..500)));
+        gw.restart();
+    }
+    publisher.join().expect("publisher");
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(180), |r| unique_ids(r) >= devices * n);
+    if unique_ids(&records) < devices * n {
+        gw.dump();
+    }
+    let dups = check_complete_and_ordered(&records, devices, n);
+    eprintln!("{} records after 6 kill -9, {dups} duplicates (same event ids)", records.len());
+}
+
+#[test]
+fn malformed_payloads_are_counted_and_dead_lettered() {
+    let (devices, n) = (10, 1000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC, "telemetry.dead-letter"], PARTITIONS);
+    let gw = Gateway::start(
+        dir.path(),
+        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", "dead_letter_topic = \"telemetry.dead-letter\""),
+    );
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    publish(mqtt.port, devices, n, Some(100), None);
+    let bad = devices * n / 100;
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| unique_ids(r) >= devices * n);
+    check_complete_and_ordered(&records, devices, n);
+    let dead = kafka.read("telemetry.dead-letter", PARTITIONS, Duration::from_secs(30), |r| r.len() >= bad);
+    assert_eq!(dead.len(), bad);
+    for d in &dead {
+        assert_eq!(d.raw, b"{not json");
+        assert_eq!(d.headers.get("dead-letter-reason").map(String::as_str), Some("malformed_json"));
+        assert!(d.headers["origin"].starts_with("sensors/dev-"));
+    }
+    wait_for("counters", Duration::from_secs(10), || {
+        gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"malformed_json\"}") == bad as f64
+            && gw.metric("gateway_dead_letters_total{input=\"site\"}") == bad as f64
+            && gw.metric("gateway_events_received_total{input=\"site\"}") == (devices * n + bad) as f64
+            && gw.metric("gateway_events_delivered_total{input=\"site\"}") == (devices * n) as f64
+    });
+}
+
+#[test]
+fn a_full_spool_with_block_holds_back_and_drops_nothing() {
+    let (devices, n) = (10, 300);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    kafka.down();
+    let gw = Gateway::start(
+        dir.path(),
+        &config(dir.path(), mqtt.port, &kafka.bootstrap, "max_bytes = 65536\noverflow = \"block\"", "", ""),
+    );
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    publish(mqtt.port, devices, n, None, None);
+    wait_for("backpressure", Duration::from_secs(30), || gw.metric("gateway_spool_blocked") == 1.0);
+    std::thread::sleep(Duration::from_secs(1));
+    let acks = gw.metric("gateway_upstream_acks_total{input=\"site\"}");
+    assert!(acks < (devices * n) as f64, "only what fits was acknowledged ({acks})");
+    assert!(gw.metric("gateway_spool_bytes") <= 65536.0 + 1000.0 * 200.0);
+    kafka.up();
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(90), |r| unique_ids(r) >= devices * n);
+    check_complete_and_ordered(&records, devices, n);
+    let dropped: f64 = gw.metrics().iter().filter(|(k, _)| k.starts_with("gateway_events_dropped_total")).map(|(_, v)| v).sum();
+    assert_eq!(dropped, 0.0);
+}
+
+#[test]
+fn a_full_spool_with_drop_oldest_counts_every_drop() {
+    let (devices, n) = (10, 300);
+    let total = devices * n;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    kafka.down();
+    let gw = Gateway::start(
+        dir.path(),
+        &config(dir.path(), mqtt.port, &kafka.bootstrap, "max_bytes = 65536\noverflow = \"drop_oldest\"", "", ""),
+    );
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    publish(mqtt.port, devices, n, None, None);
+    wait_for("every message acknowledged", Duration::from_secs(30), || gw.metric("gateway_upstream_acks_total{input=\"site\"}") == total as f64);
+    let dropped = gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"spool_overflow\"}");
+    assert!(dropped > 0.0);
+    // The budget holds, give or take the one-row probe that may be in flight.
+    assert!(gw.metric("gateway_spool_bytes") <= 65536.0 + 1024.0, "{}", gw.metric("gateway_spool_bytes"));
+    kafka.up();
+    let kept = total - dropped as usize;
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| unique_ids(r) >= kept);
+    std::thread::sleep(Duration::from_secs(2));
+    // Anything beyond what was kept would show up now.
+    let all = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(4), |r| r.len() > records.len());
+    assert_eq!(unique_ids(&all), kept, "delivered + dropped = published, exactly");
+    // drop_oldest never drops the newest: the last event of every device is there.
+    for d in 0..devices {
+        let id = format!("dev-{d}:{}", n - 1);
+        assert!(all.iter().any(|r| r.headers["event-id"] == id), "{id} delivered");
+    }
+}
+
+#[test]
+fn a_corrupt_spool_at_start_is_quarantined_and_the_gateway_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    std::fs::write(state.join("spool.sqlite"), vec![0x5Au8; 64 * 1024]).expect("garbage");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    let gw = Gateway::start(dir.path(), &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""));
+    assert_eq!(gw.metric("gateway_spool_quarantined_total"), 1.0);
+    let moved = std::fs::read_dir(&state).expect("list").filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().contains(".corrupt-"));
+    assert!(moved, "the corrupt file was kept aside");
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    publish(mqtt.port, 5, 100, None, None);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| r.len() >= 500);
+    check_complete_and_ordered(&records, 5, 100);
+}
+
+#[test]
+fn sighup_rebuilds_the_pipeline_and_sigterm_spools_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC, "v2.site"], PARTITIONS);
+    let mut gw = Gateway::start(dir.path(), &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""));
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    publish(mqtt.port, 5, 100, None, None);
+    let first = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| r.len() >= 500);
+    assert_eq!(first.len(), 500);
+    // New pipeline: another topic and a tag stage.
+    let text = std::fs::read_to_string(&gw.config).expect("config");
+    let text = text.replace("topic = \"telemetry.{source}\"", "topic = \"v2.{source}\"")
+        + "\n[[stages]]\ntype = \"tags\"\ntags = { generation = \"2\" }\n";
+    std::fs::write(&gw.config, text).expect("rewrite");
+    gw.hup();
+    wait_for("the reload", Duration::from_secs(20), || gw.log_text().contains("pipeline reloaded"));
+    wait_for("the MQTT input to reconnect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    // Kafka away, then SIGTERM: what is not confirmed must be in the spool.
+    kafka.down();
+    std::thread::spawn({
+        let port = mqtt.port;
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+            rt.block_on(async {
+                let (c, mut ev) = rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("p2", "127.0.0.1", port), 1000);
+                for i in 0..200 {
+                    let _ = c.publish("sensors/late/telemetry", rumqttc::QoS::AtLeastOnce, false, format!(r#"{{"seq":{i},"v":1}}"#)).await;
+                }
+                let mut acked = 0;
+                while acked < 200 {
+                    if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = ev.poll().await {
+                        acked += 1;
+                    }
+                }
+            });
+        }
+    })
+    .join()
+    .expect("publisher");
+    wait_for("200 more received", Duration::from_secs(20), || gw.metric("gateway_events_received_total{input=\"site\"}") >= 700.0);
+    let status = gw.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    kafka.up();
+    gw.restart();
+    let second = kafka.read("v2.site", PARTITIONS, Duration::from_secs(60), |r| unique_ids(r) >= 200);
+    assert_eq!(unique_ids(&second), 200, "events spooled at shutdown were delivered after the restart");
+    assert!(second.iter().all(|r| r.value["tags"]["generation"] == "2"));
+    assert!(second.iter().all(|r| r.key == "late"));
 }

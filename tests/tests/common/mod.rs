@@ -118,6 +118,47 @@ impl Kafka {
         }
     }
 
+    /// Reads `topic` from the beginning until `stop` says enough or `timeout` passes. A
+    /// consumer that makes no progress for 3 s is replaced by a fresh one that resumes at
+    /// the next offsets (librdkafka's consumer can stall against the mock cluster after
+    /// its brokers went down and up).
+    pub fn read(&self, topic: &str, partitions: i32, timeout: Duration, mut stop: impl FnMut(&[Consumed]) -> bool) -> Vec<Consumed> {
+        let start = Instant::now();
+        let mut out: Vec<Consumed> = Vec::new();
+        let mut next: Vec<i64> = vec![0; partitions as usize];
+        while start.elapsed() < timeout && !stop(&out) {
+            let c = self.consumer_at(topic, &next);
+            let mut last_progress = Instant::now();
+            while start.elapsed() < timeout && !stop(&out) && last_progress.elapsed() < Duration::from_secs(3) {
+                let got = consume_until(&c, Duration::from_millis(200), |_| false);
+                if !got.is_empty() {
+                    last_progress = Instant::now();
+                }
+                for r in got {
+                    next[r.partition as usize] = next[r.partition as usize].max(r.offset + 1);
+                    out.push(r);
+                }
+            }
+        }
+        out
+    }
+
+    fn consumer_at(&self, topic: &str, offsets: &[i64]) -> BaseConsumer {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", "e2e-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in offsets.iter().enumerate() {
+            tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o)).expect("partition");
+        }
+        c.assign(&tpl).expect("assign");
+        c
+    }
+
     /// A consumer assigned to every partition of `topic` from the beginning.
     pub fn consumer(&self, topic: &str, partitions: i32) -> BaseConsumer {
         let c: BaseConsumer = ClientConfig::new()
@@ -125,6 +166,9 @@ impl Kafka {
             .set("group.id", "e2e-reader")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
+            .set("isolation.level", "read_uncommitted")
+            .set("max.partition.fetch.bytes", "52428800")
+            .set("fetch.max.bytes", "104857600")
             .create()
             .expect("consumer");
         let mut tpl = TopicPartitionList::new();
@@ -141,6 +185,8 @@ impl Kafka {
 pub struct Consumed {
     /// Partition.
     pub partition: i32,
+    /// Offset.
+    pub offset: i64,
     /// Key text.
     pub key: String,
     /// Headers.
@@ -169,6 +215,7 @@ pub fn consume_until(c: &BaseConsumer, timeout: Duration, mut stop: impl FnMut(&
                 let raw = m.payload().unwrap_or_default().to_vec();
                 out.push(Consumed {
                     partition: m.partition(),
+                    offset: m.offset(),
                     key: String::from_utf8_lossy(m.key().unwrap_or_default()).to_string(),
                     headers,
                     value: serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null),
@@ -223,7 +270,13 @@ impl Gateway {
             .expect("start the gateway");
         self.child = Some(child);
         let port = self.metrics_port;
-        wait_for("the gateway's /health", Duration::from_secs(20), || http_get(port, "/health").is_some());
+        let start = Instant::now();
+        while http_get(port, "/health").is_none() {
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!("the gateway did not come up; its log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `kill -9`.
@@ -271,6 +324,18 @@ impl Gateway {
         self.metrics().get(key).copied().unwrap_or(0.0)
     }
 
+    /// Prints the gateway's metrics and its warnings and errors (for failing tests).
+    pub fn dump(&self) {
+        for (k, v) in self.metrics() {
+            if k.starts_with("gateway_") && !k.contains("bucket") {
+                eprintln!("{k} {v}");
+            }
+        }
+        for l in self.log_text().lines().filter(|l| !l.contains("INFO")).take(40) {
+            eprintln!("{l}");
+        }
+    }
+
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -304,7 +369,7 @@ id = "gw-test"
 state_dir = "{state}"
 
 [spool]
-synchronous = "normal"
+{sync}
 {extra_spool}
 
 [telemetry]
@@ -328,7 +393,8 @@ message_timeout = "10s"
 spool_after = "2s"
 {extra_kafka}
 "#,
-        state = dir.join("state").display()
+        state = dir.join("state").display(),
+        sync = if extra_spool.contains("synchronous") { "" } else { "synchronous = \"normal\"" },
     )
 }
 
