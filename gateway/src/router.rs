@@ -440,7 +440,7 @@ impl Router {
     fn tick(&mut self) {
         // Kafka slow: copy direct records into the spool so their acks can go out.
         if let Some((_, oldest)) = self.direct.first_key_value() {
-            if oldest.sent.elapsed() > self.spool_after && self.direct.values().any(|d| !d.spooled) {
+            if oldest.sent.elapsed() > self.spool_after && self.direct.values().any(|d| !d.spooled && !d.copy_dropped) {
                 if self.healthy {
                     tracing::warn!(waiting = self.direct.len(), after = ?self.spool_after, "Kafka is not confirming; spooling");
                 }
@@ -468,7 +468,12 @@ impl Router {
     }
 
     fn spool_direct_copies(&mut self) {
-        let seqs: Vec<u64> = self.direct.iter().filter(|(_, d)| !d.spooled).map(|(s, _)| *s).collect();
+        let seqs: Vec<u64> = self
+            .direct
+            .iter()
+            .filter(|(_, d)| !d.spooled && !d.copy_dropped)
+            .map(|(s, _)| *s)
+            .collect();
         for seq in seqs {
             let Some(d) = self.direct.get_mut(&seq) else { continue };
             d.spooled = true;
@@ -509,7 +514,9 @@ impl Router {
         let total = self.spool.bytes() + self.pending_bytes;
         if total > self.cfg.max_bytes {
             need = total - self.cfg.max_bytes;
-            // Still over: the pending batch alone is too big; drop its oldest rows.
+            // Still over: the pending batch alone is too big; drop its oldest rows
+            // (pending can hold re-spooled records below newer ones: order by seq).
+            self.pending.sort_unstable_by_key(|r| r.seq);
             let mut freed = 0;
             let mut k = 0;
             while k < self.pending.len() && freed < need {

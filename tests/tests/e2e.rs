@@ -220,6 +220,9 @@ fn a_full_spool_with_drop_oldest_counts_every_drop() {
     std::thread::sleep(Duration::from_secs(2));
     // Anything beyond what was kept would show up now.
     let all = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(4), |r| r.len() > records.len());
+    if unique_ids(&all) != kept {
+        gw.dump();
+    }
     assert_eq!(unique_ids(&all), kept, "delivered + dropped = published, exactly");
     // drop_oldest never drops the newest: the last event of every device is there.
     for d in 0..devices {
