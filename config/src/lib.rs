@@ -752,7 +752,10 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigErrors> {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(before.len(), |n| before.len() - n - 1) + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |n| before.len() - n - 1)
+        + 1;
     (line, col)
 }
 
@@ -792,7 +795,10 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
             );
         }
         if !names.insert(m.name.clone()) {
-            err(format!("{p}.name"), "another input has this name; names must be unique");
+            err(
+                format!("{p}.name"),
+                "another input has this name; names must be unique",
+            );
         }
         if m.host.is_empty() {
             err(format!("{p}.host"), "must not be empty");
@@ -811,8 +817,7 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
             match TopicTemplate::parse(t) {
                 Err(e) => err(format!("{p}.topics[{j}]"), &e.to_string()),
                 Ok(tt) => {
-                    if m.format == PayloadFormat::Number && !tt.captures().any(|c| c == "metric")
-                    {
+                    if m.format == PayloadFormat::Number && !tt.captures().any(|c| c == "metric") {
                         err(
                             format!("{p}.topics[{j}]"),
                             "format \"number\" needs a {metric} field in the topic to name the reading",

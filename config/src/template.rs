@@ -133,12 +133,20 @@ mod tests {
 
     fn check(template: &str, topic: &str, expected: Option<&[(&str, &str)]>) {
         let t = TopicTemplate::parse(template).expect("valid template");
-        assert_eq!(t.matches(topic).as_deref(), expected, "{template} vs {topic}");
+        assert_eq!(
+            t.matches(topic).as_deref(),
+            expected,
+            "{template} vs {topic}"
+        );
     }
 
     #[test]
     fn matching() {
-        check("a/{device}/{metric}", "a/d1/temp", Some(&[("device", "d1"), ("metric", "temp")]));
+        check(
+            "a/{device}/{metric}",
+            "a/d1/temp",
+            Some(&[("device", "d1"), ("metric", "temp")]),
+        );
         check("a/{device}/{metric}", "a/d1", None);
         check("a/{device}/{metric}", "a/d1/t/x", None);
         check("a/{device}/#", "a/d1/t/x", Some(&[("device", "d1")]));
@@ -152,8 +160,14 @@ mod tests {
         let t = TopicTemplate::parse("s/{site}/{device}/#").expect("valid");
         assert_eq!(t.filter(), "s/+/+/#");
         assert_eq!(TopicTemplate::parse(""), Err(TopicTemplateError::Empty));
-        assert_eq!(TopicTemplate::parse("a/#/b"), Err(TopicTemplateError::HashNotLast));
-        assert!(matches!(TopicTemplate::parse("a/x{d}"), Err(TopicTemplateError::BadField(_))));
+        assert_eq!(
+            TopicTemplate::parse("a/#/b"),
+            Err(TopicTemplateError::HashNotLast)
+        );
+        assert!(matches!(
+            TopicTemplate::parse("a/x{d}"),
+            Err(TopicTemplateError::BadField(_))
+        ));
         assert!(matches!(
             TopicTemplate::parse("{d}/{d}"),
             Err(TopicTemplateError::Duplicate(_))

@@ -39,7 +39,12 @@ impl Inputs {
     }
 }
 
-fn start_inputs(p: &Pipeline, gateway_id: &str, router: &RouterHandle, metrics: &Metrics) -> Result<Inputs, String> {
+fn start_inputs(
+    p: &Pipeline,
+    gateway_id: &str,
+    router: &RouterHandle,
+    metrics: &Metrics,
+) -> Result<Inputs, String> {
     let chain = Arc::new(Chain::build(&p.stages, Some(metrics))?);
     // Check every input can be built before starting any.
     for input in &p.inputs {
@@ -97,10 +102,17 @@ pub async fn run(
         metrics.spool_quarantined();
     }
     tracing::info!(spool = %path.display(), rows = spool.rows(), bytes = spool.bytes(), "spool open");
-    let router = router::start(spool, config.spool.clone(), &config.output.kafka, &config.gateway.id, metrics.clone())
-        .map_err(anyhow::Error::msg)?;
+    let router = router::start(
+        spool,
+        config.spool.clone(),
+        &config.output.kafka,
+        &config.gateway.id,
+        metrics.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let mut current = config;
-    let mut inputs = start_inputs(&current.pipeline(), &current.gateway.id, &router, &metrics).map_err(anyhow::Error::msg)?;
+    let mut inputs = start_inputs(&current.pipeline(), &current.gateway.id, &router, &metrics)
+        .map_err(anyhow::Error::msg)?;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -163,7 +175,9 @@ pub fn reload_on_sighup(path: PathBuf) -> anyhow::Result<ReloadRequests> {
                         break;
                     }
                 }
-                Err(e) => tracing::error!("SIGHUP: the configuration does not validate, keeping the running one:\n{e}"),
+                Err(e) => tracing::error!(
+                    "SIGHUP: the configuration does not validate, keeping the running one:\n{e}"
+                ),
             }
         }
     });

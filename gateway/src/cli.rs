@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
 use crate::metrics::Metrics;
 use crate::spool::Spool;
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
 use gateway_config::{Config, LogFormat};
 
 /// Edge IoT stream gateway: MQTT in, local stages, SQLite spool, batches to Kafka.
@@ -64,7 +64,9 @@ enum SpoolCommand {
 fn init_logs(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -132,7 +134,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", gateway_config::DEFAULT_CONFIG);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Spool { command, config, path } => {
+        Command::Spool {
+            command,
+            config,
+            path,
+        } => {
             let path = spool_path(config, path)?;
             if !path.exists() {
                 anyhow::bail!("no spool at {}", path.display());
@@ -183,7 +189,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         #[cfg(feature = "demo")]
         Command::Demo(args) => {
-            init_logs(LogFormat::Human, "warn");
+            init_logs(LogFormat::Human, "error,rumqttd=off");
             crate::demo::run(args)?;
             Ok(ExitCode::SUCCESS)
         }

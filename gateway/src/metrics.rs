@@ -84,28 +84,108 @@ impl Metrics {
         let kafka_up = Gauge::default();
         let spooling = Gauge::default();
         let inflight = Gauge::default();
-        r.register("events_received", "Events (and undecodable payloads) received, per input", received.clone());
-        r.register("events_delivered", "Events confirmed by Kafka, per input", delivered.clone());
-        r.register("events_spooled", "Events written to the spool, per input", spooled.clone());
-        r.register("events_dropped", "Events dropped, per input and reason", dropped.clone());
-        r.register("dead_letters", "Undecodable payloads sent to the dead-letter topic", dead_letters.clone());
-        r.register("upstream_acks", "Acknowledgements sent upstream, per input", acks.clone());
-        r.register("input_connected", "1 while the input is connected", connected.clone());
-        r.register("input_reconnects", "Reconnect attempts, per input", reconnects.clone());
+        r.register(
+            "events_received",
+            "Events (and undecodable payloads) received, per input",
+            received.clone(),
+        );
+        r.register(
+            "events_delivered",
+            "Events confirmed by Kafka, per input",
+            delivered.clone(),
+        );
+        r.register(
+            "events_spooled",
+            "Events written to the spool, per input",
+            spooled.clone(),
+        );
+        r.register(
+            "events_dropped",
+            "Events dropped, per input and reason",
+            dropped.clone(),
+        );
+        r.register(
+            "dead_letters",
+            "Undecodable payloads sent to the dead-letter topic",
+            dead_letters.clone(),
+        );
+        r.register(
+            "upstream_acks",
+            "Acknowledgements sent upstream, per input",
+            acks.clone(),
+        );
+        r.register(
+            "input_connected",
+            "1 while the input is connected",
+            connected.clone(),
+        );
+        r.register(
+            "input_reconnects",
+            "Reconnect attempts, per input",
+            reconnects.clone(),
+        );
         r.register("stage_events_in", "Events into a stage", stage_in.clone());
-        r.register("stage_events_out", "Events out of a stage", stage_out.clone());
-        r.register("stage_events_dropped", "Events dropped by a stage, per reason", stage_dropped.clone());
+        r.register(
+            "stage_events_out",
+            "Events out of a stage",
+            stage_out.clone(),
+        );
+        r.register(
+            "stage_events_dropped",
+            "Events dropped by a stage, per reason",
+            stage_dropped.clone(),
+        );
         r.register("spool_rows", "Events in the spool", spool_rows.clone());
-        r.register("spool_bytes", "Bytes of event data in the spool", spool_bytes.clone());
-        r.register("spool_quarantined", "Corrupt spool files moved aside", spool_quarantined.clone());
-        r.register("spool_errors", "Spool write errors, per kind (disk_full, io)", spool_errors.clone());
-        r.register("spool_blocked", "1 while inputs are held back (spool full or failing)", spool_blocked.clone());
-        r.register("spool_drained", "Events drained from the spool to Kafka", drained.clone());
-        r.register("kafka_delivery_latency_seconds", "Send to delivery report", kafka_latency.clone());
-        r.register("kafka_errors", "Kafka delivery errors, per kind", kafka_errors.clone());
-        r.register("kafka_up", "1 while Kafka confirms deliveries", kafka_up.clone());
-        r.register("spooling", "1 while new events go to the spool instead of straight to Kafka", spooling.clone());
-        r.register("kafka_inflight", "Records handed to the producer, not yet confirmed", inflight.clone());
+        r.register(
+            "spool_bytes",
+            "Bytes of event data in the spool",
+            spool_bytes.clone(),
+        );
+        r.register(
+            "spool_quarantined",
+            "Corrupt spool files moved aside",
+            spool_quarantined.clone(),
+        );
+        r.register(
+            "spool_errors",
+            "Spool write errors, per kind (disk_full, io)",
+            spool_errors.clone(),
+        );
+        r.register(
+            "spool_blocked",
+            "1 while inputs are held back (spool full or failing)",
+            spool_blocked.clone(),
+        );
+        r.register(
+            "spool_drained",
+            "Events drained from the spool to Kafka",
+            drained.clone(),
+        );
+        r.register(
+            "kafka_delivery_latency_seconds",
+            "Send to delivery report",
+            kafka_latency.clone(),
+        );
+        r.register(
+            "kafka_errors",
+            "Kafka delivery errors, per kind",
+            kafka_errors.clone(),
+        );
+        r.register(
+            "kafka_up",
+            "1 while Kafka confirms deliveries",
+            kafka_up.clone(),
+        );
+        r.register(
+            "spooling",
+            "1 while new events go to the spool instead of straight to Kafka",
+            spooling.clone(),
+        );
+        r.register(
+            "kafka_inflight",
+            "Records handed to the producer, not yet confirmed",
+            inflight.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry: r,
             received,
@@ -324,7 +404,12 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
             while n < buf.len() {
-                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf[n..])).await {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf[n..]),
+                )
+                .await
+                {
                     Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
                     Ok(Ok(k)) => n += k,
                 }
@@ -335,12 +420,28 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("");
             let (status, ctype, body) = match path {
-                "/metrics" => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render()),
+                "/metrics" => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.render(),
+                ),
                 "/health" => {
                     let (ok, body) = metrics.health();
-                    (if ok { "200 OK" } else { "503 Service Unavailable" }, "application/json", body)
+                    (
+                        if ok {
+                            "200 OK"
+                        } else {
+                            "503 Service Unavailable"
+                        },
+                        "application/json",
+                        body,
+                    )
                 }
-                _ => ("404 Not Found", "text/plain", "not found: try /metrics or /health\n".to_string()),
+                _ => (
+                    "404 Not Found",
+                    "text/plain",
+                    "not found: try /metrics or /health\n".to_string(),
+                ),
             };
             let resp = format!(
                 "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -50,7 +50,10 @@ pub struct Item {
 /// Commands to the router.
 pub enum Control {
     /// Replace the Kafka output (a new producer); the reply says whether it worked.
-    Reconfigure(Box<KafkaOutput>, std::sync::mpsc::Sender<Result<(), String>>),
+    Reconfigure(
+        Box<KafkaOutput>,
+        std::sync::mpsc::Sender<Result<(), String>>,
+    ),
     /// Finish: spool what is not confirmed, commit, and exit.
     Shutdown,
 }
@@ -74,7 +77,8 @@ impl RouterHandle {
         self.control
             .send(Control::Reconfigure(Box::new(output), tx))
             .map_err(|_| "the router has stopped".to_string())?;
-        rx.recv().map_err(|_| "the router has stopped".to_string())?
+        rx.recv()
+            .map_err(|_| "the router has stopped".to_string())?
     }
 
     /// Stops the router: every record not confirmed by Kafka ends up in the spool.
@@ -214,7 +218,9 @@ fn error_kind(e: &KafkaError) -> &'static str {
         Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => "purged",
         Some(RDKafkaErrorCode::Fatal) => "fatal",
         Some(RDKafkaErrorCode::MessageSizeTooLarge) => "too_large",
-        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => "unknown_topic",
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+            "unknown_topic"
+        }
         Some(RDKafkaErrorCode::TopicAuthorizationFailed) => "not_authorized",
         _ => "other",
     }
@@ -226,7 +232,8 @@ impl Router {
         let mut items_open = true;
         loop {
             let accepting = items_open && !self.shutting_down && !self.blocked();
-            self.metrics.spool_blocked(items_open && !accepting && !self.shutting_down);
+            self.metrics
+                .spool_blocked(items_open && !accepting && !self.shutting_down);
             let timeout = self.next_deadline();
             let wake = {
                 let mut sel = flume::Selector::new()
@@ -323,7 +330,11 @@ impl Router {
         let event = matches!(item.record, Record::Event(_));
         let data = item.record.encode();
         if self.direct_allowed() {
-            let opaque = Box::new(Opaque { seq, from_spool: false, sent: Instant::now() });
+            let opaque = Box::new(Opaque {
+                seq,
+                from_spool: false,
+                sent: Instant::now(),
+            });
             match self.sink.send(&item.record, opaque) {
                 Ok(()) => {
                     self.direct.insert(
@@ -370,12 +381,15 @@ impl Router {
 
     fn on_report(&mut self, r: Report) {
         let seq = r.opaque.seq;
-        self.metrics.kafka_latency(r.opaque.sent.elapsed().as_secs_f64());
+        self.metrics
+            .kafka_latency(r.opaque.sent.elapsed().as_secs_f64());
         if let Some(e) = &r.error {
             self.metrics.kafka_error(error_kind(e));
         }
         if !r.opaque.from_spool {
-            let Some(mut d) = self.direct.remove(&seq) else { return };
+            let Some(mut d) = self.direct.remove(&seq) else {
+                return;
+            };
             match r.error {
                 None => {
                     self.healthy = true;
@@ -393,13 +407,23 @@ impl Router {
                     }
                     self.healthy = false;
                     if d.copy_dropped {
-                        self.metrics.dropped(&self.inputs[d.input as usize].name, "spool_overflow", 1);
+                        self.metrics.dropped(
+                            &self.inputs[d.input as usize].name,
+                            "spool_overflow",
+                            1,
+                        );
                     } else if !d.spooled {
                         if seq <= self.drain_cursor || self.drain_cursor == 0 {
                             self.respooled_low = true;
                         }
                         let ack = d.ack.take().unwrap_or_default();
-                        self.spool_row(seq, d.input, std::mem::take(&mut d.data), ack, d.until_delivered);
+                        self.spool_row(
+                            seq,
+                            d.input,
+                            std::mem::take(&mut d.data),
+                            ack,
+                            d.until_delivered,
+                        );
                     } else if let Some(ack) = d.ack.take() {
                         // An on_delivery ack waits with the spooled copy.
                         self.delivery_acks.insert(seq, ack);
@@ -407,11 +431,16 @@ impl Router {
                 }
             }
         } else {
-            let Some((input, event)) = self.drain_inflight.remove(&seq) else { return };
+            let Some((input, event)) = self.drain_inflight.remove(&seq) else {
+                return;
+            };
             match r.error {
                 None => {
                     if !self.healthy {
-                        tracing::info!(spool_rows = self.spool.rows(), "Kafka is confirming again; draining the spool");
+                        tracing::info!(
+                            spool_rows = self.spool.rows(),
+                            "Kafka is confirming again; draining the spool"
+                        );
                     }
                     self.healthy = true;
                     if event {
@@ -440,7 +469,9 @@ impl Router {
     fn tick(&mut self) {
         // Kafka slow: copy direct records into the spool so their acks can go out.
         if let Some((_, oldest)) = self.direct.first_key_value() {
-            if oldest.sent.elapsed() > self.spool_after && self.direct.values().any(|d| !d.spooled && !d.copy_dropped) {
+            if oldest.sent.elapsed() > self.spool_after
+                && self.direct.values().any(|d| !d.spooled && !d.copy_dropped)
+            {
                 if self.healthy {
                     tracing::warn!(waiting = self.direct.len(), after = ?self.spool_after, "Kafka is not confirming; spooling");
                 }
@@ -456,9 +487,13 @@ impl Router {
             }
         }
         let commit_due = self.pending.len() >= self.cfg.commit_rows
-            || self.pending_since.is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
+            || self
+                .pending_since
+                .is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
             || self.pending_deletes.len() >= 8192
-            || self.deletes_since.is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
+            || self
+                .deletes_since
+                .is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
             || self.write_retry_at.is_some_and(|t| Instant::now() >= t);
         if commit_due {
             self.commit();
@@ -475,14 +510,20 @@ impl Router {
             .map(|(s, _)| *s)
             .collect();
         for seq in seqs {
-            let Some(d) = self.direct.get_mut(&seq) else { continue };
+            let Some(d) = self.direct.get_mut(&seq) else {
+                continue;
+            };
             d.spooled = true;
             let data = d.data.clone();
             let input = d.input;
             let until = d.until_delivered;
             // on_spool: the ack goes out with the commit; on_delivery: it stays with
             // the direct record until Kafka answers.
-            let ack = if until { Ack::none() } else { d.ack.take().unwrap_or_default() };
+            let ack = if until {
+                Ack::none()
+            } else {
+                d.ack.take().unwrap_or_default()
+            };
             self.respooled_low = true;
             self.spool_row(seq, input, data, ack, false);
         }
@@ -498,7 +539,11 @@ impl Router {
         }
         let mut need = total - self.cfg.max_bytes;
         // Rows being drained are not dropped: they may be confirmed any moment.
-        let after = self.drain_inflight.last_key_value().map_or(self.drain_cursor, |(s, _)| *s).max(self.drain_cursor);
+        let after = self
+            .drain_inflight
+            .last_key_value()
+            .map_or(self.drain_cursor, |(s, _)| *s)
+            .max(self.drain_cursor);
         match self.spool.drop_oldest(after, need) {
             Ok(dropped) => {
                 let freed_rows = dropped.len();
@@ -506,7 +551,10 @@ impl Router {
                     self.count_overflow(seq, &source);
                 }
                 if freed_rows > 0 {
-                    tracing::warn!(rows = freed_rows, "spool full: dropped the oldest events (drop_oldest)");
+                    tracing::warn!(
+                        rows = freed_rows,
+                        "spool full: dropped the oldest events (drop_oldest)"
+                    );
                 }
             }
             Err(e) => tracing::error!(error = %e, "spool overflow: cannot drop old rows"),
@@ -569,7 +617,11 @@ impl Router {
                 self.deletes_since = None;
             }
             Err(e) => {
-                let kind = if matches!(e, SpoolError::DiskFull(_)) { "disk_full" } else { "io" };
+                let kind = if matches!(e, SpoolError::DiskFull(_)) {
+                    "disk_full"
+                } else {
+                    "io"
+                };
                 self.metrics.spool_error(kind);
                 if self.write_retry_at.is_none() {
                     tracing::error!(error = %e, "cannot write the spool; holding inputs back and retrying every second");
@@ -602,14 +654,20 @@ impl Router {
             self.commit();
             self.drain_cursor = min.saturating_sub(1);
             self.drain_failed_min = None;
-            self.next_probe = Instant::now() + if self.healthy { Duration::ZERO } else { PROBE_INTERVAL };
+            self.next_probe = Instant::now()
+                + if self.healthy {
+                    Duration::ZERO
+                } else {
+                    PROBE_INTERVAL
+                };
         }
         if self.spool.rows() == 0 {
             self.drain_cursor = 0;
             return;
         }
         let budget = if self.healthy {
-            self.max_inflight.saturating_sub(self.drain_inflight.len() + self.direct.len())
+            self.max_inflight
+                .saturating_sub(self.drain_inflight.len() + self.direct.len())
         } else if self.drain_inflight.is_empty() && Instant::now() >= self.next_probe {
             // One row: enough to learn whether Kafka is back, and the only row that
             // drop_oldest must leave alone while it is in flight.
@@ -620,7 +678,10 @@ impl Router {
         };
         let mut left = budget;
         while left > 0 {
-            let rows = match self.spool.read_after(self.drain_cursor, left.min(self.cfg.drain_batch)) {
+            let rows = match self
+                .spool
+                .read_after(self.drain_cursor, left.min(self.cfg.drain_batch))
+            {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the spool");
@@ -644,10 +705,15 @@ impl Router {
                     }
                 };
                 let input = self.input(&row.source);
-                let opaque = Box::new(Opaque { seq: row.seq, from_spool: true, sent: Instant::now() });
+                let opaque = Box::new(Opaque {
+                    seq: row.seq,
+                    from_spool: true,
+                    sent: Instant::now(),
+                });
                 match self.sink.send(&record, opaque) {
                     Ok(()) => {
-                        self.drain_inflight.insert(row.seq, (input, matches!(record, Record::Event(_))));
+                        self.drain_inflight
+                            .insert(row.seq, (input, matches!(record, Record::Event(_))));
                         self.drain_cursor = row.seq;
                         left -= 1;
                     }
@@ -680,8 +746,11 @@ impl Router {
             self.spool.bytes() + self.pending_bytes,
         );
         let spooling = !self.healthy || self.spool.rows() > 0 || !self.pending.is_empty();
-        self.metrics
-            .router_state(self.healthy, spooling, self.direct.len() + self.drain_inflight.len());
+        self.metrics.router_state(
+            self.healthy,
+            spooling,
+            self.direct.len() + self.drain_inflight.len(),
+        );
     }
 
     /// Swaps the producer: direct records are copied to the spool, the old producer is
@@ -706,7 +775,9 @@ impl Router {
         self.commit();
         self.sink.purge();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while (!self.direct.is_empty() || !self.drain_inflight.is_empty()) && Instant::now() < deadline {
+        while (!self.direct.is_empty() || !self.drain_inflight.is_empty())
+            && Instant::now() < deadline
+        {
             if let Ok(r) = self.reports_rx.recv_timeout(Duration::from_millis(50)) {
                 self.on_report(r);
             }
@@ -725,7 +796,9 @@ impl Router {
     fn finish(&mut self) {
         // Give Kafka a moment for what is in flight, then spool the rest.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while (!self.direct.is_empty() || !self.drain_inflight.is_empty()) && Instant::now() < deadline {
+        while (!self.direct.is_empty() || !self.drain_inflight.is_empty())
+            && Instant::now() < deadline
+        {
             self.sink.flush(Duration::from_millis(100));
             while let Ok(r) = self.reports_rx.try_recv() {
                 self.on_report(r);

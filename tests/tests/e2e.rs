@@ -17,49 +17,87 @@ fn qos1_events_reach_kafka_in_order_with_key_and_headers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mqtt = Mosquitto::start();
     let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    let gw = Gateway::start(dir.path(), &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""));
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    let gw = Gateway::start(
+        dir.path(),
+        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""),
+    );
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
     let started = std::time::Instant::now();
     publish(mqtt.port, devices, n, None, None);
-    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(180), |r| r.len() >= devices * n);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(180), |r| {
+        r.len() >= devices * n
+    });
     eprintln!("{} records in {:?}", records.len(), started.elapsed());
     let dups = check_complete_and_ordered(&records, devices, n);
     assert_eq!(dups, 0, "no reason for duplicates without faults");
     let r = &records[0];
     assert_eq!(r.headers.get("source").map(String::as_str), Some("site"));
-    assert_eq!(r.headers.get("gateway-id").map(String::as_str), Some("gw-test"));
-    assert_eq!(r.headers.get("content-type").map(String::as_str), Some("application/json"));
-    assert_eq!(r.headers.get("schema").map(String::as_str), Some("edge-gateway.event.v1"));
+    assert_eq!(
+        r.headers.get("gateway-id").map(String::as_str),
+        Some("gw-test")
+    );
+    assert_eq!(
+        r.headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
+    assert_eq!(
+        r.headers.get("schema").map(String::as_str),
+        Some("edge-gateway.event.v1")
+    );
     assert_eq!(r.value["schema"], "edge-gateway.event.v1");
     assert_eq!(r.value["clock"], "device");
-    let seq: i64 = r.headers["event-id"].rsplit(':').next().and_then(|s| s.parse().ok()).expect("seq");
-    assert_eq!(r.timestamp, Some(1_800_000_000_000 + seq), "record timestamp = event time");
+    let seq: i64 = r.headers["event-id"]
+        .rsplit(':')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("seq");
+    assert_eq!(
+        r.timestamp,
+        Some(1_800_000_000_000 + seq),
+        "record timestamp = event time"
+    );
     assert!(r.value["location"]["lat"].is_number());
     assert!(r.value["readings"]["temperature"].is_number());
     let total = (devices * n) as f64;
-    wait_for("delivered = received", Duration::from_secs(10), || gw.metric("gateway_events_delivered_total{input=\"site\"}") == total);
-    assert_eq!(gw.metric("gateway_events_received_total{input=\"site\"}"), total);
-    wait_for("every message acked upstream", Duration::from_secs(10), || {
-        let acks = gw.metric("gateway_upstream_acks_total{input=\"site\"}");
-        eprintln!("acks {acks}");
-        if acks != total {
-            let log = gw.log_text();
-            let mut lines: Vec<&str> = log.lines().filter(|l| l.contains("INFO")).collect();
-            lines.extend(log.lines().filter(|l| !l.contains("INFO")).take(2));
-            lines.extend(log.lines().filter(|l| !l.contains("INFO")).last());
-            eprintln!("{}", lines.join("\n"));
-        }
-        acks == total
+    wait_for("delivered = received", Duration::from_secs(10), || {
+        gw.metric("gateway_events_delivered_total{input=\"site\"}") == total
     });
+    assert_eq!(
+        gw.metric("gateway_events_received_total{input=\"site\"}"),
+        total
+    );
+    let acked = || gw.metric("gateway_upstream_acks_total{input=\"site\"}") == total;
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for(
+            "every message acked upstream",
+            Duration::from_secs(10),
+            acked,
+        )
+    }));
+    if waited.is_err() {
+        gw.dump();
+        panic!("not every message was acknowledged upstream");
+    }
 }
 
 /// Publishes in a background thread; returns its handle.
-fn publish_in_background(port: u16, devices: usize, n: usize, pace: Duration) -> std::thread::JoinHandle<usize> {
+fn publish_in_background(
+    port: u16,
+    devices: usize,
+    n: usize,
+    pace: Duration,
+) -> std::thread::JoinHandle<usize> {
     std::thread::spawn(move || publish(port, devices, n, None, Some(pace)))
 }
 
 fn unique_ids(records: &[Consumed]) -> usize {
-    records.iter().filter_map(|r| r.headers.get("event-id")).collect::<std::collections::HashSet<_>>().len()
+    records
+        .iter()
+        .filter_map(|r| r.headers.get("event-id"))
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }
 
 #[test]
@@ -68,13 +106,22 @@ fn kafka_down_for_30s_spools_then_drains_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mqtt = Mosquitto::start();
     let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    let gw = Gateway::start(dir.path(), &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""));
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    let gw = Gateway::start(
+        dir.path(),
+        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""),
+    );
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
     let publisher = publish_in_background(mqtt.port, devices, n, Duration::from_micros(2000));
-    wait_for("direct deliveries", Duration::from_secs(30), || gw.metric("gateway_events_delivered_total{input=\"site\"}") > 2000.0);
+    wait_for("direct deliveries", Duration::from_secs(30), || {
+        gw.metric("gateway_events_delivered_total{input=\"site\"}") > 2000.0
+    });
     kafka.down();
     let down_at = std::time::Instant::now();
-    wait_for("the spool to fill", Duration::from_secs(20), || gw.metric("gateway_spool_rows") > 1000.0);
+    wait_for("the spool to fill", Duration::from_secs(20), || {
+        gw.metric("gateway_spool_rows") > 1000.0
+    });
     assert_eq!(gw.metric("gateway_spooling"), 1.0);
     let mut peak = 0.0f64;
     while down_at.elapsed() < Duration::from_secs(30) {
@@ -87,21 +134,36 @@ fn kafka_down_for_30s_spools_then_drains_in_order() {
     assert!(peak > 5000.0, "the spool absorbed the outage (peak {peak})");
     let published = publisher.join().expect("publisher");
     assert_eq!(published, devices * n);
-    wait_for("the spool to drain", Duration::from_secs(120), || gw.metric("gateway_spool_rows") == 0.0 && gw.metric("gateway_spooling") == 0.0);
-    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(120), |r| unique_ids(r) >= devices * n);
+    wait_for("the spool to drain", Duration::from_secs(120), || {
+        gw.metric("gateway_spool_rows") == 0.0 && gw.metric("gateway_spooling") == 0.0
+    });
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(120), |r| {
+        unique_ids(r) >= devices * n
+    });
     if unique_ids(&records) < devices * n {
         use rdkafka::consumer::Consumer;
         let consumer = kafka.consumer(TOPIC, PARTITIONS);
         gw.dump();
         for p in 0..PARTITIONS {
             let got = records.iter().filter(|r| r.partition == p).count();
-            eprintln!("partition {p}: consumed {got}, watermarks {:?}", consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(5)));
+            eprintln!(
+                "partition {p}: consumed {got}, watermarks {:?}",
+                consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(5))
+            );
         }
     }
     let dups = check_complete_and_ordered(&records, devices, n);
-    eprintln!("{} records, {dups} duplicates (same event ids)", records.len());
+    eprintln!(
+        "{} records, {dups} duplicates (same event ids)",
+        records.len()
+    );
     assert!(gw.metric("gateway_spool_drained_total") > 0.0);
-    let dropped: f64 = gw.metrics().iter().filter(|(k, _)| k.starts_with("gateway_events_dropped_total")).map(|(_, v)| v).sum();
+    let dropped: f64 = gw
+        .metrics()
+        .iter()
+        .filter(|(k, _)| k.starts_with("gateway_events_dropped_total"))
+        .map(|(_, v)| v)
+        .sum();
     assert_eq!(dropped, 0.0, "nothing dropped");
 }
 
@@ -114,9 +176,18 @@ fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
     let mut gw = Gateway::start(
         dir.path(),
-        &config(dir.path(), mqtt.port, &kafka.bootstrap, "synchronous = \"full\"", "", ""),
+        &config(
+            dir.path(),
+            mqtt.port,
+            &kafka.bootstrap,
+            "synchronous = \"full\"",
+            "",
+            "",
+        ),
     );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
     let publisher = publish_in_background(mqtt.port, devices, n, Duration::from_micros(1500));
     let mut rng = rand::rng();
     for round in 0..6 {
@@ -132,12 +203,17 @@ fn kill_9_at_random_moments_loses_nothing_acknowledged() {
         gw.restart();
     }
     publisher.join().expect("publisher");
-    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(180), |r| unique_ids(r) >= devices * n);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(180), |r| {
+        unique_ids(r) >= devices * n
+    });
     if unique_ids(&records) < devices * n {
         gw.dump();
     }
     let dups = check_complete_and_ordered(&records, devices, n);
-    eprintln!("{} records after 6 kill -9, {dups} duplicates (same event ids)", records.len());
+    eprintln!(
+        "{} records after 6 kill -9, {dups} duplicates (same event ids)",
+        records.len()
+    );
 }
 
 #[test]
@@ -148,24 +224,45 @@ fn malformed_payloads_are_counted_and_dead_lettered() {
     let kafka = Kafka::start(1, &[TOPIC, "telemetry.dead-letter"], PARTITIONS);
     let gw = Gateway::start(
         dir.path(),
-        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", "dead_letter_topic = \"telemetry.dead-letter\""),
+        &config(
+            dir.path(),
+            mqtt.port,
+            &kafka.bootstrap,
+            "",
+            "",
+            "dead_letter_topic = \"telemetry.dead-letter\"",
+        ),
     );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
     publish(mqtt.port, devices, n, Some(100), None);
     let bad = devices * n / 100;
-    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| unique_ids(r) >= devices * n);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= devices * n
+    });
     check_complete_and_ordered(&records, devices, n);
-    let dead = kafka.read("telemetry.dead-letter", PARTITIONS, Duration::from_secs(30), |r| r.len() >= bad);
+    let dead = kafka.read(
+        "telemetry.dead-letter",
+        PARTITIONS,
+        Duration::from_secs(30),
+        |r| r.len() >= bad,
+    );
     assert_eq!(dead.len(), bad);
     for d in &dead {
         assert_eq!(d.raw, b"{not json");
-        assert_eq!(d.headers.get("dead-letter-reason").map(String::as_str), Some("malformed_json"));
+        assert_eq!(
+            d.headers.get("dead-letter-reason").map(String::as_str),
+            Some("malformed_json")
+        );
         assert!(d.headers["origin"].starts_with("sensors/dev-"));
     }
     wait_for("counters", Duration::from_secs(10), || {
-        gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"malformed_json\"}") == bad as f64
+        gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"malformed_json\"}")
+            == bad as f64
             && gw.metric("gateway_dead_letters_total{input=\"site\"}") == bad as f64
-            && gw.metric("gateway_events_received_total{input=\"site\"}") == (devices * n + bad) as f64
+            && gw.metric("gateway_events_received_total{input=\"site\"}")
+                == (devices * n + bad) as f64
             && gw.metric("gateway_events_delivered_total{input=\"site\"}") == (devices * n) as f64
     });
 }
@@ -179,19 +276,40 @@ fn a_full_spool_with_block_holds_back_and_drops_nothing() {
     kafka.down();
     let gw = Gateway::start(
         dir.path(),
-        &config(dir.path(), mqtt.port, &kafka.bootstrap, "max_bytes = 65536\noverflow = \"block\"", "", ""),
+        &config(
+            dir.path(),
+            mqtt.port,
+            &kafka.bootstrap,
+            "max_bytes = 65536\noverflow = \"block\"",
+            "",
+            "",
+        ),
     );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
     publish(mqtt.port, devices, n, None, None);
-    wait_for("backpressure", Duration::from_secs(30), || gw.metric("gateway_spool_blocked") == 1.0);
+    wait_for("backpressure", Duration::from_secs(30), || {
+        gw.metric("gateway_spool_blocked") == 1.0
+    });
     std::thread::sleep(Duration::from_secs(1));
     let acks = gw.metric("gateway_upstream_acks_total{input=\"site\"}");
-    assert!(acks < (devices * n) as f64, "only what fits was acknowledged ({acks})");
+    assert!(
+        acks < (devices * n) as f64,
+        "only what fits was acknowledged ({acks})"
+    );
     assert!(gw.metric("gateway_spool_bytes") <= 65536.0 + 1000.0 * 200.0);
     kafka.up();
-    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(90), |r| unique_ids(r) >= devices * n);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(90), |r| {
+        unique_ids(r) >= devices * n
+    });
     check_complete_and_ordered(&records, devices, n);
-    let dropped: f64 = gw.metrics().iter().filter(|(k, _)| k.starts_with("gateway_events_dropped_total")).map(|(_, v)| v).sum();
+    let dropped: f64 = gw
+        .metrics()
+        .iter()
+        .filter(|(k, _)| k.starts_with("gateway_events_dropped_total"))
+        .map(|(_, v)| v)
+        .sum();
     assert_eq!(dropped, 0.0);
 }
 
@@ -205,29 +323,58 @@ fn a_full_spool_with_drop_oldest_counts_every_drop() {
     kafka.down();
     let gw = Gateway::start(
         dir.path(),
-        &config(dir.path(), mqtt.port, &kafka.bootstrap, "max_bytes = 65536\noverflow = \"drop_oldest\"", "", ""),
+        &config(
+            dir.path(),
+            mqtt.port,
+            &kafka.bootstrap,
+            "max_bytes = 65536\noverflow = \"drop_oldest\"",
+            "",
+            "",
+        ),
     );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
     publish(mqtt.port, devices, n, None, None);
-    wait_for("every message acknowledged", Duration::from_secs(30), || gw.metric("gateway_upstream_acks_total{input=\"site\"}") == total as f64);
-    let dropped = gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"spool_overflow\"}");
+    wait_for(
+        "every message acknowledged",
+        Duration::from_secs(30),
+        || gw.metric("gateway_upstream_acks_total{input=\"site\"}") == total as f64,
+    );
+    let dropped =
+        gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"spool_overflow\"}");
     assert!(dropped > 0.0);
     // The budget holds, give or take the one-row probe that may be in flight.
-    assert!(gw.metric("gateway_spool_bytes") <= 65536.0 + 1024.0, "{}", gw.metric("gateway_spool_bytes"));
+    assert!(
+        gw.metric("gateway_spool_bytes") <= 65536.0 + 1024.0,
+        "{}",
+        gw.metric("gateway_spool_bytes")
+    );
     kafka.up();
     let kept = total - dropped as usize;
-    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| unique_ids(r) >= kept);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= kept
+    });
     std::thread::sleep(Duration::from_secs(2));
     // Anything beyond what was kept would show up now.
-    let all = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(4), |r| r.len() > records.len());
+    let all = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(4), |r| {
+        r.len() > records.len()
+    });
     if unique_ids(&all) != kept {
         gw.dump();
     }
-    assert_eq!(unique_ids(&all), kept, "delivered + dropped = published, exactly");
+    assert_eq!(
+        unique_ids(&all),
+        kept,
+        "delivered + dropped = published, exactly"
+    );
     // drop_oldest never drops the newest: the last event of every device is there.
     for d in 0..devices {
         let id = format!("dev-{d}:{}", n - 1);
-        assert!(all.iter().any(|r| r.headers["event-id"] == id), "{id} delivered");
+        assert!(
+            all.iter().any(|r| r.headers["event-id"] == id),
+            "{id} delivered"
+        );
     }
 }
 
@@ -239,13 +386,23 @@ fn a_corrupt_spool_at_start_is_quarantined_and_the_gateway_runs() {
     std::fs::write(state.join("spool.sqlite"), vec![0x5Au8; 64 * 1024]).expect("garbage");
     let mqtt = Mosquitto::start();
     let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    let gw = Gateway::start(dir.path(), &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""));
+    let gw = Gateway::start(
+        dir.path(),
+        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""),
+    );
     assert_eq!(gw.metric("gateway_spool_quarantined_total"), 1.0);
-    let moved = std::fs::read_dir(&state).expect("list").filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().contains(".corrupt-"));
+    let moved = std::fs::read_dir(&state)
+        .expect("list")
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().contains(".corrupt-"));
     assert!(moved, "the corrupt file was kept aside");
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
     publish(mqtt.port, 5, 100, None, None);
-    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| r.len() >= 500);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| {
+        r.len() >= 500
+    });
     check_complete_and_ordered(&records, 5, 100);
 }
 
@@ -254,10 +411,17 @@ fn sighup_rebuilds_the_pipeline_and_sigterm_spools_the_rest() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mqtt = Mosquitto::start();
     let kafka = Kafka::start(1, &[TOPIC, "v2.site"], PARTITIONS);
-    let mut gw = Gateway::start(dir.path(), &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""));
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    let mut gw = Gateway::start(
+        dir.path(),
+        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""),
+    );
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
     publish(mqtt.port, 5, 100, None, None);
-    let first = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| r.len() >= 500);
+    let first = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| {
+        r.len() >= 500
+    });
     assert_eq!(first.len(), 500);
     // New pipeline: another topic and a tag stage.
     let text = std::fs::read_to_string(&gw.config).expect("config");
@@ -265,22 +429,43 @@ fn sighup_rebuilds_the_pipeline_and_sigterm_spools_the_rest() {
         + "\n[[stages]]\ntype = \"tags\"\ntags = { generation = \"2\" }\n";
     std::fs::write(&gw.config, text).expect("rewrite");
     gw.hup();
-    wait_for("the reload", Duration::from_secs(20), || gw.log_text().contains("pipeline reloaded"));
-    wait_for("the MQTT input to reconnect", Duration::from_secs(10), || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0);
+    wait_for("the reload", Duration::from_secs(20), || {
+        gw.log_text().contains("pipeline reloaded")
+    });
+    wait_for(
+        "the MQTT input to reconnect",
+        Duration::from_secs(10),
+        || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0,
+    );
     // Kafka away, then SIGTERM: what is not confirmed must be in the spool.
     kafka.down();
     std::thread::spawn({
         let port = mqtt.port;
         move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("rt");
             rt.block_on(async {
-                let (c, mut ev) = rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("p2", "127.0.0.1", port), 1000);
+                let (c, mut ev) = rumqttc::AsyncClient::new(
+                    rumqttc::MqttOptions::new("p2", "127.0.0.1", port),
+                    1000,
+                );
                 for i in 0..200 {
-                    let _ = c.publish("sensors/late/telemetry", rumqttc::QoS::AtLeastOnce, false, format!(r#"{{"seq":{i},"v":1}}"#)).await;
+                    let _ = c
+                        .publish(
+                            "sensors/late/telemetry",
+                            rumqttc::QoS::AtLeastOnce,
+                            false,
+                            format!(r#"{{"seq":{i},"v":1}}"#),
+                        )
+                        .await;
                 }
                 let mut acked = 0;
                 while acked < 200 {
-                    if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = ev.poll().await {
+                    if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) =
+                        ev.poll().await
+                    {
                         acked += 1;
                     }
                 }
@@ -289,13 +474,21 @@ fn sighup_rebuilds_the_pipeline_and_sigterm_spools_the_rest() {
     })
     .join()
     .expect("publisher");
-    wait_for("200 more received", Duration::from_secs(20), || gw.metric("gateway_events_received_total{input=\"site\"}") >= 700.0);
+    wait_for("200 more received", Duration::from_secs(20), || {
+        gw.metric("gateway_events_received_total{input=\"site\"}") >= 700.0
+    });
     let status = gw.terminate();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     kafka.up();
     gw.restart();
-    let second = kafka.read("v2.site", PARTITIONS, Duration::from_secs(60), |r| unique_ids(r) >= 200);
-    assert_eq!(unique_ids(&second), 200, "events spooled at shutdown were delivered after the restart");
+    let second = kafka.read("v2.site", PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= 200
+    });
+    assert_eq!(
+        unique_ids(&second),
+        200,
+        "events spooled at shutdown were delivered after the restart"
+    );
     assert!(second.iter().all(|r| r.value["tags"]["generation"] == "2"));
     assert!(second.iter().all(|r| r.key == "late"));
 }

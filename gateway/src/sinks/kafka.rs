@@ -53,11 +53,35 @@ pub struct Context {
 
 impl ClientContext for Context {
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
-            self.fatal.store(true, Ordering::SeqCst);
-            tracing::error!(%error, reason, "fatal Kafka producer error; the producer will be recreated");
-        } else {
-            tracing::warn!(%error, reason, "Kafka client error");
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Fatal) => {
+                self.fatal.store(true, Ordering::SeqCst);
+                tracing::error!(%error, reason, "fatal Kafka producer error; the producer will be recreated");
+            }
+            // Connection trouble: the router reports the state change once (Kafka not
+            // confirming / confirming again) and the metrics show it; no log flood.
+            Some(
+                RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::Resolve,
+            ) => {
+                tracing::debug!(%error, reason, "Kafka connection problem");
+            }
+            _ => tracing::warn!(%error, reason, "Kafka client error"),
+        }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical => {
+                tracing::error!(target: "librdkafka", "{fac} {message}")
+            }
+            // librdkafka logs every failed connect as an error; the router and metrics
+            // already tell when Kafka is away.
+            L::Error | L::Warning => tracing::info!(target: "librdkafka", "{fac} {message}"),
+            L::Notice | L::Info => tracing::debug!(target: "librdkafka", "{fac} {message}"),
+            L::Debug => tracing::trace!(target: "librdkafka", "{fac} {message}"),
         }
     }
 }
@@ -89,11 +113,26 @@ pub fn client_config(cfg: &KafkaOutput, gateway_id: &str) -> Result<ClientConfig
         .set("acks", "all")
         .set("compression.type", cfg.compression.as_str())
         .set("linger.ms", cfg.linger.as_millis().to_string())
-        .set("batch.size", cfg.batch_bytes.min(i32::MAX as u64).to_string())
-        .set("queue.buffering.max.messages", cfg.queue_max_messages.to_string())
-        .set("queue.buffering.max.kbytes", cfg.queue_max_kbytes.to_string())
-        .set("message.timeout.ms", cfg.message_timeout.as_millis().to_string())
-        .set("security.protocol", &cfg.security.protocol);
+        .set(
+            "batch.size",
+            cfg.batch_bytes.min(i32::MAX as u64).to_string(),
+        )
+        .set(
+            "queue.buffering.max.messages",
+            cfg.queue_max_messages.to_string(),
+        )
+        .set(
+            "queue.buffering.max.kbytes",
+            cfg.queue_max_kbytes.to_string(),
+        )
+        .set(
+            "message.timeout.ms",
+            cfg.message_timeout.as_millis().to_string(),
+        )
+        .set("security.protocol", &cfg.security.protocol)
+        // Reconnect within 2 s of the uplink returning (librdkafka's default backs off
+        // up to 10 s); override with options."reconnect.backoff.max.ms".
+        .set("reconnect.backoff.max.ms", "2000");
     let s = &cfg.security;
     if let Some(m) = &s.sasl_mechanism {
         c.set("sasl.mechanism", m);
@@ -102,7 +141,11 @@ pub fn client_config(cfg: &KafkaOutput, gateway_id: &str) -> Result<ClientConfig
         c.set("sasl.username", u);
     }
     if let Some(p) = &s.password {
-        c.set("sasl.password", p.read().map_err(|e| format!("output.kafka.security.password: {e}"))?);
+        c.set(
+            "sasl.password",
+            p.read()
+                .map_err(|e| format!("output.kafka.security.password: {e}"))?,
+        );
     }
     if let Some(f) = &s.ca_file {
         c.set("ssl.ca.location", f.display().to_string());
@@ -121,7 +164,11 @@ pub fn client_config(cfg: &KafkaOutput, gateway_id: &str) -> Result<ClientConfig
 
 impl KafkaSink {
     /// Creates the producer; delivery reports go to `reports`.
-    pub fn new(cfg: &KafkaOutput, gateway_id: &str, reports: flume::Sender<Report>) -> Result<KafkaSink, String> {
+    pub fn new(
+        cfg: &KafkaOutput,
+        gateway_id: &str,
+        reports: flume::Sender<Report>,
+    ) -> Result<KafkaSink, String> {
         let fatal = Arc::new(AtomicBool::new(false));
         let ctx = Context {
             reports,
@@ -145,7 +192,11 @@ impl KafkaSink {
 
     /// Hands a record to the producer. `QueueFull` (and any other immediate error) gives
     /// the opaque back.
-    pub fn send(&self, record: &Record, opaque: Box<Opaque>) -> Result<(), (KafkaError, Box<Opaque>)> {
+    pub fn send(
+        &self,
+        record: &Record,
+        opaque: Box<Opaque>,
+    ) -> Result<(), (KafkaError, Box<Opaque>)> {
         let (topic, key, value, headers, ts) = match record {
             Record::Event(e) => {
                 let topic = render(&self.cfg.topic, e);
@@ -155,22 +206,62 @@ impl KafkaSink {
                     ValueFormat::Postcard => (record.encode(), "application/x-postcard"),
                 };
                 let h = OwnedHeaders::new_with_capacity(5)
-                    .insert(Header { key: "event-id", value: Some(e.id.as_str()) })
-                    .insert(Header { key: "source", value: Some(e.source.as_str()) })
-                    .insert(Header { key: "gateway-id", value: Some(self.gateway_id.as_str()) })
-                    .insert(Header { key: "content-type", value: Some(ctype) })
-                    .insert(Header { key: "schema", value: Some(SCHEMA) });
+                    .insert(Header {
+                        key: "event-id",
+                        value: Some(e.id.as_str()),
+                    })
+                    .insert(Header {
+                        key: "source",
+                        value: Some(e.source.as_str()),
+                    })
+                    .insert(Header {
+                        key: "gateway-id",
+                        value: Some(self.gateway_id.as_str()),
+                    })
+                    .insert(Header {
+                        key: "content-type",
+                        value: Some(ctype),
+                    })
+                    .insert(Header {
+                        key: "schema",
+                        value: Some(SCHEMA),
+                    });
                 (topic, key, value, h, e.time_ns / 1_000_000)
             }
             Record::DeadLetter(d) => {
-                let topic = self.cfg.dead_letter_topic.clone().unwrap_or_else(|| "dead-letter".into());
+                let topic = self
+                    .cfg
+                    .dead_letter_topic
+                    .clone()
+                    .unwrap_or_else(|| "dead-letter".into());
                 let h = OwnedHeaders::new_with_capacity(5)
-                    .insert(Header { key: "dead-letter-reason", value: Some(d.reason.as_str()) })
-                    .insert(Header { key: "dead-letter-detail", value: Some(d.detail.as_str()) })
-                    .insert(Header { key: "source", value: Some(d.source.as_str()) })
-                    .insert(Header { key: "origin", value: Some(d.origin.as_str()) })
-                    .insert(Header { key: "gateway-id", value: Some(self.gateway_id.as_str()) });
-                (topic, d.origin.clone(), d.payload.clone(), h, d.received_ns / 1_000_000)
+                    .insert(Header {
+                        key: "dead-letter-reason",
+                        value: Some(d.reason.as_str()),
+                    })
+                    .insert(Header {
+                        key: "dead-letter-detail",
+                        value: Some(d.detail.as_str()),
+                    })
+                    .insert(Header {
+                        key: "source",
+                        value: Some(d.source.as_str()),
+                    })
+                    .insert(Header {
+                        key: "origin",
+                        value: Some(d.origin.as_str()),
+                    })
+                    .insert(Header {
+                        key: "gateway-id",
+                        value: Some(self.gateway_id.as_str()),
+                    });
+                (
+                    topic,
+                    d.origin.clone(),
+                    d.payload.clone(),
+                    h,
+                    d.received_ns / 1_000_000,
+                )
             }
         };
         let rec = BaseRecord::with_opaque_to(&topic, opaque)
@@ -178,7 +269,9 @@ impl KafkaSink {
             .payload(&value)
             .headers(headers)
             .timestamp(ts);
-        self.producer.send(rec).map_err(|(e, r)| (e, r.delivery_opaque))
+        self.producer
+            .send(rec)
+            .map_err(|(e, r)| (e, r.delivery_opaque))
     }
 
     /// Records in librdkafka's queues.
@@ -198,14 +291,21 @@ impl KafkaSink {
 
     /// Fails every queued and in-flight record now (their reports arrive with an error).
     pub fn purge(&self) {
-        self.producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        self.producer
+            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
     }
 }
 
 /// Kafka topic names allow `[A-Za-z0-9._-]`; anything else in a substituted value
 /// becomes `_`.
 fn topic_safe(s: &str, out: &mut String) {
-    out.extend(s.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' }));
+    out.extend(s.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+            c
+        } else {
+            '_'
+        }
+    }));
 }
 
 fn expand(template: &str, e: &Event, safe: bool) -> String {
@@ -221,7 +321,10 @@ fn expand(template: &str, e: &Event, safe: bool) -> String {
         let value = match field {
             "source" => Some(e.source.as_str()),
             "device" => Some(e.device.as_str()),
-            f => f.strip_prefix("tag.").and_then(|t| e.tags.get(t)).map(String::as_str),
+            f => f
+                .strip_prefix("tag.")
+                .and_then(|t| e.tags.get(t))
+                .map(String::as_str),
         }
         .unwrap_or("unknown");
         if safe {
@@ -291,7 +394,19 @@ fn json_event(e: &Event) -> JsonEvent<'_> {
         time_ms: e.time_ns / 1_000_000,
         clock: e.clock.as_str(),
         received: rfc3339(e.received_ns),
-        location: e.location.map(|Location { lat, lon, alt, accuracy }| JsonLocation { lat, lon, alt, accuracy }),
+        location: e.location.map(
+            |Location {
+                 lat,
+                 lon,
+                 alt,
+                 accuracy,
+             }| JsonLocation {
+                lat,
+                lon,
+                alt,
+                accuracy,
+            },
+        ),
         readings: e
             .readings
             .iter()
@@ -346,8 +461,17 @@ mod tests {
             time_ns: 1_700_000_000_123_000_000,
             clock: ClockQuality::Device,
             received_ns: 1_700_000_000_123_000_000,
-            location: Some(Location { lat: 1.5, lon: 2.5, alt: None, accuracy: Some(3.0) }),
-            readings: [("t".to_string(), Value::Number(20.5)), ("s".to_string(), Value::Text("ok".into()))].into(),
+            location: Some(Location {
+                lat: 1.5,
+                lon: 2.5,
+                alt: None,
+                accuracy: Some(3.0),
+            }),
+            readings: [
+                ("t".to_string(), Value::Number(20.5)),
+                ("s".to_string(), Value::Text("ok".into())),
+            ]
+            .into(),
             tags: [("site".to_string(), "b 1".to_string())].into(),
         }
     }
@@ -356,7 +480,10 @@ mod tests {
     fn templates() {
         let e = event();
         assert_eq!(render("telemetry.{source}", &e), "telemetry.site");
-        assert_eq!(render("t.{device}.{tag.site}.{tag.none}", &e), "t.d_1.b_1.unknown");
+        assert_eq!(
+            render("t.{device}.{tag.site}.{tag.none}", &e),
+            "t.d_1.b_1.unknown"
+        );
         assert_eq!(render_raw("{device}", &e), "d/1");
         assert_eq!(render("broken{", &e), "broken{");
     }

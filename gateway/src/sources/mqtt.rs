@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use gateway_config::{AckPolicy, MqttInput, MqttVersion, TopicTemplate};
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
+    TlsConfiguration, Transport,
+};
 use tokio::sync::watch;
 
 use super::payload::{decode, Origin};
@@ -30,8 +33,13 @@ pub fn options(cfg: &MqttInput, gateway_id: &str) -> Result<MqttOptions, String>
             cfg.name
         ));
     }
-    let client_id = cfg.client_id.clone().unwrap_or_else(|| format!("{gateway_id}-{}", cfg.name));
-    let port = cfg.port.unwrap_or(if cfg.tls.is_some() { 8883 } else { 1883 });
+    let client_id = cfg
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("{gateway_id}-{}", cfg.name));
+    let port = cfg
+        .port
+        .unwrap_or(if cfg.tls.is_some() { 8883 } else { 1883 });
     let mut o = MqttOptions::new(client_id, &cfg.host, port);
     o.set_keep_alive(cfg.keep_alive)
         .set_clean_session(cfg.clean_session)
@@ -39,33 +47,52 @@ pub fn options(cfg: &MqttInput, gateway_id: &str) -> Result<MqttOptions, String>
         .set_max_packet_size(cfg.max_payload + cfg.max_payload / 4 + 1024, 64 * 1024);
     if let Some(user) = &cfg.username {
         let pass = match &cfg.password {
-            Some(s) => s.read().map_err(|e| format!("input {} password: {e}", cfg.name))?,
+            Some(s) => s
+                .read()
+                .map_err(|e| format!("input {} password: {e}", cfg.name))?,
             None => String::new(),
         };
         o.set_credentials(user, pass);
     }
     if let Some(tls) = &cfg.tls {
-        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("input {}: cannot read {}: {e}", cfg.name, p.display()));
+        let read = |p: &std::path::Path| {
+            std::fs::read(p)
+                .map_err(|e| format!("input {}: cannot read {}: {e}", cfg.name, p.display()))
+        };
         let ca = read(&tls.ca_file)?;
         let client_auth = match (&tls.client_cert_file, &tls.client_key_file) {
             (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
             _ => None,
         };
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth,
+        }));
     }
     Ok(o)
 }
 
 /// Runs one MQTT input until `state` turns [`SourceState::Stop`]. Returns an error only
 /// for a config the input cannot start with; network errors are retried forever.
-pub async fn run(cfg: MqttInput, ctx: SourceContext, mut state: watch::Receiver<SourceState>) -> Result<(), String> {
+pub async fn run(
+    cfg: MqttInput,
+    ctx: SourceContext,
+    mut state: watch::Receiver<SourceState>,
+) -> Result<(), String> {
     let opts = options(&cfg, &ctx.gateway_id)?;
     let templates: Vec<TopicTemplate> = cfg
         .topics
         .iter()
-        .map(|t| TopicTemplate::parse(t).map_err(|e| format!("input {} topic {t:?}: {e}", cfg.name)))
+        .map(|t| {
+            TopicTemplate::parse(t).map_err(|e| format!("input {} topic {t:?}: {e}", cfg.name))
+        })
         .collect::<Result<_, _>>()?;
-    let qos = if cfg.qos == 1 { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+    let qos = if cfg.qos == 1 {
+        QoS::AtLeastOnce
+    } else {
+        QoS::AtMostOnce
+    };
     let manual = cfg.qos == 1 && cfg.ack_policy != AckPolicy::OnReceive;
     let until_delivered = cfg.ack_policy == AckPolicy::OnDelivery;
     let (client, mut eventloop) = AsyncClient::new(opts, 65_536);
@@ -91,10 +118,20 @@ pub async fn run(cfg: MqttInput, ctx: SourceContext, mut state: watch::Receiver<
             }
         })
     };
-    let filters: Vec<SubscribeFilter> = templates.iter().map(|t| SubscribeFilter::new(t.filter().to_string(), qos)).collect();
+    let filters: Vec<SubscribeFilter> = templates
+        .iter()
+        .map(|t| SubscribeFilter::new(t.filter().to_string(), qos))
+        .collect();
     let mut delay = cfg.reconnect.min;
     let malformed_seen = AtomicU64::new(0);
-    let input = Input { cfg: &cfg, ctx: &ctx, m: &m, templates: &templates, malformed_seen: &malformed_seen, until_delivered };
+    let input = Input {
+        cfg: &cfg,
+        ctx: &ctx,
+        m: &m,
+        templates: &templates,
+        malformed_seen: &malformed_seen,
+        until_delivered,
+    };
     tracing::info!(input = %cfg.name, host = %cfg.host, filters = ?filters.iter().map(|f| &f.path).collect::<Vec<_>>(), "MQTT input starting");
     loop {
         let polled = tokio::select! {
@@ -116,7 +153,10 @@ pub async fn run(cfg: MqttInput, ctx: SourceContext, mut state: watch::Receiver<
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(s))) => {
-                if s.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
+                if s.return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
                     tracing::error!(input = %cfg.name, codes = ?s.return_codes, "the broker refused a subscription; check the topic filters and ACLs");
                 }
             }
@@ -125,7 +165,11 @@ pub async fn run(cfg: MqttInput, ctx: SourceContext, mut state: watch::Receiver<
                     // Quiescing: not taken, not acknowledged; the broker redelivers it.
                     continue;
                 }
-                let ack = if manual && p.qos == QoS::AtLeastOnce { acks.push(p.clone()) } else { Ack::none() };
+                let ack = if manual && p.qos == QoS::AtLeastOnce {
+                    acks.push(p.clone())
+                } else {
+                    Ack::none()
+                };
                 if input.handle(&p, ack).await.is_err() {
                     break; // the router is gone
                 }
@@ -191,18 +235,35 @@ struct Closed;
 
 impl Input<'_> {
     async fn send(&self, record: Record, ack: Ack) -> Result<(), Closed> {
-        let item = Item { record, ack, until_delivered: self.until_delivered };
+        let item = Item {
+            record,
+            ack,
+            until_delivered: self.until_delivered,
+        };
         self.ctx.items.send_async(item).await.map_err(|_| Closed)
     }
 
     async fn handle(&self, p: &Publish, ack: Ack) -> Result<(), Closed> {
         let received_ns = now_ns();
-        let captures = self.templates.iter().find_map(|t| t.matches(&p.topic)).unwrap_or_default();
-        let origin = Origin { source: &self.cfg.name, topic: &p.topic, captures: &captures, received_ns };
+        let captures = self
+            .templates
+            .iter()
+            .find_map(|t| t.matches(&p.topic))
+            .unwrap_or_default();
+        let origin = Origin {
+            source: &self.cfg.name,
+            topic: &p.topic,
+            captures: &captures,
+            received_ns,
+        };
         let decoded = if p.payload.len() > self.cfg.max_payload {
             Err(super::payload::Malformed {
                 reason: "too_large",
-                detail: format!("{} bytes, max_payload is {}", p.payload.len(), self.cfg.max_payload),
+                detail: format!(
+                    "{} bytes, max_payload is {}",
+                    p.payload.len(),
+                    self.cfg.max_payload
+                ),
             })
         } else {
             decode(self.cfg.format, &self.cfg.json, &origin, &p.payload)
@@ -241,4 +302,3 @@ impl Input<'_> {
         Ok(())
     }
 }
-

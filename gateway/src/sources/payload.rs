@@ -42,7 +42,10 @@ pub struct Origin<'a> {
 
 impl Origin<'_> {
     fn capture(&self, name: &str) -> Option<&str> {
-        self.captures.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+        self.captures
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
     }
 
     fn tags(&self) -> BTreeMap<String, String> {
@@ -104,8 +107,7 @@ pub fn epoch_to_ns(v: f64, unit: TimeUnit) -> Option<i64> {
 
 /// Parses RFC 3339 text to ns since the epoch.
 pub fn rfc3339_to_ns(s: &str) -> Option<i64> {
-    let t =
-        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
     i64::try_from(t.unix_timestamp_nanos()).ok()
 }
 
@@ -137,7 +139,12 @@ fn parse_time(v: &Json, unit: TimeUnit) -> Result<i64, Malformed> {
         Json::String(s) if matches!(unit, TimeUnit::Auto | TimeUnit::Rfc3339) => rfc3339_to_ns(s),
         _ => None,
     };
-    ns.ok_or_else(|| bad("bad_time", format!("cannot read {v} as a timestamp ({unit:?})")))
+    ns.ok_or_else(|| {
+        bad(
+            "bad_time",
+            format!("cannot read {v} as a timestamp ({unit:?})"),
+        )
+    })
 }
 
 fn json_device(v: &Json) -> Option<String> {
@@ -148,12 +155,20 @@ fn json_device(v: &Json) -> Option<String> {
     }
 }
 
-fn location(lat: Option<f64>, lon: Option<f64>, alt: Option<f64>, acc: Option<f64>) -> Result<Option<Location>, Malformed> {
+fn location(
+    lat: Option<f64>,
+    lon: Option<f64>,
+    alt: Option<f64>,
+    acc: Option<f64>,
+) -> Result<Option<Location>, Malformed> {
     match (lat, lon) {
         (None, None) => Ok(None),
         (Some(lat), Some(lon)) => {
             if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
-                return Err(bad("bad_location", format!("lat {lat} / lon {lon} out of range")));
+                return Err(bad(
+                    "bad_location",
+                    format!("lat {lat} / lon {lon} out of range"),
+                ));
             }
             Ok(Some(Location {
                 lat,
@@ -176,7 +191,12 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
         Some(d) => d.to_string(),
         None => lookup(&doc, &m.device)
             .and_then(json_device)
-            .ok_or_else(|| bad("missing_device", format!("no device id in field {:?} or the topic", m.device)))?,
+            .ok_or_else(|| {
+                bad(
+                    "missing_device",
+                    format!("no device id in field {:?} or the topic", m.device),
+                )
+            })?,
     };
     let (time_ns, clock) = match lookup(&doc, &m.time) {
         Some(v) if !v.is_null() => (parse_time(v, m.time_unit)?, ClockQuality::Device),
@@ -186,7 +206,10 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
         match lookup(&doc, field) {
             None | Some(Json::Null) => Ok(None),
             Some(Json::Number(n)) => Ok(n.as_f64()),
-            Some(other) => Err(bad("bad_location", format!("field {field:?} is {other}, not a number"))),
+            Some(other) => Err(bad(
+                "bad_location",
+                format!("field {field:?} is {other}, not a number"),
+            )),
         }
     };
     let loc = location(num(&m.lat)?, num(&m.lon)?, num(&m.alt)?, num(&m.accuracy)?)?;
@@ -209,10 +232,18 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
         _ => None,
     };
     if m.readings.is_empty() {
-        let reserved = [&m.device, &m.time, &m.seq, &m.lat, &m.lon, &m.alt, &m.accuracy];
+        let reserved = [
+            &m.device,
+            &m.time,
+            &m.seq,
+            &m.lat,
+            &m.lon,
+            &m.alt,
+            &m.accuracy,
+        ];
         if let Json::Object(map) = &doc {
             for (k, v) in map {
-                if reserved.iter().any(|r| *r == k) || m.tags.contains(k) {
+                if reserved.contains(&k) || m.tags.contains(k) {
                     continue;
                 }
                 if let Some(val) = to_value(v) {
@@ -289,19 +320,30 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
             .as_object()
             .ok_or_else(|| bad("malformed_senml", format!("record {i} is not an object")))?;
         if let Some(v) = r.get("bn") {
-            bn = v.as_str().ok_or_else(|| bad("malformed_senml", "bn must be text"))?.to_string();
+            bn = v
+                .as_str()
+                .ok_or_else(|| bad("malformed_senml", "bn must be text"))?
+                .to_string();
         }
         if let Some(v) = r.get("bt") {
-            bt = v.as_f64().ok_or_else(|| bad("malformed_senml", "bt must be a number"))?;
+            bt = v
+                .as_f64()
+                .ok_or_else(|| bad("malformed_senml", "bt must be a number"))?;
         }
         if let Some(v) = r.get("bv") {
-            bv = v.as_f64().ok_or_else(|| bad("malformed_senml", "bv must be a number"))?;
+            bv = v
+                .as_f64()
+                .ok_or_else(|| bad("malformed_senml", "bv must be a number"))?;
         }
         let n = r.get("n").and_then(Json::as_str).unwrap_or("");
         let full = format!("{bn}{n}");
         let t = bt + r.get("t").and_then(Json::as_f64).unwrap_or(0.0);
         let value = if let Some(v) = r.get("v") {
-            Value::Number(bv + v.as_f64().ok_or_else(|| bad("malformed_senml", format!("record {i}: v must be a number")))?)
+            Value::Number(
+                bv + v.as_f64().ok_or_else(|| {
+                    bad("malformed_senml", format!("record {i}: v must be a number"))
+                })?,
+            )
         } else if let Some(v) = r.get("vs") {
             Value::Text(v.as_str().unwrap_or_default().to_string())
         } else if let Some(v) = r.get("vb") {
@@ -319,7 +361,11 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
                 if dev.is_empty() {
                     return Err(bad("missing_device", "no bn and no {device} topic field"));
                 }
-                let reading = if n.is_empty() { "value".to_string() } else { n.to_string() };
+                let reading = if n.is_empty() {
+                    "value".to_string()
+                } else {
+                    n.to_string()
+                };
                 (dev, reading)
             }
         };
@@ -333,11 +379,15 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
             (o.received_ns + (t * 1e9) as i64, ClockQuality::Gateway)
         } else {
             (
-                epoch_to_ns(t, TimeUnit::S).ok_or_else(|| bad("bad_time", format!("record {i}: bad time {t}")))?,
+                epoch_to_ns(t, TimeUnit::S)
+                    .ok_or_else(|| bad("bad_time", format!("record {i}: bad time {t}")))?,
                 ClockQuality::Device,
             )
         };
-        let idx = match out.iter().position(|e| e.device == device && e.time_ns == time_ns) {
+        let idx = match out
+            .iter()
+            .position(|e| e.device == device && e.time_ns == time_ns)
+        {
             Some(p) => p,
             None => {
                 out.push(Event {
@@ -382,7 +432,15 @@ mod tests {
 
     const NOW: i64 = 1_800_000_000_000_000_000;
 
-    fn check(format: PayloadFormat, topic_caps: &[(&str, &str)], payload: &str, expected: Result<&[(&str, &str, Option<i64>, &[(&str, f64)])], &str>) {
+    /// (device, event id prefix, event time, readings)
+    type Expected<'a> = (&'a str, &'a str, Option<i64>, &'a [(&'a str, f64)]);
+
+    fn check(
+        format: PayloadFormat,
+        topic_caps: &[(&str, &str)],
+        payload: &str,
+        expected: Result<&[Expected<'_>], &str>,
+    ) {
         let origin = Origin {
             source: "in",
             topic: "t/x",
@@ -412,15 +470,55 @@ mod tests {
     #[test]
     fn json_mapping() {
         use PayloadFormat::Json as J;
-        check(J, &[], r#"{"device":"d1","seq":5,"ts":1700000000,"t":1.5}"#, Ok(&[("d1", "d1:5", Some(1_700_000_000_000_000_000), &[("t", 1.5)])]));
-        check(J, &[("device", "topicdev")], r#"{"device":"x","ts":1700000000123,"t":2}"#, Ok(&[("topicdev", "h", Some(1_700_000_000_123_000_000), &[("t", 2.0)])]));
-        check(J, &[], r#"{"device":"d","ts":"2023-11-14T22:13:20.5Z","v":1}"#, Ok(&[("d", "h", Some(1_700_000_000_500_000_000), &[("v", 1.0)])]));
-        check(J, &[], r#"{"device":"d","ts":1700000000123456,"v":1}"#, Ok(&[("d", "h", Some(1_700_000_000_123_456_000), &[])]));
-        check(J, &[], r#"{"device":"d","v":1}"#, Ok(&[("d", "h", Some(NOW), &[])]));
-        check(J, &[], r#"{"device":"d","lat":91,"lon":0}"#, Err("bad_location"));
+        check(
+            J,
+            &[],
+            r#"{"device":"d1","seq":5,"ts":1700000000,"t":1.5}"#,
+            Ok(&[("d1", "d1:5", Some(1_700_000_000_000_000_000), &[("t", 1.5)])]),
+        );
+        check(
+            J,
+            &[("device", "topicdev")],
+            r#"{"device":"x","ts":1700000000123,"t":2}"#,
+            Ok(&[(
+                "topicdev",
+                "h",
+                Some(1_700_000_000_123_000_000),
+                &[("t", 2.0)],
+            )]),
+        );
+        check(
+            J,
+            &[],
+            r#"{"device":"d","ts":"2023-11-14T22:13:20.5Z","v":1}"#,
+            Ok(&[("d", "h", Some(1_700_000_000_500_000_000), &[("v", 1.0)])]),
+        );
+        check(
+            J,
+            &[],
+            r#"{"device":"d","ts":1700000000123456,"v":1}"#,
+            Ok(&[("d", "h", Some(1_700_000_000_123_456_000), &[])]),
+        );
+        check(
+            J,
+            &[],
+            r#"{"device":"d","v":1}"#,
+            Ok(&[("d", "h", Some(NOW), &[])]),
+        );
+        check(
+            J,
+            &[],
+            r#"{"device":"d","lat":91,"lon":0}"#,
+            Err("bad_location"),
+        );
         check(J, &[], r#"{"device":"d","lat":52}"#, Err("bad_location"));
         check(J, &[], r#"{"v":1}"#, Err("missing_device"));
-        check(J, &[], r#"{"device":"d","ts":"yesterday"}"#, Err("bad_time"));
+        check(
+            J,
+            &[],
+            r#"{"device":"d","ts":"yesterday"}"#,
+            Err("bad_time"),
+        );
         check(J, &[], r#"[1,2]"#, Err("malformed_json"));
         check(J, &[], "{\"device\":", Err("malformed_json"));
         check(J, &[], "\u{0}\u{ff}", Err("malformed_json"));
@@ -428,11 +526,24 @@ mod tests {
 
     #[test]
     fn json_location_and_tags() {
-        let origin = Origin { source: "in", topic: "s/site1/d", captures: &[("site", "site1")], received_ns: NOW };
-        let m = JsonMapping { tags: vec!["fw".into()], ..JsonMapping::default() };
-        let e = decode(PayloadFormat::Json, &m, &origin, br#"{"device":"d","lat":52.5,"lon":13.4,"alt":30,"fw":"1.2","temp":20}"#)
-            .expect("decodes")
-            .remove(0);
+        let origin = Origin {
+            source: "in",
+            topic: "s/site1/d",
+            captures: &[("site", "site1")],
+            received_ns: NOW,
+        };
+        let m = JsonMapping {
+            tags: vec!["fw".into()],
+            ..JsonMapping::default()
+        };
+        let e = decode(
+            PayloadFormat::Json,
+            &m,
+            &origin,
+            br#"{"device":"d","lat":52.5,"lon":13.4,"alt":30,"fw":"1.2","temp":20}"#,
+        )
+        .expect("decodes")
+        .remove(0);
         let loc = e.location.expect("location");
         assert_eq!((loc.lat, loc.lon, loc.alt), (52.5, 13.4, Some(30.0)));
         assert_eq!(e.tags.get("site").map(String::as_str), Some("site1"));
@@ -448,11 +559,26 @@ mod tests {
             &[],
             r#"[{"bn":"urn:dev:ow:10e2073a01080063:","bt":1.320067464e9,"n":"temp","v":23.1},{"n":"hum","v":40}, {"n":"temp","t":60,"v":24}]"#,
             Ok(&[
-                ("urn:dev:ow:10e2073a01080063", "h", Some(1_320_067_464_000_000_000), &[("temp", 23.1), ("hum", 40.0)]),
-                ("urn:dev:ow:10e2073a01080063", "h", Some(1_320_067_524_000_000_000), &[("temp", 24.0)]),
+                (
+                    "urn:dev:ow:10e2073a01080063",
+                    "h",
+                    Some(1_320_067_464_000_000_000),
+                    &[("temp", 23.1), ("hum", 40.0)],
+                ),
+                (
+                    "urn:dev:ow:10e2073a01080063",
+                    "h",
+                    Some(1_320_067_524_000_000_000),
+                    &[("temp", 24.0)],
+                ),
             ]),
         );
-        check(S, &[("device", "d9")], r#"[{"n":"v","v":1,"t":-5}]"#, Ok(&[("d9", "h", Some(NOW - 5_000_000_000), &[("v", 1.0)])]));
+        check(
+            S,
+            &[("device", "d9")],
+            r#"[{"n":"v","v":1,"t":-5}]"#,
+            Ok(&[("d9", "h", Some(NOW - 5_000_000_000), &[("v", 1.0)])]),
+        );
         check(S, &[], r#"{"n":"x"}"#, Err("malformed_senml"));
         check(S, &[], r#"[{"n":"x","v":1}]"#, Err("missing_device"));
         check(S, &[], r#"[{"bn":"d:","n":"x"}]"#, Err("malformed_senml"));
@@ -461,9 +587,24 @@ mod tests {
     #[test]
     fn bare_number() {
         use PayloadFormat::Number as N;
-        check(N, &[("device", "d"), ("metric", "temp")], " 21.5\n", Ok(&[("d", "h", Some(NOW), &[("temp", 21.5)])]));
-        check(N, &[("device", "d"), ("metric", "temp")], "warm", Err("malformed_number"));
-        check(N, &[("device", "d"), ("metric", "temp")], "NaN", Err("malformed_number"));
+        check(
+            N,
+            &[("device", "d"), ("metric", "temp")],
+            " 21.5\n",
+            Ok(&[("d", "h", Some(NOW), &[("temp", 21.5)])]),
+        );
+        check(
+            N,
+            &[("device", "d"), ("metric", "temp")],
+            "warm",
+            Err("malformed_number"),
+        );
+        check(
+            N,
+            &[("device", "d"), ("metric", "temp")],
+            "NaN",
+            Err("malformed_number"),
+        );
         check(N, &[("metric", "temp")], "1", Err("missing_device"));
     }
 

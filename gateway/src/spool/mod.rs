@@ -60,7 +60,9 @@ impl From<rusqlite::Error> for SpoolError {
     fn from(e: rusqlite::Error) -> Self {
         match e.sqlite_error_code() {
             Some(ErrorCode::DiskFull) => SpoolError::DiskFull(e),
-            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => SpoolError::Corrupt(e.to_string()),
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+                SpoolError::Corrupt(e.to_string())
+            }
             _ => SpoolError::Sqlite(e),
         }
     }
@@ -118,7 +120,9 @@ fn configure(conn: &Connection, sync: Synchronous) -> Result<(), SpoolError> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(SpoolError::Corrupt(format!("cannot switch to WAL (journal_mode={mode})")));
+        return Err(SpoolError::Corrupt(format!(
+            "cannot switch to WAL (journal_mode={mode})"
+        )));
     }
     let sync = match sync {
         Synchronous::Full => "FULL",
@@ -180,7 +184,10 @@ pub fn quarantine_file(path: &Path) -> std::io::Result<PathBuf> {
     for suffix in ["-wal", "-shm"] {
         let side = PathBuf::from(format!("{}{suffix}", path.display()));
         if side.exists() {
-            std::fs::rename(&side, PathBuf::from(format!("{}{suffix}", target.display())))?;
+            std::fs::rename(
+                &side,
+                PathBuf::from(format!("{}{suffix}", target.display())),
+            )?;
         }
     }
     Ok(target)
@@ -249,12 +256,15 @@ impl Spool {
         let mut added_bytes = 0u64;
         let mut removed = (0u64, 0u64);
         {
-            let mut ins = tx.prepare_cached("INSERT OR REPLACE INTO spool (seq, source, data) VALUES (?1, ?2, ?3)")?;
+            let mut ins = tx.prepare_cached(
+                "INSERT OR REPLACE INTO spool (seq, source, data) VALUES (?1, ?2, ?3)",
+            )?;
             for r in appends {
                 ins.execute(params![r.seq as i64, r.source, r.data])?;
                 added_bytes += r.data.len() as u64;
             }
-            let mut del = tx.prepare_cached("DELETE FROM spool WHERE seq = ?1 RETURNING length(data)")?;
+            let mut del =
+                tx.prepare_cached("DELETE FROM spool WHERE seq = ?1 RETURNING length(data)")?;
             for seq in deletes {
                 let len: Option<i64> = del.query_row([*seq as i64], |r| r.get(0)).optional()?;
                 if let Some(len) = len {
@@ -274,9 +284,9 @@ impl Spool {
 
     /// Up to `limit` rows with `seq > after`, in seq order.
     pub fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<Row>, SpoolError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, source, data FROM spool WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, source, data FROM spool WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
         let rows = stmt
             .query_map(params![after as i64, limit as i64], |r| {
                 Ok(Row {
@@ -298,7 +308,9 @@ impl Spool {
         let mut dropped: Vec<(u64, String)> = Vec::new();
         let mut count = 0u64;
         {
-            let mut sel = tx.prepare_cached("SELECT seq, source, length(data) FROM spool WHERE seq > ?1 ORDER BY seq LIMIT 256")?;
+            let mut sel = tx.prepare_cached(
+                "SELECT seq, source, length(data) FROM spool WHERE seq > ?1 ORDER BY seq LIMIT 256",
+            )?;
             let mut del = tx.prepare_cached("DELETE FROM spool WHERE seq = ?1")?;
             let mut cursor = after;
             while freed < need {
@@ -330,7 +342,11 @@ impl Spool {
     pub fn quarantine_row(&mut self, seq: u64, reason: &str) -> Result<(), SpoolError> {
         let tx = self.conn.transaction()?;
         let len: Option<i64> = tx
-            .query_row("SELECT length(data) FROM spool WHERE seq = ?1", [seq as i64], |r| r.get(0))
+            .query_row(
+                "SELECT length(data) FROM spool WHERE seq = ?1",
+                [seq as i64],
+                |r| r.get(0),
+            )
             .optional()?;
         tx.execute(
             "INSERT OR REPLACE INTO quarantine (seq, source, data, reason, at) SELECT seq, source, data, ?2, unixepoch() FROM spool WHERE seq = ?1",
@@ -347,19 +363,25 @@ impl Spool {
 
     /// Statistics.
     pub fn stats(&self) -> Result<Stats, SpoolError> {
-        let seq_range: Option<(i64, i64)> = self
-            .conn
-            .query_row("SELECT min(seq), max(seq) FROM spool", [], |r| {
-                Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?))
-            })?;
+        let seq_range: Option<(i64, i64)> =
+            self.conn
+                .query_row("SELECT min(seq), max(seq) FROM spool", [], |r| {
+                    Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?))
+                })?;
         let mut stmt = self
             .conn
             .prepare("SELECT source, count(*) FROM spool GROUP BY source ORDER BY source")?;
         let per_source = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })?
             .collect::<Result<_, _>>()?;
-        let quarantined_rows: i64 = self.conn.query_row("SELECT count(*) FROM quarantine", [], |r| r.get(0))?;
-        let schema_version: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let quarantined_rows: i64 =
+            self.conn
+                .query_row("SELECT count(*) FROM quarantine", [], |r| r.get(0))?;
+        let schema_version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let file_bytes = [String::new(), "-wal".into()]
             .iter()
             .filter_map(|s| std::fs::metadata(format!("{}{s}", self.path.display())).ok())
@@ -417,7 +439,9 @@ impl Spool {
                         }
                         v
                     }
-                    Err(e) => serde_json::json!({"seq": r.seq, "source": r.source, "error": e.to_string()}),
+                    Err(e) => {
+                        serde_json::json!({"seq": r.seq, "source": r.source, "error": e.to_string()})
+                    }
                 };
                 serde_json::to_writer(&mut *out, &line)?;
                 out.write_all(b"\n")?;

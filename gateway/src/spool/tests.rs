@@ -22,9 +22,15 @@ fn open(dir: &tempfile::TempDir) -> Spool {
 fn append_read_delete_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = open(&dir);
-    s.write(&[row(1, 10), row(2, 20), row(3, 30)], &[]).expect("write");
+    s.write(&[row(1, 10), row(2, 20), row(3, 30)], &[])
+        .expect("write");
     assert_eq!((s.rows(), s.bytes(), s.max_seq()), (3, 60, 3));
-    let got: Vec<u64> = s.read_after(1, 10).expect("read").iter().map(|r| r.seq).collect();
+    let got: Vec<u64> = s
+        .read_after(1, 10)
+        .expect("read")
+        .iter()
+        .map(|r| r.seq)
+        .collect();
     assert_eq!(got, [2, 3]);
     assert_eq!(s.write(&[], &[1, 3, 99]).expect("delete"), 2);
     assert_eq!((s.rows(), s.bytes()), (1, 20));
@@ -43,7 +49,12 @@ fn drop_oldest_frees_bytes_and_reports_each_row() {
     let dropped = s.drop_oldest(2, 250).expect("drop");
     assert_eq!(dropped.iter().map(|d| d.0).collect::<Vec<_>>(), [3, 4, 5]);
     assert_eq!((s.rows(), s.bytes()), (7, 700));
-    let left: Vec<u64> = s.read_after(0, 100).expect("read").iter().map(|r| r.seq).collect();
+    let left: Vec<u64> = s
+        .read_after(0, 100)
+        .expect("read")
+        .iter()
+        .map(|r| r.seq)
+        .collect();
     assert_eq!(left, [1, 2, 6, 7, 8, 9, 10]);
 }
 
@@ -51,11 +62,19 @@ fn drop_oldest_frees_bytes_and_reports_each_row() {
 fn a_corrupt_file_is_quarantined_and_a_fresh_spool_starts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("spool.sqlite");
-    std::fs::write(&path, b"this is not a database, it is a damaged SD card sector......".repeat(100)).expect("write");
+    std::fs::write(
+        &path,
+        b"this is not a database, it is a damaged SD card sector......".repeat(100),
+    )
+    .expect("write");
     let (mut s, report) = Spool::open(&path, Synchronous::Full).expect("opens anyway");
     let moved = report.quarantined.expect("quarantined");
     assert!(moved.exists());
-    assert!(moved.file_name().expect("name").to_string_lossy().contains(".corrupt-"));
+    assert!(moved
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .contains(".corrupt-"));
     assert_eq!(s.rows(), 0);
     s.write(&[row(1, 5)], &[]).expect("fresh spool works");
 }
@@ -68,7 +87,9 @@ fn a_damaged_page_is_detected() {
         let (mut s, _) = Spool::open(&path, Synchronous::Full).expect("opens");
         let rows: Vec<Row> = (1..=2000).map(|i| row(i, 200)).collect();
         s.write(&rows, &[]).expect("write");
-        s.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").expect("checkpoint");
+        s.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .expect("checkpoint");
     }
     // Overwrite the middle of the file (table b-tree pages) with garbage.
     let mut bytes = std::fs::read(&path).expect("read");
@@ -104,7 +125,10 @@ fn migrations_refuse_a_newer_schema() {
         let c = Connection::open(&path).expect("open");
         c.pragma_update(None, "user_version", 99).expect("set");
     }
-    assert!(matches!(Spool::open(&path, Synchronous::Full), Err(SpoolError::TooNew(99, _))));
+    assert!(matches!(
+        Spool::open(&path, Synchronous::Full),
+        Err(SpoolError::TooNew(99, _))
+    ));
 }
 
 #[derive(Debug, Clone)]

@@ -84,8 +84,9 @@ impl Matcher {
     /// True when every given criterion matches.
     pub fn matches(&self, e: &Event) -> bool {
         (self.devices.is_empty() || self.devices.iter().any(|p| glob(p, &e.device)))
-            && (self.topics.is_empty() || self.topics.iter().any(|t| t.matches(&e.origin).is_some()))
-            && (self.sources.is_empty() || self.sources.iter().any(|s| *s == e.source))
+            && (self.topics.is_empty()
+                || self.topics.iter().any(|t| t.matches(&e.origin).is_some()))
+            && (self.sources.is_empty() || self.sources.contains(&e.source))
     }
 }
 
@@ -281,7 +282,11 @@ mod tests {
         check(range, event("d", "t", 200.0), Err("out_of_range"));
         check(range, event("d", "t", 20.0), Ok(&[]));
         let tag = "[[stages]]\ntype='range'\nreading='temperature'\nmax=0.0\naction='tag'";
-        check(tag, event("d", "t", 20.0), Ok(&[("out_of_range", "temperature")]));
+        check(
+            tag,
+            event("d", "t", 20.0),
+            Ok(&[("out_of_range", "temperature")]),
+        );
     }
 
     #[test]

@@ -29,7 +29,10 @@ pub fn free_port() -> u16 {
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -63,8 +66,14 @@ impl Mosquitto {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start mosquitto (install it with .ci/setup)");
-        wait_for("mosquitto to listen", Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
-        Mosquitto { child, port, _dir: dir }
+        wait_for("mosquitto to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Mosquitto {
+            child,
+            port,
+            _dir: dir,
+        }
     }
 }
 
@@ -98,10 +107,16 @@ impl Kafka {
     pub fn start(brokers: i32, topics: &[&str], partitions: i32) -> Kafka {
         let cluster = MockCluster::new(brokers).expect("mock cluster");
         for t in topics {
-            cluster.create_topic(t, partitions, 1).expect("create topic");
+            cluster
+                .create_topic(t, partitions, 1)
+                .expect("create topic");
         }
         let bootstrap = cluster.bootstrap_servers();
-        Kafka { cluster, bootstrap, brokers }
+        Kafka {
+            cluster,
+            bootstrap,
+            brokers,
+        }
     }
 
     /// Takes every broker down (the uplink is cut).
@@ -122,14 +137,23 @@ impl Kafka {
     /// consumer that makes no progress for 3 s is replaced by a fresh one that resumes at
     /// the next offsets (librdkafka's consumer can stall against the mock cluster after
     /// its brokers went down and up).
-    pub fn read(&self, topic: &str, partitions: i32, timeout: Duration, mut stop: impl FnMut(&[Consumed]) -> bool) -> Vec<Consumed> {
+    pub fn read(
+        &self,
+        topic: &str,
+        partitions: i32,
+        timeout: Duration,
+        mut stop: impl FnMut(&[Consumed]) -> bool,
+    ) -> Vec<Consumed> {
         let start = Instant::now();
         let mut out: Vec<Consumed> = Vec::new();
         let mut next: Vec<i64> = vec![0; partitions as usize];
         while start.elapsed() < timeout && !stop(&out) {
             let c = self.consumer_at(topic, &next);
             let mut last_progress = Instant::now();
-            while start.elapsed() < timeout && !stop(&out) && last_progress.elapsed() < Duration::from_secs(3) {
+            while start.elapsed() < timeout
+                && !stop(&out)
+                && last_progress.elapsed() < Duration::from_secs(3)
+            {
                 let got = consume_until(&c, Duration::from_millis(200), |_| false);
                 if !got.is_empty() {
                     last_progress = Instant::now();
@@ -153,7 +177,8 @@ impl Kafka {
             .expect("consumer");
         let mut tpl = TopicPartitionList::new();
         for (p, o) in offsets.iter().enumerate() {
-            tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o)).expect("partition");
+            tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o))
+                .expect("partition");
         }
         c.assign(&tpl).expect("assign");
         c
@@ -173,7 +198,8 @@ impl Kafka {
             .expect("consumer");
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("partition");
         }
         c.assign(&tpl).expect("assign");
         c
@@ -200,7 +226,11 @@ pub struct Consumed {
 }
 
 /// Reads until `stop` says enough or `timeout` passes; returns everything read.
-pub fn consume_until(c: &BaseConsumer, timeout: Duration, mut stop: impl FnMut(&[Consumed]) -> bool) -> Vec<Consumed> {
+pub fn consume_until(
+    c: &BaseConsumer,
+    timeout: Duration,
+    mut stop: impl FnMut(&[Consumed]) -> bool,
+) -> Vec<Consumed> {
     let start = Instant::now();
     let mut out = Vec::new();
     while start.elapsed() < timeout && !stop(&out) {
@@ -209,7 +239,10 @@ pub fn consume_until(c: &BaseConsumer, timeout: Duration, mut stop: impl FnMut(&
                 let mut headers = BTreeMap::new();
                 if let Some(h) = m.headers() {
                     for hd in h.iter() {
-                        headers.insert(hd.key.to_string(), String::from_utf8_lossy(hd.value.unwrap_or_default()).to_string());
+                        headers.insert(
+                            hd.key.to_string(),
+                            String::from_utf8_lossy(hd.value.unwrap_or_default()).to_string(),
+                        );
                     }
                 }
                 let raw = m.payload().unwrap_or_default().to_vec();
@@ -251,15 +284,28 @@ impl Gateway {
     pub fn start(dir: &Path, config: &str) -> Gateway {
         let metrics_port = free_port();
         let path = dir.join("gateway.toml");
-        std::fs::write(&path, config.replace("{metrics_port}", &metrics_port.to_string())).expect("write config");
-        let mut g = Gateway { child: None, config: path, metrics_port, log: dir.join("gateway.log") };
+        std::fs::write(
+            &path,
+            config.replace("{metrics_port}", &metrics_port.to_string()),
+        )
+        .expect("write config");
+        let mut g = Gateway {
+            child: None,
+            config: path,
+            metrics_port,
+            log: dir.join("gateway.log"),
+        };
         g.restart();
         g
     }
 
     /// Starts the process again with the same config (after a kill).
     pub fn restart(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
         let child = Command::new(gateway_bin())
             .args(["run", "--config"])
             .arg(&self.config)
@@ -290,13 +336,19 @@ impl Gateway {
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         let start = Instant::now();
         loop {
             if let Ok(Some(s)) = c.try_wait() {
                 return s;
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "the gateway did not stop on SIGTERM");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the gateway did not stop on SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -304,7 +356,10 @@ impl Gateway {
     /// Sends SIGHUP.
     pub fn hup(&self) {
         let c = self.child.as_ref().expect("running");
-        let _ = Command::new("kill").arg("-HUP").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-HUP")
+            .arg(c.id().to_string())
+            .status();
     }
 
     /// Its metrics, `name{labels}` → value.
@@ -331,7 +386,12 @@ impl Gateway {
                 eprintln!("{k} {v}");
             }
         }
-        for l in self.log_text().lines().filter(|l| !l.contains("INFO")).take(40) {
+        for l in self
+            .log_text()
+            .lines()
+            .filter(|l| !l.contains("INFO"))
+            .take(40)
+        {
             eprintln!("{l}");
         }
     }
@@ -361,7 +421,14 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// A gateway config for the tests: one MQTT input `site` on `sensors/{device}/telemetry`,
 /// Kafka topic `telemetry.site`. `extra_input` and `extra` are appended where they go.
-pub fn config(dir: &Path, mqtt_port: u16, bootstrap: &str, extra_spool: &str, extra_input: &str, extra_kafka: &str) -> String {
+pub fn config(
+    dir: &Path,
+    mqtt_port: u16,
+    bootstrap: &str,
+    extra_spool: &str,
+    extra_input: &str,
+    extra_kafka: &str,
+) -> String {
     format!(
         r#"
 [gateway]
@@ -394,14 +461,28 @@ spool_after = "2s"
 {extra_kafka}
 "#,
         state = dir.join("state").display(),
-        sync = if extra_spool.contains("synchronous") { "" } else { "synchronous = \"normal\"" },
+        sync = if extra_spool.contains("synchronous") {
+            ""
+        } else {
+            "synchronous = \"normal\""
+        },
     )
 }
 
 /// Publishes `n` QoS 1 JSON events per device for `devices` devices (interleaved), with
 /// `seq` 0..n, then waits for every PUBACK. `malformed_every` mixes in bad payloads.
-pub fn publish(port: u16, devices: usize, n: usize, malformed_every: Option<usize>, pace: Option<Duration>) -> usize {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+pub fn publish(
+    port: u16,
+    devices: usize,
+    n: usize,
+    malformed_every: Option<usize>,
+    pace: Option<Duration>,
+) -> usize {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async move {
         let mut o = rumqttc::MqttOptions::new(format!("publisher-{}", free_port()), "127.0.0.1", port);
         o.set_inflight(1000).set_keep_alive(Duration::from_secs(30));
@@ -462,14 +543,23 @@ pub fn check_complete_and_ordered(records: &[Consumed], devices: usize, n: usize
         }
         let dev = r.value["device"].as_str().unwrap_or_default().to_string();
         assert_eq!(r.key, dev, "key = device");
-        let seq: u64 = id.rsplit(':').next().and_then(|s| s.parse().ok()).expect("seq in event id");
+        let seq: u64 = id
+            .rsplit(':')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("seq in event id");
         per_device.entry(dev).or_default().push(seq);
     }
     assert_eq!(per_device.len(), devices, "devices seen");
     for (dev, seqs) in &per_device {
         let expected: Vec<u64> = (0..n as u64).collect();
         if seqs != &expected {
-            let missing: Vec<u64> = expected.iter().filter(|s| !seqs.contains(s)).copied().take(20).collect();
+            let missing: Vec<u64> = expected
+                .iter()
+                .filter(|s| !seqs.contains(s))
+                .copied()
+                .take(20)
+                .collect();
             let out_of_order = seqs.windows(2).position(|w| w[0] >= w[1]);
             panic!("{dev}: {} of {n} events, missing (first 20) {missing:?}, first out-of-order at {out_of_order:?}", seqs.len());
         }
