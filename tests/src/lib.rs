@@ -1,1 +1,6 @@
-//! End-to-end test helpers live in tests/tests/.
+//! End-to-end test support for the gateway: a harness that starts real processes (a
+//! Mosquitto per test on a free port, librdkafka's mock cluster over TCP, the gateway as
+//! its own process) and reads results back. Used by `tests/e2e.rs` and by the
+//! `gateway-bench` benchmark command.
+
+pub mod harness;

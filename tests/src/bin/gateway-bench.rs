@@ -1,0 +1,345 @@
+//! `gateway-bench`: the benchmark command behind BENCHMARKS.md.
+//!
+//! One run starts Mosquitto and librdkafka's mock cluster over TCP and measures, against
+//! the gateway as its own (release) process:
+//! - the broker alone (a plain subscriber counting), the baseline;
+//! - end-to-end MQTT -> Kafka for QoS 0 and for QoS 1 (`on_spool`);
+//! - with Kafka down: the spool fill rate; after it returns: the drain rate;
+//! - gateway CPU seconds per million events, idle and peak RSS;
+//! - the spool's append through its own interface against a bare rusqlite loop inserting
+//!   rows of the same size in the same batches (the ceiling).
+//!
+//! Run: `cargo run --release -p gateway-e2e --bin gateway-bench [-- --events N]`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gateway::spool::{Row, Spool};
+use gateway_e2e::harness::*;
+
+const TOPIC: &str = "telemetry.site";
+const DEVICES: usize = 50;
+
+fn payload(d: usize, seq: usize) -> String {
+    // ~120 bytes, like a small sensor event.
+    format!(
+        r#"{{"device":"dev-{d:02}","seq":{seq},"ts":{},"temperature":{:.2},"lat":52.{d:04},"lon":13.{seq:06}}}"#,
+        1_800_000_000_000u64 + seq as u64,
+        20.0 + (seq % 100) as f64 / 10.0
+    )
+}
+
+/// Publishes `n` events round-robin over the devices; QoS 1 waits for every PUBACK.
+fn publish_n(port: u16, n: usize, qos: rumqttc::QoS) -> Duration {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let mut o =
+            rumqttc::MqttOptions::new(format!("bench-pub-{}", free_port()), "127.0.0.1", port);
+        o.set_inflight(1000).set_keep_alive(Duration::from_secs(60));
+        let (client, mut ev) = rumqttc::AsyncClient::new(o, 10_000);
+        let start = Instant::now();
+        let need = if qos == rumqttc::QoS::AtLeastOnce {
+            n
+        } else {
+            0
+        };
+        let pump = tokio::spawn(async move {
+            let mut acked = 0;
+            loop {
+                match ev.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
+                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher: {e}"),
+                }
+                if need > 0 && acked >= need {
+                    break;
+                }
+            }
+        });
+        for i in 0..n {
+            let d = i % DEVICES;
+            client
+                .publish(
+                    format!("sensors/dev-{d:02}/telemetry"),
+                    qos,
+                    false,
+                    payload(d, i / DEVICES),
+                )
+                .await
+                .expect("publish");
+        }
+        if need == 0 {
+            client.disconnect().await.expect("disconnect");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(600), pump).await;
+        start.elapsed()
+    })
+}
+
+/// The broker alone: a subscriber counts what a publisher sends.
+fn broker_alone(port: u16, n: usize) -> (f64, u64) {
+    let count = Arc::new(AtomicU64::new(0));
+    let last = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (c2, l2) = (count.clone(), last.clone());
+    let ready = Arc::new(AtomicU64::new(0));
+    let r2 = ready.clone();
+    rt.spawn(async move {
+        let (client, mut ev) = rumqttc::AsyncClient::new(
+            rumqttc::MqttOptions::new("bench-sub", "127.0.0.1", port),
+            100,
+        );
+        client
+            .subscribe("sensors/+/telemetry", rumqttc::QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+        loop {
+            match ev.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    r2.store(1, Ordering::SeqCst)
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
+                    c2.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut l) = l2.lock() {
+                        *l = Instant::now();
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    wait_for("the subscriber", Duration::from_secs(10), || {
+        ready.load(Ordering::SeqCst) == 1
+    });
+    let start = Instant::now();
+    publish_n(port, n, rumqttc::QoS::AtMostOnce);
+    let mut prev = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let c = count.load(Ordering::Relaxed);
+        if c as usize >= n || c == prev {
+            break;
+        }
+        prev = c;
+    }
+    let got = count.load(Ordering::Relaxed);
+    let end = *last.lock().expect("lock");
+    (got as f64 / (end - start).as_secs_f64(), got)
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn status_kb(pid: u32, key: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn bench_config(dir: &std::path::Path, mqtt: u16, kafka: &str, qos: u8) -> String {
+    config(
+        dir,
+        mqtt,
+        kafka,
+        "synchronous = \"full\"",
+        "ack_policy = \"on_spool\"",
+        "",
+    )
+    .replace("qos = 1", &format!("qos = {qos}"))
+    .replace("linger = \"5ms\"", "linger = \"20ms\"")
+    .replace("spool_after = \"2s\"", "spool_after = \"1s\"")
+}
+
+struct Run {
+    rate: f64,
+    cpu_per_million: f64,
+}
+
+/// Publishes `n` through a running gateway and waits until `done` says so.
+fn through_gateway(
+    gw: &Gateway,
+    port: u16,
+    n: usize,
+    qos: rumqttc::QoS,
+    done: impl Fn(&Gateway) -> bool,
+) -> Run {
+    let pid = gw.pid().expect("running");
+    let cpu0 = cpu_secs(pid);
+    let start = Instant::now();
+    publish_n(port, n, qos);
+    let t = Instant::now();
+    while !done(gw) {
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "gateway did not finish: {:?}",
+            gw.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Run {
+        rate: n as f64 / secs,
+        cpu_per_million: (cpu_secs(pid) - cpu0) / n as f64 * 1e6,
+    }
+}
+
+fn spool_micro(rows: usize) -> (f64, f64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data: Vec<Row> = (0..rows)
+        .map(|i| Row {
+            seq: i as u64 + 1,
+            source: "site".into(),
+            data: vec![(i % 251) as u8; 120],
+        })
+        .collect();
+    // Ceiling: bare rusqlite, same schema, pragmas and batches.
+    let bare = {
+        let c = rusqlite::Connection::open(dir.path().join("bare.sqlite")).expect("open");
+        c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; CREATE TABLE spool (seq INTEGER PRIMARY KEY, source TEXT NOT NULL, data BLOB NOT NULL);").expect("schema");
+        let start = Instant::now();
+        let mut c = c;
+        for chunk in data.chunks(1000) {
+            let tx = c.transaction().expect("tx");
+            {
+                let mut st = tx
+                    .prepare_cached("INSERT INTO spool (seq, source, data) VALUES (?1, ?2, ?3)")
+                    .expect("prepare");
+                for r in chunk {
+                    st.execute(rusqlite::params![r.seq as i64, r.source, r.data])
+                        .expect("insert");
+                }
+            }
+            tx.commit().expect("commit");
+        }
+        rows as f64 / start.elapsed().as_secs_f64()
+    };
+    let ours = {
+        let (mut s, _) = Spool::open(
+            &dir.path().join("spool.sqlite"),
+            gateway_config::Synchronous::Full,
+        )
+        .expect("spool");
+        let start = Instant::now();
+        for chunk in data.chunks(1000) {
+            s.write(chunk, &[]).expect("write");
+        }
+        rows as f64 / start.elapsed().as_secs_f64()
+    };
+    (ours, bare)
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .skip_while(|a| a != "--events")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    println!("gateway-bench: {n} events of ~120 bytes from {DEVICES} devices");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], 4);
+
+    let (broker_rate, got) = broker_alone(mqtt.port, n);
+    println!("broker alone (QoS 0 subscriber):       {broker_rate:>10.0} events/s ({got} of {n} received)");
+
+    // QoS 0, Kafka up.
+    let d0 = tempfile::tempdir().expect("tempdir");
+    let gw0 = Gateway::start(
+        d0.path(),
+        &bench_config(d0.path(), mqtt.port, &kafka.bootstrap, 0),
+    );
+    wait_for("connect", Duration::from_secs(10), || {
+        gw0.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
+    let pid0 = gw0.pid().expect("pid");
+    let idle_rss = status_kb(pid0, "VmRSS:");
+    let q0 = through_gateway(&gw0, mqtt.port, n, rumqttc::QoS::AtMostOnce, |g| {
+        let m = g.metrics();
+        let recv = m
+            .get("gateway_events_received_total{input=\"site\"}")
+            .copied()
+            .unwrap_or(0.0);
+        let del = m
+            .get("gateway_events_delivered_total{input=\"site\"}")
+            .copied()
+            .unwrap_or(0.0);
+        recv >= n as f64 * 0.999 && del >= recv
+    });
+    let recv0 = gw0.metric("gateway_events_received_total{input=\"site\"}");
+    println!("gateway QoS 0, Kafka up:               {:>10.0} events/s = {:.0}% of broker alone ({recv0} received), {:.2} CPU-s per million", q0.rate, q0.rate / broker_rate * 100.0, q0.cpu_per_million);
+
+    // Kafka down: spool fill; then up: drain.
+    kafka.down();
+    let before = gw0.metric("gateway_events_received_total{input=\"site\"}");
+    let fill = through_gateway(&gw0, mqtt.port, n, rumqttc::QoS::AtMostOnce, |g| {
+        let m = g.metrics();
+        let recv = m
+            .get("gateway_events_received_total{input=\"site\"}")
+            .copied()
+            .unwrap_or(0.0)
+            - before;
+        let rows = m.get("gateway_spool_rows").copied().unwrap_or(0.0);
+        recv >= n as f64 * 0.999 && rows >= recv - 1.0
+    });
+    let spooled = gw0.metric("gateway_spool_rows");
+    println!("gateway QoS 0, Kafka down (spooling):  {:>10.0} events/s = {:.0}% of broker alone ({spooled} rows spooled), {:.2} CPU-s per million", fill.rate, fill.rate / broker_rate * 100.0, fill.cpu_per_million);
+    let cpu0 = cpu_secs(pid0);
+    let t = Instant::now();
+    kafka.up();
+    wait_for("the drain", Duration::from_secs(600), || {
+        gw0.metric("gateway_spool_rows") == 0.0 && gw0.metric("gateway_spooling") == 0.0
+    });
+    let drain_secs = t.elapsed().as_secs_f64();
+    println!(
+        "drain after Kafka returns:             {:>10.0} events/s ({spooled} rows in {drain_secs:.1} s, including reconnect), {:.2} CPU-s per million",
+        spooled / drain_secs,
+        (cpu_secs(pid0) - cpu0) / spooled * 1e6
+    );
+    let peak0 = status_kb(pid0, "VmHWM:");
+    drop(gw0);
+
+    // QoS 1, on_spool.
+    let d1 = tempfile::tempdir().expect("tempdir");
+    let gw1 = Gateway::start(
+        d1.path(),
+        &bench_config(d1.path(), mqtt.port, &kafka.bootstrap, 1),
+    );
+    wait_for("connect", Duration::from_secs(10), || {
+        gw1.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
+    let n1 = n / 2;
+    let q1 = through_gateway(&gw1, mqtt.port, n1, rumqttc::QoS::AtLeastOnce, |g| {
+        g.metric("gateway_events_delivered_total{input=\"site\"}") >= n1 as f64
+    });
+    println!("gateway QoS 1 on_spool, Kafka up:      {:>10.0} events/s ({n1} events, broker window 1000), {:.2} CPU-s per million", q1.rate, q1.cpu_per_million);
+    let peak1 = status_kb(gw1.pid().expect("pid"), "VmHWM:");
+    drop(gw1);
+
+    println!(
+        "gateway RSS: idle {:.1} MiB, peak {:.1} MiB",
+        idle_rss / 1024.0,
+        peak0.max(peak1) / 1024.0
+    );
+
+    let (ours, bare) = spool_micro(200_000);
+    println!("spool append (synchronous=FULL, 1000-row commits): {ours:>10.0} rows/s; bare rusqlite ceiling {bare:>10.0} rows/s; ratio {:.0}%", ours / bare * 100.0);
+}

@@ -1,0 +1,584 @@
+//! Helpers for end-to-end tests and the benchmark: a real Mosquitto on a free port,
+//! librdkafka's mock cluster served over TCP, the gateway as a separate process, a Kafka
+//! consumer to read back, and a Prometheus scrape.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A Mosquitto broker process on a free port, stopped on drop.
+pub struct Mosquitto {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with an unlimited queue for offline persistent sessions and a
+    /// QoS 1 in-flight window of 1000 (the README explains why).
+    pub fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start mosquitto (install it with .ci/setup)");
+        wait_for("mosquitto to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Mosquitto {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+fn mosquitto_bin() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    "mosquitto".into()
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// librdkafka's mock cluster, reachable over TCP at `bootstrap`.
+pub struct Kafka {
+    /// The cluster (not Send: keep it on the test thread).
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    /// `host:port` list.
+    pub bootstrap: String,
+    brokers: i32,
+}
+
+impl Kafka {
+    /// A cluster of `brokers` brokers with `topics` created at `partitions` partitions.
+    pub fn start(brokers: i32, topics: &[&str], partitions: i32) -> Kafka {
+        let cluster = MockCluster::new(brokers).expect("mock cluster");
+        for t in topics {
+            cluster
+                .create_topic(t, partitions, 1)
+                .expect("create topic");
+        }
+        let bootstrap = cluster.bootstrap_servers();
+        Kafka {
+            cluster,
+            bootstrap,
+            brokers,
+        }
+    }
+
+    /// Takes every broker down (the uplink is cut).
+    pub fn down(&self) {
+        for b in 1..=self.brokers {
+            self.cluster.broker_down(b).expect("broker down");
+        }
+    }
+
+    /// Brings every broker back.
+    pub fn up(&self) {
+        for b in 1..=self.brokers {
+            self.cluster.broker_up(b).expect("broker up");
+        }
+    }
+
+    /// Reads `topic` from the beginning until `stop` says enough or `timeout` passes. A
+    /// consumer that makes no progress for 3 s is replaced by a fresh one that resumes at
+    /// the next offsets (librdkafka's consumer can stall against the mock cluster after
+    /// its brokers went down and up).
+    pub fn read(
+        &self,
+        topic: &str,
+        partitions: i32,
+        timeout: Duration,
+        mut stop: impl FnMut(&[Consumed]) -> bool,
+    ) -> Vec<Consumed> {
+        let start = Instant::now();
+        let mut out: Vec<Consumed> = Vec::new();
+        let mut next: Vec<i64> = vec![0; partitions as usize];
+        while start.elapsed() < timeout && !stop(&out) {
+            let c = self.consumer_at(topic, &next);
+            let mut last_progress = Instant::now();
+            while start.elapsed() < timeout
+                && !stop(&out)
+                && last_progress.elapsed() < Duration::from_secs(3)
+            {
+                let got = consume_until(&c, Duration::from_millis(200), |_| false);
+                if !got.is_empty() {
+                    last_progress = Instant::now();
+                }
+                for r in got {
+                    next[r.partition as usize] = next[r.partition as usize].max(r.offset + 1);
+                    out.push(r);
+                }
+            }
+        }
+        out
+    }
+
+    fn consumer_at(&self, topic: &str, offsets: &[i64]) -> BaseConsumer {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", "e2e-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in offsets.iter().enumerate() {
+            tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o))
+                .expect("partition");
+        }
+        c.assign(&tpl).expect("assign");
+        c
+    }
+
+    /// A consumer assigned to every partition of `topic` from the beginning.
+    pub fn consumer(&self, topic: &str, partitions: i32) -> BaseConsumer {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", "e2e-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("isolation.level", "read_uncommitted")
+            .set("max.partition.fetch.bytes", "52428800")
+            .set("fetch.max.bytes", "104857600")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("partition");
+        }
+        c.assign(&tpl).expect("assign");
+        c
+    }
+}
+
+/// One record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key text.
+    pub key: String,
+    /// Headers.
+    pub headers: BTreeMap<String, String>,
+    /// Value (JSON).
+    pub value: serde_json::Value,
+    /// Raw value.
+    pub raw: Vec<u8>,
+    /// Record timestamp (ms).
+    pub timestamp: Option<i64>,
+}
+
+/// Reads until `stop` says enough or `timeout` passes; returns everything read.
+pub fn consume_until(
+    c: &BaseConsumer,
+    timeout: Duration,
+    mut stop: impl FnMut(&[Consumed]) -> bool,
+) -> Vec<Consumed> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while start.elapsed() < timeout && !stop(&out) {
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let mut headers = BTreeMap::new();
+                if let Some(h) = m.headers() {
+                    for hd in h.iter() {
+                        headers.insert(
+                            hd.key.to_string(),
+                            String::from_utf8_lossy(hd.value.unwrap_or_default()).to_string(),
+                        );
+                    }
+                }
+                let raw = m.payload().unwrap_or_default().to_vec();
+                out.push(Consumed {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).to_string(),
+                    headers,
+                    value: serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null),
+                    raw,
+                    timestamp: m.timestamp().to_millis(),
+                });
+            }
+            Some(Err(e)) => eprintln!("consumer: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The gateway as a separate process.
+pub struct Gateway {
+    child: Option<Child>,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its metrics port.
+    pub metrics_port: u16,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// The gateway binary built by this package: `GATEWAY_BIN` if set, else
+/// `gateway-e2e` next to the running executable (or one directory up, for test
+/// binaries in `deps/`).
+pub fn gateway_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("GATEWAY_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    for d in [dir, dir.parent().unwrap_or(dir)] {
+        let p = d.join("gateway-e2e");
+        if p.exists() {
+            return p;
+        }
+    }
+    "gateway-e2e".into()
+}
+
+impl Gateway {
+    /// Writes `config` (with `{metrics_port}` replaced) into `dir` and starts the gateway.
+    pub fn start(dir: &Path, config: &str) -> Gateway {
+        let metrics_port = free_port();
+        let path = dir.join("gateway.toml");
+        std::fs::write(
+            &path,
+            config.replace("{metrics_port}", &metrics_port.to_string()),
+        )
+        .expect("write config");
+        let mut g = Gateway {
+            child: None,
+            config: path,
+            metrics_port,
+            log: dir.join("gateway.log"),
+        };
+        g.restart();
+        g
+    }
+
+    /// Starts the process again with the same config (after a kill).
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(gateway_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the gateway");
+        self.child = Some(child);
+        let port = self.metrics_port;
+        let start = Instant::now();
+        while http_get(port, "/health").is_none() {
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!("the gateway did not come up; its log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the gateway did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGHUP.
+    pub fn hup(&self) {
+        let c = self.child.as_ref().expect("running");
+        let _ = Command::new("kill")
+            .arg("-HUP")
+            .arg(c.id().to_string())
+            .status();
+    }
+
+    /// Its metrics, `name{labels}` → value.
+    pub fn metrics(&self) -> BTreeMap<String, f64> {
+        let text = http_get(self.metrics_port, "/metrics").unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// One metric (0 when absent).
+    pub fn metric(&self, key: &str) -> f64 {
+        self.metrics().get(key).copied().unwrap_or(0.0)
+    }
+
+    /// Prints the gateway's metrics and its warnings and errors (for failing tests).
+    pub fn dump(&self) {
+        for (k, v) in self.metrics() {
+            if k.starts_with("gateway_") && !k.contains("bucket") {
+                eprintln!("{k} {v}");
+            }
+        }
+        for l in self
+            .log_text()
+            .lines()
+            .filter(|l| !l.contains("INFO"))
+            .take(40)
+        {
+            eprintln!("{l}");
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A plain HTTP GET on 127.0.0.1; the body, or `None` on any failure.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// A gateway config for the tests: one MQTT input `site` on `sensors/{device}/telemetry`,
+/// Kafka topic `telemetry.site`. `extra_input` and `extra` are appended where they go.
+pub fn config(
+    dir: &Path,
+    mqtt_port: u16,
+    bootstrap: &str,
+    extra_spool: &str,
+    extra_input: &str,
+    extra_kafka: &str,
+) -> String {
+    format!(
+        r#"
+[gateway]
+id = "gw-test"
+state_dir = "{state}"
+
+[spool]
+{sync}
+{extra_spool}
+
+[telemetry]
+listen = "127.0.0.1:{{metrics_port}}"
+
+[[inputs]]
+type = "mqtt"
+name = "site"
+host = "127.0.0.1"
+port = {mqtt_port}
+qos = 1
+topics = ["sensors/{{device}}/telemetry"]
+reconnect = {{ min = "100ms", max = "1s" }}
+{extra_input}
+
+[output.kafka]
+brokers = "{bootstrap}"
+topic = "telemetry.{{source}}"
+linger = "5ms"
+message_timeout = "10s"
+spool_after = "2s"
+{extra_kafka}
+"#,
+        state = dir.join("state").display(),
+        sync = if extra_spool.contains("synchronous") {
+            ""
+        } else {
+            "synchronous = \"normal\""
+        },
+    )
+}
+
+/// Publishes `n` QoS 1 JSON events per device for `devices` devices (interleaved), with
+/// `seq` 0..n, then waits for every PUBACK. `malformed_every` mixes in bad payloads.
+pub fn publish(
+    port: u16,
+    devices: usize,
+    n: usize,
+    malformed_every: Option<usize>,
+    pace: Option<Duration>,
+) -> usize {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let mut o = rumqttc::MqttOptions::new(format!("publisher-{}", free_port()), "127.0.0.1", port);
+        o.set_inflight(1000).set_keep_alive(Duration::from_secs(30));
+        let (client, mut ev) = rumqttc::AsyncClient::new(o, 10_000);
+        let total = devices * n + malformed_every.map_or(0, |k| devices * n / k);
+        let acker = tokio::spawn(async move {
+            let mut acked = 0;
+            while acked < total {
+                match ev.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher connection: {e}"),
+                }
+            }
+            acked
+        });
+        let mut k = 0usize;
+        for seq in 0..n {
+            for d in 0..devices {
+                let payload = format!(
+                    r#"{{"device":"dev-{d}","seq":{seq},"ts":{},"temperature":{:.1},"lat":52.{d:04},"lon":13.{seq:04}}}"#,
+                    1_800_000_000_000u64 + seq as u64,
+                    20.0 + (seq % 10) as f64
+                );
+                client
+                    .publish(format!("sensors/dev-{d}/telemetry"), rumqttc::QoS::AtLeastOnce, false, payload)
+                    .await
+                    .expect("publish");
+                k += 1;
+                if let Some(every) = malformed_every {
+                    if k % every == 0 {
+                        client
+                            .publish(format!("sensors/dev-{d}/telemetry"), rumqttc::QoS::AtLeastOnce, false, "{not json")
+                            .await
+                            .expect("publish");
+                    }
+                }
+                if let Some(p) = pace {
+                    tokio::time::sleep(p).await;
+                }
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(300), acker).await.expect("all PUBACKs").expect("acker")
+    })
+}
+
+/// Checks what Kafka holds: every `dev-d` has seq 0..n in order of first appearance,
+/// and returns the number of duplicate records (same event id seen twice).
+pub fn check_complete_and_ordered(records: &[Consumed], devices: usize, n: usize) -> usize {
+    let mut per_device: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut dups = 0;
+    for r in records {
+        let id = r.headers.get("event-id").cloned().unwrap_or_default();
+        if !seen.insert(id.clone()) {
+            dups += 1;
+            continue;
+        }
+        let dev = r.value["device"].as_str().unwrap_or_default().to_string();
+        assert_eq!(r.key, dev, "key = device");
+        let seq: u64 = id
+            .rsplit(':')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("seq in event id");
+        per_device.entry(dev).or_default().push(seq);
+    }
+    assert_eq!(per_device.len(), devices, "devices seen");
+    for (dev, seqs) in &per_device {
+        let expected: Vec<u64> = (0..n as u64).collect();
+        if seqs != &expected {
+            let missing: Vec<u64> = expected
+                .iter()
+                .filter(|s| !seqs.contains(s))
+                .copied()
+                .take(20)
+                .collect();
+            let out_of_order = seqs.windows(2).position(|w| w[0] >= w[1]);
+            panic!("{dev}: {} of {n} events, missing (first 20) {missing:?}, first out-of-order at {out_of_order:?}", seqs.len());
+        }
+    }
+    dups
+}
