@@ -648,10 +648,10 @@ fn default_batch_bytes() -> u64 {
     512 * 1024
 }
 fn default_queue_messages() -> u64 {
-    20_000
+    10_000
 }
 fn default_queue_kbytes() -> u64 {
-    16 * 1024
+    8 * 1024
 }
 fn default_message_timeout() -> Duration {
     Duration::from_secs(30)

@@ -27,3 +27,8 @@ pub mod sinks;
 pub mod sources;
 pub mod spool;
 pub mod stages;
+
+/// The global allocator of binaries that link this library (feature `mimalloc`).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -358,12 +358,22 @@ struct JsonLocation {
     accuracy: Option<f64>,
 }
 
-#[derive(Serialize)]
-#[serde(untagged)]
-enum JsonValue<'a> {
-    Number(f64),
-    Text(&'a str),
-    Bool(bool),
+/// Readings serialised straight from the event's map (no intermediate map).
+struct JsonReadings<'a>(&'a std::collections::BTreeMap<String, Value>);
+
+impl Serialize for JsonReadings<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            match v {
+                Value::Number(n) => m.serialize_entry(k, n)?,
+                Value::Text(t) => m.serialize_entry(k, t)?,
+                Value::Bool(b) => m.serialize_entry(k, b)?,
+            }
+        }
+        m.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -379,7 +389,7 @@ struct JsonEvent<'a> {
     received: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     location: Option<JsonLocation>,
-    readings: std::collections::BTreeMap<&'a str, JsonValue<'a>>,
+    readings: JsonReadings<'a>,
     tags: &'a std::collections::BTreeMap<String, String>,
 }
 
@@ -407,20 +417,7 @@ fn json_event(e: &Event) -> JsonEvent<'_> {
                 accuracy,
             },
         ),
-        readings: e
-            .readings
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str(),
-                    match v {
-                        Value::Number(n) => JsonValue::Number(*n),
-                        Value::Text(s) => JsonValue::Text(s),
-                        Value::Bool(b) => JsonValue::Bool(*b),
-                    },
-                )
-            })
-            .collect(),
+        readings: JsonReadings(&e.readings),
         tags: &e.tags,
     }
 }
