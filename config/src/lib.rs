@@ -225,7 +225,7 @@ pub enum MqttVersion {
     /// MQTT 3.1.1. The default.
     #[default]
     V311,
-    /// MQTT 5.
+    /// MQTT 5 (announces `receive_maximum`, keeps the session for `session_expiry`).
     V5,
 }
 
@@ -421,6 +421,21 @@ pub struct MqttInput {
     /// Reconnect backoff.
     #[serde(default)]
     pub reconnect: Backoff,
+    /// MQTT 5 only: the receive maximum the gateway announces (how many QoS 1 messages
+    /// the broker may have unacknowledged at once).
+    #[serde(default = "default_receive_maximum")]
+    pub receive_maximum: u16,
+    /// MQTT 5 only: how long the broker keeps the session after a disconnect (with
+    /// `clean_session = false`).
+    #[serde(default = "default_session_expiry", with = "duration")]
+    pub session_expiry: Duration,
+}
+
+fn default_receive_maximum() -> u16 {
+    1000
+}
+fn default_session_expiry() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 fn default_keep_alive() -> Duration {
@@ -838,6 +853,9 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
             if s.file.is_none() && s.env.is_none() {
                 err(format!("{p}.password"), "give `file` or `env`");
             }
+        }
+        if m.receive_maximum == 0 {
+            err(format!("{p}.receive_maximum"), "must be at least 1");
         }
         if m.max_payload == 0 {
             err(format!("{p}.max_payload"), "must be at least 1");

@@ -49,7 +49,7 @@ fn start_inputs(
     // Check every input can be built before starting any.
     for input in &p.inputs {
         let Input::Mqtt(m) = input;
-        mqtt::options(m, gateway_id)?;
+        mqtt::check(m, gateway_id)?;
     }
     let (state, rx) = watch::channel(SourceState::Run);
     let ctx = SourceContext {

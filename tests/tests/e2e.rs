@@ -492,3 +492,170 @@ fn sighup_rebuilds_the_pipeline_and_sigterm_spools_the_rest() {
     assert!(second.iter().all(|r| r.value["tags"]["generation"] == "2"));
     assert!(second.iter().all(|r| r.key == "late"));
 }
+
+#[test]
+fn mqtt_5_input_delivers_in_order() {
+    let (devices, n) = (10, 1000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    let gw = Gateway::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            mqtt.port,
+            &kafka.bootstrap,
+            "",
+            "protocol = \"v5\"\nreceive_maximum = 500",
+            "",
+        ),
+    );
+    wait_for(
+        "the MQTT 5 input to connect",
+        Duration::from_secs(10),
+        || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0,
+    );
+    publish(mqtt.port, devices, n, None, None);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= devices * n
+    });
+    assert_eq!(check_complete_and_ordered(&records, devices, n), 0);
+    wait_for(
+        "every message acked upstream",
+        Duration::from_secs(10),
+        || gw.metric("gateway_upstream_acks_total{input=\"site\"}") == (devices * n) as f64,
+    );
+}
+
+#[test]
+fn on_delivery_holds_acks_until_kafka_confirms() {
+    let (devices, n) = (5, 200);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    kafka.down();
+    let gw = Gateway::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            mqtt.port,
+            &kafka.bootstrap,
+            "",
+            "ack_policy = \"on_delivery\"",
+            "",
+        ),
+    );
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
+    publish(mqtt.port, devices, n, None, None);
+    wait_for("the events in the spool", Duration::from_secs(20), || {
+        gw.metric("gateway_events_spooled_total{input=\"site\"}") >= (devices * n) as f64
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        gw.metric("gateway_upstream_acks_total{input=\"site\"}"),
+        0.0,
+        "spooled is not delivered"
+    );
+    kafka.up();
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= devices * n
+    });
+    check_complete_and_ordered(&records, devices, n);
+    wait_for("acks after delivery", Duration::from_secs(20), || {
+        gw.metric("gateway_upstream_acks_total{input=\"site\"}") == (devices * n) as f64
+    });
+}
+
+/// A tmpfs mount that is unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(path.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_holds_inputs_back_and_recovers_when_space_returns() {
+    let (devices, n) = (10, 1000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A real full file system: a 1 MiB tmpfs under the spool (needs root, as CI has).
+    let Some(disk) = Tmpfs::mount(&dir.path().join("state"), "1m") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to mount a tmpfs for this test (run as root)"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
+        return;
+    };
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    kafka.down();
+    let gw = Gateway::start(
+        dir.path(),
+        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""),
+    );
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
+    publish(mqtt.port, devices, n, None, None);
+    wait_for("the disk to fill", Duration::from_secs(30), || {
+        gw.metric("gateway_spool_errors_total{kind=\"disk_full\"}") > 0.0
+    });
+    wait_for("inputs held back", Duration::from_secs(10), || {
+        gw.metric("gateway_spool_blocked") == 1.0
+    });
+    assert!(
+        http_get(gw.metrics_port, "/health").is_some(),
+        "the gateway keeps running"
+    );
+    let acked = gw.metric("gateway_upstream_acks_total{input=\"site\"}");
+    assert!(
+        acked < (devices * n) as f64,
+        "what could not be stored was not acknowledged ({acked})"
+    );
+    // Space returns, then Kafka: everything arrives, nothing was dropped.
+    disk.resize("64m");
+    wait_for("spool writes to resume", Duration::from_secs(20), || {
+        gw.metric("gateway_spool_blocked") == 0.0
+    });
+    kafka.up();
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(90), |r| {
+        unique_ids(r) >= devices * n
+    });
+    check_complete_and_ordered(&records, devices, n);
+    let dropped: f64 = gw
+        .metrics()
+        .iter()
+        .filter(|(k, _)| k.starts_with("gateway_events_dropped_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(dropped, 0.0);
+    drop(gw);
+}

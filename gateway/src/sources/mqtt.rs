@@ -10,8 +10,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::borrow::Cow;
+
 use gateway_config::{AckPolicy, MqttInput, MqttVersion, TopicTemplate};
 use rand::Rng;
+use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::{
     AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
     TlsConfiguration, Transport,
@@ -25,14 +28,15 @@ use crate::event::{now_ns, DeadLetter, Record};
 use crate::metrics::InputMetrics;
 use crate::router::Item;
 
-/// Builds the rumqttc options for an input (reads secrets and certificates).
-pub fn options(cfg: &MqttInput, gateway_id: &str) -> Result<MqttOptions, String> {
-    if cfg.protocol == MqttVersion::V5 {
-        return Err(format!(
-            "input {}: protocol \"v5\" is not supported yet; use \"v311\"",
-            cfg.name
-        ));
-    }
+/// Everything both protocol versions share: identity, credentials, TLS.
+struct Common {
+    client_id: String,
+    port: u16,
+    credentials: Option<(String, String)>,
+    transport: Option<Transport>,
+}
+
+fn common(cfg: &MqttInput, gateway_id: &str) -> Result<Common, String> {
     let client_id = cfg
         .client_id
         .clone()
@@ -40,37 +44,242 @@ pub fn options(cfg: &MqttInput, gateway_id: &str) -> Result<MqttOptions, String>
     let port = cfg
         .port
         .unwrap_or(if cfg.tls.is_some() { 8883 } else { 1883 });
-    let mut o = MqttOptions::new(client_id, &cfg.host, port);
-    o.set_keep_alive(cfg.keep_alive)
-        .set_clean_session(cfg.clean_session)
-        .set_manual_acks(cfg.qos == 1 && cfg.ack_policy != AckPolicy::OnReceive)
-        .set_max_packet_size(cfg.max_payload + cfg.max_payload / 4 + 1024, 64 * 1024);
-    if let Some(user) = &cfg.username {
-        let pass = match &cfg.password {
-            Some(s) => s
-                .read()
-                .map_err(|e| format!("input {} password: {e}", cfg.name))?,
-            None => String::new(),
-        };
-        o.set_credentials(user, pass);
+    let credentials = match &cfg.username {
+        Some(user) => {
+            let pass = match &cfg.password {
+                Some(s) => s
+                    .read()
+                    .map_err(|e| format!("input {} password: {e}", cfg.name))?,
+                None => String::new(),
+            };
+            Some((user.clone(), pass))
+        }
+        None => None,
+    };
+    let transport = match &cfg.tls {
+        Some(tls) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p)
+                    .map_err(|e| format!("input {}: cannot read {}: {e}", cfg.name, p.display()))
+            };
+            let ca = read(&tls.ca_file)?;
+            let client_auth = match (&tls.client_cert_file, &tls.client_key_file) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                _ => None,
+            };
+            Some(Transport::tls_with_config(TlsConfiguration::Simple {
+                ca,
+                alpn: None,
+                client_auth,
+            }))
+        }
+        None => None,
+    };
+    Ok(Common {
+        client_id,
+        port,
+        credentials,
+        transport,
+    })
+}
+
+fn manual_acks(cfg: &MqttInput) -> bool {
+    cfg.qos == 1 && cfg.ack_policy != AckPolicy::OnReceive
+}
+
+/// Checks that an input's options can be built (reads secrets and certificates).
+pub fn check(cfg: &MqttInput, gateway_id: &str) -> Result<(), String> {
+    common(cfg, gateway_id).map(|_| ())
+}
+
+/// Opens the client for the configured protocol version.
+fn connect(cfg: &MqttInput, gateway_id: &str) -> Result<Link, String> {
+    let c = common(cfg, gateway_id)?;
+    // The request channel carries acks and subscriptions; acks are bounded by the
+    // broker's in-flight window.
+    const REQUESTS: usize = 65_536;
+    match cfg.protocol {
+        MqttVersion::V311 => {
+            let mut o = MqttOptions::new(c.client_id, &cfg.host, c.port);
+            o.set_keep_alive(cfg.keep_alive)
+                .set_clean_session(cfg.clean_session)
+                .set_manual_acks(manual_acks(cfg))
+                .set_max_packet_size(cfg.max_payload + cfg.max_payload / 4 + 1024, 64 * 1024);
+            if let Some((u, p)) = c.credentials {
+                o.set_credentials(u, p);
+            }
+            if let Some(t) = c.transport {
+                o.set_transport(t);
+            }
+            let (client, events) = AsyncClient::new(o, REQUESTS);
+            Ok(Link::V4(client, Box::new(events)))
+        }
+        MqttVersion::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(c.client_id, &cfg.host, c.port);
+            o.set_keep_alive(cfg.keep_alive)
+                .set_clean_start(cfg.clean_session)
+                .set_manual_acks(manual_acks(cfg))
+                .set_receive_maximum(Some(cfg.receive_maximum))
+                .set_max_packet_size(Some((cfg.max_payload + cfg.max_payload / 4 + 1024) as u32));
+            if !cfg.clean_session {
+                let secs = cfg.session_expiry.as_secs().min(u64::from(u32::MAX)) as u32;
+                o.set_session_expiry_interval(Some(secs));
+            }
+            if let Some((u, p)) = c.credentials {
+                o.set_credentials(u, p);
+            }
+            if let Some(t) = c.transport {
+                o.set_transport(t);
+            }
+            let (client, events) = rumqttc::v5::AsyncClient::new(o, REQUESTS);
+            Ok(Link::V5(client, Box::new(events)))
+        }
     }
-    if let Some(tls) = &cfg.tls {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p)
-                .map_err(|e| format!("input {}: cannot read {}: {e}", cfg.name, p.display()))
-        };
-        let ca = read(&tls.ca_file)?;
-        let client_auth = match (&tls.client_cert_file, &tls.client_key_file) {
-            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-            _ => None,
-        };
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-            ca,
-            alpn: None,
-            client_auth,
-        }));
+}
+
+/// A received publish of either protocol version (what the ack queue holds).
+#[derive(Debug, Clone)]
+enum Msg {
+    V4(Publish),
+    V5(m5::Publish),
+}
+
+impl Msg {
+    fn topic(&self) -> Cow<'_, str> {
+        match self {
+            Msg::V4(p) => Cow::Borrowed(&p.topic),
+            Msg::V5(p) => String::from_utf8_lossy(&p.topic),
+        }
     }
-    Ok(o)
+
+    fn payload(&self) -> &[u8] {
+        match self {
+            Msg::V4(p) => &p.payload,
+            Msg::V5(p) => &p.payload,
+        }
+    }
+
+    fn qos1(&self) -> bool {
+        match self {
+            Msg::V4(p) => p.qos == QoS::AtLeastOnce,
+            Msg::V5(p) => p.qos == rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        }
+    }
+}
+
+/// What a poll of either event loop amounts to here.
+// Returned by value once per packet and matched at once; boxing the publish would cost
+// an allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum Polled {
+    Connected { session_present: bool },
+    SubAck { refused: bool },
+    Publish(Msg),
+    Disconnected,
+    Other,
+}
+
+/// A client and its event loop, MQTT 3.1.1 or 5.
+enum Link {
+    V4(AsyncClient, Box<rumqttc::EventLoop>),
+    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
+}
+
+/// The client half, for the ack task.
+#[derive(Clone)]
+enum Acker {
+    V4(AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl Acker {
+    async fn ack(&self, m: &Msg) -> Result<(), String> {
+        match (self, m) {
+            (Acker::V4(c), Msg::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+            (Acker::V5(c), Msg::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Link {
+    fn acker(&self) -> Acker {
+        match self {
+            Link::V4(c, _) => Acker::V4(c.clone()),
+            Link::V5(c, _) => Acker::V5(c.clone()),
+        }
+    }
+
+    async fn poll(&mut self) -> Result<Polled, String> {
+        match self {
+            Link::V4(_, ev) => match ev.poll().await.map_err(|e| e.to_string())? {
+                Event::Incoming(Packet::ConnAck(ca)) => Ok(Polled::Connected {
+                    session_present: ca.session_present,
+                }),
+                Event::Incoming(Packet::SubAck(s)) => Ok(Polled::SubAck {
+                    refused: s
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure)),
+                }),
+                Event::Incoming(Packet::Publish(p)) => Ok(Polled::Publish(Msg::V4(p))),
+                Event::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(Polled::Disconnected),
+                _ => Ok(Polled::Other),
+            },
+            Link::V5(_, ev) => {
+                use rumqttc::v5::Event as E5;
+                match ev.poll().await.map_err(|e| e.to_string())? {
+                    E5::Incoming(m5::Packet::ConnAck(ca)) => Ok(Polled::Connected {
+                        session_present: ca.session_present,
+                    }),
+                    E5::Incoming(m5::Packet::SubAck(s)) => Ok(Polled::SubAck {
+                        refused: s
+                            .return_codes
+                            .iter()
+                            .any(|c| !matches!(c, m5::SubscribeReasonCode::Success(_))),
+                    }),
+                    E5::Incoming(m5::Packet::Publish(p)) => Ok(Polled::Publish(Msg::V5(p))),
+                    E5::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(Polled::Disconnected),
+                    _ => Ok(Polled::Other),
+                }
+            }
+        }
+    }
+
+    fn subscribe(&self, filters: &[String], qos1: bool) -> Result<(), String> {
+        match self {
+            Link::V4(c, _) => {
+                let q = if qos1 {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::AtMostOnce
+                };
+                c.try_subscribe_many(filters.iter().map(|f| SubscribeFilter::new(f.clone(), q)))
+                    .map_err(|e| e.to_string())
+            }
+            Link::V5(c, _) => {
+                use rumqttc::v5::mqttbytes::QoS as Q5;
+                let q = if qos1 {
+                    Q5::AtLeastOnce
+                } else {
+                    Q5::AtMostOnce
+                };
+                c.try_subscribe_many(filters.iter().map(|f| m5::Filter::new(f.clone(), q)))
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn try_disconnect(&self) {
+        match self {
+            Link::V4(c, _) => {
+                let _ = c.try_disconnect();
+            }
+            Link::V5(c, _) => {
+                let _ = c.try_disconnect();
+            }
+        }
+    }
 }
 
 /// Runs one MQTT input until `state` turns [`SourceState::Stop`]. Returns an error only
@@ -80,7 +289,7 @@ pub async fn run(
     ctx: SourceContext,
     mut state: watch::Receiver<SourceState>,
 ) -> Result<(), String> {
-    let opts = options(&cfg, &ctx.gateway_id)?;
+    let mut link = connect(&cfg, &ctx.gateway_id)?;
     let templates: Vec<TopicTemplate> = cfg
         .topics
         .iter()
@@ -88,24 +297,18 @@ pub async fn run(
             TopicTemplate::parse(t).map_err(|e| format!("input {} topic {t:?}: {e}", cfg.name))
         })
         .collect::<Result<_, _>>()?;
-    let qos = if cfg.qos == 1 {
-        QoS::AtLeastOnce
-    } else {
-        QoS::AtMostOnce
-    };
-    let manual = cfg.qos == 1 && cfg.ack_policy != AckPolicy::OnReceive;
+    let manual = manual_acks(&cfg);
     let until_delivered = cfg.ack_policy == AckPolicy::OnDelivery;
-    let (client, mut eventloop) = AsyncClient::new(opts, 65_536);
     let m = ctx.metrics.input(&cfg.name);
     // Released acks go through an unbounded queue to a task that hands them to the
     // client, waiting for room in its request channel: an ack is never thrown away.
     // The queue is bounded in practice by the broker's in-flight window.
-    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Publish>();
-    let acks = AckQueue::new(move |p: Publish| {
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Msg>();
+    let acks = AckQueue::new(move |p: Msg| {
         let _ = ack_tx.send(p);
     });
     let acker = {
-        let client = client.clone();
+        let client = link.acker();
         let m = m.clone();
         tokio::spawn(async move {
             while let Some(p) = ack_rx.recv().await {
@@ -118,10 +321,7 @@ pub async fn run(
             }
         })
     };
-    let filters: Vec<SubscribeFilter> = templates
-        .iter()
-        .map(|t| SubscribeFilter::new(t.filter().to_string(), qos))
-        .collect();
+    let filters: Vec<String> = templates.iter().map(|t| t.filter().to_string()).collect();
     let mut delay = cfg.reconnect.min;
     let malformed_seen = AtomicU64::new(0);
     let input = Input {
@@ -132,7 +332,7 @@ pub async fn run(
         malformed_seen: &malformed_seen,
         until_delivered,
     };
-    tracing::info!(input = %cfg.name, host = %cfg.host, filters = ?filters.iter().map(|f| &f.path).collect::<Vec<_>>(), "MQTT input starting");
+    tracing::info!(input = %cfg.name, host = %cfg.host, protocol = ?cfg.protocol, ?filters, "MQTT input starting");
     loop {
         let polled = tokio::select! {
             changed = state.changed() => {
@@ -141,31 +341,26 @@ pub async fn run(
                 }
                 continue;
             }
-            ev = eventloop.poll() => ev,
+            ev = link.poll() => ev,
         };
         match polled {
-            Ok(Event::Incoming(Packet::ConnAck(ca))) => {
+            Ok(Polled::Connected { session_present }) => {
                 m.connected.set(1);
                 delay = cfg.reconnect.min;
-                tracing::info!(input = %cfg.name, session_present = ca.session_present, "MQTT connected");
-                if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                tracing::info!(input = %cfg.name, session_present, "MQTT connected");
+                if let Err(e) = link.subscribe(&filters, cfg.qos == 1) {
                     tracing::error!(input = %cfg.name, error = %e, "cannot subscribe");
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(s))) => {
-                if s.return_codes
-                    .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                {
-                    tracing::error!(input = %cfg.name, codes = ?s.return_codes, "the broker refused a subscription; check the topic filters and ACLs");
-                }
+            Ok(Polled::SubAck { refused: true }) => {
+                tracing::error!(input = %cfg.name, ?filters, "the broker refused a subscription; check the topic filters and ACLs");
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
+            Ok(Polled::Publish(p)) => {
                 if *state.borrow() != SourceState::Run {
                     // Quiescing: not taken, not acknowledged; the broker redelivers it.
                     continue;
                 }
-                let ack = if manual && p.qos == QoS::AtLeastOnce {
+                let ack = if manual && p.qos1() {
                     acks.push(p.clone())
                 } else {
                     Ack::none()
@@ -200,17 +395,17 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while !acker.is_finished() {
             tokio::select! {
-                _ = eventloop.poll() => {}
+                _ = link.poll() => {}
                 _ = tokio::time::sleep(Duration::from_millis(10)) => {}
             }
         }
     })
     .await;
     acker.abort();
-    let _ = client.try_disconnect();
+    link.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while let Ok(ev) = eventloop.poll().await {
-            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+        while let Ok(ev) = link.poll().await {
+            if matches!(ev, Polled::Disconnected) {
                 break;
             }
         }
@@ -243,30 +438,32 @@ impl Input<'_> {
         self.ctx.items.send_async(item).await.map_err(|_| Closed)
     }
 
-    async fn handle(&self, p: &Publish, ack: Ack) -> Result<(), Closed> {
+    async fn handle(&self, p: &Msg, ack: Ack) -> Result<(), Closed> {
         let received_ns = now_ns();
+        let topic = p.topic();
+        let payload = p.payload();
         let captures = self
             .templates
             .iter()
-            .find_map(|t| t.matches(&p.topic))
+            .find_map(|t| t.matches(&topic))
             .unwrap_or_default();
         let origin = Origin {
             source: &self.cfg.name,
-            topic: &p.topic,
+            topic: &topic,
             captures: &captures,
             received_ns,
         };
-        let decoded = if p.payload.len() > self.cfg.max_payload {
+        let decoded = if payload.len() > self.cfg.max_payload {
             Err(super::payload::Malformed {
                 reason: "too_large",
                 detail: format!(
                     "{} bytes, max_payload is {}",
-                    p.payload.len(),
+                    payload.len(),
                     self.cfg.max_payload
                 ),
             })
         } else {
-            decode(self.cfg.format, &self.cfg.json, &origin, &p.payload)
+            decode(self.cfg.format, &self.cfg.json, &origin, payload)
         };
         match decoded {
             Ok(events) => {
@@ -283,17 +480,17 @@ impl Input<'_> {
                 self.m.dropped(bad.reason, 1);
                 let n = self.malformed_seen.fetch_add(1, Ordering::Relaxed);
                 if n < 10 || n % 1000 == 0 {
-                    tracing::warn!(input = %self.cfg.name, topic = %p.topic, reason = bad.reason, detail = %bad.detail, seen = n + 1, "rejected a payload");
+                    tracing::warn!(input = %self.cfg.name, topic = %topic, reason = bad.reason, detail = %bad.detail, seen = n + 1, "rejected a payload");
                 }
                 if self.ctx.dead_letters {
                     self.m.dead_letters.inc();
                     let dl = DeadLetter {
                         source: self.cfg.name.clone(),
-                        origin: p.topic.clone(),
+                        origin: topic.to_string(),
                         reason: bad.reason.to_string(),
                         detail: bad.detail,
                         received_ns,
-                        payload: p.payload.to_vec(),
+                        payload: payload.to_vec(),
                     };
                     self.send(Record::DeadLetter(dl), ack).await?;
                 }
