@@ -473,6 +473,25 @@ mod tests {
         }
     }
 
+    fn output(text: &str) -> KafkaOutput {
+        toml::from_str(&format!("brokers = \"127.0.0.1:1\"\n{text}")).expect("kafka output")
+    }
+
+    #[cfg(feature = "kafka-tls")]
+    #[test]
+    fn tls_and_scram_are_built_in() {
+        std::env::set_var("GATEWAY_TEST_KAFKA_PASSWORD", "secret");
+        let cfg = output(
+            "[security]\nprotocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nusername = \"gw\"\npassword = { env = \"GATEWAY_TEST_KAFKA_PASSWORD\" }",
+        );
+        let (tx, _rx) = flume::unbounded();
+        assert!(KafkaSink::new(&cfg, "g", tx.clone()).is_ok());
+        // A CA file that does not exist is refused at start, with the reason.
+        let bad = output("[security]\nprotocol = \"ssl\"\nca_file = \"/nonexistent/ca.pem\"");
+        let err = KafkaSink::new(&bad, "g", tx).err().expect("refused");
+        assert!(err.contains("cannot create the Kafka producer"), "{err}");
+    }
+
     #[test]
     fn templates() {
         let e = event();
