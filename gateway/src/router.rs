@@ -229,6 +229,20 @@ fn error_kind(e: &KafkaError) -> &'static str {
     }
 }
 
+/// Errors that no retry can fix for this record (it is too large, or the broker calls it
+/// invalid): the record is quarantined and counted instead of blocking the spool forever.
+fn permanent(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
+}
+
 impl Router {
     fn run(mut self, items: flume::Receiver<Item>, control: flume::Receiver<Control>) {
         self.metrics.router_alive(true);
@@ -377,6 +391,11 @@ impl Router {
                     );
                     return;
                 }
+                Err((e, _)) if permanent(&e) => {
+                    self.metrics.kafka_error(error_kind(&e));
+                    self.reject(input, seq, &e, None);
+                    return; // dropping the ack: the record is accounted as dropped
+                }
                 Err((e, _)) => {
                     self.metrics.kafka_error(error_kind(&e));
                     if self.healthy {
@@ -427,6 +446,12 @@ impl Router {
                     }
                     // Dropping the ack releases it upstream.
                 }
+                Some(e) if permanent(&e) => {
+                    if d.spooled {
+                        self.delete_row(seq);
+                    }
+                    self.reject(d.input, seq, &e, None);
+                }
                 Some(e) => {
                     if self.healthy {
                         tracing::warn!(error = %e, "Kafka delivery failed; spooling until it recovers");
@@ -469,6 +494,10 @@ impl Router {
                     self.metrics.drained(1);
                     self.delete_row(seq);
                 }
+                Some(e) if permanent(&e) => {
+                    self.delivery_acks.remove(&seq);
+                    self.reject(input, seq, &e, Some(seq));
+                }
                 Some(e) => {
                     if self.healthy {
                         tracing::warn!(error = %e, "Kafka delivery failed while draining; retrying");
@@ -476,6 +505,21 @@ impl Router {
                     self.healthy = false;
                     self.drain_failed_min = Some(self.drain_failed_min.map_or(seq, |m| m.min(seq)));
                 }
+            }
+        }
+    }
+
+    /// Accounts for a record Kafka will never take; a spooled one moves to the
+    /// quarantine table (`gateway spool stats` counts it) so it can be inspected.
+    fn reject(&mut self, input: u32, seq: u64, e: &KafkaError, spooled_row: Option<u64>) {
+        let name = self.inputs[input as usize].name.clone();
+        tracing::error!(input = %name, seq, error = %e, "Kafka rejected a record for good; dropped (reason kafka_rejected)");
+        self.metrics.dropped(&name, "kafka_rejected", 1);
+        if let Some(row) = spooled_row {
+            // Make sure it is on disk before moving it.
+            self.commit();
+            if let Err(q) = self.spool.quarantine_row(row, &e.to_string()) {
+                tracing::error!(error = %q, "cannot quarantine a rejected spool row");
             }
         }
     }
@@ -736,6 +780,12 @@ impl Router {
                             .insert(row.seq, (input, matches!(record, Record::Event(_))));
                         self.drain_cursor = row.seq;
                         left -= 1;
+                    }
+                    Err((e, _)) if permanent(&e) => {
+                        self.metrics.kafka_error(error_kind(&e));
+                        self.delivery_acks.remove(&row.seq);
+                        self.reject(input, row.seq, &e, Some(row.seq));
+                        self.drain_cursor = row.seq;
                     }
                     Err((e, _)) => {
                         if !matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::QueueFull)) {

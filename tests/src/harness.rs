@@ -582,3 +582,38 @@ pub fn check_complete_and_ordered(records: &[Consumed], devices: usize, n: usize
     }
     dups
 }
+
+/// Publishes the given (topic, payload) pairs with QoS 1, in order, and waits for every
+/// PUBACK.
+pub fn publish_raw(port: u16, messages: Vec<(String, Vec<u8>)>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let mut o = rumqttc::MqttOptions::new(format!("raw-{}", free_port()), "127.0.0.1", port);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut ev) = rumqttc::AsyncClient::new(o, 10_000);
+        let total = messages.len();
+        let pump = tokio::spawn(async move {
+            let mut acked = 0;
+            while acked < total {
+                match ev.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher connection: {e}"),
+                }
+            }
+        });
+        for (t, p) in messages {
+            client
+                .publish(t, rumqttc::QoS::AtLeastOnce, false, p)
+                .await
+                .expect("publish");
+        }
+        tokio::time::timeout(Duration::from_secs(60), pump)
+            .await
+            .expect("PUBACKs")
+            .expect("pump");
+    });
+}

@@ -739,3 +739,66 @@ fn spool_stats_and_export_read_what_sigterm_left() {
         "exported in spool order"
     );
 }
+
+#[test]
+fn a_record_kafka_rejects_for_good_is_counted_and_does_not_block_the_spool() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    // Records above 4000 bytes are refused by the producer (as a broker's limit would).
+    let gw = Gateway::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            mqtt.port,
+            &kafka.bootstrap,
+            "",
+            "",
+            "[output.kafka.options]\n\"message.max.bytes\" = \"4000\"",
+        ),
+    );
+    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
+    let event = |seq: usize| {
+        (
+            "sensors/dev-0/telemetry".to_string(),
+            format!(r#"{{"seq":{seq},"v":1}}"#).into_bytes(),
+        )
+    };
+    let poison = || {
+        let big = "x".repeat(6000);
+        (
+            "sensors/poison/telemetry".to_string(),
+            format!(r#"{{"note":"{big}"}}"#).into_bytes(),
+        )
+    };
+    // Direct mode, then spooling mode: a poison record in each.
+    let mut first: Vec<_> = (0..100).map(event).collect();
+    first.push(poison());
+    first.extend((100..200).map(event));
+    publish_raw(mqtt.port, first);
+    wait_for("direct deliveries", Duration::from_secs(20), || {
+        gw.metric("gateway_events_delivered_total{input=\"site\"}") == 200.0
+    });
+    kafka.down();
+    let mut second: Vec<_> = (200..300).map(event).collect();
+    second.push(poison());
+    second.extend((300..400).map(event));
+    publish_raw(mqtt.port, second);
+    wait_for("spooled", Duration::from_secs(20), || {
+        gw.metric("gateway_spool_rows") > 0.0
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    kafka.up();
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= 400
+    });
+    check_complete_and_ordered(&records, 1, 400);
+    wait_for("both rejects counted", Duration::from_secs(20), || {
+        gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"kafka_rejected\"}") == 2.0
+    });
+    wait_for("the spool empty", Duration::from_secs(20), || {
+        gw.metric("gateway_spool_rows") == 0.0
+    });
+}
