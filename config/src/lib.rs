@@ -755,13 +755,57 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigErrors> {
                 .into_iter()
                 .map(|(path, message)| ConfigError {
                     file: file.map(Path::to_path_buf),
-                    position: None,
+                    position: locate(text, &path).map(|o| line_col(text, o)),
                     path: Some(path),
                     message,
                 })
                 .collect(),
         ))
     }
+}
+
+/// The byte offset of a field path such as `inputs[0].topics[1]` in the text: of the
+/// value itself, or of the deepest enclosing table or array written in the file (a field
+/// left to its default has no place of its own).
+fn locate(text: &str, path: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let mut offset = None;
+    let mut table: Option<&DeTable<'_>> = Some(root.get_ref());
+    let mut value: Option<&toml::Spanned<DeValue<'_>>> = None;
+    for part in path.split('.') {
+        let (key, indexes) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if let Some(v) = value.take() {
+            table = match v.get_ref() {
+                DeValue::Table(t) => Some(t),
+                _ => None,
+            };
+        }
+        let found = table?
+            .iter()
+            .find(|(k, _)| k.get_ref() == key)
+            .map(|(_, v)| v)?;
+        offset = Some(found.span().start);
+        let mut cur = found;
+        for idx in indexes.split(['[', ']']).filter(|s| !s.is_empty()) {
+            let i: usize = idx.parse().ok()?;
+            match cur.get_ref() {
+                DeValue::Array(a) => match a.get(i) {
+                    Some(v) => {
+                        cur = v;
+                        offset = Some(cur.span().start);
+                    }
+                    None => return offset,
+                },
+                _ => return offset,
+            }
+        }
+        value = Some(cur);
+    }
+    offset
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -965,6 +1009,12 @@ topics = ["a/{device"]
 brokers = ""
 "#;
         let e = parse(text, None).unwrap_err();
+        let positions: Vec<_> = e.0.iter().map(|e| e.position).collect();
+        // id = "bad id" is line 3; qos = 2 line 9; the topic line 10; brokers line 12.
+        assert_eq!(
+            positions,
+            [Some((3, 6)), Some((9, 7)), Some((10, 11)), Some((12, 11))]
+        );
         let paths: Vec<_> = e.0.iter().filter_map(|e| e.path.clone()).collect();
         assert_eq!(
             paths,
