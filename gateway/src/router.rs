@@ -464,9 +464,9 @@ impl Router {
                             1,
                         );
                     } else if !d.spooled {
-                        if seq <= self.drain_cursor || self.drain_cursor == 0 {
-                            self.respooled_low = true;
-                        }
+                        // It re-enters at its own seq, which may be below the drain
+                        // cursor: the next drain commits it and restarts from the top.
+                        self.respooled_low = true;
                         let ack = d.ack.take().unwrap_or_default();
                         self.spool_row(seq, d.input, d.record.encode(), ack, d.until_delivered);
                     } else if let Some(ack) = d.ack.take() {
@@ -516,8 +516,8 @@ impl Router {
         tracing::error!(input = %name, seq, error = %e, "Kafka rejected a record for good; dropped (reason kafka_rejected)");
         self.metrics.dropped(&name, "kafka_rejected", 1);
         if let Some(row) = spooled_row {
-            // Make sure it is on disk before moving it.
-            self.commit();
+            // Drained rows are committed rows: move it aside as it is (no commit here,
+            // which could run the overflow policy in the middle of a drain batch).
             if let Err(q) = self.spool.quarantine_row(row, &e.to_string()) {
                 tracing::error!(error = %q, "cannot quarantine a rejected spool row");
             }
@@ -597,9 +597,32 @@ impl Router {
         if self.cfg.overflow != OverflowPolicy::DropOldest {
             return;
         }
-        let total = self.spool.bytes() + self.pending_bytes;
+        let mut total = self.spool.bytes() + self.pending_bytes;
         if total <= self.cfg.max_bytes {
             return;
+        }
+        // Rows Kafka already confirmed go first: deleting them drops nothing.
+        if !self.pending_deletes.is_empty() {
+            let confirmed: std::collections::HashSet<u64> =
+                self.pending_deletes.iter().copied().collect();
+            let mut freed = 0;
+            self.pending.retain(|r| {
+                let keep = !confirmed.contains(&r.seq);
+                if !keep {
+                    freed += r.data.len() as u64;
+                }
+                keep
+            });
+            self.pending_bytes -= freed;
+            if self.spool.write(&[], &self.pending_deletes).is_err() {
+                return; // the commit that follows reports the error
+            }
+            self.pending_deletes.clear();
+            self.deletes_since = None;
+            total = self.spool.bytes() + self.pending_bytes;
+            if total <= self.cfg.max_bytes {
+                return;
+            }
         }
         let mut need = total - self.cfg.max_bytes;
         // Rows being drained are not dropped: they may be confirmed any moment.
@@ -714,8 +737,11 @@ impl Router {
                 return;
             }
             // Restart the drain at the first failed row; flush confirmed deletes first
-            // so they are not sent again.
+            // so they are not sent again (and wait while the spool cannot be written).
             self.commit();
+            if !self.pending_deletes.is_empty() || !self.pending.is_empty() {
+                return;
+            }
             self.drain_cursor = min.saturating_sub(1);
             self.drain_failed_min = None;
             self.next_probe = Instant::now()
@@ -761,8 +787,11 @@ impl Router {
                     Err(e) => {
                         tracing::error!(seq = row.seq, error = %e, "undecodable spool row moved to quarantine");
                         self.metrics.dropped(&row.source, "corrupt_record", 1);
+                        self.delivery_acks.remove(&row.seq);
                         if let Err(e) = self.spool.quarantine_row(row.seq, &e.to_string()) {
-                            tracing::error!(error = %e, "cannot quarantine a spool row");
+                            tracing::error!(error = %e, "cannot quarantine a spool row; will retry");
+                            self.drain_failed_min = Some(row.seq);
+                            return;
                         }
                         self.drain_cursor = row.seq;
                         continue;
@@ -783,9 +812,9 @@ impl Router {
                     }
                     Err((e, _)) if permanent(&e) => {
                         self.metrics.kafka_error(error_kind(&e));
+                        self.drain_cursor = row.seq;
                         self.delivery_acks.remove(&row.seq);
                         self.reject(input, row.seq, &e, Some(row.seq));
-                        self.drain_cursor = row.seq;
                     }
                     Err((e, _)) => {
                         if !matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::QueueFull)) {
@@ -797,6 +826,9 @@ impl Router {
                     }
                 }
             }
+        }
+        if self.spool.rows() == 0 && self.drain_inflight.is_empty() {
+            self.drain_cursor = 0;
         }
         if self.last_progress_log.elapsed() >= Duration::from_secs(5) && self.spool.rows() > 0 {
             self.last_progress_log = Instant::now();
@@ -852,8 +884,14 @@ impl Router {
                 self.on_report(r);
             }
         }
-        // Whatever did not report: the spool holds a copy; on_delivery acks wait with it.
+        // Whatever did not report: the spool holds a copy and on_delivery acks wait
+        // with it; unless the copy was dropped by the overflow policy, which counts now.
         for (seq, mut d) in std::mem::take(&mut self.direct) {
+            if d.copy_dropped {
+                let name = self.inputs[d.input as usize].name.clone();
+                self.metrics.dropped(&name, "spool_overflow", 1);
+                continue;
+            }
             if let Some(ack) = d.ack.take() {
                 self.delivery_acks.insert(seq, ack);
             }

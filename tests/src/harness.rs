@@ -378,6 +378,13 @@ impl Gateway {
             .status();
     }
 
+    /// Waits until the MQTT input `site` is connected.
+    pub fn wait_connected(&self) {
+        wait_for("the MQTT input to connect", Duration::from_secs(10), || {
+            self.metric("gateway_input_connected{input=\"site\"}") == 1.0
+        });
+    }
+
     /// Its metrics, `name{labels}` → value.
     pub fn metrics(&self) -> BTreeMap<String, f64> {
         let text = http_get(self.metrics_port, "/metrics").unwrap_or_default();
@@ -388,6 +395,15 @@ impl Gateway {
                 Some((k.to_string(), v.parse().ok()?))
             })
             .collect()
+    }
+
+    /// All drops, every input and reason.
+    pub fn dropped_total(&self) -> f64 {
+        self.metrics()
+            .iter()
+            .filter(|(k, _)| k.starts_with("gateway_events_dropped_total"))
+            .map(|(_, v)| v)
+            .sum()
     }
 
     /// One metric (0 when absent).
@@ -616,4 +632,65 @@ pub fn publish_raw(port: u16, messages: Vec<(String, Vec<u8>)>) {
             .expect("PUBACKs")
             .expect("pump");
     });
+}
+
+/// Partitions of every test topic.
+pub const PARTITIONS: i32 = 4;
+
+/// Whether Kafka is reachable when a rig starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uplink {
+    /// Brokers up.
+    Up,
+    /// Brokers down from the start.
+    Down,
+}
+
+/// A whole test setup: a temp dir, Mosquitto, the Kafka mock with `topics`, and a
+/// connected gateway running [`config`] with the given extra lines. Bind the parts in
+/// this order so the gateway stops first.
+pub fn rig(
+    topics: &[&str],
+    uplink: Uplink,
+    spool: &str,
+    input: &str,
+    kafka: &str,
+) -> (tempfile::TempDir, Mosquitto, Kafka, Gateway) {
+    rig_in(
+        tempfile::tempdir().expect("tempdir"),
+        topics,
+        uplink,
+        spool,
+        input,
+        kafka,
+    )
+}
+
+/// [`rig`] in a prepared directory (a planted spool file, a small file system...).
+pub fn rig_in(
+    dir: tempfile::TempDir,
+    topics: &[&str],
+    uplink: Uplink,
+    spool: &str,
+    input: &str,
+    kafka_extra: &str,
+) -> (tempfile::TempDir, Mosquitto, Kafka, Gateway) {
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, topics, PARTITIONS);
+    if uplink == Uplink::Down {
+        kafka.down();
+    }
+    let gw = Gateway::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            mqtt.port,
+            &kafka.bootstrap,
+            spool,
+            input,
+            kafka_extra,
+        ),
+    );
+    gw.wait_connected();
+    (dir, mqtt, kafka, gw)
 }

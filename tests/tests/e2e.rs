@@ -8,22 +8,12 @@ use std::time::Duration;
 use common::*;
 
 const TOPIC: &str = "telemetry.site";
-const PARTITIONS: i32 = 4;
 
 #[test]
 fn qos1_events_reach_kafka_in_order_with_key_and_headers() {
     let devices = 50;
     let n = 2000; // 100k events
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    let gw = Gateway::start(
-        dir.path(),
-        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""),
-    );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
+    let (_dir, mqtt, kafka, gw) = rig(&[TOPIC], Uplink::Up, "", "", "");
     let started = std::time::Instant::now();
     publish(mqtt.port, devices, n, None, None);
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(180), |r| {
@@ -103,16 +93,7 @@ fn unique_ids(records: &[Consumed]) -> usize {
 #[test]
 fn kafka_down_for_30s_spools_then_drains_in_order() {
     let (devices, n) = (20, 1500); // 30k events over ~60 s
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    let gw = Gateway::start(
-        dir.path(),
-        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""),
-    );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
+    let (_dir, mqtt, kafka, gw) = rig(&[TOPIC], Uplink::Up, "", "", "");
     let publisher = publish_in_background(mqtt.port, devices, n, Duration::from_micros(2000));
     wait_for("direct deliveries", Duration::from_secs(30), || {
         gw.metric("gateway_events_delivered_total{input=\"site\"}") > 2000.0
@@ -158,36 +139,14 @@ fn kafka_down_for_30s_spools_then_drains_in_order() {
         records.len()
     );
     assert!(gw.metric("gateway_spool_drained_total") > 0.0);
-    let dropped: f64 = gw
-        .metrics()
-        .iter()
-        .filter(|(k, _)| k.starts_with("gateway_events_dropped_total"))
-        .map(|(_, v)| v)
-        .sum();
-    assert_eq!(dropped, 0.0, "nothing dropped");
+    assert_eq!(gw.dropped_total(), 0.0, "nothing dropped");
 }
 
 #[test]
 fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     use rand::Rng;
     let (devices, n) = (20, 1000); // 20k events over ~30 s
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    let mut gw = Gateway::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            mqtt.port,
-            &kafka.bootstrap,
-            "synchronous = \"full\"",
-            "",
-            "",
-        ),
-    );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
+    let (_dir, mqtt, kafka, mut gw) = rig(&[TOPIC], Uplink::Up, "synchronous = \"full\"", "", "");
     let publisher = publish_in_background(mqtt.port, devices, n, Duration::from_micros(1500));
     let mut rng = rand::rng();
     for round in 0..6 {
@@ -219,23 +178,13 @@ fn kill_9_at_random_moments_loses_nothing_acknowledged() {
 #[test]
 fn malformed_payloads_are_counted_and_dead_lettered() {
     let (devices, n) = (10, 1000);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC, "telemetry.dead-letter"], PARTITIONS);
-    let gw = Gateway::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            mqtt.port,
-            &kafka.bootstrap,
-            "",
-            "",
-            "dead_letter_topic = \"telemetry.dead-letter\"",
-        ),
+    let (_dir, mqtt, kafka, gw) = rig(
+        &[TOPIC, "telemetry.dead-letter"],
+        Uplink::Up,
+        "",
+        "",
+        "dead_letter_topic = \"telemetry.dead-letter\"",
     );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
     publish(mqtt.port, devices, n, Some(100), None);
     let bad = devices * n / 100;
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
@@ -270,24 +219,13 @@ fn malformed_payloads_are_counted_and_dead_lettered() {
 #[test]
 fn a_full_spool_with_block_holds_back_and_drops_nothing() {
     let (devices, n) = (10, 300);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    kafka.down();
-    let gw = Gateway::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            mqtt.port,
-            &kafka.bootstrap,
-            "max_bytes = 65536\noverflow = \"block\"",
-            "",
-            "",
-        ),
+    let (_dir, mqtt, kafka, gw) = rig(
+        &[TOPIC],
+        Uplink::Down,
+        "max_bytes = 65536\noverflow = \"block\"",
+        "",
+        "",
     );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
     publish(mqtt.port, devices, n, None, None);
     wait_for("backpressure", Duration::from_secs(30), || {
         gw.metric("gateway_spool_blocked") == 1.0
@@ -304,37 +242,20 @@ fn a_full_spool_with_block_holds_back_and_drops_nothing() {
         unique_ids(r) >= devices * n
     });
     check_complete_and_ordered(&records, devices, n);
-    let dropped: f64 = gw
-        .metrics()
-        .iter()
-        .filter(|(k, _)| k.starts_with("gateway_events_dropped_total"))
-        .map(|(_, v)| v)
-        .sum();
-    assert_eq!(dropped, 0.0);
+    assert_eq!(gw.dropped_total(), 0.0, "nothing dropped");
 }
 
 #[test]
 fn a_full_spool_with_drop_oldest_counts_every_drop() {
     let (devices, n) = (10, 300);
     let total = devices * n;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    kafka.down();
-    let gw = Gateway::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            mqtt.port,
-            &kafka.bootstrap,
-            "max_bytes = 65536\noverflow = \"drop_oldest\"",
-            "",
-            "",
-        ),
+    let (_dir, mqtt, kafka, gw) = rig(
+        &[TOPIC],
+        Uplink::Down,
+        "max_bytes = 65536\noverflow = \"drop_oldest\"",
+        "",
+        "",
     );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
     publish(mqtt.port, devices, n, None, None);
     wait_for(
         "every message acknowledged",
@@ -384,21 +305,13 @@ fn a_corrupt_spool_at_start_is_quarantined_and_the_gateway_runs() {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).expect("state dir");
     std::fs::write(state.join("spool.sqlite"), vec![0x5Au8; 64 * 1024]).expect("garbage");
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    let gw = Gateway::start(
-        dir.path(),
-        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""),
-    );
+    let (_dir, mqtt, kafka, gw) = rig_in(dir, &[TOPIC], Uplink::Up, "", "", "");
     assert_eq!(gw.metric("gateway_spool_quarantined_total"), 1.0);
     let moved = std::fs::read_dir(&state)
         .expect("list")
         .filter_map(|e| e.ok())
         .any(|e| e.file_name().to_string_lossy().contains(".corrupt-"));
     assert!(moved, "the corrupt file was kept aside");
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
     publish(mqtt.port, 5, 100, None, None);
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| {
         r.len() >= 500
@@ -408,16 +321,7 @@ fn a_corrupt_spool_at_start_is_quarantined_and_the_gateway_runs() {
 
 #[test]
 fn sighup_rebuilds_the_pipeline_and_sigterm_spools_the_rest() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC, "v2.site"], PARTITIONS);
-    let mut gw = Gateway::start(
-        dir.path(),
-        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""),
-    );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
+    let (_dir, mqtt, kafka, mut gw) = rig(&[TOPIC, "v2.site"], Uplink::Up, "", "", "");
     publish(mqtt.port, 5, 100, None, None);
     let first = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| {
         r.len() >= 500
@@ -496,24 +400,12 @@ fn sighup_rebuilds_the_pipeline_and_sigterm_spools_the_rest() {
 #[test]
 fn mqtt_5_input_delivers_in_order() {
     let (devices, n) = (10, 1000);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    let gw = Gateway::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            mqtt.port,
-            &kafka.bootstrap,
-            "",
-            "protocol = \"v5\"\nreceive_maximum = 500",
-            "",
-        ),
-    );
-    wait_for(
-        "the MQTT 5 input to connect",
-        Duration::from_secs(10),
-        || gw.metric("gateway_input_connected{input=\"site\"}") == 1.0,
+    let (_dir, mqtt, kafka, gw) = rig(
+        &[TOPIC],
+        Uplink::Up,
+        "",
+        "protocol = \"v5\"\nreceive_maximum = 500",
+        "",
     );
     publish(mqtt.port, devices, n, None, None);
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
@@ -530,24 +422,13 @@ fn mqtt_5_input_delivers_in_order() {
 #[test]
 fn on_delivery_holds_acks_until_kafka_confirms() {
     let (devices, n) = (5, 200);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    kafka.down();
-    let gw = Gateway::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            mqtt.port,
-            &kafka.bootstrap,
-            "",
-            "ack_policy = \"on_delivery\"",
-            "",
-        ),
+    let (_dir, mqtt, kafka, gw) = rig(
+        &[TOPIC],
+        Uplink::Down,
+        "",
+        "ack_policy = \"on_delivery\"",
+        "",
     );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
     publish(mqtt.port, devices, n, None, None);
     wait_for("the events in the spool", Duration::from_secs(20), || {
         gw.metric("gateway_events_spooled_total{input=\"site\"}") >= (devices * n) as f64
@@ -614,16 +495,7 @@ fn a_full_disk_holds_inputs_back_and_recovers_when_space_returns() {
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
         return;
     };
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    kafka.down();
-    let gw = Gateway::start(
-        dir.path(),
-        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""),
-    );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
+    let (_dir, mqtt, kafka, gw) = rig_in(dir, &[TOPIC], Uplink::Down, "", "", "");
     publish(mqtt.port, devices, n, None, None);
     wait_for("the disk to fill", Duration::from_secs(30), || {
         gw.metric("gateway_spool_errors_total{kind=\"disk_full\"}") > 0.0
@@ -650,13 +522,7 @@ fn a_full_disk_holds_inputs_back_and_recovers_when_space_returns() {
         unique_ids(r) >= devices * n
     });
     check_complete_and_ordered(&records, devices, n);
-    let dropped: f64 = gw
-        .metrics()
-        .iter()
-        .filter(|(k, _)| k.starts_with("gateway_events_dropped_total"))
-        .map(|(_, v)| v)
-        .sum();
-    assert_eq!(dropped, 0.0);
+    assert_eq!(gw.dropped_total(), 0.0, "nothing dropped");
     drop(gw);
 }
 
@@ -694,17 +560,7 @@ fn check_config_reports_positions_and_print_config_is_valid() {
 
 #[test]
 fn spool_stats_and_export_read_what_sigterm_left() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
-    kafka.down();
-    let mut gw = Gateway::start(
-        dir.path(),
-        &config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", ""),
-    );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
+    let (_dir, mqtt, _kafka, mut gw) = rig(&[TOPIC], Uplink::Down, "", "", "");
     publish(mqtt.port, 5, 10, None, None);
     wait_for("50 received", Duration::from_secs(10), || {
         gw.metric("gateway_events_received_total{input=\"site\"}") == 50.0
@@ -742,24 +598,14 @@ fn spool_stats_and_export_read_what_sigterm_left() {
 
 #[test]
 fn a_record_kafka_rejects_for_good_is_counted_and_does_not_block_the_spool() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mqtt = Mosquitto::start();
-    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
     // Records above 4000 bytes are refused by the producer (as a broker's limit would).
-    let gw = Gateway::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            mqtt.port,
-            &kafka.bootstrap,
-            "",
-            "",
-            "[output.kafka.options]\n\"message.max.bytes\" = \"4000\"",
-        ),
+    let (_dir, mqtt, kafka, gw) = rig(
+        &[TOPIC],
+        Uplink::Up,
+        "",
+        "",
+        "[output.kafka.options]\n\"message.max.bytes\" = \"4000\"",
     );
-    wait_for("the MQTT input to connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
     let event = |seq: usize| {
         (
             "sensors/dev-0/telemetry".to_string(),

@@ -303,15 +303,22 @@ pub async fn run(
     // Released acks go through an unbounded queue to a task that hands them to the
     // client, waiting for room in its request channel: an ack is never thrown away.
     // The queue is bounded in practice by the broker's in-flight window.
-    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Msg>();
-    let acks = AckQueue::new(move |p: Msg| {
+    // Each message carries the connection epoch it arrived on: an ack released after a
+    // reconnect would name a packet id of the old connection, so it is not sent.
+    let epoch = std::sync::Arc::new(AtomicU64::new(0));
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Msg)>();
+    let acks = AckQueue::new(move |p: (u64, Msg)| {
         let _ = ack_tx.send(p);
     });
     let acker = {
         let client = link.acker();
         let m = m.clone();
+        let epoch = epoch.clone();
         tokio::spawn(async move {
-            while let Some(p) = ack_rx.recv().await {
+            while let Some((e, p)) = ack_rx.recv().await {
+                if e != epoch.load(Ordering::SeqCst) {
+                    continue;
+                }
                 match client.ack(&p).await {
                     Ok(()) => {
                         m.acks.inc();
@@ -361,7 +368,7 @@ pub async fn run(
                     continue;
                 }
                 let ack = if manual && p.qos1() {
-                    acks.push(p.clone())
+                    acks.push((epoch.load(Ordering::SeqCst), p.clone()))
                 } else {
                     Ack::none()
                 };
@@ -374,6 +381,7 @@ pub async fn run(
                 m.connected.set(0);
                 m.reconnects.inc();
                 // Packet ids of the old connection mean nothing on the next one.
+                epoch.fetch_add(1, Ordering::SeqCst);
                 acks.reset();
                 let jittered = delay.mul_f64(rand::rng().random_range(0.5..1.0));
                 tracing::warn!(input = %cfg.name, error = %e, retry_in = ?jittered, "MQTT connection lost");

@@ -85,49 +85,43 @@ fn lookup<'j>(obj: &'j Json, path: &str) -> Option<&'j Json> {
     Some(cur)
 }
 
-/// Converts an epoch number in `unit` (or guessed by magnitude) to ns.
+/// ns per unit of an epoch number; `Auto` guesses the unit by magnitude (seconds below
+/// 1e11, milliseconds below 1e14, microseconds below 1e17, else nanoseconds).
+fn ns_per_unit(unit: TimeUnit, magnitude: f64) -> Option<i64> {
+    Some(match unit {
+        TimeUnit::S => 1_000_000_000,
+        TimeUnit::Ms => 1_000_000,
+        TimeUnit::Us => 1_000,
+        TimeUnit::Ns => 1,
+        TimeUnit::Rfc3339 => return None,
+        TimeUnit::Auto if magnitude < 1e11 => 1_000_000_000,
+        TimeUnit::Auto if magnitude < 1e14 => 1_000_000,
+        TimeUnit::Auto if magnitude < 1e17 => 1_000,
+        TimeUnit::Auto => 1,
+    })
+}
+
+/// Converts an epoch number (with a fraction) in `unit` to ns.
 pub fn epoch_to_ns(v: f64, unit: TimeUnit) -> Option<i64> {
     if !v.is_finite() || v < 0.0 {
         return None;
     }
-    let factor = match unit {
-        TimeUnit::S => 1e9,
-        TimeUnit::Ms => 1e6,
-        TimeUnit::Us => 1e3,
-        TimeUnit::Ns => 1.0,
-        TimeUnit::Rfc3339 => return None,
-        TimeUnit::Auto if v < 1e11 => 1e9,
-        TimeUnit::Auto if v < 1e14 => 1e6,
-        TimeUnit::Auto if v < 1e17 => 1e3,
-        TimeUnit::Auto => 1.0,
-    };
-    let ns = v * factor;
+    let ns = v * ns_per_unit(unit, v)? as f64;
     (ns < 9.2e18).then_some(ns as i64)
+}
+
+/// Converts an integer epoch in `unit` to ns, exactly.
+pub fn epoch_int_to_ns(v: i64, unit: TimeUnit) -> Option<i64> {
+    if v < 0 {
+        return None;
+    }
+    v.checked_mul(ns_per_unit(unit, v as f64)?)
 }
 
 /// Parses RFC 3339 text to ns since the epoch.
 pub fn rfc3339_to_ns(s: &str) -> Option<i64> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
     i64::try_from(t.unix_timestamp_nanos()).ok()
-}
-
-/// Converts an integer epoch in `unit` (or guessed by magnitude) to ns, exactly.
-pub fn epoch_int_to_ns(v: i64, unit: TimeUnit) -> Option<i64> {
-    if v < 0 {
-        return None;
-    }
-    let factor: i64 = match unit {
-        TimeUnit::S => 1_000_000_000,
-        TimeUnit::Ms => 1_000_000,
-        TimeUnit::Us => 1_000,
-        TimeUnit::Ns => 1,
-        TimeUnit::Rfc3339 => return None,
-        TimeUnit::Auto if v < 100_000_000_000 => 1_000_000_000,
-        TimeUnit::Auto if v < 100_000_000_000_000 => 1_000_000,
-        TimeUnit::Auto if v < 100_000_000_000_000_000 => 1_000,
-        TimeUnit::Auto => 1,
-    };
-    v.checked_mul(factor)
 }
 
 fn parse_time(v: &Json, unit: TimeUnit) -> Result<i64, Malformed> {

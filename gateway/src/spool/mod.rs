@@ -212,8 +212,11 @@ impl Spool {
             }
             Err(e) => return Err(e),
         };
+        // max_seq also covers quarantined rows, so new seqs never collide with them.
         let (rows, bytes, max_seq): (i64, i64, i64) = conn.query_row(
-            "SELECT count(*), coalesce(sum(length(data)), 0), coalesce(max(seq), 0) FROM spool",
+            "SELECT count(*), coalesce(sum(length(data)), 0),
+                    max(coalesce(max(seq), 0), (SELECT coalesce(max(seq), 0) FROM quarantine))
+             FROM spool",
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
