@@ -143,11 +143,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             if !path.exists() {
                 anyhow::bail!("no spool at {}", path.display());
             }
-            let (mut spool, report) = Spool::open(&path, gateway_config::Synchronous::Full)
+            // Read-only: safe beside a running gateway, and never moves a file aside.
+            let mut spool = Spool::open_read_only(&path)
                 .with_context(|| format!("cannot open the spool at {}", path.display()))?;
-            if let Some(q) = report.quarantined {
-                eprintln!("the spool was corrupt and was moved to {}", q.display());
-            }
             match command {
                 SpoolCommand::Stats => {
                     let s = spool.stats()?;

@@ -232,6 +232,36 @@ impl Spool {
         ))
     }
 
+    /// Opens an existing spool read-only, for inspection (`gateway spool ...`) beside a
+    /// running gateway: no migration, no quarantine, nothing written.
+    pub fn open_read_only(path: &Path) -> Result<Spool, SpoolError> {
+        use rusqlite::OpenFlags;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version as usize != MIGRATIONS.len() {
+            return Err(SpoolError::Corrupt(format!(
+                "schema version {version}, this gateway reads {}",
+                MIGRATIONS.len()
+            )));
+        }
+        let (rows, bytes, max_seq): (i64, i64, i64) = conn.query_row(
+            "SELECT count(*), coalesce(sum(length(data)), 0), coalesce(max(seq), 0) FROM spool",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        Ok(Spool {
+            conn,
+            path: path.to_path_buf(),
+            rows: rows as u64,
+            bytes: bytes as u64,
+            max_seq: max_seq as u64,
+        })
+    }
+
     /// Rows waiting.
     pub fn rows(&self) -> u64 {
         self.rows
