@@ -47,13 +47,18 @@ impl Mosquitto {
     /// Starts Mosquitto with an unlimited queue for offline persistent sessions and a
     /// QoS 1 in-flight window of 1000 (the README explains why).
     pub fn start() -> Mosquitto {
+        Self::start_with("")
+    }
+
+    /// Starts Mosquitto with extra lines for its listener (TLS settings, say).
+    pub fn start_with(listener_extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+                "listener {port} 127.0.0.1\n{listener_extra}\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type warning\n"
             ),
         )
         .expect("write mosquitto.conf");

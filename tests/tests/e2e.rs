@@ -648,3 +648,77 @@ fn a_record_kafka_rejects_for_good_is_counted_and_does_not_block_the_spool() {
         gw.metric("gateway_spool_rows") == 0.0
     });
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with the
+/// openssl command.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &str| {
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("cd '{}' && openssl {args}", dir.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "openssl {args}");
+    };
+    let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    run(&format!(
+        "req -x509 {key} -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca"
+    ));
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    for who in ["server", "client"] {
+        run(&format!(
+            "req {key} -keyout {who}.key -out {who}.csr -subj /CN={who}"
+        ));
+        run(&format!(
+            "x509 -req -in {who}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {who}.pem -days 2 -extfile {who}.ext"
+        ));
+    }
+}
+
+#[test]
+fn mqtt_over_mutual_tls() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    make_certs(certs.path());
+    // Mosquitto started as root drops to its own user before it reads the files.
+    let readable = std::process::Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(certs.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(readable, "chmod the certificates");
+    let c = |f: &str| certs.path().join(f).display().to_string();
+    let tls_port = free_port();
+    let mqtt = Mosquitto::start_with(&format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        c("ca.pem"),
+        c("server.pem"),
+        c("server.key")
+    ));
+    wait_for("the TLS listener", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok()
+    });
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = format!(
+        "tls = {{ ca_file = \"{}\", client_cert_file = \"{}\", client_key_file = \"{}\" }}",
+        c("ca.pem"),
+        c("client.pem"),
+        c("client.key")
+    );
+    let text = config(dir.path(), tls_port, &kafka.bootstrap, "", &tls, "");
+    let gw = Gateway::start(dir.path(), &text);
+    gw.wait_connected();
+    // The publisher uses the plain listener of the same broker.
+    publish(mqtt.port, 5, 200, None, None);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| {
+        unique_ids(r) >= 1000
+    });
+    check_complete_and_ordered(&records, 5, 200);
+}
