@@ -865,10 +865,6 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
         if m.qos > 1 {
             err(format!("{p}.qos"), "must be 0 or 1");
         }
-        if m.qos == 0 && m.ack_policy != AckPolicy::OnReceive {
-            // QoS 0 has no acknowledgement at all; the policy has no effect. Not an
-            // error, but say so where it matters: in the docs.
-        }
         if m.topics.is_empty() {
             err(format!("{p}.topics"), "give at least one topic template");
         }
