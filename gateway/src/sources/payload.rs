@@ -612,3 +612,41 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod timing {
+    /// `cargo test --release -p gateway --lib decode_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn decode_cost() {
+        use super::*;
+        let payload = br#"{"device":"dev-07","seq":1234,"ts":1800000001234,"temperature":21.50,"lat":52.0007,"lon":13.001234}"#;
+        let origin = Origin {
+            source: "site",
+            topic: "sensors/dev-07/telemetry",
+            captures: &[("device", "dev-07")],
+            received_ns: 0,
+        };
+        let m = JsonMapping::default();
+        let n = 1_000_000;
+        let t = std::time::Instant::now();
+        let mut k = 0;
+        for _ in 0..n {
+            k += decode(PayloadFormat::Json, &m, &origin, payload)
+                .map(|v| v.len())
+                .unwrap_or(0);
+        }
+        let per = t.elapsed().as_nanos() as f64 / n as f64;
+        let e = decode(PayloadFormat::Json, &m, &origin, payload)
+            .unwrap()
+            .remove(0);
+        let t = std::time::Instant::now();
+        let mut b = 0;
+        for _ in 0..n {
+            b += crate::sinks::kafka::event_json_bytes(&e).len();
+            b += crate::event::Record::Event(e.clone()).encode().len();
+        }
+        let per2 = t.elapsed().as_nanos() as f64 / n as f64;
+        println!("decode {per:.0} ns/event ({k}); render json + clone + postcard {per2:.0} ns/event ({b})");
+    }
+}
