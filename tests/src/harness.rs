@@ -189,23 +189,7 @@ impl Kafka {
 
     /// A consumer assigned to every partition of `topic` from the beginning.
     pub fn consumer(&self, topic: &str, partitions: i32) -> BaseConsumer {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("group.id", "e2e-reader")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("isolation.level", "read_uncommitted")
-            .set("max.partition.fetch.bytes", "52428800")
-            .set("fetch.max.bytes", "104857600")
-            .create()
-            .expect("consumer");
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .expect("partition");
-        }
-        c.assign(&tpl).expect("assign");
-        c
+        self.consumer_at(topic, &vec![0; partitions as usize])
     }
 }
 
@@ -506,8 +490,74 @@ spool_after = "2s"
     )
 }
 
+/// Publishes every `(topic, payload)` in order with `qos`, `pace` apart. With QoS 1 it
+/// waits for every PUBACK; with QoS 0 it disconnects and waits until the disconnect (and
+/// so everything before it) went out. Returns the time taken. Messages are produced
+/// lazily, so a benchmark pays for formatting them as it goes, as a device would.
+pub fn send_all<I>(port: u16, qos: rumqttc::QoS, pace: Option<Duration>, messages: I) -> Duration
+where
+    I: IntoIterator<Item = (String, Vec<u8>)> + Send + 'static,
+    I::IntoIter: Send,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let mut o =
+            rumqttc::MqttOptions::new(format!("publisher-{}", free_port()), "127.0.0.1", port);
+        o.set_inflight(1000)
+            .set_keep_alive(Duration::from_secs(60))
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut ev) = rumqttc::AsyncClient::new(o, 10_000);
+        let start = Instant::now();
+        // The number sent, once all are; QoS 1 waits for as many PUBACKs.
+        let (total_tx, mut total_rx) = tokio::sync::watch::channel(None::<usize>);
+        let qos1 = qos == rumqttc::QoS::AtLeastOnce;
+        let pump = tokio::spawn(async move {
+            let mut acked = 0;
+            loop {
+                tokio::select! {
+                    polled = ev.poll() => match polled {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
+                        Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                        Ok(_) => {}
+                        Err(e) => panic!("publisher connection: {e}"),
+                    },
+                    _ = total_rx.changed() => {}
+                }
+                if qos1 && total_rx.borrow().is_some_and(|t| acked >= t) {
+                    break;
+                }
+            }
+        });
+        let mut sent = 0;
+        for (topic, payload) in messages {
+            client
+                .publish(topic, qos, false, payload)
+                .await
+                .expect("publish");
+            sent += 1;
+            if let Some(p) = pace {
+                tokio::time::sleep(p).await;
+            }
+        }
+        let _ = total_tx.send(Some(sent));
+        if !qos1 {
+            client.disconnect().await.expect("disconnect");
+        }
+        tokio::time::timeout(Duration::from_secs(60), pump)
+            .await
+            .expect("the publisher finished")
+            .expect("pump");
+        start.elapsed()
+    })
+}
+
 /// Publishes `n` QoS 1 JSON events per device for `devices` devices (interleaved), with
 /// `seq` 0..n, then waits for every PUBACK. `malformed_every` mixes in bad payloads.
+/// Returns how many messages went out.
 pub fn publish(
     port: u16,
     devices: usize,
@@ -515,55 +565,24 @@ pub fn publish(
     malformed_every: Option<usize>,
     pace: Option<Duration>,
 ) -> usize {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
-        let mut o = rumqttc::MqttOptions::new(format!("publisher-{}", free_port()), "127.0.0.1", port);
-        o.set_inflight(1000).set_keep_alive(Duration::from_secs(30));
-        let (client, mut ev) = rumqttc::AsyncClient::new(o, 10_000);
-        let total = devices * n + malformed_every.map_or(0, |k| devices * n / k);
-        let acker = tokio::spawn(async move {
-            let mut acked = 0;
-            while acked < total {
-                match ev.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
-                    Ok(_) => {}
-                    Err(e) => panic!("publisher connection: {e}"),
-                }
-            }
-            acked
-        });
-        let mut k = 0usize;
-        for seq in 0..n {
-            for d in 0..devices {
-                let payload = format!(
-                    r#"{{"device":"dev-{d}","seq":{seq},"ts":{},"temperature":{:.1},"lat":52.{d:04},"lon":13.{seq:04}}}"#,
-                    1_800_000_000_000u64 + seq as u64,
-                    20.0 + (seq % 10) as f64
-                );
-                client
-                    .publish(format!("sensors/dev-{d}/telemetry"), rumqttc::QoS::AtLeastOnce, false, payload)
-                    .await
-                    .expect("publish");
-                k += 1;
-                if let Some(every) = malformed_every {
-                    if k % every == 0 {
-                        client
-                            .publish(format!("sensors/dev-{d}/telemetry"), rumqttc::QoS::AtLeastOnce, false, "{not json")
-                            .await
-                            .expect("publish");
-                    }
-                }
-                if let Some(p) = pace {
-                    tokio::time::sleep(p).await;
-                }
+    let mut messages = Vec::new();
+    for seq in 0..n {
+        for d in 0..devices {
+            let topic = format!("sensors/dev-{d}/telemetry");
+            let payload = format!(
+                r#"{{"device":"dev-{d}","seq":{seq},"ts":{},"temperature":{:.1},"lat":52.{d:04},"lon":13.{seq:04}}}"#,
+                1_800_000_000_000u64 + seq as u64,
+                20.0 + (seq % 10) as f64
+            );
+            messages.push((topic.clone(), payload.into_bytes()));
+            if malformed_every.is_some_and(|every| (seq * devices + d + 1) % every == 0) {
+                messages.push((topic, b"{not json".to_vec()));
             }
         }
-        tokio::time::timeout(Duration::from_secs(300), acker).await.expect("all PUBACKs").expect("acker")
-    })
+    }
+    let total = messages.len();
+    send_all(port, rumqttc::QoS::AtLeastOnce, pace, messages);
+    total
 }
 
 /// Checks what Kafka holds: every `dev-d` has seq 0..n in order of first appearance,
@@ -607,36 +626,7 @@ pub fn check_complete_and_ordered(records: &[Consumed], devices: usize, n: usize
 /// Publishes the given (topic, payload) pairs with QoS 1, in order, and waits for every
 /// PUBACK.
 pub fn publish_raw(port: u16, messages: Vec<(String, Vec<u8>)>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
-        let mut o = rumqttc::MqttOptions::new(format!("raw-{}", free_port()), "127.0.0.1", port);
-        o.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut ev) = rumqttc::AsyncClient::new(o, 10_000);
-        let total = messages.len();
-        let pump = tokio::spawn(async move {
-            let mut acked = 0;
-            while acked < total {
-                match ev.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
-                    Ok(_) => {}
-                    Err(e) => panic!("publisher connection: {e}"),
-                }
-            }
-        });
-        for (t, p) in messages {
-            client
-                .publish(t, rumqttc::QoS::AtLeastOnce, false, p)
-                .await
-                .expect("publish");
-        }
-        tokio::time::timeout(Duration::from_secs(60), pump)
-            .await
-            .expect("PUBACKs")
-            .expect("pump");
-    });
+    send_all(port, rumqttc::QoS::AtLeastOnce, None, messages);
 }
 
 /// Partitions of every test topic.

@@ -343,41 +343,15 @@ fn sighup_rebuilds_the_pipeline_and_sigterm_spools_the_rest() {
     );
     // Kafka away, then SIGTERM: what is not confirmed must be in the spool.
     kafka.down();
-    std::thread::spawn({
-        let port = mqtt.port;
-        move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("rt");
-            rt.block_on(async {
-                let (c, mut ev) = rumqttc::AsyncClient::new(
-                    rumqttc::MqttOptions::new("p2", "127.0.0.1", port),
-                    1000,
-                );
-                for i in 0..200 {
-                    let _ = c
-                        .publish(
-                            "sensors/late/telemetry",
-                            rumqttc::QoS::AtLeastOnce,
-                            false,
-                            format!(r#"{{"seq":{i},"v":1}}"#),
-                        )
-                        .await;
-                }
-                let mut acked = 0;
-                while acked < 200 {
-                    if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) =
-                        ev.poll().await
-                    {
-                        acked += 1;
-                    }
-                }
-            });
-        }
-    })
-    .join()
-    .expect("publisher");
+    let late: Vec<_> = (0..200)
+        .map(|i| {
+            (
+                "sensors/late/telemetry".to_string(),
+                format!(r#"{{"seq":{i},"v":1}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    publish_raw(mqtt.port, late);
     wait_for("200 more received", Duration::from_secs(20), || {
         gw.metric("gateway_events_received_total{input=\"site\"}") >= 700.0
     });

@@ -32,54 +32,14 @@ fn payload(d: usize, seq: usize) -> String {
 
 /// Publishes `n` events round-robin over the devices; QoS 1 waits for every PUBACK.
 fn publish_n(port: u16, n: usize, qos: rumqttc::QoS) -> Duration {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
-        let mut o =
-            rumqttc::MqttOptions::new(format!("bench-pub-{}", free_port()), "127.0.0.1", port);
-        o.set_inflight(1000).set_keep_alive(Duration::from_secs(60));
-        let (client, mut ev) = rumqttc::AsyncClient::new(o, 10_000);
-        let start = Instant::now();
-        let need = if qos == rumqttc::QoS::AtLeastOnce {
-            n
-        } else {
-            0
-        };
-        let pump = tokio::spawn(async move {
-            let mut acked = 0;
-            loop {
-                match ev.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
-                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
-                    Ok(_) => {}
-                    Err(e) => panic!("publisher: {e}"),
-                }
-                if need > 0 && acked >= need {
-                    break;
-                }
-            }
-        });
-        for i in 0..n {
-            let d = i % DEVICES;
-            client
-                .publish(
-                    format!("sensors/dev-{d:02}/telemetry"),
-                    qos,
-                    false,
-                    payload(d, i / DEVICES),
-                )
-                .await
-                .expect("publish");
-        }
-        if need == 0 {
-            client.disconnect().await.expect("disconnect");
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(600), pump).await;
-        start.elapsed()
-    })
+    let messages = (0..n).map(|i| {
+        let d = i % DEVICES;
+        (
+            format!("sensors/dev-{d:02}/telemetry"),
+            payload(d, i / DEVICES).into_bytes(),
+        )
+    });
+    send_all(port, qos, None, messages)
 }
 
 /// The broker alone: a subscriber counts what a publisher sends.
