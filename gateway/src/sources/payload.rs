@@ -55,6 +55,23 @@ impl Origin<'_> {
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect()
     }
+
+    /// An event from here: source, origin and receipt time filled in, the topic's
+    /// fields as tags, no location and no readings yet.
+    fn event(&self, id: String, device: String, time_ns: i64, clock: ClockQuality) -> Event {
+        Event {
+            id,
+            device,
+            source: self.source.to_string(),
+            origin: self.topic.to_string(),
+            time_ns,
+            clock,
+            received_ns: self.received_ns,
+            location: None,
+            readings: BTreeMap::new(),
+            tags: self.tags(),
+        }
+    }
 }
 
 /// Decodes one payload into zero or more events.
@@ -208,7 +225,7 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
     };
     let loc = location(num(&m.lat)?, num(&m.lon)?, num(&m.alt)?, num(&m.accuracy)?)?;
     let seq = lookup(&doc, &m.seq).and_then(Json::as_u64);
-    let mut tags = o.tags();
+    let mut tags = BTreeMap::new();
     for t in &m.tags {
         if let Some(v) = lookup(&doc, t) {
             let s = match v {
@@ -256,18 +273,11 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
         Some(s) => format!("{device}:{s}"),
         None => content_id(o.source, o.topic, payload, 0),
     };
-    Ok(Event {
-        id,
-        device,
-        source: o.source.to_string(),
-        origin: o.topic.to_string(),
-        time_ns,
-        clock,
-        received_ns: o.received_ns,
-        location: loc,
-        readings,
-        tags,
-    })
+    let mut e = o.event(id, device, time_ns, clock);
+    e.location = loc;
+    e.readings = readings;
+    e.tags.append(&mut tags);
+    Ok(e)
 }
 
 fn decode_number(o: &Origin<'_>, payload: &[u8]) -> Result<Event, Malformed> {
@@ -283,18 +293,14 @@ fn decode_number(o: &Origin<'_>, payload: &[u8]) -> Result<Event, Malformed> {
         .capture("device")
         .ok_or_else(|| bad("missing_device", "the topic has no {device} field"))?;
     let metric = o.capture("metric").unwrap_or("value");
-    Ok(Event {
-        id: content_id(o.source, o.topic, payload, 0),
-        device: device.to_string(),
-        source: o.source.to_string(),
-        origin: o.topic.to_string(),
-        time_ns: o.received_ns,
-        clock: ClockQuality::Gateway,
-        received_ns: o.received_ns,
-        location: None,
-        readings: [(metric.to_string(), Value::Number(v))].into(),
-        tags: o.tags(),
-    })
+    let mut e = o.event(
+        content_id(o.source, o.topic, payload, 0),
+        device.to_string(),
+        o.received_ns,
+        ClockQuality::Gateway,
+    );
+    e.readings.insert(metric.to_string(), Value::Number(v));
+    Ok(e)
 }
 
 /// SenML: resolves base fields, groups records of one device and time into one event.
@@ -384,18 +390,7 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
         {
             Some(p) => p,
             None => {
-                out.push(Event {
-                    id: String::new(),
-                    device,
-                    source: o.source.to_string(),
-                    origin: o.topic.to_string(),
-                    time_ns,
-                    clock,
-                    received_ns: o.received_ns,
-                    location: None,
-                    readings: BTreeMap::new(),
-                    tags: o.tags(),
-                });
+                out.push(o.event(String::new(), device, time_ns, clock));
                 out.len() - 1
             }
         };
