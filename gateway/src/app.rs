@@ -27,7 +27,7 @@ struct Inputs {
 }
 
 impl Inputs {
-    async fn quiesce(&self) {
+    fn quiesce(&self) {
         let _ = self.state.send(SourceState::Quiesce);
     }
 
@@ -39,19 +39,29 @@ impl Inputs {
     }
 }
 
-fn start_inputs(
+/// A pipeline's inputs and stages, checked and built, not yet running.
+struct Prepared {
+    inputs: Vec<gateway_config::MqttInput>,
+    ctx: SourceContext,
+}
+
+/// Builds the stages and checks every input (secrets, certificates) so that a bad
+/// pipeline is refused before anything running is touched.
+fn prepare(
     p: &Pipeline,
     gateway_id: &str,
     router: &RouterHandle,
     metrics: &Metrics,
-) -> Result<Inputs, String> {
+) -> Result<Prepared, String> {
     let chain = Arc::new(Chain::build(&p.stages, Some(metrics))?);
-    // Check every input can be built before starting any.
-    for input in &p.inputs {
-        let Input::Mqtt(m) = input;
-        mqtt::check(m, gateway_id)?;
-    }
-    let (state, rx) = watch::channel(SourceState::Run);
+    let inputs = p
+        .inputs
+        .iter()
+        .map(|input| {
+            let Input::Mqtt(m) = input;
+            mqtt::check(m, gateway_id).map(|()| m.clone())
+        })
+        .collect::<Result<_, _>>()?;
     let ctx = SourceContext {
         gateway_id: gateway_id.to_string(),
         chain,
@@ -59,22 +69,28 @@ fn start_inputs(
         metrics: metrics.clone(),
         dead_letters: p.output.kafka.dead_letter_topic.is_some(),
     };
-    let tasks = p
-        .inputs
-        .iter()
-        .map(|input| {
-            let Input::Mqtt(m) = input.clone();
-            let ctx = ctx.clone();
-            let rx = rx.clone();
-            tokio::spawn(async move {
-                let name = m.name.clone();
-                if let Err(e) = mqtt::run(m, ctx, rx).await {
-                    tracing::error!(input = %name, error = %e, "input stopped");
-                }
+    Ok(Prepared { inputs, ctx })
+}
+
+impl Prepared {
+    fn start(self) -> Inputs {
+        let (state, rx) = watch::channel(SourceState::Run);
+        let tasks = self
+            .inputs
+            .into_iter()
+            .map(|m| {
+                let ctx = self.ctx.clone();
+                let rx = rx.clone();
+                tokio::spawn(async move {
+                    let name = m.name.clone();
+                    if let Err(e) = mqtt::run(m, ctx, rx).await {
+                        tracing::error!(input = %name, error = %e, "input stopped");
+                    }
+                })
             })
-        })
-        .collect();
-    Ok(Inputs { state, tasks })
+            .collect();
+        Inputs { state, tasks }
+    }
 }
 
 /// Where reload requests come from (SIGHUP, or a caller such as remote config).
@@ -111,8 +127,9 @@ pub async fn run(
     )
     .map_err(anyhow::Error::msg)?;
     let mut current = config;
-    let mut inputs = start_inputs(&current.pipeline(), &current.gateway.id, &router, &metrics)
-        .map_err(anyhow::Error::msg)?;
+    let mut inputs = prepare(&current.pipeline(), &current.gateway.id, &router, &metrics)
+        .map_err(anyhow::Error::msg)?
+        .start();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -126,36 +143,32 @@ pub async fn run(
                     tracing::info!("configuration unchanged");
                     continue;
                 }
-                // Build the new stages first: a bad config leaves the running one alone.
-                if let Err(e) = Chain::build(&pipeline.stages, None) {
-                    tracing::error!(error = %e, "new configuration rejected; keeping the running one");
-                    continue;
-                }
-                inputs.quiesce().await;
+                // Build and check the new pipeline first: a bad one leaves the running
+                // one alone.
+                let prepared = match prepare(&pipeline, &current.gateway.id, &router, &metrics) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "new configuration rejected; keeping the running one");
+                        continue;
+                    }
+                };
+                inputs.quiesce();
                 inputs.stop().await;
                 let out = pipeline.output.kafka.clone();
                 let result = tokio::task::block_in_place(|| router.reconfigure(out));
                 if let Err(e) = result {
                     tracing::error!(error = %e, "new Kafka output rejected; keeping the running one");
                 }
-                match start_inputs(&pipeline, &current.gateway.id, &router, &metrics) {
-                    Ok(i) => {
-                        inputs = i;
-                        current.inputs = pipeline.inputs;
-                        current.stages = pipeline.stages;
-                        current.output = pipeline.output;
-                        tracing::info!("pipeline reloaded");
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "new inputs rejected; restarting the previous ones");
-                        inputs = start_inputs(&current.pipeline(), &current.gateway.id, &router, &metrics).map_err(anyhow::Error::msg)?;
-                    }
-                }
+                inputs = prepared.start();
+                current.inputs = pipeline.inputs;
+                current.stages = pipeline.stages;
+                current.output = pipeline.output;
+                tracing::info!("pipeline reloaded");
             }
         }
     }
     tracing::info!("shutting down: stopping inputs, spooling what Kafka has not confirmed");
-    inputs.quiesce().await;
+    inputs.quiesce();
     tokio::task::block_in_place(|| router.shutdown());
     inputs.stop().await;
     Ok(())
