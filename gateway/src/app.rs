@@ -155,14 +155,13 @@ pub async fn run(
                 inputs.quiesce();
                 inputs.stop().await;
                 let out = pipeline.output.kafka.clone();
-                let result = tokio::task::block_in_place(|| router.reconfigure(out));
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "new Kafka output rejected; keeping the running one");
+                match tokio::task::block_in_place(|| router.reconfigure(out)) {
+                    Ok(()) => current.output = pipeline.output,
+                    Err(e) => tracing::error!(error = %e, "new Kafka output rejected; keeping the running one"),
                 }
                 inputs = prepared.start();
                 current.inputs = pipeline.inputs;
                 current.stages = pipeline.stages;
-                current.output = pipeline.output;
                 tracing::info!("pipeline reloaded");
             }
         }
