@@ -20,7 +20,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, DROP_REASONS};
 
 /// Options of `gateway demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -276,13 +276,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let in_kafka = read_back(&brokers)?;
     let delivered = m.delivered.get();
     let received = m.received.get();
-    let reasons = [
-        "malformed_json",
-        "out_of_range",
-        "filtered",
-        "spool_overflow",
-    ];
-    let dropped: Vec<(&str, u64)> = reasons
+    let dropped: Vec<(&str, u64)> = DROP_REASONS
         .iter()
         .map(|r| (*r, metrics.dropped_count("fleet", r)))
         .filter(|(_, n)| *n > 0)
@@ -327,15 +321,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 fn dropped_total(metrics: &Metrics) -> u64 {
-    [
-        "malformed_json",
-        "out_of_range",
-        "filtered",
-        "spool_overflow",
-    ]
-    .iter()
-    .map(|r| metrics.dropped_count("fleet", r))
-    .sum()
+    DROP_REASONS
+        .iter()
+        .map(|r| metrics.dropped_count("fleet", r))
+        .sum()
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {

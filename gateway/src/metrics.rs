@@ -14,6 +14,23 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Every reason an event can be dropped for (the `reason` label of
+/// `gateway_events_dropped_total`).
+pub const DROP_REASONS: &[&str] = &[
+    "malformed_json",
+    "malformed_senml",
+    "malformed_number",
+    "missing_device",
+    "bad_time",
+    "bad_location",
+    "too_large",
+    "filtered",
+    "out_of_range",
+    "spool_overflow",
+    "corrupt_record",
+    "kafka_rejected",
+];
+
 type L1 = [(&'static str, String); 1];
 type L2 = [(&'static str, String); 2];
 
