@@ -126,6 +126,7 @@ pub fn start(
         respooled_low: false,
         delivery_acks: HashMap::new(),
         direct: BTreeMap::new(),
+        uncopied_direct: false,
         drain_inflight: BTreeMap::new(),
         drain_cursor: 0,
         drain_failed_min: None,
@@ -200,6 +201,9 @@ struct Router {
     /// `on_delivery` acks of spooled records, by seq.
     delivery_acks: HashMap<u64, Ack>,
     direct: BTreeMap<u64, Direct>,
+    /// Some direct record has no spool copy yet (set on send, cleared by
+    /// `spool_direct_copies`): saves scanning `direct` on every tick of an outage.
+    uncopied_direct: bool,
     drain_inflight: BTreeMap<u64, (u32, bool)>,
     drain_cursor: u64,
     drain_failed_min: Option<u64>,
@@ -376,6 +380,7 @@ impl Router {
             });
             match self.sink.send(&item.record, opaque) {
                 Ok(()) => {
+                    self.uncopied_direct = true;
                     self.direct.insert(
                         seq,
                         Direct {
@@ -533,9 +538,7 @@ impl Router {
     fn tick(&mut self) {
         // Kafka slow: copy direct records into the spool so their acks can go out.
         if let Some((_, oldest)) = self.direct.first_key_value() {
-            if oldest.sent.elapsed() > self.spool_after
-                && self.direct.values().any(|d| !d.spooled && !d.copy_dropped)
-            {
+            if oldest.sent.elapsed() > self.spool_after && self.uncopied_direct {
                 if self.healthy {
                     tracing::warn!(waiting = self.direct.len(), after = ?self.spool_after, "Kafka is not confirming; spooling");
                 }
@@ -567,28 +570,26 @@ impl Router {
     }
 
     fn spool_direct_copies(&mut self) {
-        let seqs: Vec<u64> = self
-            .direct
-            .iter()
-            .filter(|(_, d)| !d.spooled && !d.copy_dropped)
-            .map(|(s, _)| *s)
-            .collect();
-        for seq in seqs {
-            let Some(d) = self.direct.get_mut(&seq) else {
+        let mut copies = Vec::new();
+        for (seq, d) in self.direct.iter_mut() {
+            if d.spooled || d.copy_dropped {
                 continue;
-            };
+            }
             d.spooled = true;
-            let data = d.record.encode();
-            let input = d.input;
-            let until = d.until_delivered;
             // on_spool: the ack goes out with the commit; on_delivery: it stays with
             // the direct record until Kafka answers.
-            let ack = if until {
+            let ack = if d.until_delivered {
                 Ack::none()
             } else {
                 d.ack.take().unwrap_or_default()
             };
+            copies.push((*seq, d.input, d.record.encode(), ack));
+        }
+        self.uncopied_direct = false;
+        if !copies.is_empty() {
             self.respooled_low = true;
+        }
+        for (seq, input, data, ack) in copies {
             self.spool_row(seq, input, data, ack, false);
         }
     }
