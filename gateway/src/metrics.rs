@@ -325,21 +325,6 @@ impl Metrics {
         }
     }
 
-    /// A counter's current value for one input, by metric (`received`, `delivered`,
-    /// `spooled`, `dead_letters`, `acks`).
-    pub fn input_count(&self, input: &str, metric: &str) -> u64 {
-        let l = l1("input", input);
-        let f = match metric {
-            "received" => &self.0.received,
-            "delivered" => &self.0.delivered,
-            "spooled" => &self.0.spooled,
-            "dead_letters" => &self.0.dead_letters,
-            "acks" => &self.0.acks,
-            _ => return 0,
-        };
-        f.get_or_create(&l).get()
-    }
-
     /// Drops of one input for one reason.
     pub fn dropped_count(&self, input: &str, reason: &str) -> u64 {
         self.0
