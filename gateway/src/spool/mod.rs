@@ -212,7 +212,12 @@ impl Spool {
             }
             Err(e) => return Err(e),
         };
-        // max_seq also covers quarantined rows, so new seqs never collide with them.
+        Ok((Spool::with_counts(conn, path)?, report))
+    }
+
+    /// Wraps an open connection, reading the row and byte counts and the highest seq.
+    /// `max_seq` also covers quarantined rows, so new seqs never collide with them.
+    fn with_counts(conn: Connection, path: &Path) -> Result<Spool, SpoolError> {
         let (rows, bytes, max_seq): (i64, i64, i64) = conn.query_row(
             "SELECT count(*), coalesce(sum(length(data)), 0),
                     max(coalesce(max(seq), 0), (SELECT coalesce(max(seq), 0) FROM quarantine))
@@ -220,16 +225,13 @@ impl Spool {
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        Ok((
-            Spool {
-                conn,
-                path: path.to_path_buf(),
-                rows: rows as u64,
-                bytes: bytes as u64,
-                max_seq: max_seq as u64,
-            },
-            report,
-        ))
+        Ok(Spool {
+            conn,
+            path: path.to_path_buf(),
+            rows: rows as u64,
+            bytes: bytes as u64,
+            max_seq: max_seq as u64,
+        })
     }
 
     /// Opens an existing spool read-only, for inspection (`gateway spool ...`) beside a
@@ -248,18 +250,7 @@ impl Spool {
                 MIGRATIONS.len()
             )));
         }
-        let (rows, bytes, max_seq): (i64, i64, i64) = conn.query_row(
-            "SELECT count(*), coalesce(sum(length(data)), 0), coalesce(max(seq), 0) FROM spool",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?;
-        Ok(Spool {
-            conn,
-            path: path.to_path_buf(),
-            rows: rows as u64,
-            bytes: bytes as u64,
-            max_seq: max_seq as u64,
-        })
+        Spool::with_counts(conn, path)
     }
 
     /// Rows waiting.
