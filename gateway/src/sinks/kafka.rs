@@ -205,27 +205,13 @@ impl KafkaSink {
                     ValueFormat::Json => (event_json_bytes(e), "application/json"),
                     ValueFormat::Postcard => (record.encode(), "application/x-postcard"),
                 };
-                let h = OwnedHeaders::new_with_capacity(5)
-                    .insert(Header {
-                        key: "event-id",
-                        value: Some(e.id.as_str()),
-                    })
-                    .insert(Header {
-                        key: "source",
-                        value: Some(e.source.as_str()),
-                    })
-                    .insert(Header {
-                        key: "gateway-id",
-                        value: Some(self.gateway_id.as_str()),
-                    })
-                    .insert(Header {
-                        key: "content-type",
-                        value: Some(ctype),
-                    })
-                    .insert(Header {
-                        key: "schema",
-                        value: Some(SCHEMA),
-                    });
+                let h = headers(&[
+                    ("event-id", &e.id),
+                    ("source", &e.source),
+                    ("gateway-id", &self.gateway_id),
+                    ("content-type", ctype),
+                    ("schema", SCHEMA),
+                ]);
                 (topic, key, value, h, e.time_ns / 1_000_000)
             }
             Record::DeadLetter(d) => {
@@ -234,27 +220,13 @@ impl KafkaSink {
                     .dead_letter_topic
                     .clone()
                     .unwrap_or_else(|| "dead-letter".into());
-                let h = OwnedHeaders::new_with_capacity(5)
-                    .insert(Header {
-                        key: "dead-letter-reason",
-                        value: Some(d.reason.as_str()),
-                    })
-                    .insert(Header {
-                        key: "dead-letter-detail",
-                        value: Some(d.detail.as_str()),
-                    })
-                    .insert(Header {
-                        key: "source",
-                        value: Some(d.source.as_str()),
-                    })
-                    .insert(Header {
-                        key: "origin",
-                        value: Some(d.origin.as_str()),
-                    })
-                    .insert(Header {
-                        key: "gateway-id",
-                        value: Some(self.gateway_id.as_str()),
-                    });
+                let h = headers(&[
+                    ("dead-letter-reason", &d.reason),
+                    ("dead-letter-detail", &d.detail),
+                    ("source", &d.source),
+                    ("origin", &d.origin),
+                    ("gateway-id", &self.gateway_id),
+                ]);
                 (
                     topic,
                     d.origin.clone(),
@@ -294,6 +266,19 @@ impl KafkaSink {
         self.producer
             .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
     }
+}
+
+/// Record headers from (key, text value) pairs.
+fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
+    pairs.iter().fold(
+        OwnedHeaders::new_with_capacity(pairs.len()),
+        |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(*value),
+            })
+        },
+    )
 }
 
 /// Kafka topic names allow `[A-Za-z0-9._-]`; anything else in a substituted value
