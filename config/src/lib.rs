@@ -824,6 +824,18 @@ fn valid_id(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Whether `spec` is a log filter the gateway understands: comma-separated directives,
+/// each a level or `target=level`.
+fn valid_log_filter(spec: &str) -> bool {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l.trim()));
+    !spec.trim().is_empty()
+        && spec.split(',').all(|d| match d.split_once('=') {
+            Some((target, l)) => !target.trim().is_empty() && level(l),
+            None => level(d),
+        })
+}
+
 /// Semantic checks; returns every (field path, message) found.
 pub fn validate(c: &Config) -> Vec<(String, String)> {
     let mut errs = Vec::new();
@@ -842,6 +854,13 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
     }
     if c.spool.drain_batch == 0 {
         err("spool.drain_batch".into(), "must be at least 1");
+    }
+    if !valid_log_filter(&c.telemetry.log_level) {
+        err(
+            "telemetry.log_level".into(),
+            "must be a level (error, warn, info, debug, trace, off) or comma-separated \
+             `target=level` directives, e.g. \"info,librdkafka=warn\"",
+        );
     }
     let mut names = std::collections::BTreeSet::new();
     for (i, input) in c.inputs.iter().enumerate() {
@@ -987,6 +1006,21 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.starts_with("gw.toml:4:1: "), "{msg}");
         assert!(msg.contains("colour"), "{msg}");
+    }
+
+    #[test]
+    fn log_filters() {
+        for ok in [
+            "info",
+            "WARN",
+            "info,librdkafka=warn",
+            "gateway::router=debug, off",
+        ] {
+            assert!(valid_log_filter(ok), "{ok}");
+        }
+        for bad in ["", "loud", "info,=warn", "gateway=verbose", "info,"] {
+            assert!(!valid_log_filter(bad), "{bad}");
+        }
     }
 
     #[test]

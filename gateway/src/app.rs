@@ -16,7 +16,9 @@ use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
 use crate::router::{self, RouterHandle};
-use crate::sources::{mqtt, SourceContext, SourceState};
+#[cfg(feature = "mqtt")]
+use crate::sources::mqtt;
+use crate::sources::{SourceContext, SourceState};
 use crate::spool::Spool;
 use crate::stages::Chain;
 
@@ -57,9 +59,19 @@ fn prepare(
     let inputs = p
         .inputs
         .iter()
-        .map(|input| {
+        .enumerate()
+        .map(|(i, input)| {
             let Input::Mqtt(m) = input;
-            mqtt::check(m, gateway_id).map(|()| m.clone())
+            #[cfg(feature = "mqtt")]
+            let checked = mqtt::check(m, gateway_id).map(|()| m.clone());
+            #[cfg(not(feature = "mqtt"))]
+            let checked = Err(format!(
+                "inputs[{i}] ({}): this build has no MQTT input (cargo feature `mqtt`)",
+                m.name
+            ));
+            #[cfg(feature = "mqtt")]
+            let _ = i;
+            checked
         })
         .collect::<Result<_, _>>()?;
     let ctx = SourceContext {
@@ -75,6 +87,7 @@ fn prepare(
 impl Prepared {
     fn start(self) -> Inputs {
         let (state, rx) = watch::channel(SourceState::Run);
+        #[cfg(feature = "mqtt")]
         let tasks = self
             .inputs
             .into_iter()
@@ -89,6 +102,12 @@ impl Prepared {
                 })
             })
             .collect();
+        // Without an input type compiled in, prepare() let no input through.
+        #[cfg(not(feature = "mqtt"))]
+        let tasks = {
+            let _ = (self.inputs, &self.ctx, rx);
+            Vec::new()
+        };
         Inputs { state, tasks }
     }
 }

@@ -62,14 +62,34 @@ enum SpoolCommand {
 }
 
 fn init_logs(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::{filter::Targets, fmt, prelude::*};
+    // `Targets` takes the same `info,librdkafka=warn` directives as RUST_LOG usually does,
+    // without EnvFilter's regex engine (about half a MiB of device binary).
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty());
+    let parse = |spec: &str| match spec.parse::<Targets>() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("warning: ignoring the log filter {spec:?}: {e}");
+            None
+        }
+    };
+    let filter = from_env
+        .as_deref()
+        .and_then(parse)
+        .or_else(|| parse(level))
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    let layer = fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => tracing_subscriber::registry()
+            .with(layer)
+            .with(filter)
+            .init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(layer.json())
+            .with(filter)
+            .init(),
     }
 }
 

@@ -279,6 +279,22 @@ pub fn gateway_bin() -> PathBuf {
     "gateway-e2e".into()
 }
 
+/// A command that runs [`gateway_bin`], through `GATEWAY_RUNNER` when that is set
+/// (e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`: an ARM test binary under qemu-user
+/// cannot exec an ARM child by itself where binfmt_misc is not set up).
+pub fn gateway_command() -> Command {
+    let runner = std::env::var("GATEWAY_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(gateway_bin());
+            c
+        }
+        None => Command::new(gateway_bin()),
+    }
+}
+
 impl Gateway {
     /// Writes `config` (with `{metrics_port}` replaced) into `dir` and starts the gateway.
     pub fn start(dir: &Path, config: &str) -> Gateway {
@@ -306,7 +322,7 @@ impl Gateway {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(gateway_bin())
+        let child = gateway_command()
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")

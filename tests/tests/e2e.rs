@@ -501,7 +501,7 @@ fn a_full_disk_holds_inputs_back_and_recovers_when_space_returns() {
 }
 
 fn cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(gateway_bin())
+    gateway_command()
         .args(args)
         .output()
         .expect("run the gateway command")

@@ -458,6 +458,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "kafka-tls")]
     fn output(text: &str) -> KafkaOutput {
         toml::from_str(&format!("brokers = \"127.0.0.1:1\"\n{text}")).expect("kafka output")
     }

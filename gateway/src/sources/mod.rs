@@ -1,5 +1,6 @@
 //! Inputs: tasks that turn upstream messages into records for the router.
 
+#[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod payload;
 

@@ -62,6 +62,9 @@ fn common(cfg: &MqttInput, gateway_id: &str) -> Result<Common, String> {
                 std::fs::read(p)
                     .map_err(|e| format!("input {}: cannot read {}: {e}", cfg.name, p.display()))
             };
+            // rumqttc builds its rustls config with the process-wide provider: ring
+            // (see the workspace Cargo.toml). An error only means one is installed.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let ca = read(&tls.ca_file)?;
             let client_auth = match (&tls.client_cert_file, &tls.client_key_file) {
                 (Some(c), Some(k)) => Some((read(c)?, read(k)?)),

@@ -10,6 +10,10 @@
 //!   rows of the same size in the same batches (the ceiling).
 //!
 //! Run: `cargo run --release -p gateway-e2e --bin gateway-bench [-- --events N]`.
+//!
+//! `-- --idle` only starts the gateway against both brokers, lets it settle and prints its
+//! idle RSS. With `GATEWAY_BIN` and `GATEWAY_RUNNER` (see the harness) that measures an
+//! ARM binary under qemu-user (whose RSS then includes the emulator's own).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -208,7 +212,34 @@ fn spool_micro(rows: usize) -> (f64, f64) {
     (ours, bare)
 }
 
+/// Starts the gateway against Mosquitto and Kafka, waits until it is connected and has
+/// been idle for 10 s, and prints its RSS.
+fn idle_only() {
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], 4);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = Gateway::start(
+        dir.path(),
+        &bench_config(dir.path(), mqtt.port, &kafka.bootstrap, 1),
+    );
+    wait_for("connect", Duration::from_secs(30), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
+    std::thread::sleep(Duration::from_secs(10));
+    let pid = gw.pid().expect("pid");
+    println!(
+        "{}: idle RSS {:.1} MiB (VmHWM {:.1} MiB)",
+        gateway_bin().display(),
+        status_kb(pid, "VmRSS:") / 1024.0,
+        status_kb(pid, "VmHWM:") / 1024.0
+    );
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--idle") {
+        idle_only();
+        return;
+    }
     let n: usize = std::env::args()
         .skip_while(|a| a != "--events")
         .nth(1)
