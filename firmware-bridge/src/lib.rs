@@ -1,10 +1,28 @@
 //! The serial wire protocol shared by device firmware and the gateway.
 //!
-//! `no_std` unless the `std` feature is on. The message types and the COBS + CRC framing
-//! arrive with the firmware-bridge issue; this crate exists now so the workspace layout is
-//! final and CI checks that it builds without `std`.
+//! `no_std` unless the `std` feature is on, and no allocator either way: firmware and the
+//! gateway compile the same message types and the same framing, so they cannot drift.
+//! The byte-level specification, with worked examples, is `WIRE-FORMAT.md` beside this
+//! crate's `Cargo.toml`; the golden tests in [`frame`] pin it.
+//!
+//! - [`message`]: what travels. Device to gateway: [`DeviceMessage`] (`Hello`, `Reading`,
+//!   `Heartbeat`, `Log`, `Error`). Gateway to device: [`GatewayMessage`] (`Ack`,
+//!   `TimeSync`, `Configure`).
+//! - [`frame`]: how it travels. A frame is `COBS(postcard(message) ++ CRC-32C) ++ 0x00`.
+//!   [`frame::encode`] writes one into a caller's buffer; [`frame::Decoder`] takes bytes
+//!   as they arrive, resynchronises at the next `0x00` after any corruption, and never
+//!   panics.
 
 #![cfg_attr(not(feature = "std"), no_std)]
 
-/// Protocol version the gateway speaks.
+pub mod frame;
+pub mod message;
+
+pub use frame::{decode_frame, encode, Decoded, Decoder, FrameError, MAX_FRAME, MAX_PAYLOAD};
+pub use message::{
+    Capabilities, Channel, Configure, DeviceMessage, Fix, FixQuality, GatewayMessage, Heartbeat,
+    Hello, Level, Log, Reading, Timestamp, MAX_CHANNELS, MAX_DEVICE_ID, MAX_TEXT, MAX_VERSION,
+};
+
+/// The protocol version this crate speaks; a device sends its own in [`Hello`].
 pub const PROTOCOL_VERSION: u16 = 1;

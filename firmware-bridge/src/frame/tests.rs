@@ -1,0 +1,350 @@
+//! Golden bytes pin the wire format; property tests cover round trips and hostile input.
+
+use super::*;
+use crate::message::*;
+use proptest::prelude::*;
+
+fn hex(b: &[u8]) -> std::string::String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn frame<M: Message>(m: &M) -> std::vec::Vec<u8> {
+    let mut out = [0u8; MAX_FRAME];
+    let n = encode(m, &mut out).expect("encode");
+    out[..n].to_vec()
+}
+
+/// Every frame in `bytes`, through a fresh decoder.
+fn decode_all<M: Message>(bytes: &[u8]) -> std::vec::Vec<Decoded<M>> {
+    let mut d = Decoder::new();
+    let mut out = std::vec::Vec::new();
+    d.feed(bytes, |r| out.push(r));
+    out
+}
+
+/// The golden check: `m` encodes to exactly `expected` (hex) and decodes back to `m`.
+fn check<M: Message + PartialEq + core::fmt::Debug>(m: M, expected: &str) {
+    let f = frame(&m);
+    assert_eq!(hex(&f), expected, "{m:?}");
+    assert_eq!(decode_all::<M>(&f), [Ok(m)]);
+}
+
+fn hello() -> DeviceMessage {
+    DeviceMessage::Hello(Hello {
+        device_id: "pump-7".try_into().unwrap(),
+        firmware: "1.4.2".try_into().unwrap(),
+        protocol: 1,
+        capabilities: Capabilities(Capabilities::CLOCK | Capabilities::GNSS),
+        boot: 42,
+    })
+}
+
+fn reading() -> DeviceMessage {
+    let mut channels = heapless::Vec::new();
+    channels.push(Channel { id: 1, value: 21.5 }).unwrap();
+    channels
+        .push(Channel {
+            id: 2,
+            value: -0.25,
+        })
+        .unwrap();
+    DeviceMessage::Reading(Reading {
+        seq: 300,
+        time: Timestamp::UnixMs(1_800_000_000_123),
+        fix: Some(Fix {
+            lat_e7: 525_200_066,
+            lon_e7: 134_049_540,
+            alt_cm: Some(3_400),
+            accuracy_cm: Some(250),
+            hdop_centi: None,
+            quality: FixQuality::Fix3d,
+        }),
+        channels,
+    })
+}
+
+#[test]
+fn golden_device_messages() {
+    check(
+        hello(),
+        "01 15 06 70 75 6d 70 2d 37 05 31 2e 34 2e 32 01 03 2a 25 09 80 78 00",
+    );
+    check(reading(), "04 01 ac 02 17 fb a0 f1 c2 b1 34 01 84 ab ef f4 03 88 bc eb 7f 01 90 35 01 fa 01 04 02 02 01 01 04 ac 41 02 01 07 80 be c4 4b 20 27 00");
+    check(
+        DeviceMessage::Reading(Reading {
+            seq: 0,
+            time: Timestamp::UptimeMs(5_000),
+            fix: None,
+            channels: heapless::Vec::new(),
+        }),
+        "02 01 04 01 88 27 01 05 ad 1c 7c da 00",
+    );
+    check(
+        DeviceMessage::Heartbeat(Heartbeat {
+            uptime_ms: 60_000,
+            unacked: 3,
+        }),
+        "0a 02 e0 d4 03 03 59 5e fa 9e 00",
+    );
+    check(
+        DeviceMessage::Error(Log {
+            level: Level::Error,
+            code: 7,
+            text: "sensor 2 open".try_into().unwrap(),
+        }),
+        "16 04 03 07 0d 73 65 6e 73 6f 72 20 32 20 6f 70 65 6e fd e3 e0 17 00",
+    );
+}
+
+#[test]
+fn golden_gateway_messages() {
+    check(
+        GatewayMessage::Ack {
+            boot: 42,
+            up_to: 300,
+        },
+        "01 08 2a ac 02 73 17 f0 68 00",
+    );
+    check(
+        GatewayMessage::TimeSync {
+            unix_ms: 1_800_000_000_000,
+        },
+        "0c 01 80 a0 f1 c2 b1 34 9a 03 46 fc 00",
+    );
+    check(
+        GatewayMessage::Configure(Configure {
+            sample_interval_ms: 1_000,
+            heartbeat_interval_ms: 10_000,
+        }),
+        "0a 02 e8 07 90 4e 52 85 c2 b0 00",
+    );
+}
+
+#[test]
+fn frame_size_limits() {
+    // 256 bytes of body + 4 of CRC, COBS adds 2, the delimiter 1 (WIRE-FORMAT.md).
+    assert_eq!(MAX_FRAME, 263);
+}
+
+#[test]
+fn no_zero_inside_a_frame() {
+    let f = frame(&reading());
+    assert_eq!(f.iter().position(|&b| b == 0), Some(f.len() - 1));
+}
+
+#[test]
+fn a_corrupted_byte_is_a_crc_error_and_the_next_frame_decodes() {
+    let mut bytes = frame(&hello());
+    bytes[5] ^= 0x10;
+    bytes.extend(frame(&reading()));
+    let got = decode_all::<DeviceMessage>(&bytes);
+    assert_eq!(got.len(), 2);
+    assert!(matches!(got[0], Err(FrameError::Crc | FrameError::Cobs)));
+    assert_eq!(got[1], Ok(reading()));
+}
+
+#[test]
+fn truncated_frames_and_garbage_between_frames() {
+    let full = frame(&reading());
+    let mut bytes = full[..full.len() / 2].to_vec(); // cut off, delimiter lost
+    bytes.push(0);
+    bytes.extend([0x13, 0x37, 0xff, 0x00, 0x00, 0x00]);
+    bytes.extend(&full);
+    let got = decode_all::<DeviceMessage>(&bytes);
+    assert_eq!(got.last(), Some(&Ok(reading())));
+    assert!(got[..got.len() - 1].iter().all(Result::is_err));
+}
+
+#[test]
+fn an_unknown_message_type_is_reported_not_misread() {
+    // A newer sender's type 9 with a correct CRC.
+    let body = [9u8, 1, 2, 3];
+    let mut raw = body.to_vec();
+    raw.extend(CRC.checksum(&body).to_le_bytes());
+    let mut f = [0u8; 32];
+    let n = cobs::encode(&raw, &mut f);
+    f[n] = 0;
+    assert_eq!(
+        decode_all::<DeviceMessage>(&f[..=n]),
+        [Err(FrameError::UnknownType(9))]
+    );
+}
+
+#[test]
+fn fields_appended_by_a_newer_sender_are_ignored() {
+    let mut raw = [0u8; MAX_PAYLOAD];
+    let mut body = postcard::to_slice(&hello(), &mut raw).unwrap().to_vec();
+    body.extend([0x05, 0x06]); // a future optional field
+    let mut r = body.clone();
+    r.extend(CRC.checksum(&body).to_le_bytes());
+    let mut f = [0u8; MAX_FRAME];
+    let n = cobs::encode(&r, &mut f);
+    assert_eq!(decode_frame::<DeviceMessage>(&mut f[..n]), Ok(hello()));
+}
+
+#[test]
+fn an_endless_frame_is_dropped_as_oversize() {
+    let mut bytes = std::vec![0x41u8; MAX_FRAME * 3];
+    bytes.push(0);
+    bytes.extend(frame(&hello()));
+    assert_eq!(
+        decode_all::<DeviceMessage>(&bytes),
+        [Err(FrameError::Oversize), Ok(hello())]
+    );
+}
+
+#[test]
+fn the_largest_message_fits() {
+    let mut channels = heapless::Vec::new();
+    for id in 0..MAX_CHANNELS as u16 {
+        channels
+            .push(Channel {
+                id: u16::MAX - id,
+                value: f32::MIN,
+            })
+            .unwrap();
+    }
+    let m = DeviceMessage::Reading(Reading {
+        seq: u32::MAX,
+        time: Timestamp::UnixMs(u64::MAX),
+        fix: Some(Fix {
+            lat_e7: i32::MIN,
+            lon_e7: i32::MIN,
+            alt_cm: Some(i32::MIN),
+            accuracy_cm: Some(u32::MAX),
+            hdop_centi: Some(u16::MAX),
+            quality: FixQuality::RtkFloat,
+        }),
+        channels,
+    });
+    assert_eq!(decode_all::<DeviceMessage>(&frame(&m)), [Ok(m)]);
+    let log = DeviceMessage::Log(Log {
+        level: Level::Warn,
+        code: u16::MAX,
+        text: core::str::from_utf8(&[b'x'; MAX_TEXT])
+            .unwrap()
+            .try_into()
+            .unwrap(),
+    });
+    assert_eq!(decode_all::<DeviceMessage>(&frame(&log)), [Ok(log)]);
+}
+
+fn arb_fix() -> impl Strategy<Value = Fix> {
+    (
+        any::<i32>(),
+        any::<i32>(),
+        any::<Option<i32>>(),
+        any::<Option<u32>>(),
+        any::<Option<u16>>(),
+        0..6u8,
+    )
+        .prop_map(|(lat_e7, lon_e7, alt_cm, accuracy_cm, hdop_centi, q)| Fix {
+            lat_e7,
+            lon_e7,
+            alt_cm,
+            accuracy_cm,
+            hdop_centi,
+            quality: [
+                FixQuality::None,
+                FixQuality::Fix2d,
+                FixQuality::Fix3d,
+                FixQuality::Dgps,
+                FixQuality::RtkFixed,
+                FixQuality::RtkFloat,
+            ][q as usize],
+        })
+}
+
+fn arb_device_message() -> impl Strategy<Value = DeviceMessage> {
+    let reading = (
+        any::<u32>(),
+        any::<bool>(),
+        any::<u64>(),
+        proptest::option::of(arb_fix()),
+        proptest::collection::vec((any::<u16>(), any::<f32>()), 0..=MAX_CHANNELS),
+    )
+        .prop_map(|(seq, unix, t, fix, ch)| {
+            DeviceMessage::Reading(Reading {
+                seq,
+                time: if unix {
+                    Timestamp::UnixMs(t)
+                } else {
+                    Timestamp::UptimeMs(t)
+                },
+                fix,
+                channels: ch
+                    .into_iter()
+                    .map(|(id, value)| Channel { id, value })
+                    .collect(),
+            })
+        });
+    let hello = (
+        "[a-z0-9-]{1,32}",
+        "[0-9.]{0,16}",
+        any::<u16>(),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(|(id, fw, protocol, caps, boot)| {
+            DeviceMessage::Hello(Hello {
+                device_id: id.as_str().try_into().unwrap(),
+                firmware: fw.as_str().try_into().unwrap(),
+                protocol,
+                capabilities: Capabilities(caps),
+                boot,
+            })
+        });
+    let heartbeat = (any::<u64>(), any::<u16>()).prop_map(|(uptime_ms, unacked)| {
+        DeviceMessage::Heartbeat(Heartbeat { uptime_ms, unacked })
+    });
+    let log = (0..4u8, any::<u16>(), "[ -~]{0,96}").prop_map(|(l, code, text)| {
+        let level = [Level::Debug, Level::Info, Level::Warn, Level::Error][l as usize];
+        DeviceMessage::Log(Log {
+            level,
+            code,
+            text: text.as_str().try_into().unwrap(),
+        })
+    });
+    prop_oneof![reading, hello, heartbeat, log]
+}
+
+/// NaN != NaN: compare the encodings instead of the values.
+fn same(a: &DeviceMessage, b: &DeviceMessage) -> bool {
+    frame(a) == frame(b)
+}
+
+proptest! {
+    #[test]
+    fn decode_of_encode_is_identity(m in arb_device_message()) {
+        let got = decode_all::<DeviceMessage>(&frame(&m));
+        prop_assert_eq!(got.len(), 1);
+        let back = got[0].clone().expect("decodes");
+        prop_assert!(same(&back, &m));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = decode_all::<DeviceMessage>(&bytes);
+        let _ = decode_all::<GatewayMessage>(&bytes);
+    }
+
+    #[test]
+    fn after_any_garbage_the_decoder_resynchronises(
+        garbage in proptest::collection::vec(any::<u8>(), 0..600),
+        msgs in proptest::collection::vec(arb_device_message(), 1..5),
+    ) {
+        let mut bytes = garbage;
+        bytes.push(0);
+        for m in &msgs {
+            bytes.extend(frame(m));
+        }
+        let got = decode_all::<DeviceMessage>(&bytes);
+        let tail = &got[got.len() - msgs.len()..];
+        for (g, m) in tail.iter().zip(&msgs) {
+            prop_assert!(same(g.as_ref().expect("resynchronised"), m));
+        }
+    }
+}
