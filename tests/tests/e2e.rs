@@ -17,7 +17,7 @@ fn qos1_events_reach_kafka_in_order_with_key_and_headers() {
     let started = std::time::Instant::now();
     publish(mqtt.port, devices, n, None, None);
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(180), |r| {
-        r.len() >= devices * n
+        unique_ids(r) >= devices * n
     });
     eprintln!("{} records in {:?}", records.len(), started.elapsed());
     let dups = check_complete_and_ordered(&records, devices, n);
