@@ -32,7 +32,7 @@ impl Message for DeviceMessage {
 }
 
 impl Message for GatewayMessage {
-    const TYPES: u32 = 3;
+    const TYPES: u32 = 4;
 }
 
 /// Why a frame was not turned into a message.

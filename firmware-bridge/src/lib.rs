@@ -12,9 +12,14 @@
 //!   [`frame::encode`] writes one into a caller's buffer; [`frame::Decoder`] takes bytes
 //!   as they arrive, resynchronises at the next `0x00` after any corruption, and never
 //!   panics.
+//! - [`device`]: the device side of the exchange as a state machine over a small hardware
+//!   trait ([`device::Board`]): sampling, the ring buffer of unacknowledged readings,
+//!   resending, acks, clock sync, heartbeats and `Configure`. Firmware, tests and
+//!   simulators share it.
 
 #![cfg_attr(not(feature = "std"), no_std)]
 
+pub mod device;
 pub mod frame;
 pub mod message;
 

@@ -47,6 +47,18 @@ pub enum GatewayMessage {
     },
     /// Type 2: settings the device applies.
     Configure(Configure),
+    /// Type 3: readings `from .. from + count` of boot `boot` did not arrive (lost or
+    /// corrupted on the line): send those again now, if still held. Asked as soon as the
+    /// gateway sees a gap, so a lost frame costs one round trip rather than a resend
+    /// timeout.
+    Resend {
+        /// The boot the sequence numbers belong to.
+        boot: u32,
+        /// The first missing sequence number.
+        from: u32,
+        /// How many, from `from` on.
+        count: u16,
+    },
 }
 
 /// Bit flags of what a device can do.
@@ -81,6 +93,11 @@ pub struct Hello {
     /// Changes at every reboot (a boot counter, or random where there is no storage).
     /// With [`Reading::seq`] it makes the event id unique across reboots.
     pub boot: u32,
+    /// The `seq` of the oldest reading the device still holds unacknowledged, or of its
+    /// next reading when it holds none. Every reading of this boot below it was either
+    /// acknowledged or dropped by the device (its buffer was full), so the gateway does
+    /// not wait for those before acknowledging further.
+    pub resume_from: u32,
 }
 
 /// When a reading was taken.

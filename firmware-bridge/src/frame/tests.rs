@@ -39,6 +39,7 @@ fn hello() -> DeviceMessage {
         protocol: 1,
         capabilities: Capabilities(Capabilities::CLOCK | Capabilities::GNSS),
         boot: 42,
+        resume_from: 295,
     })
 }
 
@@ -70,7 +71,7 @@ fn reading() -> DeviceMessage {
 fn golden_device_messages() {
     check(
         hello(),
-        "01 15 06 70 75 6d 70 2d 37 05 31 2e 34 2e 32 01 03 2a 25 09 80 78 00",
+        "01 17 06 70 75 6d 70 2d 37 05 31 2e 34 2e 32 01 03 2a a7 02 7e 6e 6e b4 00",
     );
     check(reading(), "04 01 ac 02 17 fb a0 f1 c2 b1 34 01 84 ab ef f4 03 88 bc eb 7f 01 90 35 01 fa 01 04 02 02 01 01 04 ac 41 02 01 07 80 be c4 4b 20 27 00");
     check(
@@ -120,6 +121,14 @@ fn golden_gateway_messages() {
             heartbeat_interval_ms: 10_000,
         }),
         "0a 02 e8 07 90 4e 52 85 c2 b0 00",
+    );
+    check(
+        GatewayMessage::Resend {
+            boot: 42,
+            from: 11,
+            count: 2,
+        },
+        "09 03 2a 0b 02 f4 4e f7 f4 00",
     );
 }
 
@@ -287,14 +296,16 @@ fn arb_device_message() -> impl Strategy<Value = DeviceMessage> {
         any::<u16>(),
         any::<u32>(),
         any::<u32>(),
+        any::<u32>(),
     )
-        .prop_map(|(id, fw, protocol, caps, boot)| {
+        .prop_map(|(id, fw, protocol, caps, boot, resume_from)| {
             DeviceMessage::Hello(Hello {
                 device_id: id.as_str().try_into().unwrap(),
                 firmware: fw.as_str().try_into().unwrap(),
                 protocol,
                 capabilities: Capabilities(caps),
                 boot,
+                resume_from,
             })
         });
     let heartbeat = (any::<u64>(), any::<u16>()).prop_map(|(uptime_ms, unacked)| {
