@@ -194,6 +194,8 @@ impl Default for Telemetry {
 pub enum Input {
     /// An MQTT subscription.
     Mqtt(MqttInput),
+    /// A serial port.
+    Serial(SerialInput),
 }
 
 impl Input {
@@ -201,8 +203,116 @@ impl Input {
     pub fn name(&self) -> &str {
         match self {
             Input::Mqtt(m) => &m.name,
+            Input::Serial(s) => &s.name,
         }
     }
+}
+
+/// How bytes on a serial line become events.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SerialFraming {
+    /// Our firmware's protocol (crate `firmware-bridge`): COBS frames with a CRC, readings
+    /// acknowledged back to the device once safe. The default.
+    #[default]
+    FirmwareBridge,
+    /// One JSON object per line, mapped by `json` like an MQTT payload.
+    JsonLines,
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    /// No parity bit. The default.
+    #[default]
+    None,
+    /// Odd parity.
+    Odd,
+    /// Even parity.
+    Even,
+}
+
+/// Serial flow control.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowControl {
+    /// None. The default.
+    #[default]
+    None,
+    /// XON/XOFF.
+    Software,
+    /// RTS/CTS.
+    Hardware,
+}
+
+/// A serial input: a UART or USB serial adapter with one device on it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SerialInput {
+    /// Unique name: the events' `source`.
+    pub name: String,
+    /// The port. Prefer `/dev/serial/by-id/...`: it names the same adapter after a replug.
+    pub path: PathBuf,
+    /// Bits per second.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// Data bits: 5, 6, 7 or 8.
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    /// Parity.
+    #[serde(default)]
+    pub parity: Parity,
+    /// Stop bits: 1 or 2.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// Flow control.
+    #[serde(default)]
+    pub flow_control: FlowControl,
+    /// What the bytes are.
+    #[serde(default)]
+    pub framing: SerialFraming,
+    /// When a reading is acknowledged to the device (`firmware-bridge` framing).
+    #[serde(default)]
+    pub ack_policy: AckPolicy,
+    /// Device id for lines that carry none (`json-lines`).
+    pub device: Option<String>,
+    /// `firmware-bridge` channel id (0 to 65535) to reading name, e.g.
+    /// `{ 1 = "temperature" }`; unnamed channels are called `ch<id>`.
+    #[serde(default)]
+    pub channels: std::collections::BTreeMap<String, String>,
+    /// Field mapping for `json-lines`.
+    #[serde(default)]
+    pub json: JsonMapping,
+    /// Longest line (`json-lines`), in bytes; longer ones are dropped as `too_large`.
+    #[serde(default = "default_max_payload")]
+    pub max_line: usize,
+    /// No byte for this long raises the silence alarm (log and metric).
+    #[serde(default = "default_silence_timeout", with = "duration")]
+    pub silence_timeout: Duration,
+    /// How often the gateway's clock is sent to a `firmware-bridge` device (also after
+    /// every `Hello`).
+    #[serde(default = "default_time_sync_interval", with = "duration")]
+    pub time_sync_interval: Duration,
+    /// Delay between attempts to open the port (after an unplug, say).
+    #[serde(default)]
+    pub reconnect: Backoff,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_silence_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_time_sync_interval() -> Duration {
+    Duration::from_secs(600)
 }
 
 /// When an input acknowledges an event upstream.
@@ -836,6 +946,52 @@ fn valid_log_filter(spec: &str) -> bool {
         })
 }
 
+fn validate_serial(s: &SerialInput, p: &str, err: &mut impl FnMut(String, &str)) {
+    if s.path.as_os_str().is_empty() {
+        err(format!("{p}.path"), "must not be empty");
+    }
+    if s.baud == 0 {
+        err(format!("{p}.baud"), "must be above zero");
+    }
+    if !(5..=8).contains(&s.data_bits) {
+        err(format!("{p}.data_bits"), "must be 5, 6, 7 or 8");
+    }
+    if !(1..=2).contains(&s.stop_bits) {
+        err(format!("{p}.stop_bits"), "must be 1 or 2");
+    }
+    if let Some(d) = &s.device {
+        if d.is_empty() {
+            err(format!("{p}.device"), "must not be empty");
+        }
+    }
+    if s.max_line == 0 {
+        err(format!("{p}.max_line"), "must be at least 1");
+    }
+    for (id, name) in &s.channels {
+        if id.parse::<u16>().is_err() {
+            err(
+                format!("{p}.channels"),
+                "channel ids are numbers from 0 to 65535",
+            );
+        }
+        if name.is_empty() {
+            err(format!("{p}.channels"), "a channel name must not be empty");
+        }
+    }
+    if s.silence_timeout.is_zero() || s.time_sync_interval.is_zero() {
+        err(
+            format!("{p}.silence_timeout"),
+            "silence_timeout and time_sync_interval must be above zero",
+        );
+    }
+    if s.reconnect.min.is_zero() || s.reconnect.min > s.reconnect.max {
+        err(
+            format!("{p}.reconnect"),
+            "min must be above zero and not above max",
+        );
+    }
+}
+
 /// Semantic checks; returns every (field path, message) found.
 pub fn validate(c: &Config) -> Vec<(String, String)> {
     let mut errs = Vec::new();
@@ -864,20 +1020,26 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
     }
     let mut names = std::collections::BTreeSet::new();
     for (i, input) in c.inputs.iter().enumerate() {
-        let Input::Mqtt(m) = input;
         let p = format!("inputs[{i}]");
-        if !valid_id(&m.name) {
+        if !valid_id(input.name()) {
             err(
                 format!("{p}.name"),
                 "must be non-empty and use only letters, digits, '-', '_' and '.'",
             );
         }
-        if !names.insert(m.name.clone()) {
+        if !names.insert(input.name().to_string()) {
             err(
                 format!("{p}.name"),
                 "another input has this name; names must be unique",
             );
         }
+        let m = match input {
+            Input::Mqtt(m) => m,
+            Input::Serial(s) => {
+                validate_serial(s, &p, &mut err);
+                continue;
+            }
+        };
         if m.host.is_empty() {
             err(format!("{p}.host"), "must not be empty");
         }
@@ -997,6 +1159,52 @@ mod tests {
         assert_eq!(c.gateway.id, "gw-0001");
         assert_eq!(c.spool.synchronous, Synchronous::Full);
         assert_eq!(c.inputs.len(), 1);
+    }
+
+    #[test]
+    fn serial_inputs() {
+        let text = r#"
+[gateway]
+id = "gw"
+state_dir = "/tmp"
+[[inputs]]
+type = "serial"
+name = "pump"
+path = "/dev/serial/by-id/usb-pump"
+channels = { 1 = "temperature", 2 = "pressure" }
+[[inputs]]
+type = "serial"
+name = "lines"
+path = "/dev/ttyUSB1"
+framing = "json-lines"
+baud = 9600
+parity = "even"
+device = "meter-1"
+[output.kafka]
+brokers = "k:9092"
+"#;
+        let c = parse(text, None).expect("valid");
+        let Input::Serial(s) = &c.inputs[0] else {
+            panic!("a serial input")
+        };
+        assert_eq!(s.framing, SerialFraming::FirmwareBridge);
+        assert_eq!(s.baud, 115_200);
+        assert_eq!(s.channels.get("2").map(String::as_str), Some("pressure"));
+        assert_eq!(s.ack_policy, AckPolicy::OnSpool);
+        let Input::Serial(s) = &c.inputs[1] else {
+            panic!("a serial input")
+        };
+        assert_eq!(
+            (s.framing, s.baud, s.parity),
+            (SerialFraming::JsonLines, 9600, Parity::Even)
+        );
+        let bad = text.replace("baud = 9600", "baud = 9600\ndata_bits = 9");
+        let e = parse(&bad, None).unwrap_err();
+        assert_eq!(e.0[0].path.as_deref(), Some("inputs[1].data_bits"));
+        assert_eq!(e.0[0].position, Some((16, 13)));
+        let bad = text.replace("2 = \"pressure\"", "x = \"pressure\"");
+        let e = parse(&bad, None).unwrap_err();
+        assert_eq!(e.0[0].path.as_deref(), Some("inputs[0].channels"));
     }
 
     #[test]

@@ -18,6 +18,8 @@ use crate::metrics::Metrics;
 use crate::router::{self, RouterHandle};
 #[cfg(feature = "mqtt")]
 use crate::sources::mqtt;
+#[cfg(feature = "serial")]
+use crate::sources::serial;
 use crate::sources::{SourceContext, SourceState};
 use crate::spool::Spool;
 use crate::stages::Chain;
@@ -43,7 +45,7 @@ impl Inputs {
 
 /// A pipeline's inputs and stages, checked and built, not yet running.
 struct Prepared {
-    inputs: Vec<gateway_config::MqttInput>,
+    inputs: Vec<Input>,
     ctx: SourceContext,
 }
 
@@ -60,19 +62,7 @@ fn prepare(
         .inputs
         .iter()
         .enumerate()
-        .map(|(i, input)| {
-            let Input::Mqtt(m) = input;
-            #[cfg(feature = "mqtt")]
-            let checked = mqtt::check(m, gateway_id).map(|()| m.clone());
-            #[cfg(not(feature = "mqtt"))]
-            let checked = Err(format!(
-                "inputs[{i}] ({}): this build has no MQTT input (cargo feature `mqtt`)",
-                m.name
-            ));
-            #[cfg(feature = "mqtt")]
-            let _ = i;
-            checked
-        })
+        .map(|(i, input)| check_input(i, input, gateway_id).map(|()| input.clone()))
         .collect::<Result<_, _>>()?;
     let ctx = SourceContext {
         gateway_id: gateway_id.to_string(),
@@ -87,28 +77,65 @@ fn prepare(
 impl Prepared {
     fn start(self) -> Inputs {
         let (state, rx) = watch::channel(SourceState::Run);
-        #[cfg(feature = "mqtt")]
         let tasks = self
             .inputs
             .into_iter()
-            .map(|m| {
+            .map(|input| {
                 let ctx = self.ctx.clone();
                 let rx = rx.clone();
                 tokio::spawn(async move {
-                    let name = m.name.clone();
-                    if let Err(e) = mqtt::run(m, ctx, rx).await {
+                    let name = input.name().to_string();
+                    if let Err(e) = run_input(input, ctx, rx).await {
                         tracing::error!(input = %name, error = %e, "input stopped");
                     }
                 })
             })
             .collect();
-        // Without an input type compiled in, prepare() let no input through.
-        #[cfg(not(feature = "mqtt"))]
-        let tasks = {
-            let _ = (self.inputs, &self.ctx, rx);
-            Vec::new()
-        };
         Inputs { state, tasks }
+    }
+}
+
+/// Checks that this build carries the input's type, and what can be checked of it
+/// before it runs (secrets, certificates).
+fn check_input(i: usize, input: &Input, gateway_id: &str) -> Result<(), String> {
+    #[cfg_attr(all(feature = "mqtt", feature = "serial"), allow(unused_variables))]
+    let missing = |feature: &str| {
+        format!(
+            "inputs[{i}] ({}): this build has no {feature} input (cargo feature `{feature}`)",
+            input.name()
+        )
+    };
+    match input {
+        #[cfg(feature = "mqtt")]
+        Input::Mqtt(m) => mqtt::check(m, gateway_id),
+        #[cfg(not(feature = "mqtt"))]
+        Input::Mqtt(_) => {
+            let _ = gateway_id;
+            Err(missing("mqtt"))
+        }
+        #[cfg(feature = "serial")]
+        Input::Serial(_) => Ok(()),
+        #[cfg(not(feature = "serial"))]
+        Input::Serial(_) => Err(missing("serial")),
+    }
+}
+
+/// Runs one input task; [`check_input`] let only compiled-in types through.
+async fn run_input(
+    input: Input,
+    ctx: SourceContext,
+    rx: watch::Receiver<SourceState>,
+) -> Result<(), String> {
+    match input {
+        #[cfg(feature = "mqtt")]
+        Input::Mqtt(m) => mqtt::run(m, ctx, rx).await,
+        #[cfg(feature = "serial")]
+        Input::Serial(s) => serial::run(s, ctx, rx).await,
+        #[allow(unreachable_patterns)]
+        other => {
+            let _ = (ctx, rx);
+            Err(format!("input {}: not in this build", other.name()))
+        }
     }
 }
 

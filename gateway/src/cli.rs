@@ -49,6 +49,20 @@ enum Command {
     /// fleet, an uplink outage midway, and a reconciliation table at the end.
     #[cfg(feature = "demo")]
     Demo(crate::demo::DemoArgs),
+    /// Simulate a device, for tests and trying a config without hardware.
+    #[cfg(feature = "serial")]
+    Simulate {
+        #[command(subcommand)]
+        what: SimulateCommand,
+    },
+}
+
+#[cfg(feature = "serial")]
+#[derive(Subcommand)]
+enum SimulateCommand {
+    /// A serial device on a pseudo-terminal behind a symlink; prints a JSON report at the
+    /// end (readings taken and acknowledged per boot).
+    Serial(crate::simulate::SerialSim),
 }
 
 #[derive(Subcommand)]
@@ -209,6 +223,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => {
             init_logs(LogFormat::Human, "error,rumqttd=off");
             crate::demo::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "serial")]
+        Command::Simulate {
+            what: SimulateCommand::Serial(sim),
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let report = rt.block_on(crate::simulate::serial(sim, crate::app::termination()))?;
+            println!("{}", serde_json::to_string(&report)?);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! Layout (one noun per module):
 //! - [`event`]: the event model and the records that travel to Kafka.
-//! - [`sources`]: inputs ([`sources::mqtt`]) and payload decoders ([`sources::payload`]).
+//! - [`sources`]: inputs (`sources::mqtt`, `sources::serial`) and payload decoders
+//!   ([`sources::payload`]).
 //! - [`ack`]: in-order upstream acknowledgements, released when an event is safe.
 //! - [`stages`]: synchronous filters and enrichment, run in the input tasks.
 //! - [`router`]: the thread that owns the spool and the producer; direct vs spooling mode.
@@ -12,6 +13,8 @@
 //! - [`app`]: wires it together; [`app::run`] is the entry point.
 //! - [`cli`]: the `gateway` command line.
 //! - `demo` (feature `demo`): the self-contained demo behind `gateway demo`.
+//! - `simulate` (feature `serial`): a serial device on a pseudo-terminal, behind
+//!   `gateway simulate serial`.
 //!
 //! ARCHITECTURE.md has the invariants.
 
@@ -23,6 +26,8 @@ pub mod demo;
 pub mod event;
 pub mod metrics;
 pub mod router;
+#[cfg(feature = "serial")]
+pub mod simulate;
 pub mod sinks;
 pub mod sources;
 pub mod spool;

@@ -29,6 +29,11 @@ pub const DROP_REASONS: &[&str] = &[
     "spool_overflow",
     "corrupt_record",
     "kafka_rejected",
+    "corrupt_frame",
+    "unknown_message",
+    "out_of_sequence",
+    "duplicate",
+    "no_hello",
 ];
 
 type L1 = [(&'static str, String); 1];
@@ -47,6 +52,7 @@ struct Inner {
     dead_letters: Family<L1, Counter>,
     acks: Family<L1, Counter>,
     connected: Family<L1, Gauge>,
+    silent: Family<L1, Gauge>,
     reconnects: Family<L1, Counter>,
     stage_in: Family<L1, Counter>,
     stage_out: Family<L1, Counter>,
@@ -86,6 +92,7 @@ impl Metrics {
         let dead_letters = Family::default();
         let acks = Family::default();
         let connected = Family::default();
+        let silent = Family::default();
         let reconnects = Family::default();
         let stage_in = Family::default();
         let stage_out = Family::default();
@@ -135,6 +142,11 @@ impl Metrics {
             "input_connected",
             "1 while the input is connected",
             connected.clone(),
+        );
+        r.register(
+            "input_silent",
+            "1 while a connected input has heard nothing for its silence timeout (serial)",
+            silent.clone(),
         );
         r.register(
             "input_reconnects",
@@ -212,6 +224,7 @@ impl Metrics {
             dead_letters,
             acks,
             connected,
+            silent,
             reconnects,
             stage_in,
             stage_out,
@@ -249,6 +262,7 @@ impl Metrics {
             dead_letters: self.0.dead_letters.get_or_create(&l).clone(),
             acks: self.0.acks.get_or_create(&l).clone(),
             connected: self.0.connected.get_or_create(&l).clone(),
+            silent: self.0.silent.get_or_create(&l).clone(),
             reconnects: self.0.reconnects.get_or_create(&l).clone(),
             metrics: self.clone(),
         }
@@ -383,6 +397,8 @@ pub struct InputMetrics {
     pub acks: Counter,
     /// Connected (0/1).
     pub connected: Gauge,
+    /// Nothing heard for the silence timeout (0/1).
+    pub silent: Gauge,
     /// Reconnect attempts.
     pub reconnects: Counter,
     metrics: Metrics,

@@ -1,12 +1,20 @@
 //! Inputs: tasks that turn upstream messages into records for the router.
 
+// A build without any input type (`--no-default-features`) uses none of the helpers.
+#![cfg_attr(not(any(feature = "mqtt", feature = "serial")), allow(dead_code))]
+
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod payload;
+#[cfg(feature = "serial")]
+pub mod serial;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::metrics::Metrics;
+use crate::ack::Ack;
+use crate::event::{DeadLetter, Event, Record};
+use crate::metrics::{InputMetrics, Metrics};
 use crate::router::Item;
 use crate::stages::Chain;
 
@@ -34,4 +42,83 @@ pub enum SourceState {
     Quiesce,
     /// Flush acknowledgements, disconnect and return.
     Stop,
+}
+
+/// The router hung up.
+#[derive(Debug)]
+pub(crate) struct Closed;
+
+/// Hands an input's decoded events (through the stages) and rejected payloads to the
+/// router, with the accounting every input shares.
+pub(crate) struct Emitter<'a> {
+    pub ctx: &'a SourceContext,
+    pub m: &'a InputMetrics,
+    /// Hold acks until Kafka confirmed (`on_delivery`).
+    pub until_delivered: bool,
+    malformed_seen: AtomicU64,
+}
+
+impl<'a> Emitter<'a> {
+    pub fn new(ctx: &'a SourceContext, m: &'a InputMetrics, until_delivered: bool) -> Self {
+        Emitter {
+            ctx,
+            m,
+            until_delivered,
+            malformed_seen: AtomicU64::new(0),
+        }
+    }
+
+    async fn send(&self, record: Record, ack: Ack) -> Result<(), Closed> {
+        let item = Item {
+            record,
+            ack,
+            until_delivered: self.until_delivered,
+        };
+        self.ctx.items.send_async(item).await.map_err(|_| Closed)
+    }
+
+    /// Counts `events` as received and runs them through the stages to the router; each
+    /// carries a share of `ack`.
+    pub async fn events(&self, events: Vec<Event>, ack: &Ack) -> Result<(), Closed> {
+        for e in events {
+            self.m.received.inc();
+            match self.ctx.chain.run(e) {
+                Ok(e) => self.send(Record::Event(e), ack.clone()).await?,
+                Err(d) => self.m.dropped(d.reason, 1),
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a rejected payload as received and dropped for `bad.reason`, logs it (the
+    /// first ten, then every thousandth) and sends it to the dead-letter topic when one is
+    /// configured.
+    pub async fn malformed(
+        &self,
+        bad: payload::Malformed,
+        origin: &str,
+        received_ns: i64,
+        payload: &[u8],
+        ack: Ack,
+    ) -> Result<(), Closed> {
+        self.m.received.inc();
+        self.m.dropped(bad.reason, 1);
+        let n = self.malformed_seen.fetch_add(1, Ordering::Relaxed);
+        if n < 10 || n % 1000 == 0 {
+            tracing::warn!(input = %self.m.name, origin, reason = bad.reason, detail = %bad.detail, seen = n + 1, "rejected a payload");
+        }
+        if self.ctx.dead_letters {
+            self.m.dead_letters.inc();
+            let dl = DeadLetter {
+                source: self.m.name.clone(),
+                origin: origin.to_string(),
+                reason: bad.reason.to_string(),
+                detail: bad.detail,
+                received_ns,
+                payload: payload.to_vec(),
+            };
+            self.send(Record::DeadLetter(dl), ack).await?;
+        }
+        Ok(())
+    }
 }

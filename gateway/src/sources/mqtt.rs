@@ -22,11 +22,9 @@ use rumqttc::{
 use tokio::sync::watch;
 
 use super::payload::{decode, Origin};
-use super::{SourceContext, SourceState};
+use super::{Closed, Emitter, SourceContext, SourceState};
 use crate::ack::{Ack, AckQueue};
-use crate::event::{now_ns, DeadLetter, Record};
-use crate::metrics::InputMetrics;
-use crate::router::Item;
+use crate::event::now_ns;
 
 /// Everything both protocol versions share: identity, credentials, TLS.
 struct Common {
@@ -333,14 +331,10 @@ pub async fn run(
     };
     let filters: Vec<String> = templates.iter().map(|t| t.filter().to_string()).collect();
     let mut delay = cfg.reconnect.min;
-    let malformed_seen = AtomicU64::new(0);
     let input = Input {
         cfg: &cfg,
-        ctx: &ctx,
-        m: &m,
         templates: &templates,
-        malformed_seen: &malformed_seen,
-        until_delivered,
+        emit: Emitter::new(&ctx, &m, until_delivered),
     };
     tracing::info!(input = %cfg.name, host = %cfg.host, protocol = ?cfg.protocol, ?filters, "MQTT input starting");
     loop {
@@ -429,26 +423,11 @@ pub async fn run(
 
 struct Input<'a> {
     cfg: &'a MqttInput,
-    ctx: &'a SourceContext,
-    m: &'a InputMetrics,
     templates: &'a [TopicTemplate],
-    malformed_seen: &'a AtomicU64,
-    until_delivered: bool,
+    emit: Emitter<'a>,
 }
 
-/// The router hung up.
-struct Closed;
-
 impl Input<'_> {
-    async fn send(&self, record: Record, ack: Ack) -> Result<(), Closed> {
-        let item = Item {
-            record,
-            ack,
-            until_delivered: self.until_delivered,
-        };
-        self.ctx.items.send_async(item).await.map_err(|_| Closed)
-    }
-
     async fn handle(&self, p: &Msg, ack: Ack) -> Result<(), Closed> {
         let received_ns = now_ns();
         let topic = p.topic();
@@ -477,36 +456,12 @@ impl Input<'_> {
             decode(self.cfg.format, &self.cfg.json, &origin, payload)
         };
         match decoded {
-            Ok(events) => {
-                for e in events {
-                    self.m.received.inc();
-                    match self.ctx.chain.run(e) {
-                        Ok(e) => self.send(Record::Event(e), ack.clone()).await?,
-                        Err(d) => self.m.dropped(d.reason, 1),
-                    }
-                }
-            }
+            Ok(events) => self.emit.events(events, &ack).await,
             Err(bad) => {
-                self.m.received.inc();
-                self.m.dropped(bad.reason, 1);
-                let n = self.malformed_seen.fetch_add(1, Ordering::Relaxed);
-                if n < 10 || n % 1000 == 0 {
-                    tracing::warn!(input = %self.cfg.name, topic = %topic, reason = bad.reason, detail = %bad.detail, seen = n + 1, "rejected a payload");
-                }
-                if self.ctx.dead_letters {
-                    self.m.dead_letters.inc();
-                    let dl = DeadLetter {
-                        source: self.cfg.name.clone(),
-                        origin: topic.to_string(),
-                        reason: bad.reason.to_string(),
-                        detail: bad.detail,
-                        received_ns,
-                        payload: payload.to_vec(),
-                    };
-                    self.send(Record::DeadLetter(dl), ack).await?;
-                }
+                self.emit
+                    .malformed(bad, &topic, received_ns, payload, ack)
+                    .await
             }
         }
-        Ok(())
     }
 }

@@ -166,7 +166,8 @@ fn json_device(v: &Json) -> Option<String> {
     }
 }
 
-fn location(
+/// A location from optional parts: none without lat/lon, an error when out of range.
+pub(crate) fn location(
     lat: Option<f64>,
     lon: Option<f64>,
     alt: Option<f64>,

@@ -1,0 +1,795 @@
+//! The serial input: one device on a UART or USB serial adapter.
+//!
+//! Framings:
+//! - `firmware-bridge` (crate `firmware-bridge`): COBS frames with a CRC. `Hello` names the
+//!   device and its boot; each `Reading` becomes an event with id `device:boot:seq`; the
+//!   gateway answers `TimeSync` after every `Hello` and periodically, and acknowledges
+//!   readings cumulatively (`Ack { boot, up_to }`) once they are safe under the ack policy,
+//!   through the same [`AckQueue`] as MQTT. Readings leave in `seq` order: those that
+//!   arrive after a lost frame are held back ([`Track`]) until it is filled, so the
+//!   cumulative ack never covers a reading the gateway did not take. A gap is asked for at
+//!   once (`Resend`), and the oldest one again every 100 ms while readings keep coming; a
+//!   device that hears nothing resends everything unacknowledged after its timeout,
+//!   `Hello` first, whose `resume_from` also says which missing readings it gave up. Resends of readings already taken are
+//!   dropped as `duplicate` and acknowledged again.
+//! - `json-lines`: one JSON object per line, mapped like an MQTT payload; nothing is
+//!   acknowledged (the line has no way back).
+//!
+//! The port is opened by path (a `/dev/serial/by-id/...` link survives replugs). When it
+//! fails (unplugged: EIO or end of file) the input counts a reconnect and tries again with
+//! backoff; nothing polls in between. No byte for `silence_timeout` sets
+//! `gateway_input_silent` and logs once.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use firmware_bridge::{
+    Decoder, DeviceMessage, FrameError, GatewayMessage, Hello, Level, Reading, Timestamp, MAX_FRAME,
+};
+use gateway_config::{AckPolicy, FlowControl, Parity, PayloadFormat, SerialFraming, SerialInput};
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_serial::SerialPortBuilderExt;
+
+use super::payload::{decode, location, Origin};
+use super::{Closed, Emitter, SourceContext, SourceState};
+use crate::ack::{Ack, AckQueue};
+use crate::event::{now_ns, ClockQuality, Event, Value};
+use crate::metrics::InputMetrics;
+
+/// Runs one serial input until `state` turns [`SourceState::Stop`]. Port errors are
+/// retried forever.
+pub async fn run(
+    cfg: SerialInput,
+    ctx: SourceContext,
+    mut state: watch::Receiver<SourceState>,
+) -> Result<(), String> {
+    let m = ctx.metrics.input(&cfg.name);
+    let until_delivered = cfg.ack_policy == AckPolicy::OnDelivery;
+    let emit = Emitter::new(&ctx, &m, until_delivered);
+    let mut delay = cfg.reconnect.min;
+    let mut failures: u64 = 0;
+    tracing::info!(input = %cfg.name, path = %cfg.path.display(), framing = ?cfg.framing, "serial input starting");
+    loop {
+        if *state.borrow() == SourceState::Stop {
+            break;
+        }
+        match open(&cfg) {
+            Ok(port) => {
+                failures = 0;
+                delay = cfg.reconnect.min;
+                m.connected.set(1);
+                tracing::info!(input = %cfg.name, path = %cfg.path.display(), "serial port open");
+                let end = Session::new(&cfg, &emit, &m).run(port, &mut state).await;
+                m.connected.set(0);
+                m.silent.set(0);
+                match end {
+                    End::Stop => break,
+                    End::Closed => return Ok(()),
+                    End::Lost(e) => {
+                        m.reconnects.inc();
+                        tracing::warn!(input = %cfg.name, error = %e, "serial port lost");
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures % 100 == 0 {
+                    tracing::warn!(input = %cfg.name, path = %cfg.path.display(), error = %e, attempts = failures, "cannot open the serial port; retrying");
+                }
+            }
+        }
+        let jittered = delay.mul_f64(rand::rng().random_range(0.5..1.0));
+        tokio::select! {
+            changed = state.changed() => {
+                if changed.is_err() || *state.borrow() == SourceState::Stop {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep(jittered) => {}
+        }
+        delay = (delay * 2).min(cfg.reconnect.max);
+    }
+    tracing::info!(input = %cfg.name, "serial input stopped");
+    Ok(())
+}
+
+fn open(cfg: &SerialInput) -> Result<tokio_serial::SerialStream, tokio_serial::Error> {
+    use tokio_serial::{DataBits, StopBits};
+    let data_bits = match cfg.data_bits {
+        5 => DataBits::Five,
+        6 => DataBits::Six,
+        7 => DataBits::Seven,
+        _ => DataBits::Eight,
+    };
+    let parity = match cfg.parity {
+        Parity::None => tokio_serial::Parity::None,
+        Parity::Odd => tokio_serial::Parity::Odd,
+        Parity::Even => tokio_serial::Parity::Even,
+    };
+    let flow = match cfg.flow_control {
+        FlowControl::None => tokio_serial::FlowControl::None,
+        FlowControl::Software => tokio_serial::FlowControl::Software,
+        FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
+    };
+    let stop = if cfg.stop_bits == 2 {
+        StopBits::Two
+    } else {
+        StopBits::One
+    };
+    tokio_serial::new(cfg.path.to_string_lossy(), cfg.baud)
+        .data_bits(data_bits)
+        .parity(parity)
+        .stop_bits(stop)
+        .flow_control(flow)
+        .open_native_async()
+}
+
+/// How a session ended.
+enum End {
+    /// Asked to stop.
+    Stop,
+    /// The router is gone.
+    Closed,
+    /// The port failed (unplugged).
+    Lost(String),
+}
+
+/// How often the oldest gap is asked for again while readings keep arriving.
+const RESEND_AGAIN: Duration = Duration::from_millis(100);
+
+/// Most readings held back behind a gap (waiting for the missing one) per device; more
+/// are refused as `out_of_sequence` until the gap is filled.
+const MAX_AHEAD: usize = 1024;
+
+/// What the gateway knows of the device on the port (firmware-bridge): which reading it
+/// forwards next, and the readings that arrived ahead of a gap, held back so that a
+/// device's readings leave in `seq` order.
+#[derive(Debug, Default)]
+pub(crate) struct Track {
+    /// Device id and boot from the last `Hello`; `None` before one.
+    device: Option<(String, u32)>,
+    /// The next `seq` to forward; every one below it was forwarded (or the device gave it
+    /// up).
+    next: u32,
+    /// Readings above `next`, held until the gap before them is filled.
+    ahead: BTreeMap<u32, (Reading, i64)>,
+    /// The highest `seq` seen this boot.
+    max_seen: Option<u32>,
+    /// The last cumulative ack sent for this boot.
+    acked: Option<u32>,
+}
+
+/// What to do with one reading.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Take {
+    /// Forward these readings (with their receipt times), in order; ask the device again
+    /// for `resend` (`from`, `count`) if set.
+    Forward {
+        /// Readings now in order.
+        ready: Vec<(Reading, i64)>,
+        /// Readings the device skipped over, to ask for at once.
+        resend: Option<(u32, u16)>,
+    },
+    /// Forwarded before; repeat the ack, if one was sent.
+    Duplicate(Option<u32>),
+    /// Too far ahead of a gap.
+    OutOfSequence,
+    /// No `Hello` yet.
+    NoHello,
+}
+
+impl Track {
+    /// A `Hello`: a new boot starts from `resume_from` (the device's oldest unacknowledged
+    /// reading); the same boot again (a reconnect, or a resend after a silent gateway)
+    /// keeps its place. Returns what is now ready to forward (readings held behind a gap
+    /// the device gave up), the ack to repeat, and how many readings the device gave up
+    /// that never arrived.
+    pub(crate) fn hello(
+        &mut self,
+        id: &str,
+        boot: u32,
+        resume_from: u32,
+    ) -> (Vec<(Reading, i64)>, Option<u32>, u32) {
+        let same = self
+            .device
+            .as_ref()
+            .is_some_and(|(d, b)| d == id && *b == boot);
+        if !same {
+            *self = Track {
+                device: Some((id.to_string(), boot)),
+                next: resume_from,
+                ..Track::default()
+            };
+            return (Vec::new(), None, 0);
+        }
+        let mut lost = 0;
+        let mut ready = Vec::new();
+        if resume_from > self.next {
+            // The device no longer has these (its buffer overflowed while we waited):
+            // forward what did arrive, in order, and stop waiting for the rest.
+            let later = self.ahead.split_off(&resume_from);
+            let held = std::mem::replace(&mut self.ahead, later);
+            lost = resume_from - self.next - held.len() as u32;
+            ready.extend(held.into_values());
+            self.next = resume_from;
+        }
+        ready.extend(self.drain());
+        (ready, self.acked, lost)
+    }
+
+    /// Takes reading `r` that arrived at `received_ns`.
+    pub(crate) fn take(&mut self, r: Reading, received_ns: i64) -> Take {
+        if self.device.is_none() {
+            return Take::NoHello;
+        }
+        let seq = r.seq;
+        if seq < self.next || self.ahead.contains_key(&seq) {
+            return Take::Duplicate(self.acked);
+        }
+        if seq > self.next && self.ahead.len() >= MAX_AHEAD {
+            return Take::OutOfSequence;
+        }
+        let expected = self.max_seen.map_or(self.next, |m| m.saturating_add(1));
+        self.max_seen = Some(self.max_seen.map_or(seq, |m| m.max(seq)));
+        let resend =
+            (seq > expected).then(|| (expected, u16::try_from(seq - expected).unwrap_or(u16::MAX)));
+        self.ahead.insert(seq, (r, received_ns));
+        Take::Forward {
+            ready: self.drain(),
+            resend,
+        }
+    }
+
+    /// The missing readings that hold the others back, if any.
+    pub(crate) fn gap(&self) -> Option<(u32, u16)> {
+        let first = *self.ahead.keys().next()?;
+        Some((
+            self.next,
+            u16::try_from(first - self.next).unwrap_or(u16::MAX),
+        ))
+    }
+
+    /// Records an ack sent for `boot`.
+    pub(crate) fn acked(&mut self, boot: u32, up_to: u32) {
+        if self.device.as_ref().is_some_and(|(_, b)| *b == boot) {
+            self.acked = Some(self.acked.map_or(up_to, |a| a.max(up_to)));
+        }
+    }
+
+    /// Readings from `next` on that are all there.
+    fn drain(&mut self) -> Vec<(Reading, i64)> {
+        let mut out = Vec::new();
+        while let Some(r) = self.ahead.remove(&self.next) {
+            out.push(r);
+            match self.next.checked_add(1) {
+                Some(n) => self.next = n,
+                None => break,
+            }
+        }
+        out
+    }
+
+    fn device(&self) -> Option<(&str, u32)> {
+        self.device.as_ref().map(|(d, b)| (d.as_str(), *b))
+    }
+}
+
+/// One open port.
+struct Session<'a> {
+    cfg: &'a SerialInput,
+    emit: &'a Emitter<'a>,
+    m: &'a InputMetrics,
+    origin: String,
+    track: Arc<Mutex<Track>>,
+    no_hello_seen: u64,
+    /// The last `Resend` asked for the oldest gap, and when.
+    asked: Option<(u32, Instant)>,
+}
+
+impl<'a> Session<'a> {
+    fn new(cfg: &'a SerialInput, emit: &'a Emitter<'a>, m: &'a InputMetrics) -> Self {
+        Session {
+            cfg,
+            emit,
+            m,
+            origin: cfg.path.display().to_string(),
+            track: Arc::new(Mutex::new(Track::default())),
+            no_hello_seen: 0,
+            asked: None,
+        }
+    }
+
+    async fn run(
+        mut self,
+        port: tokio_serial::SerialStream,
+        state: &mut watch::Receiver<SourceState>,
+    ) -> End {
+        let (mut rd, mut wr) = tokio::io::split(port);
+        let (out, mut out_rx) = mpsc::unbounded_channel::<GatewayMessage>();
+        let writer = tokio::spawn(async move {
+            let mut buf = [0u8; MAX_FRAME];
+            while let Some(first) = out_rx.recv().await {
+                // Several acks queued: only the last of a run matters (cumulative).
+                let mut batch = vec![first];
+                while let Ok(next) = out_rx.try_recv() {
+                    if let (
+                        Some(GatewayMessage::Ack { boot: a, .. }),
+                        GatewayMessage::Ack { boot: b, .. },
+                    ) = (batch.last(), &next)
+                    {
+                        if a == b {
+                            batch.pop();
+                        }
+                    }
+                    batch.push(next);
+                }
+                for msg in batch {
+                    let Ok(n) = firmware_bridge::encode(&msg, &mut buf) else {
+                        continue;
+                    };
+                    if wr.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        // Readings are forwarded in `seq` order, so the queue releases them in order and
+        // each release is a cumulative ack.
+        let acks = {
+            let out = out.clone();
+            let track = self.track.clone();
+            let acked = self.m.acks.clone();
+            AckQueue::new(move |(boot, up_to): (u32, u32)| {
+                lock(&track).acked(boot, up_to);
+                acked.inc();
+                let _ = out.send(GatewayMessage::Ack { boot, up_to });
+            })
+        };
+        let bridge = self.cfg.framing == SerialFraming::FirmwareBridge;
+        let mut decoder = Decoder::new();
+        let mut line: Vec<u8> = Vec::new();
+        let mut line_too_long = false;
+        let mut buf = [0u8; 4096];
+        let silence = self.cfg.silence_timeout;
+        let mut silent_at = Instant::now() + silence;
+        let mut sync = tokio::time::interval(self.cfg.time_sync_interval);
+        let mut quiescing = *state.borrow() != SourceState::Run;
+        let end = loop {
+            tokio::select! {
+                changed = state.changed() => {
+                    if changed.is_err() || *state.borrow() == SourceState::Stop {
+                        break End::Stop;
+                    }
+                    // Quiescing: read nothing more (the device keeps it); acks still go out.
+                    quiescing = *state.borrow() != SourceState::Run;
+                }
+                read = rd.read(&mut buf), if !quiescing => {
+                    let n = match read {
+                        Ok(0) => break End::Lost("end of file".into()),
+                        Ok(n) => n,
+                        Err(e) => break End::Lost(e.to_string()),
+                    };
+                    silent_at = Instant::now() + silence;
+                    if self.m.silent.get() == 1 {
+                        self.m.silent.set(0);
+                        tracing::info!(input = %self.cfg.name, "the serial device is heard again");
+                    }
+                    let received_ns = now_ns();
+                    let r = if bridge {
+                        let mut frames = Vec::new();
+                        decoder.feed(&buf[..n], |f| frames.push(f));
+                        self.frames(frames, &acks, &out, received_ns).await
+                    } else {
+                        let mut lines = Vec::new();
+                        for &b in &buf[..n] {
+                            if b == b'\n' {
+                                if std::mem::take(&mut line_too_long) {
+                                    lines.push(Err(line.len()));
+                                } else {
+                                    lines.push(Ok(std::mem::take(&mut line)));
+                                }
+                                line.clear();
+                            } else if line.len() >= self.cfg.max_line {
+                                line_too_long = true;
+                            } else {
+                                line.push(b);
+                            }
+                        }
+                        self.lines(lines, received_ns).await
+                    };
+                    if r.is_err() {
+                        break End::Closed;
+                    }
+                }
+                _ = tokio::time::sleep_until(silent_at) => {
+                    if self.m.silent.get() == 0 {
+                        self.m.silent.set(1);
+                        tracing::warn!(input = %self.cfg.name, silent_for = ?silence, "the serial device is silent");
+                    }
+                    silent_at = Instant::now() + silence;
+                }
+                _ = sync.tick(), if bridge => {
+                    let _ = out.send(time_sync());
+                }
+            }
+        };
+        // Let released acks reach the device before the port closes.
+        drop(acks);
+        drop(out);
+        let _ = tokio::time::timeout(Duration::from_millis(500), writer).await;
+        end
+    }
+
+    /// Handles the firmware-bridge frames of one read.
+    async fn frames(
+        &mut self,
+        frames: Vec<Result<DeviceMessage, FrameError>>,
+        acks: &Arc<AckQueue<(u32, u32)>>,
+        out: &mpsc::UnboundedSender<GatewayMessage>,
+        received_ns: i64,
+    ) -> Result<(), Closed> {
+        for f in frames {
+            match f {
+                Ok(DeviceMessage::Hello(h)) => self.hello(h, acks, out).await?,
+                Ok(DeviceMessage::Reading(r)) => self.reading(r, acks, out, received_ns).await?,
+                Ok(DeviceMessage::Heartbeat(h)) => {
+                    tracing::debug!(input = %self.cfg.name, uptime_ms = h.uptime_ms, unacked = h.unacked, "heartbeat");
+                }
+                Ok(DeviceMessage::Log(l) | DeviceMessage::Error(l)) => {
+                    let device = lock(&self.track)
+                        .device()
+                        .map_or_else(|| "?".to_string(), |(d, _)| d.to_string());
+                    let device = device.as_str();
+                    let (input, code, text) = (&self.cfg.name, l.code, l.text.as_str());
+                    match l.level {
+                        Level::Error => {
+                            tracing::error!(input = %input, device, code, "device: {text}")
+                        }
+                        Level::Warn => {
+                            tracing::warn!(input = %input, device, code, "device: {text}")
+                        }
+                        Level::Info => {
+                            tracing::info!(input = %input, device, code, "device: {text}")
+                        }
+                        Level::Debug => {
+                            tracing::debug!(input = %input, device, code, "device: {text}")
+                        }
+                    }
+                }
+                Err(FrameError::UnknownType(t)) => {
+                    self.m.received.inc();
+                    self.m.dropped("unknown_message", 1);
+                    tracing::debug!(input = %self.cfg.name, message_type = t, "skipped a message type this version does not know");
+                }
+                Err(e) => {
+                    // A lost reading is resent by the device (it was not acknowledged).
+                    self.m.received.inc();
+                    self.m.dropped("corrupt_frame", 1);
+                    tracing::debug!(input = %self.cfg.name, error = %e, "dropped a frame");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn hello(
+        &mut self,
+        h: Hello,
+        acks: &Arc<AckQueue<(u32, u32)>>,
+        out: &mpsc::UnboundedSender<GatewayMessage>,
+    ) -> Result<(), Closed> {
+        tracing::info!(input = %self.cfg.name, device = %h.device_id, boot = h.boot, resume_from = h.resume_from, firmware = %h.firmware, protocol = h.protocol, "device hello");
+        let (ready, ack, lost) = lock(&self.track).hello(&h.device_id, h.boot, h.resume_from);
+        if lost > 0 {
+            tracing::warn!(input = %self.cfg.name, device = %h.device_id, readings = lost, "the device dropped readings it could not keep until acknowledged");
+        }
+        let _ = out.send(time_sync());
+        if let Some(up_to) = ack {
+            let _ = out.send(GatewayMessage::Ack {
+                boot: h.boot,
+                up_to,
+            });
+        }
+        self.forward(ready, h.device_id.as_str(), h.boot, acks, out)
+            .await
+    }
+
+    async fn reading(
+        &mut self,
+        r: Reading,
+        acks: &Arc<AckQueue<(u32, u32)>>,
+        out: &mpsc::UnboundedSender<GatewayMessage>,
+        received_ns: i64,
+    ) -> Result<(), Closed> {
+        let (take, device, gap) = {
+            let mut t = lock(&self.track);
+            let take = t.take(r, received_ns);
+            (take, t.device().map(|(d, b)| (d.to_string(), b)), t.gap())
+        };
+        let (ready, resend, (id, boot)) = match (take, device) {
+            (Take::Forward { ready, resend }, Some(d)) => (ready, resend, d),
+            (Take::Duplicate(ack), Some((_, boot))) => {
+                self.m.received.inc();
+                self.m.dropped("duplicate", 1);
+                if let Some(up_to) = ack {
+                    let _ = out.send(GatewayMessage::Ack { boot, up_to });
+                }
+                return Ok(());
+            }
+            (Take::OutOfSequence, _) => {
+                self.m.received.inc();
+                self.m.dropped("out_of_sequence", 1);
+                return Ok(());
+            }
+            _ => {
+                // Unknown device (the gateway started while it was mid-stream): it sends
+                // Hello before it resends, and the readings come again.
+                self.m.received.inc();
+                self.m.dropped("no_hello", 1);
+                self.no_hello_seen += 1;
+                if self.no_hello_seen == 1 {
+                    tracing::warn!(input = %self.cfg.name, "readings before a Hello; waiting for the device to introduce itself");
+                }
+                return Ok(());
+            }
+        };
+        // Ask again for what is missing: a new gap at once, the oldest one (what holds
+        // the rest back) again every RESEND_AGAIN while readings keep coming.
+        let now = Instant::now();
+        if let Some((from, count)) = resend {
+            let _ = out.send(GatewayMessage::Resend { boot, from, count });
+            if gap.is_some_and(|(f, _)| f == from) {
+                self.asked = Some((from, now));
+            }
+        }
+        if let Some((from, count)) = gap {
+            let due = match self.asked {
+                Some((f, at)) => f != from || now.duration_since(at) >= RESEND_AGAIN,
+                None => true,
+            };
+            if due {
+                self.asked = Some((from, now));
+                let _ = out.send(GatewayMessage::Resend { boot, from, count });
+            }
+        }
+        self.forward(ready, &id, boot, acks, out).await
+    }
+
+    /// Turns readings now in order into events and sends them on.
+    async fn forward(
+        &self,
+        ready: Vec<(Reading, i64)>,
+        id: &str,
+        boot: u32,
+        acks: &Arc<AckQueue<(u32, u32)>>,
+        out: &mpsc::UnboundedSender<GatewayMessage>,
+    ) -> Result<(), Closed> {
+        for (r, received_ns) in ready {
+            let ack = self.ack(acks, out, boot, r.seq);
+            match reading_event(self.cfg, id, boot, &r, &self.origin, received_ns) {
+                Ok(event) => self.emit.events(vec![event], &ack).await?,
+                Err(bad) => {
+                    self.emit
+                        .malformed(bad, &self.origin, received_ns, &[], ack)
+                        .await?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The acknowledgement share for reading `seq` under the ack policy.
+    fn ack(
+        &self,
+        acks: &Arc<AckQueue<(u32, u32)>>,
+        out: &mpsc::UnboundedSender<GatewayMessage>,
+        boot: u32,
+        seq: u32,
+    ) -> Ack {
+        if self.cfg.ack_policy == AckPolicy::OnReceive {
+            lock(&self.track).acked(boot, seq);
+            self.m.acks.inc();
+            let _ = out.send(GatewayMessage::Ack { boot, up_to: seq });
+            Ack::none()
+        } else {
+            acks.push((boot, seq))
+        }
+    }
+
+    /// Handles the complete lines of one read (`json-lines`); `Err(len)` is a line that
+    /// was too long.
+    async fn lines(
+        &self,
+        lines: Vec<Result<Vec<u8>, usize>>,
+        received_ns: i64,
+    ) -> Result<(), Closed> {
+        let captures: Vec<(&str, &str)> = self
+            .cfg
+            .device
+            .as_deref()
+            .map(|d| vec![("device", d)])
+            .unwrap_or_default();
+        let origin = Origin {
+            source: &self.cfg.name,
+            topic: &self.origin,
+            captures: &captures,
+            received_ns,
+        };
+        for l in lines {
+            let l = match l {
+                Ok(l) => l,
+                Err(len) => {
+                    let bad = super::payload::Malformed {
+                        reason: "too_large",
+                        detail: format!("a line of more than {len} bytes (max_line)"),
+                    };
+                    self.emit
+                        .malformed(bad, &self.origin, received_ns, &[], Ack::none())
+                        .await?;
+                    continue;
+                }
+            };
+            let text = l.strip_suffix(b"\r").unwrap_or(&l);
+            if text.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match decode(PayloadFormat::Json, &self.cfg.json, &origin, text) {
+                Ok(events) => self.emit.events(events, &Ack::none()).await?,
+                Err(bad) => {
+                    self.emit
+                        .malformed(bad, &self.origin, received_ns, text, Ack::none())
+                        .await?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lock(t: &Mutex<Track>) -> MutexGuard<'_, Track> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn time_sync() -> GatewayMessage {
+    GatewayMessage::TimeSync {
+        unix_ms: u64::try_from(now_ns() / 1_000_000).unwrap_or(0),
+    }
+}
+
+/// The event of one firmware-bridge reading.
+fn reading_event(
+    cfg: &SerialInput,
+    device: &str,
+    boot: u32,
+    r: &Reading,
+    origin: &str,
+    received_ns: i64,
+) -> Result<Event, super::payload::Malformed> {
+    let (time_ns, clock) = match r.time {
+        Timestamp::UnixMs(ms) => match i64::try_from(ms)
+            .ok()
+            .and_then(|ms| ms.checked_mul(1_000_000))
+        {
+            Some(ns) => (ns, ClockQuality::Device),
+            None => {
+                return Err(super::payload::Malformed {
+                    reason: "bad_time",
+                    detail: format!("unix time {ms} ms is out of range"),
+                })
+            }
+        },
+        // No clock on the device: the gateway's, flagged.
+        Timestamp::UptimeMs(_) => (received_ns, ClockQuality::Gateway),
+    };
+    let location = match r.fix {
+        Some(f) if f.quality != firmware_bridge::FixQuality::None => location(
+            Some(f64::from(f.lat_e7) / 1e7),
+            Some(f64::from(f.lon_e7) / 1e7),
+            f.alt_cm.map(|c| f64::from(c) / 100.0),
+            f.accuracy_cm.map(|c| f64::from(c) / 100.0),
+        )?,
+        _ => None,
+    };
+    let readings = r
+        .channels
+        .iter()
+        .filter(|c| c.value.is_finite())
+        .map(|c| {
+            let name = cfg
+                .channels
+                .get(&c.id.to_string())
+                .cloned()
+                .unwrap_or_else(|| format!("ch{}", c.id));
+            (name, Value::Number(f64::from(c.value)))
+        })
+        .collect();
+    Ok(Event {
+        id: format!("{device}:{boot}:{}", r.seq),
+        device: device.to_string(),
+        source: cfg.name.clone(),
+        origin: origin.to_string(),
+        time_ns,
+        clock,
+        received_ns,
+        location,
+        readings,
+        tags: Default::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(seq: u32) -> Reading {
+        Reading {
+            seq,
+            time: Timestamp::UptimeMs(u64::from(seq)),
+            fix: None,
+            channels: heapless::Vec::new(),
+        }
+    }
+
+    /// The seqs of a Forward.
+    fn fwd(t: Take) -> (Vec<u32>, Option<(u32, u16)>) {
+        match t {
+            Take::Forward { ready, resend } => (ready.iter().map(|(r, _)| r.seq).collect(), resend),
+            other => panic!("not forwarded: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn readings_leave_in_order_and_gaps_are_asked_for() {
+        let mut t = Track::default();
+        assert_eq!(t.take(r(0), 0), Take::NoHello);
+        assert_eq!(t.hello("d", 7, 10).0.len(), 0);
+        assert_eq!(fwd(t.take(r(10), 0)), (vec![10], None));
+        // 11 lost on the line: 12 and 13 wait, 11 is asked for.
+        assert_eq!(fwd(t.take(r(12), 0)), (vec![], Some((11, 1))));
+        assert_eq!(fwd(t.take(r(13), 0)), (vec![], None));
+        assert_eq!(t.gap(), Some((11, 1)));
+        assert_eq!(t.take(r(12), 0), Take::Duplicate(None));
+        assert_eq!(fwd(t.take(r(11), 0)), (vec![11, 12, 13], None));
+        assert_eq!(t.gap(), None);
+        t.acked(7, 13);
+        assert_eq!(t.take(r(12), 0), Take::Duplicate(Some(13)));
+        // Acks of another boot are not ours.
+        t.acked(6, 99);
+        assert_eq!(t.take(r(5), 0), Take::Duplicate(Some(13)));
+    }
+
+    #[test]
+    fn a_reboot_starts_over_and_readings_the_device_gave_up_are_not_waited_for() {
+        let mut t = Track::default();
+        t.hello("d", 1, 0);
+        assert_eq!(fwd(t.take(r(0), 0)).0, vec![0]);
+        assert_eq!(fwd(t.take(r(2), 0)), (vec![], Some((1, 1))));
+        assert_eq!(fwd(t.take(r(4), 0)), (vec![], Some((3, 1))));
+        // Same boot: the device no longer has 1 (its buffer overflowed) but has 3.
+        let (ready, ack, lost) = t.hello("d", 1, 3);
+        assert_eq!(
+            ready.iter().map(|(r, _)| r.seq).collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!((ack, lost), (None, 1));
+        assert_eq!(fwd(t.take(r(3), 0)).0, vec![3, 4]);
+        // A reboot: seq restarts.
+        assert_eq!(t.hello("d", 2, 0).0.len(), 0);
+        assert_eq!(fwd(t.take(r(0), 0)).0, vec![0]);
+    }
+
+    #[test]
+    fn readings_far_ahead_of_a_gap_are_refused() {
+        let mut t = Track::default();
+        t.hello("d", 1, 0);
+        for s in 1..=MAX_AHEAD as u32 {
+            assert!(matches!(t.take(r(s), 0), Take::Forward { .. }));
+        }
+        assert_eq!(t.take(r(MAX_AHEAD as u32 + 1), 0), Take::OutOfSequence);
+        assert_eq!(fwd(t.take(r(0), 0)).0.len(), MAX_AHEAD + 1);
+    }
+}

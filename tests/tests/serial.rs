@@ -1,0 +1,301 @@
+//! End-to-end tests of the serial input over real pseudo-terminals: `gateway simulate
+//! serial` (the firmware-bridge device logic, or JSON lines) on one side, the gateway as
+//! its own process on the other, librdkafka's mock cluster over TCP behind it, and a
+//! Kafka consumer reading back.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+const TOPIC: &str = "telemetry.dev";
+
+fn serial_config(dir: &Path, link: &Path, bootstrap: &str, extra: &str) -> String {
+    format!(
+        r#"
+[gateway]
+id = "gw-test"
+state_dir = "{state}"
+
+[spool]
+synchronous = "normal"
+
+[telemetry]
+listen = "127.0.0.1:{{metrics_port}}"
+
+[[inputs]]
+type = "serial"
+name = "dev"
+path = "{link}"
+reconnect = {{ min = "50ms", max = "300ms" }}
+channels = {{ 1 = "temperature", 2 = "humidity" }}
+{extra}
+
+[output.kafka]
+brokers = "{bootstrap}"
+topic = "telemetry.{{source}}"
+linger = "5ms"
+message_timeout = "10s"
+spool_after = "2s"
+"#,
+        state = dir.join("state").display(),
+        link = link.display(),
+    )
+}
+
+/// What `gateway simulate serial` reported.
+#[derive(Debug, serde::Deserialize)]
+struct Report {
+    boots: Vec<Boot>,
+    dropped: u64,
+    resent: u64,
+    corrupted_bytes: u64,
+    garbage: u64,
+    unplugs: u64,
+    lines: u64,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Boot {
+    boot: u32,
+    sampled: u32,
+    acked_up_to: Option<u32>,
+}
+
+/// Runs the simulator to its end (it stops once `--count` readings are acknowledged).
+fn simulate(link: &Path, args: &[&str]) -> std::process::Child {
+    gateway_command()
+        .args(["simulate", "serial", "--link"])
+        .arg(link)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the simulator")
+}
+
+fn report(child: std::process::Child) -> Report {
+    let out = child.wait_with_output().expect("simulator output");
+    assert!(out.status.success(), "simulator failed: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("simulator report")
+}
+
+/// Starts Kafka, the simulator (which creates the link) and the gateway.
+fn rig(extra: &str, sim_args: &[&str]) -> (tempfile::TempDir, Kafka, Gateway, std::process::Child) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let link = dir.path().join("ttyDEV");
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    let sim = simulate(&link, sim_args);
+    wait_for("the simulator's link", Duration::from_secs(10), || {
+        link.exists()
+    });
+    let gw = Gateway::start(
+        dir.path(),
+        &serial_config(dir.path(), &link, &kafka.bootstrap, extra),
+    );
+    (dir, kafka, gw, sim)
+}
+
+/// Every reading the gateway acknowledged, as event ids `sim-1:boot:seq`.
+fn acknowledged(r: &Report) -> BTreeSet<String> {
+    r.boots
+        .iter()
+        .flat_map(|b| {
+            b.acked_up_to
+                .map(|up_to| (0..=up_to).map(move |s| format!("sim-1:{}:{s}", b.boot)))
+                .into_iter()
+                .flatten()
+        })
+        .collect()
+}
+
+/// Reads Kafka until every acknowledged id is there; checks ids, order and content.
+fn check_delivered(kafka: &Kafka, r: &Report) -> Vec<Consumed> {
+    assert_eq!(
+        r.dropped, 0,
+        "the device never had to give readings up: {r:?}"
+    );
+    let want = acknowledged(r);
+    assert!(!want.is_empty(), "the gateway acknowledged nothing: {r:?}");
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |recs| {
+        let got: BTreeSet<&String> = recs
+            .iter()
+            .filter_map(|c| c.headers.get("event-id"))
+            .collect();
+        want.iter().all(|w| got.contains(w))
+    });
+    let got: BTreeSet<String> = records
+        .iter()
+        .filter_map(|c| c.headers.get("event-id").cloned())
+        .collect();
+    let missing: Vec<_> = want.difference(&got).take(10).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not in Kafka: {missing:?}"
+    );
+    // No false duplicates: every id names one reading of one boot, and a boot's ids
+    // never go past what it sampled.
+    let sampled: BTreeMap<u32, u32> = r.boots.iter().map(|b| (b.boot, b.sampled)).collect();
+    for id in &got {
+        let mut parts = id.rsplitn(3, ':');
+        let seq: u32 = parts.next().and_then(|s| s.parse().ok()).expect("seq");
+        let boot: u32 = parts.next().and_then(|s| s.parse().ok()).expect("boot");
+        assert!(
+            seq < sampled[&boot],
+            "{id}: beyond what boot {boot} sampled"
+        );
+    }
+    // Per device order: first occurrences come in (boot order, seq) order.
+    let order: BTreeMap<u32, usize> = r
+        .boots
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.boot, i))
+        .collect();
+    let mut seen = BTreeSet::new();
+    let mut last = (0usize, 0u32);
+    for c in &records {
+        let id = &c.headers["event-id"];
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let mut parts = id.rsplitn(3, ':');
+        let seq: u32 = parts.next().and_then(|s| s.parse().ok()).expect("seq");
+        let boot: u32 = parts.next().and_then(|s| s.parse().ok()).expect("boot");
+        let at = (order[&boot], seq);
+        assert!(at >= last, "{id} after {last:?}: out of order");
+        last = at;
+    }
+    let v = &records[0].value;
+    assert!(v["readings"]["temperature"].is_number(), "{v}");
+    assert!(v["location"]["lat"].is_number(), "{v}");
+    assert_eq!(records[0].key, "sim-1");
+    records
+}
+
+#[test]
+fn every_acknowledged_reading_reaches_kafka_in_order() {
+    let (_dir, kafka, gw, sim) = rig("", &["--count", "2000", "--rate", "400"]);
+    let r = report(sim);
+    assert_eq!(r.boots.len(), 1);
+    assert_eq!(r.boots[0].acked_up_to, Some(1999), "{r:?}");
+    check_delivered(&kafka, &r);
+    assert!(gw.metric("gateway_upstream_acks_total{input=\"dev\"}") >= 1.0);
+    let drops: BTreeMap<_, _> = gw
+        .metrics()
+        .into_iter()
+        .filter(|(k, v)| {
+            // Resends the device makes when an ack is slower than --resend-after (a
+            // loaded machine) are duplicates by design; nothing else may be dropped.
+            k.starts_with("gateway_events_dropped_total")
+                && !k.contains("reason=\"duplicate\"")
+                && *v > 0.0
+        })
+        .collect();
+    assert!(
+        drops.is_empty(),
+        "nothing dropped on a clean line: {drops:?}"
+    );
+}
+
+#[test]
+fn corrupt_bytes_truncated_frames_and_garbage_are_rejected_counted_and_resent() {
+    let (_dir, kafka, gw, sim) = rig(
+        "",
+        &[
+            "--count",
+            "1500",
+            "--rate",
+            "300",
+            "--corrupt",
+            "0.01",
+            "--garbage",
+            "0.05",
+        ],
+    );
+    let r = report(sim);
+    assert!(r.corrupted_bytes > 0 && r.garbage > 0, "{r:?}");
+    assert_eq!(r.boots[0].acked_up_to, Some(1499), "{r:?}");
+    check_delivered(&kafka, &r);
+    let m = gw.metrics();
+    let corrupt = m
+        .get("gateway_events_dropped_total{input=\"dev\",reason=\"corrupt_frame\"}")
+        .copied()
+        .unwrap_or(0.0);
+    assert!(corrupt > 0.0, "corrupt frames are counted");
+    assert!(r.resent > 0, "the device resent what was lost: {r:?}");
+}
+
+#[test]
+fn a_device_reboot_restarts_seq_without_loss_or_false_duplicates() {
+    let (_dir, kafka, _gw, sim) = rig(
+        "",
+        &["--count", "1200", "--rate", "300", "--reboot-every", "400"],
+    );
+    let r = report(sim);
+    assert!(r.boots.len() >= 3, "{r:?}");
+    check_delivered(&kafka, &r);
+}
+
+#[test]
+fn an_unplugged_port_is_reopened_and_the_device_resends() {
+    let (_dir, kafka, gw, sim) = rig(
+        "",
+        &[
+            "--count",
+            "1500",
+            "--rate",
+            "250",
+            "--unplug-every",
+            "1.5",
+            "--unplug-for",
+            "0.7",
+        ],
+    );
+    let r = report(sim);
+    assert!(r.unplugs >= 2, "{r:?}");
+    assert_eq!(r.boots[0].acked_up_to, Some(1499), "{r:?}");
+    check_delivered(&kafka, &r);
+    assert!(gw.metric("gateway_input_reconnects_total{input=\"dev\"}") >= r.unplugs as f64);
+}
+
+#[test]
+fn silence_raises_the_alarm_and_a_reading_clears_it() {
+    // One reading every 4 s (heartbeats every 5 s): silent in between.
+    let (_dir, _kafka, gw, mut sim) = rig("silence_timeout = \"1s\"", &["--rate", "0.25"]);
+    wait_for("connected", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"dev\"}") == 1.0
+    });
+    wait_for("the silence alarm", Duration::from_secs(10), || {
+        gw.metric("gateway_input_silent{input=\"dev\"}") == 1.0
+    });
+    wait_for("the alarm to clear", Duration::from_secs(10), || {
+        gw.metric("gateway_input_silent{input=\"dev\"}") == 0.0
+    });
+    let _ = sim.kill();
+    let _ = sim.wait();
+}
+
+#[test]
+fn json_lines_become_events() {
+    let (_dir, kafka, gw, sim) = rig(
+        "framing = \"json-lines\"",
+        &["--framing", "json-lines", "--count", "500", "--rate", "500"],
+    );
+    let r = report(sim);
+    assert_eq!(r.lines, 500);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |recs| {
+        recs.len() >= 500
+    });
+    let ids: BTreeSet<_> = records
+        .iter()
+        .filter_map(|c| c.headers.get("event-id"))
+        .collect();
+    assert_eq!(ids.len(), 500);
+    assert!(ids.contains(&"sim-1:499".to_string()));
+    assert_eq!(gw.dropped_total(), 0.0);
+}
