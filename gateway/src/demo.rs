@@ -4,8 +4,11 @@
 //! this process, runs the real pipeline against them (the same [`crate::app::run`] as
 //! `gateway run`), and drives a simulated fleet of devices moving along GPS tracks. Midway
 //! it cuts the uplink (every Kafka broker down) so the spool fills, then restores it so the
-//! spool drains. At the end it reads every record back from Kafka and prints a
-//! reconciliation: published = delivered + dropped, lost = 0, and the rate of each phase.
+//! spool drains. A serial device (our firmware's logic, `crate::simulate`) sends readings
+//! over a pseudo-terminal, with a few bytes corrupted on the way, through the same outage.
+//! At the end it reads every record back from Kafka and prints a reconciliation:
+//! published = delivered + dropped, lost = 0, and the rate of each phase; for the serial
+//! device, every acknowledged reading is in Kafka.
 
 use std::collections::HashSet;
 use std::net::TcpListener;
@@ -40,6 +43,10 @@ pub struct DemoArgs {
 }
 
 const TOPIC: &str = "telemetry.fleet";
+/// The serial device's topic.
+const PUMP_TOPIC: &str = "telemetry.pump";
+/// Fraction of the serial device's bytes flipped on the way (1 in 500).
+const PUMP_CORRUPT: f64 = 0.002;
 const PARTITIONS: i32 = 4;
 
 fn free_port() -> anyhow::Result<u16> {
@@ -91,6 +98,7 @@ fn gateway_config(
     state: &std::path::Path,
     mqtt_port: u16,
     brokers: &str,
+    pump_link: &std::path::Path,
 ) -> anyhow::Result<gateway_config::Config> {
     let text = format!(
         r#"
@@ -109,6 +117,12 @@ qos = 1
 ack_policy = "on_spool"
 topics = ["fleet/{{device}}/telemetry"]
 reconnect = {{ min = "100ms", max = "2s" }}
+[[inputs]]
+type = "serial"
+name = "pump"
+path = "{pump_link}"
+channels = {{ 1 = "temperature", 2 = "humidity" }}
+reconnect = {{ min = "100ms", max = "1s" }}
 [[stages]]
 type = "tags"
 tags = {{ site = "demo" }}
@@ -124,7 +138,8 @@ linger = "10ms"
 message_timeout = "10s"
 spool_after = "2s"
 "#,
-        state = state.display()
+        state = state.display(),
+        pump_link = pump_link.display(),
     );
     gateway_config::parse(&text, None).map_err(|e| anyhow::anyhow!("demo config: {e}"))
 }
@@ -145,11 +160,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mqtt_port = free_port()?;
     start_broker(mqtt_port)?;
     let cluster = MockCluster::new(1).context("Kafka mock cluster")?;
-    cluster
-        .create_topic(TOPIC, PARTITIONS, 1)
-        .context("create topic")?;
+    for topic in [TOPIC, PUMP_TOPIC] {
+        cluster
+            .create_topic(topic, PARTITIONS, 1)
+            .context("create topic")?;
+    }
     let brokers = cluster.bootstrap_servers();
-    let config = gateway_config(&state, mqtt_port, &brokers)?;
+    let pump_link = state.join("ttyPUMP");
+    let config = gateway_config(&state, mqtt_port, &brokers, &pump_link)?;
     println!("edge gateway demo");
     println!("  MQTT broker (rumqttd, in process)  127.0.0.1:{mqtt_port}");
     println!("  Kafka (librdkafka mock cluster)    {brokers}, topic {TOPIC}");
@@ -161,12 +179,38 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  fleet                              {} devices x {} events/s, one payload in {} malformed",
         args.devices, args.rate, args.malformed_every
     );
+    println!(
+        "  serial device                      pump-1 on a pseudo-terminal ({}), firmware-bridge, 20 readings/s, 1 byte in 500 corrupted",
+        pump_link.display()
+    );
     println!();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // The serial device: our firmware's logic on a pseudo-terminal behind `pump_link`.
+    let (pump_stop_tx, pump_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let pump = rt.spawn(crate::simulate::serial(
+        crate::simulate::SerialSim {
+            link: pump_link.clone(),
+            device: "pump-1".into(),
+            rate: 20.0,
+            count: 0,
+            framing: crate::simulate::SimFraming::FirmwareBridge,
+            corrupt: PUMP_CORRUPT,
+            garbage: 0.0,
+            reboot_every: 0,
+            unplug_every: 0.0,
+            unplug_for: 1.0,
+            resend_after: 1.0,
+            settle: 5.0,
+            seed: 7,
+        },
+        async {
+            let _ = pump_stop_rx.await;
+        },
+    ));
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (_reload_tx, reloads) = tokio::sync::mpsc::channel(1);
@@ -269,11 +313,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     });
     bar.finish_and_clear();
 
+    // Stop the serial device, then give the gateway a moment to pass on its last readings.
+    let _ = pump_stop_tx.send(());
+    let pump_report = rt.block_on(pump).context("serial device task")??;
+    std::thread::sleep(Duration::from_secs(2));
     let _ = stop_tx.send(());
     rt.block_on(gw).context("gateway task")??;
 
     // Read everything back from Kafka: the proof.
-    let in_kafka = read_back(&brokers)?;
+    let in_kafka = read_back(&brokers, TOPIC)?.len() as u64;
     let delivered = m.delivered.get();
     let received = m.received.get();
     let dropped: Vec<(&str, u64)> = DROP_REASONS
@@ -315,8 +363,50 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         m.spooled.get(),
         metrics.totals().drained
     );
+    // The serial device: every reading the gateway acknowledged must be in Kafka.
+    let pump_ids = read_back(&brokers, PUMP_TOPIC)?;
+    let pm = metrics.input("pump");
+    let acked: Vec<String> = pump_report
+        .boots
+        .iter()
+        .flat_map(|b| {
+            b.acked_up_to
+                .map(|up_to| (0..=up_to).map(move |s| format!("pump-1:{}:{s}", b.boot)))
+                .into_iter()
+                .flatten()
+        })
+        .collect();
+    let pump_lost = acked
+        .iter()
+        .filter(|id| !pump_ids.contains(id.as_bytes()))
+        .count();
+    let taken: u64 = pump_report.boots.iter().map(|b| u64::from(b.sampled)).sum();
+    println!();
+    println!("serial device (input \"pump\", firmware-bridge over a pseudo-terminal)");
+    println!("  readings taken by the device   {taken:>9}");
+    println!("  acknowledged by the gateway    {:>9}", acked.len());
+    println!(
+        "  in Kafka                       {:>9}   unique event ids",
+        pump_ids.len()
+    );
+    println!(
+        "  corrupt frames dropped         {:>9}   ({} bytes flipped; the device resent {})",
+        metrics.dropped_count("pump", "corrupt_frame"),
+        pump_report.corrupted_bytes,
+        pump_report.resent
+    );
+    println!(
+        "  duplicates dropped             {:>9}",
+        metrics.dropped_count("pump", "duplicate")
+    );
+    println!("  spooled while Kafka was away   {:>9}", pm.spooled.get());
+    println!("  lost                           {pump_lost:>9}   = acknowledged - in Kafka");
     let _ = std::fs::remove_dir_all(&state);
     anyhow::ensure!(lost == 0, "{lost} events were lost");
+    anyhow::ensure!(
+        pump_lost == 0,
+        "{pump_lost} acknowledged serial readings are not in Kafka"
+    );
     Ok(())
 }
 
@@ -391,7 +481,8 @@ async fn simulate_fleet(
 
 /// Reads the topic back (resuming with a fresh consumer if one stalls) and counts unique
 /// event ids.
-fn read_back(brokers: &str) -> anyhow::Result<u64> {
+/// Every event id in `topic`.
+fn read_back(brokers: &str, topic: &str) -> anyhow::Result<HashSet<Vec<u8>>> {
     let mut ids = HashSet::new();
     let mut next = vec![0i64; PARTITIONS as usize];
     let start = Instant::now();
@@ -404,7 +495,7 @@ fn read_back(brokers: &str) -> anyhow::Result<u64> {
             .create()?;
         let mut tpl = TopicPartitionList::new();
         for (p, o) in next.iter().enumerate() {
-            tpl.add_partition_offset(TOPIC, p as i32, Offset::Offset(*o))?;
+            tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o))?;
         }
         c.assign(&tpl)?;
         let mut last = Instant::now();
@@ -426,5 +517,5 @@ fn read_back(brokers: &str) -> anyhow::Result<u64> {
             0
         };
     }
-    Ok(ids.len() as u64)
+    Ok(ids)
 }

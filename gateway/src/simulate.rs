@@ -115,7 +115,7 @@ pub struct SimReport {
 
 /// Ring buffer size of the simulated device (readings kept until acknowledged): about
 /// 190 bytes each, so the device lives in a `Box`.
-const RING: usize = 1024;
+const RING: usize = 2048;
 
 struct SimBoard {
     start: Instant,
