@@ -11,6 +11,10 @@
 //!
 //! Run: `cargo run --release -p gateway-e2e --bin gateway-bench [-- --events N]`.
 //!
+//! `-- --serial` measures the gateway's CPU while it ingests a 921600-baud stream of
+//! firmware-bridge frames on a pseudo-terminal (92,160 bytes/s of readings with 12
+//! channels), against its CPU while connected and idle in the same run.
+//!
 //! `-- --idle` only starts the gateway against both brokers, lets it settle and prints its
 //! idle RSS. With `GATEWAY_BIN` and `GATEWAY_RUNNER` (see the harness) that measures an
 //! ARM binary under qemu-user (whose RSS then includes the emulator's own).
@@ -235,7 +239,141 @@ fn idle_only() {
     );
 }
 
+/// Bytes per second of a 921600-baud line with 8N1 framing (10 bits per byte).
+const LINE_BYTES_PER_SEC: f64 = 92_160.0;
+
+/// The gateway's CPU while ingesting a full 921600-baud firmware-bridge stream.
+fn serial_cpu() {
+    use firmware_bridge::{encode, Channel, DeviceMessage, Hello, Reading, Timestamp, MAX_FRAME};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_serial::SerialPort;
+
+    let topic = "telemetry.dev";
+    let kafka = Kafka::start(1, &[topic], 4);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let link = dir.path().join("ttyBENCH");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (master, slave) = rt
+        .block_on(async { tokio_serial::SerialStream::pair() })
+        .expect("pty");
+    std::os::unix::fs::symlink(slave.name().expect("pty name"), &link).expect("link");
+    let config = format!(
+        r#"
+[gateway]
+id = "gw-bench"
+state_dir = "{state}"
+[spool]
+synchronous = "full"
+[telemetry]
+listen = "127.0.0.1:{{metrics_port}}"
+[[inputs]]
+type = "serial"
+name = "dev"
+path = "{link}"
+baud = 921600
+[output.kafka]
+brokers = "{bootstrap}"
+topic = "telemetry.{{source}}"
+"#,
+        state = dir.path().join("state").display(),
+        link = link.display(),
+        bootstrap = kafka.bootstrap,
+    );
+    let gw = Gateway::start(dir.path(), &config);
+    wait_for("the port", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"dev\"}") == 1.0
+    });
+    let pid = gw.pid().expect("pid");
+    let window = Duration::from_secs(20);
+    let c0 = cpu_secs(pid);
+    std::thread::sleep(window);
+    let idle = (cpu_secs(pid) - c0) / window.as_secs_f64();
+
+    let received = || gw.metric("gateway_events_received_total{input=\"dev\"}");
+    let settle = Duration::from_secs(5);
+    let (busy, rate, frame_len) = rt.block_on(async {
+        let (mut rd, mut wr) = tokio::io::split(master);
+        // Acks and time syncs from the gateway: read and thrown away.
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while rd.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        let mut buf = [0u8; MAX_FRAME];
+        let hello = DeviceMessage::Hello(Hello {
+            device_id: "bench-1".try_into().expect("id"),
+            firmware: "1".try_into().expect("fw"),
+            protocol: firmware_bridge::PROTOCOL_VERSION,
+            capabilities: firmware_bridge::Capabilities(1),
+            boot: 1,
+            resume_from: 0,
+        });
+        let n = encode(&hello, &mut buf).expect("hello");
+        wr.write_all(&buf[..n]).await.expect("write");
+        let start = std::time::Instant::now();
+        let (mut seq, mut sent_bytes, mut frame_len) = (0u32, 0f64, 0usize);
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut mark: Option<(f64, f64)> = None;
+        while start.elapsed() < settle + window {
+            tick.tick().await;
+            if mark.is_none() && start.elapsed() >= settle {
+                mark = Some((cpu_secs(pid), received()));
+            }
+            // Keep to the line rate: what 921600 baud carries by now.
+            let due = start.elapsed().as_secs_f64() * LINE_BYTES_PER_SEC;
+            let mut chunk = Vec::new();
+            while sent_bytes + (chunk.len() as f64) < due {
+                let mut channels = heapless::Vec::new();
+                for id in 0..12u16 {
+                    let _ = channels.push(Channel {
+                        id,
+                        value: 20.0 + f32::from(id) + (seq % 100) as f32 / 10.0,
+                    });
+                }
+                let r = DeviceMessage::Reading(Reading {
+                    seq,
+                    time: Timestamp::UnixMs(1_800_000_000_000 + u64::from(seq)),
+                    fix: None,
+                    channels,
+                });
+                let n = encode(&r, &mut buf).expect("reading");
+                frame_len = n;
+                chunk.extend_from_slice(&buf[..n]);
+                seq += 1;
+            }
+            sent_bytes += chunk.len() as f64;
+            wr.write_all(&chunk).await.expect("write");
+        }
+        let (c1, r1) = mark.unwrap_or((cpu_secs(pid), received()));
+        let secs = (start.elapsed() - settle).as_secs_f64();
+        (
+            (cpu_secs(pid) - c1) / secs,
+            (received() - r1) / secs,
+            frame_len,
+        )
+    });
+    drop(slave);
+    println!(
+        "gateway-bench --serial: 921600 baud = {LINE_BYTES_PER_SEC} bytes/s of {frame_len}-byte readings (12 channels)"
+    );
+    println!(
+        "gateway CPU idle (port open, nothing sent): {:>6.2}% of one core",
+        idle * 100.0
+    );
+    println!(
+        "gateway CPU at the full line rate:          {:>6.2}% of one core ({rate:.0} readings/s received; {:.2}% above idle)",
+        busy * 100.0,
+        (busy - idle) * 100.0
+    );
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--serial") {
+        serial_cpu();
+        return;
+    }
     if std::env::args().any(|a| a == "--idle") {
         idle_only();
         return;
