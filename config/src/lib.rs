@@ -218,6 +218,9 @@ pub enum SerialFraming {
     FirmwareBridge,
     /// One JSON object per line, mapped by `json` like an MQTT payload.
     JsonLines,
+    /// NMEA 0183 from a GPS receiver: GGA, RMC and GLL fixes (checksums verified) become
+    /// location events of `device`.
+    Nmea,
 }
 
 /// Serial parity.
@@ -275,7 +278,8 @@ pub struct SerialInput {
     /// When a reading is acknowledged to the device (`firmware-bridge` framing).
     #[serde(default)]
     pub ack_policy: AckPolicy,
-    /// Device id for lines that carry none (`json-lines`).
+    /// Device id for lines that carry none (`json-lines`), and of the receiver (`nmea`,
+    /// required there).
     pub device: Option<String>,
     /// `firmware-bridge` channel id (0 to 65535) to reading name, e.g.
     /// `{ 1 = "temperature" }`; unnamed channels are called `ch<id>`.
@@ -959,10 +963,13 @@ fn validate_serial(s: &SerialInput, p: &str, err: &mut impl FnMut(String, &str))
     if !(1..=2).contains(&s.stop_bits) {
         err(format!("{p}.stop_bits"), "must be 1 or 2");
     }
-    if let Some(d) = &s.device {
-        if d.is_empty() {
-            err(format!("{p}.device"), "must not be empty");
-        }
+    match &s.device {
+        Some(d) if d.is_empty() => err(format!("{p}.device"), "must not be empty"),
+        None if s.framing == SerialFraming::Nmea => err(
+            format!("{p}.device"),
+            "framing \"nmea\" needs the receiver's device id (NMEA sentences carry none)",
+        ),
+        _ => {}
     }
     if s.max_line == 0 {
         err(format!("{p}.max_line"), "must be at least 1");

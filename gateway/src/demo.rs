@@ -198,6 +198,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             rate: 20.0,
             count: 0,
             framing: crate::simulate::SimFraming::FirmwareBridge,
+            replay: None,
             corrupt: PUMP_CORRUPT,
             garbage: 0.0,
             reboot_every: 0,

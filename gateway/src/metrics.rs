@@ -34,6 +34,10 @@ pub const DROP_REASONS: &[&str] = &[
     "out_of_sequence",
     "duplicate",
     "no_hello",
+    "bad_checksum",
+    "malformed_nmea",
+    "no_fix",
+    "unsupported_sentence",
 ];
 
 type L1 = [(&'static str, String); 1];

@@ -5,7 +5,9 @@
 //! of unacknowledged readings, resend, `TimeSync`) behind a [`Board`] whose wire is the
 //! master side of a pseudo-terminal, and keeps a symlink (`--link`) pointing at the slave
 //! side, the way `/dev/serial/by-id/...` points at a USB adapter. The gateway opens the
-//! link like any serial port. Knobs: rate, byte corruption, garbage between frames,
+//! link like any serial port. With `--framing json-lines` it writes made-up JSON lines, with
+//! `--framing nmea --replay LOG` the sentences of a GPS receiver's log. Knobs: rate, byte
+//! corruption, garbage between frames,
 //! reboots (a new boot, `seq` from 0, unacknowledged readings lost as on a real reboot)
 //! and unplugs (the pty goes away and comes back as a new one behind the same link).
 //!
@@ -32,6 +34,8 @@ pub enum SimFraming {
     FirmwareBridge,
     /// One JSON object per line (nothing comes back).
     JsonLines,
+    /// NMEA 0183 sentences replayed from a log (`--replay`), as a GPS receiver sends them.
+    Nmea,
 }
 
 /// Options of `gateway simulate serial`.
@@ -77,6 +81,10 @@ pub struct SerialSim {
     /// Random seed (corruption, values).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// The NMEA log to replay, one sentence per line (`--framing nmea`); `--rate` is in
+    /// lines per second and `--count` (0: the whole file) caps the lines sent.
+    #[arg(long)]
+    pub replay: Option<PathBuf>,
 }
 
 /// One boot's outcome.
@@ -239,8 +247,8 @@ pub async fn serial(
             .and_then(|(_, s)| s.name())
             .unwrap_or_default()
     );
-    if sim.framing == SimFraming::JsonLines {
-        return json_lines(sim, port, rng, report, stop).await;
+    if sim.framing != SimFraming::FirmwareBridge {
+        return lines(sim, port, rng, report, stop).await;
     }
     let mut boot: u32 = rng.random_range(1..1_000_000);
     let mut device = new_device(&sim, boot)?;
@@ -366,27 +374,46 @@ fn damage(sim: &SerialSim, rng: &mut StdRng, out: &mut Vec<u8>, report: &mut Sim
     }
 }
 
-async fn json_lines(
+/// `json-lines` (made up) or `nmea` (replayed from `--replay`), one line at a time.
+async fn lines(
     sim: SerialSim,
     mut port: Option<(SerialStream, SerialStream)>,
     mut rng: StdRng,
     mut report: SimReport,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<SimReport> {
+    let replay: Vec<String> = match (&sim.framing, &sim.replay) {
+        (SimFraming::Nmea, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .lines()
+            .map(|l| l.trim_end().to_string())
+            .filter(|l| !l.is_empty())
+            .collect(),
+        (SimFraming::Nmea, None) => anyhow::bail!("--framing nmea needs --replay FILE"),
+        _ => Vec::new(),
+    };
+    let total = match (sim.framing, sim.count) {
+        (SimFraming::Nmea, 0) => replay.len() as u64,
+        (SimFraming::Nmea, n) => n.min(replay.len() as u64),
+        (_, n) => n,
+    };
     let period = Duration::from_secs_f64(1.0 / sim.rate);
     let mut tick = tokio::time::interval(period);
     tokio::pin!(stop);
     let mut seq: u64 = 0;
-    while sim.count == 0 || seq < sim.count {
+    while total == 0 || seq < total {
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => {}
         }
-        let line = format!(
-            "{{\"device\":\"{}\",\"seq\":{seq},\"temperature\":{:.2}}}\n",
-            sim.device,
-            rng.random_range(15.0..25.0)
-        );
+        let line = match usize::try_from(seq).ok().and_then(|i| replay.get(i)) {
+            Some(sentence) => format!("{sentence}\r\n"),
+            None => format!(
+                "{{\"device\":\"{}\",\"seq\":{seq},\"temperature\":{:.2}}}\n",
+                sim.device,
+                rng.random_range(15.0..25.0)
+            ),
+        };
         seq += 1;
         let mut out = line.into_bytes();
         damage(&sim, &mut rng, &mut out, &mut report);

@@ -5,6 +5,8 @@
 
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+#[cfg(feature = "serial")]
+pub mod nmea;
 pub mod payload;
 #[cfg(feature = "serial")]
 pub mod serial;

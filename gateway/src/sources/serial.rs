@@ -14,6 +14,8 @@
 //!   dropped as `duplicate` and acknowledged again.
 //! - `json-lines`: one JSON object per line, mapped like an MQTT payload; nothing is
 //!   acknowledged (the line has no way back).
+//! - `nmea`: NMEA 0183 from a GPS receiver; position fixes become location events
+//!   ([`super::nmea`]).
 //!
 //! The port is opened by path (a `/dev/serial/by-id/...` link survives replugs). When it
 //! fails (unplugged: EIO or end of file) the input counts a reconnect and tries again with
@@ -600,8 +602,8 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Handles the complete lines of one read (`json-lines`); `Err(len)` is a line that
-    /// was too long.
+    /// Handles the complete lines of one read (`json-lines`, `nmea`); `Err(len)` is a
+    /// line that was too long.
     async fn lines(
         &self,
         lines: Vec<Result<Vec<u8>, usize>>,
@@ -637,7 +639,19 @@ impl<'a> Session<'a> {
             if text.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match decode(PayloadFormat::Json, &self.cfg.json, &origin, text) {
+            let decoded = if self.cfg.framing == SerialFraming::Nmea {
+                let device = self.cfg.device.as_deref().unwrap_or("gps");
+                std::str::from_utf8(text)
+                    .map_err(|_| super::payload::Malformed {
+                        reason: "malformed_nmea",
+                        detail: "not ASCII".into(),
+                    })
+                    .and_then(|line| super::nmea::decode(&origin, device, line.trim()))
+                    .map(|e| vec![e])
+            } else {
+                decode(PayloadFormat::Json, &self.cfg.json, &origin, text)
+            };
+            match decoded {
                 Ok(events) => self.emit.events(events, &Ack::none()).await?,
                 Err(bad) => {
                     self.emit
