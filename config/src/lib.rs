@@ -587,6 +587,37 @@ pub enum Stage {
         #[serde(default)]
         action: RangeAction,
     },
+    /// Share the latest known location: events with a location (from `sources`, e.g. a
+    /// GPS receiver's input) remember it per key; later events of the same key without
+    /// one get it (tag `location=latest`) if the fix is at most `max_age` older than they
+    /// are (by event time).
+    LatestLocation {
+        /// Whose location: `device` (the default), or `tag.NAME` to share one fix among
+        /// every device with the same tag value (`tag.site`: a site's GPS for all its
+        /// sensors).
+        #[serde(default = "default_location_key")]
+        key: String,
+        /// Inputs whose events set the location; empty: any event with a location.
+        #[serde(default)]
+        sources: Vec<String>,
+        /// The oldest fix still attached.
+        #[serde(default = "default_location_max_age", with = "duration")]
+        max_age: Duration,
+        /// Most keys remembered; beyond it the one with the oldest fix is forgotten
+        /// (counted in `gateway_stage_evictions_total`).
+        #[serde(default = "default_location_max_keys")]
+        max_keys: usize,
+    },
+}
+
+fn default_location_key() -> String {
+    "device".into()
+}
+fn default_location_max_age() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_location_max_keys() -> usize {
+    10_000
 }
 
 impl Stage {
@@ -597,6 +628,7 @@ impl Stage {
             Stage::Keep(_) => "keep",
             Stage::Drop(_) => "drop",
             Stage::Range { .. } => "range",
+            Stage::LatestLocation { .. } => "latest_location",
         }
     }
 }
@@ -1104,6 +1136,27 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
                 if a > b {
                     err(format!("stages[{i}]"), "min is above max");
                 }
+            }
+        }
+        if let Stage::LatestLocation {
+            key,
+            max_age,
+            max_keys,
+            ..
+        } = s
+        {
+            let tag = key.strip_prefix("tag.");
+            if key != "device" && tag.is_none_or(str::is_empty) {
+                err(
+                    format!("stages[{i}].key"),
+                    "must be \"device\" or \"tag.NAME\"",
+                );
+            }
+            if max_age.is_zero() || *max_keys == 0 {
+                err(
+                    format!("stages[{i}]"),
+                    "max_age and max_keys must be above zero",
+                );
             }
         }
         if let Stage::Keep(m) | Stage::Drop(m) = s {

@@ -61,6 +61,7 @@ struct Inner {
     stage_in: Family<L1, Counter>,
     stage_out: Family<L1, Counter>,
     stage_dropped: Family<L2, Counter>,
+    stage_evicted: Family<L1, Counter>,
     spool_rows: Gauge,
     spool_bytes: Gauge,
     spool_quarantined: Counter,
@@ -101,6 +102,7 @@ impl Metrics {
         let stage_in = Family::default();
         let stage_out = Family::default();
         let stage_dropped = Family::default();
+        let stage_evicted = Family::default();
         let spool_rows = Gauge::default();
         let spool_bytes = Gauge::default();
         let spool_quarantined = Counter::default();
@@ -168,6 +170,11 @@ impl Metrics {
             "Events dropped by a stage, per reason",
             stage_dropped.clone(),
         );
+        r.register(
+            "stage_evictions",
+            "Entries a stage with bounded state forgot to stay within its bound",
+            stage_evicted.clone(),
+        );
         r.register("spool_rows", "Events in the spool", spool_rows.clone());
         r.register(
             "spool_bytes",
@@ -233,6 +240,7 @@ impl Metrics {
             stage_in,
             stage_out,
             stage_dropped,
+            stage_evicted,
             spool_rows,
             spool_bytes,
             spool_quarantined,
@@ -277,6 +285,12 @@ impl Metrics {
     }
     pub(crate) fn stage_out(&self, stage: &str) -> Counter {
         self.0.stage_out.get_or_create(&l1("stage", stage)).clone()
+    }
+    pub(crate) fn stage_evicted(&self, stage: &str) -> Counter {
+        self.0
+            .stage_evicted
+            .get_or_create(&l1("stage", stage))
+            .clone()
     }
     pub(crate) fn stage_dropped(&self, stage: &str, reason: &str) {
         self.0

@@ -7,7 +7,10 @@
 use gateway_config::{MatchSpec, RangeAction, Stage as StageConfig, TopicTemplate};
 use prometheus_client::metrics::counter::Counter;
 
-use crate::event::{Event, Value};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::event::{Event, Location, Value};
 use crate::metrics::Metrics;
 
 /// What a stage decided.
@@ -133,7 +136,74 @@ impl Stage for Range {
 }
 
 /// Builds one stage from its config.
-pub fn build(c: &StageConfig) -> Result<Box<dyn Stage>, String> {
+/// Whose location [`LatestLocation`] keeps.
+enum LocationKey {
+    Device,
+    Tag(String),
+}
+
+/// Remembers the latest location per device (or tag value) and attaches it to events that
+/// have none. Bounded: beyond `max_keys` the key with the oldest fix is forgotten.
+pub struct LatestLocation {
+    key: LocationKey,
+    sources: Vec<String>,
+    max_age_ns: i64,
+    max_keys: usize,
+    /// Key to (location, fix time in ns).
+    fixes: Mutex<HashMap<String, (Location, i64)>>,
+    evicted: Counter,
+}
+
+impl LatestLocation {
+    fn key_of(&self, e: &Event) -> Option<String> {
+        match &self.key {
+            LocationKey::Device => Some(e.device.clone()),
+            LocationKey::Tag(t) => e.tags.get(t).cloned(),
+        }
+    }
+}
+
+impl Stage for LatestLocation {
+    fn apply(&self, mut e: Event) -> Verdict {
+        let Some(key) = self.key_of(&e) else {
+            return Verdict::Keep(e);
+        };
+        let mut fixes = self.fixes.lock().unwrap_or_else(|p| p.into_inner());
+        match &e.location {
+            Some(loc) => {
+                if self.sources.is_empty() || self.sources.contains(&e.source) {
+                    // A fix older than the one kept (a resend, a slow input) does not win.
+                    let newer = fixes.get(&key).is_none_or(|(_, t)| e.time_ns >= *t);
+                    if newer {
+                        fixes.insert(key, (*loc, e.time_ns));
+                    }
+                    while fixes.len() > self.max_keys {
+                        let oldest = fixes
+                            .iter()
+                            .min_by_key(|(_, (_, t))| *t)
+                            .map(|(k, _)| k.clone());
+                        let Some(oldest) = oldest else { break };
+                        fixes.remove(&oldest);
+                        self.evicted.inc();
+                    }
+                }
+            }
+            None => {
+                if let Some((loc, t)) = fixes.get(&key) {
+                    if e.time_ns.saturating_sub(*t).abs() <= self.max_age_ns {
+                        e.location = Some(*loc);
+                        e.tags.insert("location".into(), "latest".into());
+                    }
+                }
+            }
+        }
+        drop(fixes);
+        Verdict::Keep(e)
+    }
+}
+
+/// Builds one stage; `evicted` counts what a stage with bounded state forgets.
+pub fn build(c: &StageConfig, evicted: Counter) -> Result<Box<dyn Stage>, String> {
     Ok(match c {
         StageConfig::Tags { tags } => Box::new(Tags(tags.clone().into_iter().collect())),
         StageConfig::Keep(m) => Box::new(Select {
@@ -154,6 +224,22 @@ pub fn build(c: &StageConfig) -> Result<Box<dyn Stage>, String> {
             min: min.unwrap_or(f64::NEG_INFINITY),
             max: max.unwrap_or(f64::INFINITY),
             action: *action,
+        }),
+        StageConfig::LatestLocation {
+            key,
+            sources,
+            max_age,
+            max_keys,
+        } => Box::new(LatestLocation {
+            key: match key.strip_prefix("tag.") {
+                Some(t) => LocationKey::Tag(t.to_string()),
+                None => LocationKey::Device,
+            },
+            sources: sources.clone(),
+            max_age_ns: i64::try_from(max_age.as_nanos()).unwrap_or(i64::MAX),
+            max_keys: *max_keys,
+            fixes: Mutex::new(HashMap::new()),
+            evicted,
         }),
     })
 }
@@ -186,11 +272,16 @@ impl Chain {
         let mut slots = Vec::new();
         for (i, c) in configs.iter().enumerate() {
             let label = format!("{i}-{}", c.kind());
-            let stage = build(c).map_err(|e| format!("stages[{i}] ({}): {e}", c.kind()))?;
-            let (events_in, events_out) = match metrics {
-                Some(m) => (m.stage_in(&label), m.stage_out(&label)),
-                None => (Counter::default(), Counter::default()),
+            let (events_in, events_out, evicted) = match metrics {
+                Some(m) => (
+                    m.stage_in(&label),
+                    m.stage_out(&label),
+                    m.stage_evicted(&label),
+                ),
+                None => Default::default(),
             };
+            let stage =
+                build(c, evicted).map_err(|e| format!("stages[{i}] ({}): {e}", c.kind()))?;
             slots.push(Slot {
                 stage,
                 label,
@@ -287,6 +378,93 @@ mod tests {
             event("d", "t", 20.0),
             Ok(&[("out_of_range", "temperature")]),
         );
+    }
+
+    fn chain(stages: &str) -> Chain {
+        let cfg: toml::Value = toml::from_str(stages).expect("toml");
+        let list: Vec<StageConfig> = cfg["stages"].clone().try_into().expect("stage configs");
+        Chain::build(&list, None).expect("builds")
+    }
+
+    fn located(device: &str, source: &str, site: &str, time_s: i64, fix: Option<f64>) -> Event {
+        let mut e = event(device, "t", 1.0);
+        e.source = source.into();
+        e.time_ns = time_s * 1_000_000_000;
+        e.tags.insert("site".into(), site.into());
+        e.location = fix.map(|lat| Location {
+            lat,
+            lon: 13.4,
+            alt: None,
+            accuracy: None,
+        });
+        e
+    }
+
+    fn lat(c: &Chain, e: Event) -> Option<f64> {
+        c.run(e).expect("kept").location.map(|l| l.lat)
+    }
+
+    #[test]
+    fn latest_location_is_shared_by_site_within_its_age() {
+        let c = chain(
+            "[[stages]]\ntype='latest_location'\nkey='tag.site'\nsources=['gps']\nmax_age='30s'",
+        );
+        // No fix yet: nothing to attach.
+        assert_eq!(lat(&c, located("pump-1", "serial", "a", 100, None)), None);
+        // The site's GPS receiver reports; the pump of the same site gets its fix.
+        assert_eq!(
+            lat(&c, located("gps-1", "gps", "a", 100, Some(52.5))),
+            Some(52.5)
+        );
+        let e = c
+            .run(located("pump-1", "serial", "a", 120, None))
+            .expect("kept");
+        assert_eq!(e.location.map(|l| l.lat), Some(52.5));
+        assert_eq!(e.tags.get("location").map(String::as_str), Some("latest"));
+        // Too old, another site, or a location from an input that does not set it.
+        assert_eq!(lat(&c, located("pump-1", "serial", "a", 131, None)), None);
+        assert_eq!(lat(&c, located("pump-2", "serial", "b", 110, None)), None);
+        assert_eq!(
+            lat(&c, located("pump-3", "phone", "a", 125, Some(10.0))),
+            Some(10.0)
+        );
+        assert_eq!(
+            lat(&c, located("pump-1", "serial", "a", 126, None)),
+            Some(52.5)
+        );
+        // An older fix arriving late does not replace a newer one.
+        lat(&c, located("gps-1", "gps", "a", 90, Some(1.0)));
+        assert_eq!(
+            lat(&c, located("pump-1", "serial", "a", 101, None)),
+            Some(52.5)
+        );
+        // An event's own location is left alone.
+        assert_eq!(
+            lat(&c, located("pump-1", "serial", "a", 101, Some(3.0))),
+            Some(3.0)
+        );
+    }
+
+    #[test]
+    fn latest_location_keeps_a_bounded_number_of_keys() {
+        let mut list: Vec<StageConfig> = toml::from_str::<toml::Value>(
+            "[[stages]]\ntype='latest_location'\nmax_keys=2\nmax_age='1h'",
+        )
+        .expect("toml")["stages"]
+            .clone()
+            .try_into()
+            .expect("stages");
+        let evicted = Counter::default();
+        let stage = build(&list.remove(0), evicted.clone()).expect("builds");
+        for (i, d) in ["a", "b", "c"].into_iter().enumerate() {
+            stage.apply(located(d, "gps", "s", i as i64, Some(i as f64)));
+        }
+        assert_eq!(evicted.get(), 1, "the oldest fix (a) was forgotten");
+        let got = |d: &str| match stage.apply(located(d, "x", "s", 5, None)) {
+            Verdict::Keep(e) => e.location.map(|l| l.lat),
+            Verdict::Drop(r) => panic!("dropped: {r}"),
+        };
+        assert_eq!((got("a"), got("b"), got("c")), (None, Some(1.0), Some(2.0)));
     }
 
     #[test]
