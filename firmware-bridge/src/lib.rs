@@ -7,7 +7,7 @@
 //!
 //! - [`message`]: what travels. Device to gateway: [`DeviceMessage`] (`Hello`, `Reading`,
 //!   `Heartbeat`, `Log`, `Error`). Gateway to device: [`GatewayMessage`] (`Ack`,
-//!   `TimeSync`, `Configure`).
+//!   `TimeSync`, `Configure`, `Resend`).
 //! - [`frame`]: how it travels. A frame is `COBS(postcard(message) ++ CRC-32C) ++ 0x00`.
 //!   [`frame::encode`] writes one into a caller's buffer; [`frame::Decoder`] takes bytes
 //!   as they arrive, resynchronises at the next `0x00` after any corruption, and never

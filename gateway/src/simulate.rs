@@ -231,8 +231,23 @@ pub async fn serial(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<SimReport> {
     anyhow::ensure!(
-        sim.rate > 0.0 && sim.rate.is_finite(),
-        "--rate must be above zero"
+        (0.01..=100_000.0).contains(&sim.rate),
+        "--rate must be between 0.01 and 100000 per second"
+    );
+    for (name, v) in [
+        ("--settle", sim.settle),
+        ("--unplug-every", sim.unplug_every),
+        ("--unplug-for", sim.unplug_for),
+        ("--resend-after", sim.resend_after),
+    ] {
+        anyhow::ensure!(
+            (0.0..=86_400.0).contains(&v),
+            "{name} must be between 0 and 86400 seconds"
+        );
+    }
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&sim.corrupt) && (0.0..=1.0).contains(&sim.garbage),
+        "--corrupt and --garbage are fractions between 0 and 1"
     );
     let mut rng = StdRng::seed_from_u64(sim.seed);
     let mut report = SimReport {

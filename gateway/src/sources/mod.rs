@@ -92,6 +92,14 @@ impl<'a> Emitter<'a> {
         Ok(())
     }
 
+    /// Counts a line that is not an event as received and dropped for `reason`, without
+    /// a log line or a dead letter: ordinary traffic that is not for us (a GPS receiver's
+    /// satellite sentences, positions without a fix).
+    pub fn ignored(&self, reason: &'static str) {
+        self.m.received.inc();
+        self.m.dropped(reason, 1);
+    }
+
     /// Counts a rejected payload as received and dropped for `bad.reason`, logs it (the
     /// first ten, then every thousandth) and sends it to the dead-letter topic when one is
     /// configured.

@@ -5,7 +5,8 @@
 //! as readings what the sentence carries (satellites, HDOP, altitude; speed and course).
 //! The parser (crate `nmea`) verifies each checksum. Sentences without a valid fix, with a
 //! bad checksum, that do not parse, or of other types (GSV, GSA, VTG, ...) are dropped and
-//! counted by reason: `no_fix`, `bad_checksum`, `malformed_nmea`, `unsupported_sentence`.
+//! counted by reason: `no_fix`, `bad_checksum`, `malformed_nmea`, `unsupported_sentence`
+//! (the first and the last are ordinary receiver traffic: counted, never dead-lettered).
 
 use chrono::{DateTime, NaiveDate, NaiveTime, TimeDelta};
 use nmea::sentences::FixType;
@@ -104,8 +105,12 @@ pub fn decode(origin: &Origin<'_>, device: &str, line: &str) -> Result<Event, Ma
     };
     let mut tags = std::collections::BTreeMap::new();
     tags.insert("nmea".to_string(), kind.to_string());
+    // The resolved time goes into the id: GGA and GLL repeat a line exactly when a
+    // receiver stands still at the same second of another day.
+    let mut keyed = line.as_bytes().to_vec();
+    keyed.extend_from_slice(&time_ns.to_le_bytes());
     Ok(Event {
-        id: content_id(origin.source, origin.topic, line.as_bytes(), 0),
+        id: content_id(origin.source, origin.topic, &keyed, 0),
         device: device.to_string(),
         source: origin.source.to_string(),
         origin: origin.topic.to_string(),

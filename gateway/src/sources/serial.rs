@@ -140,6 +140,9 @@ enum End {
     Lost(String),
 }
 
+/// The session's ack queue; each item is (track generation, boot, seq).
+type Acks = Arc<AckQueue<(u64, u32, u32)>>;
+
 /// How often the oldest gap is asked for again while readings keep arriving.
 const RESEND_AGAIN: Duration = Duration::from_millis(100);
 
@@ -163,6 +166,9 @@ pub(crate) struct Track {
     max_seen: Option<u32>,
     /// The last cumulative ack sent for this boot.
     acked: Option<u32>,
+    /// Changes with every new device or boot, so that acks released for readings of
+    /// an earlier one (still in the pipeline) are never sent to this one.
+    generation: u64,
 }
 
 /// What to do with one reading.
@@ -204,6 +210,7 @@ impl Track {
             *self = Track {
                 device: Some((id.to_string(), boot)),
                 next: resume_from,
+                generation: self.generation + 1,
                 ..Track::default()
             };
             return (Vec::new(), None, 0);
@@ -235,7 +242,11 @@ impl Track {
         if seq > self.next && self.ahead.len() >= MAX_AHEAD {
             return Take::OutOfSequence;
         }
-        let expected = self.max_seen.map_or(self.next, |m| m.saturating_add(1));
+        // After a Hello that skipped ahead, nothing below `next` is asked for again.
+        let expected = self
+            .max_seen
+            .map_or(self.next, |m| m.saturating_add(1))
+            .max(self.next);
         self.max_seen = Some(self.max_seen.map_or(seq, |m| m.max(seq)));
         let resend =
             (seq > expected).then(|| (expected, u16::try_from(seq - expected).unwrap_or(u16::MAX)));
@@ -255,11 +266,19 @@ impl Track {
         ))
     }
 
-    /// Records an ack sent for `boot`.
-    pub(crate) fn acked(&mut self, boot: u32, up_to: u32) {
-        if self.device.as_ref().is_some_and(|(_, b)| *b == boot) {
-            self.acked = Some(self.acked.map_or(up_to, |a| a.max(up_to)));
+    /// Records an ack for readings of generation `generation`; false (nothing to send)
+    /// when they belong to an earlier device or boot.
+    pub(crate) fn acked(&mut self, generation: u64, up_to: u32) -> bool {
+        if generation != self.generation || self.device.is_none() {
+            return false;
         }
+        self.acked = Some(self.acked.map_or(up_to, |a| a.max(up_to)));
+        true
+    }
+
+    /// The current generation (see [`Track::acked`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Readings from `next` on that are all there.
@@ -314,22 +333,35 @@ impl<'a> Session<'a> {
         let (out, mut out_rx) = mpsc::unbounded_channel::<GatewayMessage>();
         let writer = tokio::spawn(async move {
             let mut buf = [0u8; MAX_FRAME];
+            // The highest ack written per boot: releases from different threads can reach
+            // the queue out of order, and a lower cumulative ack after a higher one would
+            // make the device keep (and later resend) what is already safe.
+            let mut written: Option<(u32, u32)> = None;
             while let Some(first) = out_rx.recv().await {
-                // Several acks queued: only the last of a run matters (cumulative).
                 let mut batch = vec![first];
                 while let Ok(next) = out_rx.try_recv() {
+                    // Acks of one boot in a row: the highest stands for all of them.
                     if let (
-                        Some(GatewayMessage::Ack { boot: a, .. }),
-                        GatewayMessage::Ack { boot: b, .. },
+                        Some(GatewayMessage::Ack { boot: a, up_to: x }),
+                        GatewayMessage::Ack { boot: b, up_to: y },
                     ) = (batch.last(), &next)
                     {
                         if a == b {
+                            let (boot, up_to) = (*a, (*x).max(*y));
                             batch.pop();
+                            batch.push(GatewayMessage::Ack { boot, up_to });
+                            continue;
                         }
                     }
                     batch.push(next);
                 }
                 for msg in batch {
+                    if let GatewayMessage::Ack { boot, up_to } = msg {
+                        match written {
+                            Some((b, u)) if b == boot && u >= up_to => continue,
+                            _ => written = Some((boot, up_to)),
+                        }
+                    }
                     let Ok(n) = firmware_bridge::encode(&msg, &mut buf) else {
                         continue;
                     };
@@ -345,10 +377,11 @@ impl<'a> Session<'a> {
             let out = out.clone();
             let track = self.track.clone();
             let acked = self.m.acks.clone();
-            AckQueue::new(move |(boot, up_to): (u32, u32)| {
-                lock(&track).acked(boot, up_to);
-                acked.inc();
-                let _ = out.send(GatewayMessage::Ack { boot, up_to });
+            AckQueue::new(move |(generation, boot, up_to): (u64, u32, u32)| {
+                if lock(&track).acked(generation, up_to) {
+                    acked.inc();
+                    let _ = out.send(GatewayMessage::Ack { boot, up_to });
+                }
             })
         };
         let bridge = self.cfg.framing == SerialFraming::FirmwareBridge;
@@ -407,7 +440,7 @@ impl<'a> Session<'a> {
                         break End::Closed;
                     }
                 }
-                _ = tokio::time::sleep_until(silent_at) => {
+                _ = tokio::time::sleep_until(silent_at), if !quiescing => {
                     if self.m.silent.get() == 0 {
                         self.m.silent.set(1);
                         tracing::warn!(input = %self.cfg.name, silent_for = ?silence, "the serial device is silent");
@@ -422,7 +455,11 @@ impl<'a> Session<'a> {
         // Let released acks reach the device before the port closes.
         drop(acks);
         drop(out);
+        // Tokens still in the pipeline keep the ack queue (and a sender) alive: stop the
+        // writer so the port closes now and can be opened again (ports are exclusive).
+        let abort = writer.abort_handle();
         let _ = tokio::time::timeout(Duration::from_millis(500), writer).await;
+        abort.abort();
         end
     }
 
@@ -430,7 +467,7 @@ impl<'a> Session<'a> {
     async fn frames(
         &mut self,
         frames: Vec<Result<DeviceMessage, FrameError>>,
-        acks: &Arc<AckQueue<(u32, u32)>>,
+        acks: &Acks,
         out: &mpsc::UnboundedSender<GatewayMessage>,
         received_ns: i64,
     ) -> Result<(), Closed> {
@@ -481,7 +518,7 @@ impl<'a> Session<'a> {
     async fn hello(
         &mut self,
         h: Hello,
-        acks: &Arc<AckQueue<(u32, u32)>>,
+        acks: &Acks,
         out: &mpsc::UnboundedSender<GatewayMessage>,
     ) -> Result<(), Closed> {
         tracing::info!(input = %self.cfg.name, device = %h.device_id, boot = h.boot, resume_from = h.resume_from, firmware = %h.firmware, protocol = h.protocol, "device hello");
@@ -503,7 +540,7 @@ impl<'a> Session<'a> {
     async fn reading(
         &mut self,
         r: Reading,
-        acks: &Arc<AckQueue<(u32, u32)>>,
+        acks: &Acks,
         out: &mpsc::UnboundedSender<GatewayMessage>,
         received_ns: i64,
     ) -> Result<(), Closed> {
@@ -567,7 +604,7 @@ impl<'a> Session<'a> {
         ready: Vec<(Reading, i64)>,
         id: &str,
         boot: u32,
-        acks: &Arc<AckQueue<(u32, u32)>>,
+        acks: &Acks,
         out: &mpsc::UnboundedSender<GatewayMessage>,
     ) -> Result<(), Closed> {
         for (r, received_ns) in ready {
@@ -575,8 +612,10 @@ impl<'a> Session<'a> {
             match reading_event(self.cfg, id, boot, &r, &self.origin, received_ns) {
                 Ok(event) => self.emit.events(vec![event], &ack).await?,
                 Err(bad) => {
+                    // The device forgets it once acknowledged: keep its bytes.
+                    let raw = postcard::to_allocvec(&r).unwrap_or_default();
                     self.emit
-                        .malformed(bad, &self.origin, received_ns, &[], ack)
+                        .malformed(bad, &self.origin, received_ns, &raw, ack)
                         .await?
                 }
             }
@@ -587,18 +626,20 @@ impl<'a> Session<'a> {
     /// The acknowledgement share for reading `seq` under the ack policy.
     fn ack(
         &self,
-        acks: &Arc<AckQueue<(u32, u32)>>,
+        acks: &Acks,
         out: &mpsc::UnboundedSender<GatewayMessage>,
         boot: u32,
         seq: u32,
     ) -> Ack {
+        let generation = lock(&self.track).generation();
         if self.cfg.ack_policy == AckPolicy::OnReceive {
-            lock(&self.track).acked(boot, seq);
-            self.m.acks.inc();
-            let _ = out.send(GatewayMessage::Ack { boot, up_to: seq });
+            if lock(&self.track).acked(generation, seq) {
+                self.m.acks.inc();
+                let _ = out.send(GatewayMessage::Ack { boot, up_to: seq });
+            }
             Ack::none()
         } else {
-            acks.push((boot, seq))
+            acks.push((generation, boot, seq))
         }
     }
 
@@ -653,6 +694,9 @@ impl<'a> Session<'a> {
             };
             match decoded {
                 Ok(events) => self.emit.events(events, &Ack::none()).await?,
+                Err(bad) if matches!(bad.reason, "unsupported_sentence" | "no_fix") => {
+                    self.emit.ignored(bad.reason);
+                }
                 Err(bad) => {
                     self.emit
                         .malformed(bad, &self.origin, received_ns, text, Ack::none())
@@ -769,11 +813,19 @@ mod tests {
         assert_eq!(t.take(r(12), 0), Take::Duplicate(None));
         assert_eq!(fwd(t.take(r(11), 0)), (vec![11, 12, 13], None));
         assert_eq!(t.gap(), None);
-        t.acked(7, 13);
+        assert!(t.acked(t.generation(), 13));
         assert_eq!(t.take(r(12), 0), Take::Duplicate(Some(13)));
-        // Acks of another boot are not ours.
-        t.acked(6, 99);
-        assert_eq!(t.take(r(5), 0), Take::Duplicate(Some(13)));
+        // Acks released for an earlier device or boot are not sent to this one.
+        let old = t.generation();
+        t.hello("other", 7, 0);
+        assert!(!t.acked(old, 99), "same boot number, another device");
+        assert_eq!(
+            t.take(r(5), 0),
+            Take::Forward {
+                ready: vec![],
+                resend: Some((0, 5))
+            }
+        );
     }
 
     #[test]

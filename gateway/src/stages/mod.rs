@@ -190,7 +190,7 @@ impl Stage for LatestLocation {
             }
             None => {
                 if let Some((loc, t)) = fixes.get(&key) {
-                    if e.time_ns.saturating_sub(*t).abs() <= self.max_age_ns {
+                    if e.time_ns.abs_diff(*t) <= self.max_age_ns.unsigned_abs() {
                         e.location = Some(*loc);
                         e.tags.insert("location".into(), "latest".into());
                     }
