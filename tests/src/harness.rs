@@ -466,6 +466,29 @@ pub fn config(
     extra_input: &str,
     extra_kafka: &str,
 ) -> String {
+    let input = format!(
+        r#"type = "mqtt"
+name = "site"
+host = "127.0.0.1"
+port = {mqtt_port}
+qos = 1
+topics = ["sensors/{{device}}/telemetry"]
+reconnect = {{ min = "100ms", max = "1s" }}
+{extra_input}"#
+    );
+    config_with_input(dir, bootstrap, &input, extra_spool, extra_kafka)
+}
+
+/// A gateway config for the tests with one input whose fields are `input` (the lines
+/// under `[[inputs]]`); the spool is `synchronous = "normal"` unless `extra_spool` says,
+/// Kafka lingers 5 ms and spools after 2 s.
+pub fn config_with_input(
+    dir: &Path,
+    bootstrap: &str,
+    input: &str,
+    extra_spool: &str,
+    extra_kafka: &str,
+) -> String {
     format!(
         r#"
 [gateway]
@@ -480,14 +503,7 @@ state_dir = "{state}"
 listen = "127.0.0.1:{{metrics_port}}"
 
 [[inputs]]
-type = "mqtt"
-name = "site"
-host = "127.0.0.1"
-port = {mqtt_port}
-qos = 1
-topics = ["sensors/{{device}}/telemetry"]
-reconnect = {{ min = "100ms", max = "1s" }}
-{extra_input}
+{input}
 
 [output.kafka]
 brokers = "{bootstrap}"

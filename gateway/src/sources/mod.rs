@@ -46,6 +46,28 @@ pub enum SourceState {
     Stop,
 }
 
+/// `delay` with jitter (50 to 100% of it), so inputs that lost the same peer do not
+/// come back in step.
+#[cfg(any(feature = "mqtt", feature = "serial"))]
+pub(crate) fn jittered(delay: std::time::Duration) -> std::time::Duration {
+    use rand::Rng;
+    delay.mul_f64(rand::rng().random_range(0.5..1.0))
+}
+
+/// Sleeps for `wait` unless the input is told to stop first; false means stop.
+#[cfg(any(feature = "mqtt", feature = "serial"))]
+pub(crate) async fn sleep_unless_stopped(
+    wait: std::time::Duration,
+    state: &mut tokio::sync::watch::Receiver<SourceState>,
+) -> bool {
+    tokio::select! {
+        changed = state.changed() => {
+            changed.is_ok() && *state.borrow() != SourceState::Stop
+        }
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
 /// The router hung up.
 #[derive(Debug)]
 pub(crate) struct Closed;
@@ -95,6 +117,7 @@ impl<'a> Emitter<'a> {
     /// Counts a line that is not an event as received and dropped for `reason`, without
     /// a log line or a dead letter: ordinary traffic that is not for us (a GPS receiver's
     /// satellite sentences, positions without a fix).
+    #[cfg(feature = "serial")]
     pub fn ignored(&self, reason: &'static str) {
         self.m.received.inc();
         self.m.dropped(reason, 1);

@@ -13,7 +13,6 @@ use std::time::Duration;
 use std::borrow::Cow;
 
 use gateway_config::{AckPolicy, MqttInput, MqttVersion, TopicTemplate};
-use rand::Rng;
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::{
     AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
@@ -22,7 +21,7 @@ use rumqttc::{
 use tokio::sync::watch;
 
 use super::payload::{decode, Origin};
-use super::{Closed, Emitter, SourceContext, SourceState};
+use super::{jittered, sleep_unless_stopped, Closed, Emitter, SourceContext, SourceState};
 use crate::ack::{Ack, AckQueue};
 use crate::event::now_ns;
 
@@ -380,15 +379,10 @@ pub async fn run(
                 // Packet ids of the old connection mean nothing on the next one.
                 epoch.fetch_add(1, Ordering::SeqCst);
                 acks.reset();
-                let jittered = delay.mul_f64(rand::rng().random_range(0.5..1.0));
-                tracing::warn!(input = %cfg.name, error = %e, retry_in = ?jittered, "MQTT connection lost");
-                tokio::select! {
-                    changed = state.changed() => {
-                        if changed.is_err() || *state.borrow() == SourceState::Stop {
-                            break;
-                        }
-                    }
-                    _ = tokio::time::sleep(jittered) => {}
+                let wait = jittered(delay);
+                tracing::warn!(input = %cfg.name, error = %e, retry_in = ?wait, "MQTT connection lost");
+                if !sleep_unless_stopped(wait, &mut state).await {
+                    break;
                 }
                 delay = (delay * 2).min(cfg.reconnect.max);
             }

@@ -30,14 +30,13 @@ use firmware_bridge::{
     Decoder, DeviceMessage, FrameError, GatewayMessage, Hello, Level, Reading, Timestamp, MAX_FRAME,
 };
 use gateway_config::{AckPolicy, FlowControl, Parity, PayloadFormat, SerialFraming, SerialInput};
-use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_serial::SerialPortBuilderExt;
 
 use super::payload::{decode, location, Origin};
-use super::{Closed, Emitter, SourceContext, SourceState};
+use super::{jittered, sleep_unless_stopped, Closed, Emitter, SourceContext, SourceState};
 use crate::ack::{Ack, AckQueue};
 use crate::event::{now_ns, ClockQuality, Event, Value};
 use crate::metrics::InputMetrics;
@@ -84,14 +83,8 @@ pub async fn run(
                 }
             }
         }
-        let jittered = delay.mul_f64(rand::rng().random_range(0.5..1.0));
-        tokio::select! {
-            changed = state.changed() => {
-                if changed.is_err() || *state.borrow() == SourceState::Stop {
-                    break;
-                }
-            }
-            _ = tokio::time::sleep(jittered) => {}
+        if !sleep_unless_stopped(jittered(delay), &mut state).await {
+            break;
         }
         delay = (delay * 2).min(cfg.reconnect.max);
     }
