@@ -15,36 +15,16 @@ use common::*;
 const TOPIC: &str = "telemetry.dev";
 
 fn serial_config(dir: &Path, link: &Path, bootstrap: &str, extra: &str) -> String {
-    format!(
-        r#"
-[gateway]
-id = "gw-test"
-state_dir = "{state}"
-
-[spool]
-synchronous = "normal"
-
-[telemetry]
-listen = "127.0.0.1:{{metrics_port}}"
-
-[[inputs]]
-type = "serial"
+    let input = format!(
+        r#"type = "serial"
 name = "dev"
 path = "{link}"
 reconnect = {{ min = "50ms", max = "300ms" }}
 channels = {{ 1 = "temperature", 2 = "humidity" }}
-{extra}
-
-[output.kafka]
-brokers = "{bootstrap}"
-topic = "telemetry.{{source}}"
-linger = "5ms"
-message_timeout = "10s"
-spool_after = "2s"
-"#,
-        state = dir.join("state").display(),
+{extra}"#,
         link = link.display(),
-    )
+    );
+    config_with_input(dir, bootstrap, &input, "", "")
 }
 
 /// What `gateway simulate serial` reported.
