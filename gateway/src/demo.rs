@@ -199,6 +199,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             count: 0,
             framing: crate::simulate::SimFraming::FirmwareBridge,
             replay: None,
+            wait_reader: 0.0,
             corrupt: PUMP_CORRUPT,
             garbage: 0.0,
             reboot_every: 0,

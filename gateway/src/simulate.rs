@@ -85,6 +85,12 @@ pub struct SerialSim {
     /// lines per second and `--count` (0: the whole file) caps the lines sent.
     #[arg(long)]
     pub replay: Option<PathBuf>,
+    /// Seconds to wait, before the first line, for a reader to configure the port (0: send
+    /// at once, as a receiver that streams whether anyone listens). A replay is finite, so
+    /// a test replaying a log waits: lines sent before the gateway opens the port are lost.
+    /// The wait ends when the port's baud rate leaves the simulator's marker (50 baud).
+    #[arg(long, default_value_t = 0.0)]
+    pub wait_reader: f64,
 }
 
 /// One boot's outcome.
@@ -107,8 +113,10 @@ pub struct SimReport {
     pub device: String,
     /// Every boot, in order.
     pub boots: Vec<BootReport>,
-    /// JSON lines written (`json-lines`).
+    /// Lines written (`json-lines`, `nmea`).
     pub lines: u64,
+    /// Lines not written because nobody read the port for 200 ms (lost, as on a real line).
+    pub unwritten: u64,
     /// Readings sent again.
     pub resent: u64,
     /// Readings the device's buffer dropped before they were acknowledged.
@@ -184,6 +192,15 @@ impl Board for SimBoard {
     }
 }
 
+/// Removes the link when dropped.
+struct LinkGuard(PathBuf);
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A new pseudo-terminal behind `link`: the master (ours) and the slave (kept open so
 /// the pty lives until the gateway opens it).
 fn plug(link: &Path) -> anyhow::Result<(SerialStream, SerialStream)> {
@@ -196,6 +213,27 @@ fn plug(link: &Path) -> anyhow::Result<(SerialStream, SerialStream)> {
     std::fs::rename(&tmp, link)
         .with_context(|| format!("cannot move the link to {}", link.display()))?;
     Ok((master, slave))
+}
+
+/// The baud rate the simulator leaves on its pseudo-terminal while it waits for a reader.
+const MARKER_BAUD: u32 = 50;
+
+/// Waits until a reader configures the pseudo-terminal: the simulator marks it with
+/// [`MARKER_BAUD`] and the reader's open sets its own rate (the two ends share one termios).
+async fn wait_reader(slave: &mut SerialStream, within: Duration) -> anyhow::Result<()> {
+    use tokio_serial::SerialPort;
+    slave
+        .set_baud_rate(MARKER_BAUD)
+        .context("cannot mark the pseudo-terminal's baud rate")?;
+    let deadline = Instant::now() + within;
+    while slave.baud_rate().context("cannot read the baud rate")? == MARKER_BAUD {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no reader opened the port within {within:?} (--wait-reader)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 fn new_device(sim: &SerialSim, boot: u32) -> anyhow::Result<Box<Device<RING>>> {
@@ -239,6 +277,7 @@ pub async fn serial(
         ("--unplug-every", sim.unplug_every),
         ("--unplug-for", sim.unplug_for),
         ("--resend-after", sim.resend_after),
+        ("--wait-reader", sim.wait_reader),
     ] {
         anyhow::ensure!(
             (0.0..=86_400.0).contains(&v),
@@ -254,6 +293,9 @@ pub async fn serial(
         device: sim.device.clone(),
         ..SimReport::default()
     };
+    // The link goes away with the simulator (and while unplugged): a link left pointing
+    // at a closed pseudo-terminal would lead a gateway to whatever pty reuses its number.
+    let _link = LinkGuard(sim.link.clone());
     let mut port = Some(plug(&sim.link)?);
     eprintln!(
         "simulate: {} -> {}",
@@ -331,6 +373,7 @@ pub async fn serial(
         }
         let now = Instant::now();
         if next_unplug.is_some_and(|t| now >= t) && port.is_some() {
+            let _ = std::fs::remove_file(&sim.link);
             port = None;
             report.unplugs += 1;
             replug_at = Some(now + Duration::from_secs_f64(sim.unplug_for.max(0.0)));
@@ -412,9 +455,15 @@ async fn lines(
         (SimFraming::Nmea, n) => n.min(replay.len() as u64),
         (_, n) => n,
     };
+    tokio::pin!(stop);
+    if let Some((_, slave)) = port.as_mut().filter(|_| sim.wait_reader > 0.0) {
+        tokio::select! {
+            _ = &mut stop => return Ok(report),
+            r = wait_reader(slave, Duration::from_secs_f64(sim.wait_reader)) => r?,
+        }
+    }
     let period = Duration::from_secs_f64(1.0 / sim.rate);
     let mut tick = tokio::time::interval(period);
-    tokio::pin!(stop);
     let mut seq: u64 = 0;
     while total == 0 || seq < total {
         tokio::select! {
@@ -433,8 +482,10 @@ async fn lines(
         let mut out = line.into_bytes();
         damage(&sim, &mut rng, &mut out, &mut report);
         if let Some((master, _)) = port.as_mut() {
-            let _ = tokio::time::timeout(Duration::from_millis(200), master.write_all(&out)).await;
-            report.lines += 1;
+            match tokio::time::timeout(Duration::from_millis(200), master.write_all(&out)).await {
+                Ok(Ok(())) => report.lines += 1,
+                _ => report.unwritten += 1,
+            }
         }
     }
     // Let the gateway read what is buffered before the pty goes away.

@@ -94,7 +94,7 @@ fn acknowledged(r: &Report) -> BTreeSet<String> {
 }
 
 /// Reads Kafka until every acknowledged id is there; checks ids, order and content.
-fn check_delivered(kafka: &Kafka, r: &Report) -> Vec<Consumed> {
+fn check_delivered(kafka: &Kafka, gw: &Gateway, r: &Report) -> Vec<Consumed> {
     assert_eq!(
         r.dropped, 0,
         "the device never had to give readings up: {r:?}"
@@ -113,6 +113,11 @@ fn check_delivered(kafka: &Kafka, r: &Report) -> Vec<Consumed> {
         .filter_map(|c| c.headers.get("event-id").cloned())
         .collect();
     let missing: Vec<_> = want.difference(&got).take(10).collect();
+    if !missing.is_empty() {
+        gw.dump();
+        eprintln!("{}", gw.log_text());
+        eprintln!("simulator: {r:?}");
+    }
     assert!(
         missing.is_empty(),
         "acknowledged but not in Kafka: {missing:?}"
@@ -163,7 +168,7 @@ fn every_acknowledged_reading_reaches_kafka_in_order() {
     let r = report(sim);
     assert_eq!(r.boots.len(), 1);
     assert_eq!(r.boots[0].acked_up_to, Some(1999), "{r:?}");
-    check_delivered(&kafka, &r);
+    check_delivered(&kafka, &gw, &r);
     assert!(gw.metric("gateway_upstream_acks_total{input=\"dev\"}") >= 1.0);
     let drops: BTreeMap<_, _> = gw
         .metrics()
@@ -200,7 +205,7 @@ fn corrupt_bytes_truncated_frames_and_garbage_are_rejected_counted_and_resent() 
     let r = report(sim);
     assert!(r.corrupted_bytes > 0 && r.garbage > 0, "{r:?}");
     assert_eq!(r.boots[0].acked_up_to, Some(1499), "{r:?}");
-    check_delivered(&kafka, &r);
+    check_delivered(&kafka, &gw, &r);
     let m = gw.metrics();
     let corrupt = m
         .get("gateway_events_dropped_total{input=\"dev\",reason=\"corrupt_frame\"}")
@@ -212,13 +217,13 @@ fn corrupt_bytes_truncated_frames_and_garbage_are_rejected_counted_and_resent() 
 
 #[test]
 fn a_device_reboot_restarts_seq_without_loss_or_false_duplicates() {
-    let (_dir, kafka, _gw, sim) = rig(
+    let (_dir, kafka, gw, sim) = rig(
         "",
         &["--count", "1200", "--rate", "300", "--reboot-every", "400"],
     );
     let r = report(sim);
     assert!(r.boots.len() >= 3, "{r:?}");
-    check_delivered(&kafka, &r);
+    check_delivered(&kafka, &gw, &r);
 }
 
 #[test]
@@ -239,7 +244,7 @@ fn an_unplugged_port_is_reopened_and_the_device_resends() {
     let r = report(sim);
     assert!(r.unplugs >= 2, "{r:?}");
     assert_eq!(r.boots[0].acked_up_to, Some(1499), "{r:?}");
-    check_delivered(&kafka, &r);
+    check_delivered(&kafka, &gw, &r);
     assert!(gw.metric("gateway_input_reconnects_total{input=\"dev\"}") >= r.unplugs as f64);
 }
 
@@ -264,7 +269,16 @@ fn silence_raises_the_alarm_and_a_reading_clears_it() {
 fn json_lines_become_events() {
     let (_dir, kafka, gw, sim) = rig(
         "framing = \"json-lines\"",
-        &["--framing", "json-lines", "--count", "500", "--rate", "500"],
+        &[
+            "--framing",
+            "json-lines",
+            "--count",
+            "500",
+            "--rate",
+            "500",
+            "--wait-reader",
+            "30",
+        ],
     );
     let r = report(sim);
     assert_eq!(r.lines, 500);
@@ -321,6 +335,8 @@ fn nmea_logs_from_real_receivers_are_replayed() {
                 path.to_str().expect("path"),
                 "--rate",
                 "1000",
+                "--wait-reader",
+                "30",
             ],
         );
         let r = report(sim);
