@@ -293,10 +293,11 @@ pub async fn serial(
         device: sim.device.clone(),
         ..SimReport::default()
     };
-    // The link goes away with the simulator (and while unplugged): a link left pointing
-    // at a closed pseudo-terminal would lead a gateway to whatever pty reuses its number.
-    let _link = LinkGuard(sim.link.clone());
     let mut port = Some(plug(&sim.link)?);
+    // The link goes before the pty does (locals drop in reverse order), on unplug too: a
+    // link left pointing at a closed pseudo-terminal would lead a gateway to whatever pty
+    // reuses its number next.
+    let _link = LinkGuard(sim.link.clone());
     eprintln!(
         "simulate: {} -> {}",
         sim.link.display(),
@@ -490,6 +491,7 @@ async fn lines(
     }
     // Let the gateway read what is buffered before the pty goes away.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = std::fs::remove_file(&sim.link);
     drop(port.take());
     Ok(report)
 }
