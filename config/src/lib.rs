@@ -22,8 +22,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod duration;
+mod stages;
 mod template;
 
+pub use stages::*;
 pub use template::{TopicTemplate, TopicTemplateError};
 
 /// The commented default configuration printed by `gateway print-config`.
@@ -206,6 +208,14 @@ impl Input {
             Input::Serial(s) => &s.name,
         }
     }
+
+    /// The input's own stages.
+    pub fn stages(&self) -> &[Stage] {
+        match self {
+            Input::Mqtt(m) => &m.stages,
+            Input::Serial(s) => &s.stages,
+        }
+    }
 }
 
 /// How bytes on a serial line become events.
@@ -255,6 +265,9 @@ pub enum FlowControl {
 pub struct SerialInput {
     /// Unique name: the events' `source`.
     pub name: String,
+    /// Stages for this input's events only, run before the global `stages`.
+    #[serde(default)]
+    pub stages: Vec<Stage>,
     /// The port. Prefer `/dev/serial/by-id/...`: it names the same adapter after a replug.
     pub path: PathBuf,
     /// Bits per second.
@@ -489,6 +502,9 @@ impl Default for Backoff {
 pub struct MqttInput {
     /// Name of the input: the `source` of its events and the `input` metrics label.
     pub name: String,
+    /// Stages for this input's events only, run before the global `stages`.
+    #[serde(default)]
+    pub stages: Vec<Stage>,
     /// Broker host.
     pub host: String,
     /// Broker port. Default 1883 (8883 with TLS).
@@ -560,103 +576,6 @@ fn default_qos() -> u8 {
 }
 fn default_max_payload() -> usize {
     256 * 1024
-}
-
-/// A stage: a synchronous function over events.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Stage {
-    /// Add static tags to every event (existing tags are kept).
-    Tags {
-        /// Tags to add.
-        tags: BTreeMap<String, String>,
-    },
-    /// Keep only events that match (all given criteria must match).
-    Keep(MatchSpec),
-    /// Drop events that match (all given criteria must match).
-    Drop(MatchSpec),
-    /// Check a reading against a range.
-    Range {
-        /// Reading name.
-        reading: String,
-        /// Smallest accepted value.
-        min: Option<f64>,
-        /// Largest accepted value.
-        max: Option<f64>,
-        /// `drop` the event (default), or `tag` it with `out_of_range=<reading>`.
-        #[serde(default)]
-        action: RangeAction,
-    },
-    /// Share the latest known location: events with a location (from `sources`, e.g. a
-    /// GPS receiver's input) remember it per key; later events of the same key without
-    /// one get it (tag `location=latest`) if the fix is at most `max_age` older than they
-    /// are (by event time).
-    LatestLocation {
-        /// Whose location: `device` (the default), or `tag.NAME` to share one fix among
-        /// every device with the same tag value (`tag.site`: a site's GPS for all its
-        /// sensors).
-        #[serde(default = "default_location_key")]
-        key: String,
-        /// Inputs whose events set the location; empty: any event with a location.
-        #[serde(default)]
-        sources: Vec<String>,
-        /// The oldest fix still attached.
-        #[serde(default = "default_location_max_age", with = "duration")]
-        max_age: Duration,
-        /// Most keys remembered; beyond it the one with the oldest fix is forgotten
-        /// (counted in `gateway_stage_evictions_total`).
-        #[serde(default = "default_location_max_keys")]
-        max_keys: usize,
-    },
-}
-
-fn default_location_key() -> String {
-    "device".into()
-}
-fn default_location_max_age() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_location_max_keys() -> usize {
-    10_000
-}
-
-impl Stage {
-    /// The stage's kind, as written in config.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Stage::Tags { .. } => "tags",
-            Stage::Keep(_) => "keep",
-            Stage::Drop(_) => "drop",
-            Stage::Range { .. } => "range",
-            Stage::LatestLocation { .. } => "latest_location",
-        }
-    }
-}
-
-/// What a range stage does with an out-of-range reading.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum RangeAction {
-    /// Drop the event (counted, `reason="out_of_range"`).
-    #[default]
-    Drop,
-    /// Keep it, tagged `out_of_range=<reading>`.
-    Tag,
-}
-
-/// Event selection for `keep` / `drop`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct MatchSpec {
-    /// Device id globs (`*` and `?`). Empty: any device.
-    #[serde(default)]
-    pub devices: Vec<String>,
-    /// MQTT topic filters (`+`, `#`). Empty: any topic.
-    #[serde(default)]
-    pub topics: Vec<String>,
-    /// Input names. Empty: any input.
-    #[serde(default)]
-    pub sources: Vec<String>,
 }
 
 /// Where events go.
@@ -1127,46 +1046,9 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
             );
         }
     }
-    for (i, s) in c.stages.iter().enumerate() {
-        if let Stage::Range { min, max, .. } = s {
-            if min.is_none() && max.is_none() {
-                err(format!("stages[{i}]"), "a range needs min, max or both");
-            }
-            if let (Some(a), Some(b)) = (min, max) {
-                if a > b {
-                    err(format!("stages[{i}]"), "min is above max");
-                }
-            }
-        }
-        if let Stage::LatestLocation {
-            key,
-            max_age,
-            max_keys,
-            ..
-        } = s
-        {
-            let tag = key.strip_prefix("tag.");
-            if key != "device" && tag.is_none_or(str::is_empty) {
-                err(
-                    format!("stages[{i}].key"),
-                    "must be \"device\" or \"tag.NAME\"",
-                );
-            }
-            if max_age.is_zero() || *max_keys == 0 {
-                err(
-                    format!("stages[{i}]"),
-                    "max_age and max_keys must be above zero",
-                );
-            }
-        }
-        if let Stage::Keep(m) | Stage::Drop(m) = s {
-            if m.devices.is_empty() && m.topics.is_empty() && m.sources.is_empty() {
-                err(
-                    format!("stages[{i}]"),
-                    "give at least one of devices, topics, sources",
-                );
-            }
-        }
+    validate_stages(&c.stages, "stages", &mut err);
+    for (i, input) in c.inputs.iter().enumerate() {
+        validate_stages(input.stages(), &format!("inputs[{i}].stages"), &mut err);
     }
     let k = &c.output.kafka;
     if k.brokers.trim().is_empty() {
@@ -1345,5 +1227,106 @@ linger = "1s"
             env: Some("GATEWAY_TEST_SECRET_UNSET".into()),
         };
         assert!(s.read().is_err());
+    }
+}
+
+/// Checks one list of stages; `p` is its path (`stages`, `inputs[0].stages`).
+fn validate_stages(stages: &[Stage], p: &str, err: &mut impl FnMut(String, &str)) {
+    for (i, s) in stages.iter().enumerate() {
+        if let Stage::Range { min, max, .. } = s {
+            if min.is_none() && max.is_none() {
+                err(format!("{p}[{i}]"), "a range needs min, max or both");
+            }
+            if let (Some(a), Some(b)) = (min, max) {
+                if a > b {
+                    err(format!("{p}[{i}]"), "min is above max");
+                }
+            }
+        }
+        if let Stage::LatestLocation {
+            key,
+            max_age,
+            max_keys,
+            ..
+        } = s
+        {
+            let tag = key.strip_prefix("tag.");
+            if key != "device" && tag.is_none_or(str::is_empty) {
+                err(
+                    format!("{p}[{i}].key"),
+                    "must be \"device\" or \"tag.NAME\"",
+                );
+            }
+            if max_age.is_zero() || *max_keys == 0 {
+                err(
+                    format!("{p}[{i}]"),
+                    "max_age and max_keys must be above zero",
+                );
+            }
+        }
+        if let Stage::Keep(m) | Stage::Drop(m) = s {
+            if m.devices.is_empty() && m.topics.is_empty() && m.sources.is_empty() {
+                err(
+                    format!("{p}[{i}]"),
+                    "give at least one of devices, topics, sources",
+                );
+            }
+        }
+        let at = |field: &str| format!("{p}[{i}].{field}");
+        match s {
+            Stage::Filter(f) if f.expr.trim().is_empty() => err(at("expr"), "must not be empty"),
+            Stage::Validate(v) => {
+                for r in &v.required {
+                    let ok = r == "location"
+                        || r.strip_prefix("readings.").is_some_and(|n| !n.is_empty())
+                        || r.strip_prefix("tags.").is_some_and(|n| !n.is_empty());
+                    if !ok {
+                        err(
+                            at("required"),
+                            "each entry is \"location\", \"readings.NAME\" or \"tags.NAME\"",
+                        );
+                    }
+                }
+                for (name, b) in &v.ranges {
+                    if let (Some(lo), Some(hi)) = (b.min, b.max) {
+                        if lo > hi {
+                            err(at(&format!("ranges.{name}")), "min is above max");
+                        }
+                    }
+                }
+            }
+            Stage::Dedup(d) if d.window.is_zero() || d.max_entries == 0 => {
+                err(at("window"), "window and max_entries must be above zero")
+            }
+            Stage::Throttle(t) if t.interval.is_zero() || t.max_devices == 0 => {
+                err(at("interval"), "interval and max_devices must be above zero")
+            }
+            Stage::Deadband(d) if !(d.threshold >= 0.0) || d.max_devices == 0 => err(
+                at("threshold"),
+                "threshold must be zero or more and max_devices above zero",
+            ),
+            Stage::Window(w) => {
+                if w.size.is_zero() || w.max_devices == 0 {
+                    err(at("size"), "size and max_devices must be above zero");
+                }
+                if w.aggregates.is_empty() {
+                    err(at("aggregates"), "name at least one aggregate");
+                }
+            }
+            Stage::Geofence(g) => {
+                if g.file.is_some() == g.geojson.is_some() {
+                    err(at("file"), "give exactly one of file and geojson");
+                }
+                if g.max_devices == 0 {
+                    err(at("max_devices"), "must be above zero");
+                }
+            }
+            Stage::GpsSanity(g) if !(g.max_speed > 0.0) || g.max_devices == 0 => err(
+                at("max_speed"),
+                "max_speed and max_devices must be above zero",
+            ),
+            Stage::Route(r) if r.rules.is_empty() => err(at("rules"), "give at least one rule"),
+            _ => {}
+        }
     }
 }

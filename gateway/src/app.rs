@@ -22,12 +22,13 @@ use crate::sources::mqtt;
 use crate::sources::serial;
 use crate::sources::{SourceContext, SourceState};
 use crate::spool::Spool;
-use crate::stages::Chain;
+use crate::stages::{Chain, InputStages};
 
-/// The inputs of one pipeline generation.
+/// The inputs of one pipeline generation, and the ticker of its stages' timers.
 struct Inputs {
     state: watch::Sender<SourceState>,
     tasks: Vec<JoinHandle<()>>,
+    ticker: Ticker,
 }
 
 impl Inputs {
@@ -35,17 +36,75 @@ impl Inputs {
         let _ = self.state.send(SourceState::Quiesce);
     }
 
+    /// Stops the inputs, then lets the stages release what they hold (open windows) to
+    /// the router, which must still be running.
     async fn stop(self) {
         let _ = self.state.send(SourceState::Stop);
         for t in self.tasks {
             let _ = t.await;
+        }
+        self.ticker.task.abort();
+        self.ticker.run(crate::event::now_ns(), true).await;
+    }
+}
+
+/// Runs the stages' timers ([`crate::stages::Stage::tick`]) about once a second.
+struct Ticker {
+    ctx: SourceContext,
+    global: Arc<Chain>,
+    inputs: Vec<Arc<InputStages>>,
+    task: JoinHandle<()>,
+}
+
+impl Ticker {
+    fn start(ctx: SourceContext, global: Arc<Chain>, inputs: Vec<Arc<InputStages>>) -> Ticker {
+        let task = {
+            let t = Ticker {
+                ctx: ctx.clone(),
+                global: global.clone(),
+                inputs: inputs.clone(),
+                task: tokio::spawn(async {}),
+            };
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    t.run(crate::event::now_ns(), false).await;
+                }
+            })
+        };
+        Ticker {
+            ctx,
+            global,
+            inputs,
+            task,
+        }
+    }
+
+    /// One round of timers (`flush`: release everything); what comes out goes to the
+    /// router, acknowledged by nobody (its inputs' messages were acknowledged already).
+    async fn run(&self, now_ns: i64, flush: bool) {
+        let mut out = Vec::new();
+        for i in &self.inputs {
+            i.tick(now_ns, flush, &mut out);
+        }
+        self.global.tick(now_ns, flush, &mut out);
+        let none = crate::ack::Ack::none();
+        for o in out {
+            if let Some(item) = crate::sources::outcome(&self.ctx, None, o, &none) {
+                if self.ctx.items.send_async(item).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
 
 /// A pipeline's inputs and stages, checked and built, not yet running.
 struct Prepared {
-    inputs: Vec<Input>,
+    inputs: Vec<(Input, Arc<InputStages>)>,
+    global: Arc<Chain>,
     ctx: SourceContext,
 }
 
@@ -57,31 +116,58 @@ fn prepare(
     router: &RouterHandle,
     metrics: &Metrics,
 ) -> Result<Prepared, String> {
-    let chain = Arc::new(Chain::build(&p.stages, Some(metrics))?);
+    let global = Arc::new(Chain::build(&p.stages, Some(metrics), "")?);
     let inputs = p
         .inputs
         .iter()
         .enumerate()
-        .map(|(i, input)| check_input(i, input, gateway_id).map(|()| input.clone()))
-        .collect::<Result<_, _>>()?;
+        .map(|(i, input)| {
+            check_input(i, input, gateway_id)?;
+            let local = match input.stages() {
+                [] => None,
+                stages => Some(
+                    Chain::build(stages, Some(metrics), input.name())
+                        .map_err(|e| format!("inputs[{i}] ({}): {e}", input.name()))?,
+                ),
+            };
+            let stages = Arc::new(InputStages {
+                local,
+                global: global.clone(),
+            });
+            Ok((input.clone(), stages))
+        })
+        .collect::<Result<_, String>>()?;
     let ctx = SourceContext {
         gateway_id: gateway_id.to_string(),
-        chain,
+        stages: Arc::new(InputStages {
+            local: None,
+            global: global.clone(),
+        }),
         items: router.items(),
         metrics: metrics.clone(),
         dead_letters: p.output.kafka.dead_letter_topic.is_some(),
     };
-    Ok(Prepared { inputs, ctx })
+    Ok(Prepared {
+        inputs,
+        global,
+        ctx,
+    })
 }
 
 impl Prepared {
     fn start(self) -> Inputs {
         let (state, rx) = watch::channel(SourceState::Run);
+        let ticker = Ticker::start(
+            self.ctx.clone(),
+            self.global.clone(),
+            self.inputs.iter().map(|(_, s)| s.clone()).collect(),
+        );
         let tasks = self
             .inputs
             .into_iter()
-            .map(|input| {
-                let ctx = self.ctx.clone();
+            .map(|(input, stages)| {
+                let mut ctx = self.ctx.clone();
+                ctx.stages = stages;
                 let rx = rx.clone();
                 tokio::spawn(async move {
                     let name = input.name().to_string();
@@ -91,7 +177,11 @@ impl Prepared {
                 })
             })
             .collect();
-        Inputs { state, tasks }
+        Inputs {
+            state,
+            tasks,
+            ticker,
+        }
     }
 }
 
@@ -214,6 +304,8 @@ pub async fn run(
     }
     tracing::info!("shutting down: stopping inputs, spooling what Kafka has not confirmed");
     inputs.quiesce();
+    // Open windows and the like go to the router before it spools and stops.
+    inputs.ticker.run(crate::event::now_ns(), true).await;
     tokio::task::block_in_place(|| router.shutdown());
     inputs.stop().await;
     Ok(())

@@ -79,6 +79,19 @@ pub struct Event {
     pub readings: BTreeMap<String, Value>,
     /// Tags by name.
     pub tags: BTreeMap<String, String>,
+    /// The Kafka topic and key a `route` stage chose; `None`: the output's templates.
+    /// Not part of the event's value: it travels beside it (see [`Record::encode`]).
+    #[serde(skip)]
+    pub route: Option<Box<Route>>,
+}
+
+/// Where a `route` stage sent an event: rendered topic and key (each `None`: the output's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// The Kafka topic.
+    pub topic: Option<String>,
+    /// The record key.
+    pub key: Option<String>,
 }
 
 /// A payload that could not be decoded, kept with the reason for a dead-letter topic.
@@ -112,16 +125,53 @@ pub enum Record {
 #[error("undecodable spool record: {0}")]
 pub struct DecodeError(#[from] postcard::Error);
 
+/// The spool's encoding of a record. The first two variants are [`Record`]'s own, so rows
+/// written before routes existed read back unchanged; a routed event is the third.
+#[derive(Serialize)]
+enum Stored<'a> {
+    Event(&'a Event),
+    DeadLetter(&'a DeadLetter),
+    Routed(&'a Event, &'a Route),
+}
+
+/// [`Stored`], read back.
+#[derive(Deserialize)]
+enum Loaded {
+    Event(Event),
+    DeadLetter(DeadLetter),
+    Routed(Event, Route),
+}
+
 impl Record {
-    /// postcard bytes, as stored in the spool.
+    /// postcard bytes, as stored in the spool (with the event's route, if any).
     pub fn encode(&self) -> Vec<u8> {
+        let stored = match self {
+            Record::Event(e) => match &e.route {
+                Some(r) => Stored::Routed(e, r),
+                None => Stored::Event(e),
+            },
+            Record::DeadLetter(d) => Stored::DeadLetter(d),
+        };
         // Serialising plain data into a Vec cannot fail.
-        postcard::to_allocvec(self).unwrap_or_default()
+        postcard::to_allocvec(&stored).unwrap_or_default()
     }
 
-    /// Reads postcard bytes back.
+    /// Reads [`Record::encode`] bytes back.
     pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
-        Ok(postcard::from_bytes(bytes)?)
+        Ok(match postcard::from_bytes(bytes)? {
+            Loaded::Event(e) => Record::Event(e),
+            Loaded::DeadLetter(d) => Record::DeadLetter(d),
+            Loaded::Routed(mut e, r) => {
+                e.route = Some(Box::new(r));
+                Record::Event(e)
+            }
+        })
+    }
+
+    /// postcard bytes of the record alone (the Kafka value with `value_format =
+    /// "postcard"`): no route, which is the record's topic and key, not its content.
+    pub fn value_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
     }
 
     /// The input the record came from.
@@ -181,6 +231,7 @@ mod tests {
             }),
             readings: [("temperature".to_string(), Value::Number(21.5))].into(),
             tags: [("site".to_string(), "berlin".to_string())].into(),
+            route: None,
         }
     }
 
@@ -191,6 +242,21 @@ mod tests {
         assert!(bytes.len() < 140, "compact: {} bytes", bytes.len());
         assert_eq!(Record::decode(&bytes).expect("decodes"), r);
         assert!(Record::decode(&bytes[..bytes.len() / 2]).is_err());
+    }
+
+    #[test]
+    fn a_route_travels_through_the_spool_but_not_in_the_value() {
+        let mut e = sample();
+        let plain = Record::Event(e.clone()).encode();
+        e.route = Some(Box::new(Route {
+            topic: Some("yard.pump-1".into()),
+            key: None,
+        }));
+        let routed = Record::Event(e.clone());
+        assert_eq!(Record::decode(&routed.encode()).expect("decodes"), routed);
+        // The value is the event alone, as before routes existed: the same bytes as the
+        // spool row of the unrouted event.
+        assert_eq!(routed.value_bytes(), plain);
     }
 
     #[test]

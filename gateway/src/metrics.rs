@@ -1,7 +1,8 @@
 //! Telemetry: Prometheus metrics and the `/metrics` + `/health` HTTP endpoint.
 //!
-//! Accounting invariant, per input: `received = delivered + dropped (by reason) + spooled
-//! now + in flight`. Every drop increments `gateway_events_dropped_total` with a reason.
+//! Accounting invariant, per input: `received + generated = delivered + dropped (by
+//! reason) + spooled now + in flight` (`generated`: events stages made, such as window
+//! summaries and geofence transitions). Every drop increments `gateway_events_dropped_total` with a reason.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -38,6 +39,19 @@ pub const DROP_REASONS: &[&str] = &[
     "malformed_nmea",
     "no_fix",
     "unsupported_sentence",
+    "filter_error",
+    "missing_field",
+    "time_in_future",
+    "time_too_old",
+    "dedup",
+    "throttled",
+    "deadband",
+    "windowed",
+    "late",
+    "null_island",
+    "bad_fix",
+    "inaccurate_fix",
+    "impossible_speed",
 ];
 
 type L1 = [(&'static str, String); 1];
@@ -50,6 +64,7 @@ pub struct Metrics(Arc<Inner>);
 struct Inner {
     registry: Registry,
     received: Family<L1, Counter>,
+    generated: Family<L1, Counter>,
     delivered: Family<L1, Counter>,
     spooled: Family<L1, Counter>,
     dropped: Family<L2, Counter>,
@@ -91,6 +106,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut r = Registry::with_prefix("gateway");
         let received = Family::default();
+        let generated = Family::default();
         let delivered = Family::default();
         let spooled = Family::default();
         let dropped = Family::default();
@@ -118,6 +134,11 @@ impl Metrics {
             "events_received",
             "Events (and undecodable payloads) received, per input",
             received.clone(),
+        );
+        r.register(
+            "events_generated",
+            "Events made by stages (window summaries, geofence enter and exit), per input",
+            generated.clone(),
         );
         r.register(
             "events_delivered",
@@ -229,6 +250,7 @@ impl Metrics {
         Metrics(Arc::new(Inner {
             registry: r,
             received,
+            generated,
             delivered,
             spooled,
             dropped,
@@ -269,6 +291,7 @@ impl Metrics {
         InputMetrics {
             name: input.to_string(),
             received: self.0.received.get_or_create(&l).clone(),
+            generated: self.0.generated.get_or_create(&l).clone(),
             delivered: self.0.delivered.get_or_create(&l).clone(),
             spooled: self.0.spooled.get_or_create(&l).clone(),
             dead_letters: self.0.dead_letters.get_or_create(&l).clone(),
@@ -405,6 +428,8 @@ pub struct InputMetrics {
     pub name: String,
     /// Received events.
     pub received: Counter,
+    /// Events made by stages from this input's events.
+    pub generated: Counter,
     /// Delivered events.
     pub delivered: Counter,
     /// Spooled events.

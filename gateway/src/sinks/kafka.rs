@@ -199,11 +199,19 @@ impl KafkaSink {
     ) -> Result<(), (KafkaError, Box<Opaque>)> {
         let (topic, key, value, headers, ts) = match record {
             Record::Event(e) => {
-                let topic = render(&self.cfg.topic, e);
-                let key = render_raw(&self.cfg.key, e);
+                // A `route` stage's choice, rendered when it was made; else the output's.
+                let route = e.route.as_deref();
+                let topic = match route.and_then(|r| r.topic.clone()) {
+                    Some(t) => t,
+                    None => render(&self.cfg.topic, e),
+                };
+                let key = match route.and_then(|r| r.key.clone()) {
+                    Some(k) => k,
+                    None => render_raw(&self.cfg.key, e),
+                };
                 let (value, ctype) = match self.cfg.value_format {
                     ValueFormat::Json => (event_json_bytes(e), "application/json"),
-                    ValueFormat::Postcard => (record.encode(), "application/x-postcard"),
+                    ValueFormat::Postcard => (record.value_bytes(), "application/x-postcard"),
                 };
                 let h = headers(&[
                     ("event-id", &e.id),
@@ -455,6 +463,7 @@ mod tests {
             ]
             .into(),
             tags: [("site".to_string(), "b 1".to_string())].into(),
+            route: None,
         }
     }
 

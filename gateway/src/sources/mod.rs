@@ -18,21 +18,89 @@ use crate::ack::Ack;
 use crate::event::{DeadLetter, Event, Record};
 use crate::metrics::{InputMetrics, Metrics};
 use crate::router::Item;
-use crate::stages::Chain;
+use crate::stages::{InputStages, Outcome};
 
 /// What every input task gets from the pipeline.
 #[derive(Clone)]
 pub struct SourceContext {
     /// This gateway's id.
     pub gateway_id: String,
-    /// The pipeline's stages.
-    pub chain: Arc<Chain>,
+    /// This input's stages, then the pipeline's.
+    pub stages: Arc<InputStages>,
     /// The router's input channel.
     pub items: flume::Sender<Item>,
     /// Metrics.
     pub metrics: Metrics,
     /// Undecodable payloads go to the dead-letter topic (one is configured).
     pub dead_letters: bool,
+}
+
+/// The counters of input `source`: `m` when it is that input, else looked up.
+fn input_of<'a>(
+    ctx: &SourceContext,
+    m: Option<&'a InputMetrics>,
+    source: &str,
+) -> std::borrow::Cow<'a, InputMetrics> {
+    match m {
+        Some(m) if m.name == source => std::borrow::Cow::Borrowed(m),
+        _ => std::borrow::Cow::Owned(ctx.metrics.input(source)),
+    }
+}
+
+/// Accounts for one chain outcome and returns what goes to the router, if anything.
+/// `m` is the input whose event went in (`None` for the pipeline's timers); an event a
+/// stage made is counted on its own source's input (`generated`, and any drop of it).
+pub(crate) fn outcome(
+    ctx: &SourceContext,
+    m: Option<&InputMetrics>,
+    o: Outcome,
+    ack: &Ack,
+) -> Option<Item> {
+    match o {
+        Outcome::Event { event, made } => {
+            if made {
+                input_of(ctx, m, &event.source).generated.inc();
+            }
+            Some(Item {
+                record: Record::Event(event),
+                ack: ack.clone(),
+                until_delivered: false,
+            })
+        }
+        Outcome::Dropped(d) => {
+            match (&d.made_by, m) {
+                (Some(source), _) => input_of(ctx, m, source).dropped(d.reason, 1),
+                (None, Some(m)) => m.dropped(d.reason, 1),
+                (None, None) => {}
+            }
+            None
+        }
+        Outcome::Rejected {
+            dropped,
+            detail,
+            event,
+        } => {
+            let m = input_of(ctx, m, &event.source);
+            m.dropped(dropped.reason, 1);
+            if !ctx.dead_letters {
+                return None;
+            }
+            m.dead_letters.inc();
+            let dl = DeadLetter {
+                source: event.source.clone(),
+                origin: event.origin.clone(),
+                reason: dropped.reason.to_string(),
+                detail: format!("{}: {detail}", dropped.stage),
+                received_ns: event.received_ns,
+                payload: crate::sinks::kafka::event_json_bytes(&event),
+            };
+            Some(Item {
+                record: Record::DeadLetter(dl),
+                ack: ack.clone(),
+                until_delivered: false,
+            })
+        }
+    }
 }
 
 /// What an input task should be doing.
@@ -104,14 +172,25 @@ impl<'a> Emitter<'a> {
     /// Counts `events` as received and runs them through the stages to the router; each
     /// carries a share of `ack`.
     pub async fn events(&self, events: Vec<Event>, ack: &Ack) -> Result<(), Closed> {
+        let mut out = Vec::new();
         for e in events {
             self.m.received.inc();
-            match self.ctx.chain.run(e) {
-                Ok(e) => self.send(Record::Event(e), ack.clone()).await?,
-                Err(d) => self.m.dropped(d.reason, 1),
+            self.ctx.stages.run(e, &mut out);
+            for o in out.drain(..) {
+                // Events stages made carry a share of the ack too: the upstream message
+                // is acknowledged once they are safe as well.
+                let item = outcome(self.ctx, Some(self.m), o, ack);
+                if let Some(item) = item {
+                    self.send_item(item).await?;
+                }
             }
         }
         Ok(())
+    }
+
+    async fn send_item(&self, mut item: Item) -> Result<(), Closed> {
+        item.until_delivered = self.until_delivered;
+        self.ctx.items.send_async(item).await.map_err(|_| Closed)
     }
 
     /// Counts a line that is not an event as received and dropped for `reason`, without

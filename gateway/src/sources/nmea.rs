@@ -120,6 +120,7 @@ pub fn decode(origin: &Origin<'_>, device: &str, line: &str) -> Result<Event, Ma
         location: Some(loc),
         readings,
         tags,
+        route: None,
     })
 }
 

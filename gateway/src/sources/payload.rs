@@ -70,6 +70,7 @@ impl Origin<'_> {
             location: None,
             readings: BTreeMap::new(),
             tags: self.tags(),
+            route: None,
         }
     }
 }

@@ -769,6 +769,7 @@ fn reading_event(
         location,
         readings,
         tags: Default::default(),
+        route: None,
     })
 }
 

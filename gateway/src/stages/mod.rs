@@ -1,8 +1,16 @@
 //! Stages: synchronous functions over events, run in order by a [`Chain`].
 //!
 //! A stage does no I/O and holds no runtime: it takes an event and keeps it (possibly
-//! changed) or drops it with a reason. The chain counts, per stage, events in, out and
-//! dropped by reason. Stages run in the input's task, before the router.
+//! changed), drops it with a reason, or rejects it (dropped, and dead-lettered when the
+//! output has a dead-letter topic). A stage may also make new events (window summaries,
+//! geofence transitions): they go on from the next stage. Stages with timers (a window's
+//! idle timeout) get [`Stage::tick`] from the pipeline's ticker. The chain counts, per
+//! stage, events in, out, dropped by reason and made; stages with state keep it bounded
+//! ([`state::Bounded`]) and count what they forget. Stages run in the input's task,
+//! before the router.
+//!
+//! Layout: this file holds the trait, the chain, [`build`] and the small stages (`tags`,
+//! `keep`/`drop`, `range`, `latest_location`); the others have a file each.
 
 use gateway_config::{MatchSpec, RangeAction, Stage as StageConfig, TopicTemplate};
 use prometheus_client::metrics::counter::Counter;
@@ -13,6 +21,18 @@ use std::sync::Mutex;
 use crate::event::{Event, Location, Value};
 use crate::metrics::Metrics;
 
+mod enrich;
+mod expr;
+mod filter;
+mod geofence;
+mod gps;
+mod rate;
+pub mod state;
+mod validate;
+mod window;
+
+pub use geofence::Geofence;
+
 /// What a stage decided.
 #[derive(Debug, PartialEq)]
 pub enum Verdict {
@@ -20,19 +40,35 @@ pub enum Verdict {
     Keep(Event),
     /// Drop it; the reason becomes the `reason` label.
     Drop(&'static str),
+    /// Drop it for `reason`, and dead-letter it (with `detail`) when the output has a
+    /// dead-letter topic.
+    Reject {
+        /// The `reason` label.
+        reason: &'static str,
+        /// What was wrong, for the dead letter.
+        detail: String,
+        /// The event.
+        event: Box<Event>,
+    },
 }
 
 /// One stage.
 pub trait Stage: Send + Sync {
-    /// Processes one event.
-    fn apply(&self, event: Event) -> Verdict;
+    /// Processes one event; events the stage makes go into `made` (they continue from
+    /// the next stage, before this event does).
+    fn apply(&self, event: Event, made: &mut Vec<Event>) -> Verdict;
+
+    /// Called about once a second with the gateway's clock (ns since the epoch), for
+    /// timers; `flush` asks for everything held to come out now (the pipeline is being
+    /// replaced or the gateway stops).
+    fn tick(&self, _now_ns: i64, _flush: bool, _made: &mut Vec<Event>) {}
 }
 
 /// Adds static tags.
 pub struct Tags(Vec<(String, String)>);
 
 impl Stage for Tags {
-    fn apply(&self, mut e: Event) -> Verdict {
+    fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
         for (k, v) in &self.0 {
             e.tags.entry(k.clone()).or_insert_with(|| v.clone());
         }
@@ -100,7 +136,7 @@ pub struct Select {
 }
 
 impl Stage for Select {
-    fn apply(&self, e: Event) -> Verdict {
+    fn apply(&self, e: Event, _made: &mut Vec<Event>) -> Verdict {
         if self.matcher.matches(&e) == self.keep {
             Verdict::Keep(e)
         } else {
@@ -118,7 +154,7 @@ pub struct Range {
 }
 
 impl Stage for Range {
-    fn apply(&self, mut e: Event) -> Verdict {
+    fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
         let Some(Value::Number(v)) = e.readings.get(&self.reading) else {
             return Verdict::Keep(e);
         };
@@ -164,7 +200,7 @@ impl LatestLocation {
 }
 
 impl Stage for LatestLocation {
-    fn apply(&self, mut e: Event) -> Verdict {
+    fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
         let Some(key) = self.key_of(&e) else {
             return Verdict::Keep(e);
         };
@@ -241,6 +277,20 @@ pub fn build(c: &StageConfig, evicted: Counter) -> Result<Box<dyn Stage>, String
             fixes: Mutex::new(HashMap::new()),
             evicted,
         }),
+        StageConfig::Filter(f) => Box::new(filter::Filter::new(f)?),
+        StageConfig::Route(r) => Box::new(filter::Router::new(r)?),
+        StageConfig::Validate(v) => Box::new(validate::Validate::new(v)),
+        StageConfig::Dedup(d) => Box::new(validate::Dedup::new(d, evicted)),
+        StageConfig::Throttle(t) => Box::new(rate::Throttle::new(t, evicted)),
+        StageConfig::Deadband(d) => Box::new(rate::Deadband::new(d, evicted)),
+        StageConfig::Window(w) => Box::new(window::Window::new(w, evicted)),
+        StageConfig::Geofence(g) => Box::new(Geofence::new(g, evicted)?),
+        StageConfig::GpsSanity(g) => Box::new(gps::GpsSanity::new(g, evicted)),
+        StageConfig::Enrich(e) => Box::new(enrich::Enrich::new(e)?),
+        StageConfig::Calibrate(c) => Box::new(enrich::Calibrate::new(c)),
+        StageConfig::Convert(c) => Box::new(enrich::Convert::new(c)?),
+        StageConfig::Rename(r) => Box::new(enrich::Rename::new(r)),
+        StageConfig::Remove(r) => Box::new(enrich::Remove::new(r)),
     })
 }
 
@@ -260,18 +310,52 @@ pub struct Chain {
 /// Why the chain dropped an event: the stage label and the reason.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Dropped {
-    /// `<index>-<kind>`, e.g. `1-range`.
+    /// `<index>-<kind>`, e.g. `1-range` (`<input>/<index>-<kind>` for an input's own).
     pub stage: String,
     /// The reason label.
     pub reason: &'static str,
+    /// For an event a stage made: its source input (it is accounted there).
+    pub made_by: Option<String>,
+}
+
+/// What came out of the chain for one event (or one tick).
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// An event to send on; `made` when a stage made it (not received from an input).
+    Event {
+        /// The event.
+        event: Event,
+        /// Made by a stage.
+        made: bool,
+    },
+    /// Dropped.
+    Dropped(Dropped),
+    /// Dropped and, where the output has a dead-letter topic, dead-lettered.
+    Rejected {
+        /// Which stage and why.
+        dropped: Dropped,
+        /// What was wrong.
+        detail: String,
+        /// The event as it reached the stage.
+        event: Box<Event>,
+    },
 }
 
 impl Chain {
-    /// Builds a chain; errors name the stage.
-    pub fn build(configs: &[StageConfig], metrics: Option<&Metrics>) -> Result<Chain, String> {
+    /// Builds a chain; errors name the stage. `prefix` labels an input's own stages
+    /// (`site/0-filter`); empty for the global ones.
+    pub fn build(
+        configs: &[StageConfig],
+        metrics: Option<&Metrics>,
+        prefix: &str,
+    ) -> Result<Chain, String> {
         let mut slots = Vec::new();
         for (i, c) in configs.iter().enumerate() {
-            let label = format!("{i}-{}", c.kind());
+            let label = if prefix.is_empty() {
+                format!("{i}-{}", c.kind())
+            } else {
+                format!("{prefix}/{i}-{}", c.kind())
+            };
             let (events_in, events_out, evicted) = match metrics {
                 Some(m) => (
                     m.stage_in(&label),
@@ -280,8 +364,12 @@ impl Chain {
                 ),
                 None => Default::default(),
             };
-            let stage =
-                build(c, evicted).map_err(|e| format!("stages[{i}] ({}): {e}", c.kind()))?;
+            let at = if prefix.is_empty() {
+                format!("stages[{i}]")
+            } else {
+                format!("inputs ({prefix}) stages[{i}]")
+            };
+            let stage = build(c, evicted).map_err(|e| format!("{at} ({}): {e}", c.kind()))?;
             slots.push(Slot {
                 stage,
                 label,
@@ -295,36 +383,160 @@ impl Chain {
         })
     }
 
-    /// Runs an event through every stage.
-    pub fn run(&self, mut e: Event) -> Result<Event, Dropped> {
-        for s in &self.slots {
+    /// No stages.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Runs an event through every stage; what comes out (the event or why it stopped,
+    /// and any events the stages made) is appended to `out`.
+    pub fn run(&self, e: Event, out: &mut Vec<Outcome>) {
+        self.run_from(0, e, false, out);
+    }
+
+    /// Runs the stages' timers (see [`Stage::tick`]); what they release goes on through
+    /// the rest of the chain into `out`.
+    pub fn tick(&self, now_ns: i64, flush: bool, out: &mut Vec<Outcome>) {
+        let mut made = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            s.stage.tick(now_ns, flush, &mut made);
+            for e in std::mem::take(&mut made) {
+                self.run_from(i + 1, e, true, out);
+            }
+        }
+    }
+
+    fn run_from(&self, first: usize, mut e: Event, made_here: bool, out: &mut Vec<Outcome>) {
+        let mut made = Vec::new();
+        // A made event dropped later is accounted on its own input.
+        let made_by = made_here.then(|| e.source.clone());
+        for (i, s) in self.slots.iter().enumerate().skip(first) {
             s.events_in.inc();
-            match s.stage.apply(e) {
+            let verdict = s.stage.apply(e, &mut made);
+            for m in std::mem::take(&mut made) {
+                self.run_from(i + 1, m, true, out);
+            }
+            match verdict {
                 Verdict::Keep(next) => {
                     s.events_out.inc();
                     e = next;
                 }
                 Verdict::Drop(reason) => {
-                    if let Some(m) = &self.metrics {
-                        m.stage_dropped(&s.label, reason);
-                    }
-                    return Err(Dropped {
-                        stage: s.label.clone(),
-                        reason,
+                    let mut d = self.dropped(s, reason);
+                    d.made_by = made_by;
+                    out.push(Outcome::Dropped(d));
+                    return;
+                }
+                Verdict::Reject {
+                    reason,
+                    detail,
+                    event,
+                } => {
+                    out.push(Outcome::Rejected {
+                        dropped: self.dropped(s, reason),
+                        detail,
+                        event,
                     });
+                    return;
                 }
             }
         }
-        Ok(e)
+        out.push(Outcome::Event {
+            event: e,
+            made: made_here,
+        });
+    }
+
+    fn dropped(&self, s: &Slot, reason: &'static str) -> Dropped {
+        if let Some(m) = &self.metrics {
+            m.stage_dropped(&s.label, reason);
+        }
+        Dropped {
+            stage: s.label.clone(),
+            reason,
+            made_by: None,
+        }
+    }
+}
+
+/// The stages an input's events pass: the input's own, then the global ones (shared by
+/// every input, so that state such as `latest_location` spans inputs).
+pub struct InputStages {
+    /// The input's own stages (`inputs[].stages`).
+    pub local: Option<Chain>,
+    /// The global stages (`stages`).
+    pub global: std::sync::Arc<Chain>,
+}
+
+impl InputStages {
+    /// Runs an event through the input's stages, then the global ones.
+    pub fn run(&self, e: Event, out: &mut Vec<Outcome>) {
+        match &self.local {
+            None => self.global.run(e, out),
+            Some(local) => {
+                let mut first = Vec::new();
+                local.run(e, &mut first);
+                self.then_global(first, out);
+            }
+        }
+    }
+
+    /// The input's own stages' timers (the global chain is ticked once, by the pipeline).
+    pub fn tick(&self, now_ns: i64, flush: bool, out: &mut Vec<Outcome>) {
+        if let Some(local) = &self.local {
+            let mut first = Vec::new();
+            local.tick(now_ns, flush, &mut first);
+            self.then_global(first, out);
+        }
+    }
+
+    fn then_global(&self, first: Vec<Outcome>, out: &mut Vec<Outcome>) {
+        for o in first {
+            match o {
+                Outcome::Event { event, made } => {
+                    let from = out.len();
+                    self.global.run(event, out);
+                    if made {
+                        for o in &mut out[from..] {
+                            if let Outcome::Event { made, .. } = o {
+                                *made = true;
+                            }
+                        }
+                    }
+                }
+                other => out.push(other),
+            }
+        }
+    }
+}
+
+/// Runs one event through a chain and returns the single event that came out, or why it
+/// did not: for tests and benchmarks of chains that make no events.
+pub fn run_one(chain: &Chain, e: Event) -> Result<Event, Dropped> {
+    let mut out = Vec::with_capacity(1);
+    chain.run(e, &mut out);
+    match out.pop() {
+        Some(Outcome::Event { event, .. }) => Ok(event),
+        Some(Outcome::Dropped(d)) | Some(Outcome::Rejected { dropped: d, .. }) => Err(d),
+        None => Err(Dropped {
+            stage: String::new(),
+            reason: "nothing",
+            made_by: None,
+        }),
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::event::{ClockQuality, Event};
 
-    fn event(device: &str, topic: &str, temp: f64) -> Event {
+    /// One stage's config from TOML (the body of a `[[stages]]` table).
+    pub(crate) fn parse(toml: &str) -> StageConfig {
+        toml::from_str(toml).unwrap_or_else(|e| panic!("{toml}: {e}"))
+    }
+
+    pub(crate) fn event(device: &str, topic: &str, temp: f64) -> Event {
         Event {
             id: "x".into(),
             device: device.into(),
@@ -336,6 +548,7 @@ mod tests {
             location: None,
             readings: [("temperature".to_string(), Value::Number(temp))].into(),
             tags: Default::default(),
+            route: None,
         }
     }
 
@@ -347,8 +560,8 @@ mod tests {
             .expect("stages")
             .try_into()
             .expect("stage configs");
-        let chain = Chain::build(&list, None).expect("builds");
-        match (chain.run(input), expected) {
+        let chain = Chain::build(&list, None, "").expect("builds");
+        match (run_one(&chain, input), expected) {
             (Ok(e), Ok(tags)) => {
                 for (k, v) in tags {
                     assert_eq!(e.tags.get(*k).map(String::as_str), Some(*v));
@@ -383,7 +596,7 @@ mod tests {
     fn chain(stages: &str) -> Chain {
         let cfg: toml::Value = toml::from_str(stages).expect("toml");
         let list: Vec<StageConfig> = cfg["stages"].clone().try_into().expect("stage configs");
-        Chain::build(&list, None).expect("builds")
+        Chain::build(&list, None, "").expect("builds")
     }
 
     fn located(device: &str, source: &str, site: &str, time_s: i64, fix: Option<f64>) -> Event {
@@ -401,7 +614,7 @@ mod tests {
     }
 
     fn lat(c: &Chain, e: Event) -> Option<f64> {
-        c.run(e).expect("kept").location.map(|l| l.lat)
+        run_one(c, e).expect("kept").location.map(|l| l.lat)
     }
 
     #[test]
@@ -416,9 +629,7 @@ mod tests {
             lat(&c, located("gps-1", "gps", "a", 100, Some(52.5))),
             Some(52.5)
         );
-        let e = c
-            .run(located("pump-1", "serial", "a", 120, None))
-            .expect("kept");
+        let e = run_one(&c, located("pump-1", "serial", "a", 120, None)).expect("kept");
         assert_eq!(e.location.map(|l| l.lat), Some(52.5));
         assert_eq!(e.tags.get("location").map(String::as_str), Some("latest"));
         // Too old, another site, or a location from an input that does not set it.
@@ -457,12 +668,12 @@ mod tests {
         let evicted = Counter::default();
         let stage = build(&list.remove(0), evicted.clone()).expect("builds");
         for (i, d) in ["a", "b", "c"].into_iter().enumerate() {
-            stage.apply(located(d, "gps", "s", i as i64, Some(i as f64)));
+            stage.apply(located(d, "gps", "s", i as i64, Some(i as f64)), &mut Vec::new());
         }
         assert_eq!(evicted.get(), 1, "the oldest fix (a) was forgotten");
-        let got = |d: &str| match stage.apply(located(d, "x", "s", 5, None)) {
+        let got = |d: &str| match stage.apply(located(d, "x", "s", 5, None), &mut Vec::new()) {
             Verdict::Keep(e) => e.location.map(|l| l.lat),
-            Verdict::Drop(r) => panic!("dropped: {r}"),
+            v => panic!("not kept: {v:?}"),
         };
         assert_eq!((got("a"), got("b"), got("c")), (None, Some(1.0), Some(2.0)));
     }

@@ -1,0 +1,160 @@
+//! `gps_sanity`: implausible fixes dropped; speed, heading and distance derived from a
+//! device's consecutive fixes (haversine, from geo).
+
+use std::sync::Mutex;
+
+use geo::{Bearing, Distance, Haversine, Point};
+use gateway_config::GpsSanityStage;
+use prometheus_client::metrics::counter::Counter;
+
+use super::state::Bounded;
+use super::{Stage, Verdict};
+use crate::event::{Event, Value};
+
+/// A device's last accepted fix: (lon, lat, event time ns).
+type Fix = (f64, f64, i64);
+
+/// `gps_sanity`.
+pub struct GpsSanity {
+    max_speed: f64,
+    max_accuracy: Option<f64>,
+    derive: bool,
+    last: Mutex<Bounded<Fix>>,
+}
+
+impl GpsSanity {
+    /// From its (validated) config.
+    pub fn new(c: &GpsSanityStage, evicted: Counter) -> GpsSanity {
+        GpsSanity {
+            max_speed: c.max_speed,
+            max_accuracy: c.max_accuracy,
+            derive: c.derive,
+            last: Mutex::new(Bounded::new(c.max_devices, evicted)),
+        }
+    }
+}
+
+impl Stage for GpsSanity {
+    fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
+        let Some(loc) = e.location else {
+            return Verdict::Keep(e);
+        };
+        let (lat, lon) = (loc.lat, loc.lon);
+        if !(lat.is_finite() && lon.is_finite()) || lat.abs() > 90.0 || lon.abs() > 180.0 {
+            return Verdict::Drop("bad_fix");
+        }
+        if lat == 0.0 && lon == 0.0 {
+            return Verdict::Drop("null_island");
+        }
+        if let (Some(max), Some(acc)) = (self.max_accuracy, loc.accuracy) {
+            if acc > max {
+                return Verdict::Drop("inaccurate_fix");
+            }
+        }
+        let here = Point::new(lon, lat);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = last.get_mut(&e.device).map(|f| *f);
+        let mut derived = None;
+        if let Some((plon, plat, pt)) = previous {
+            let metres = Haversine.distance(Point::new(plon, plat), here);
+            let secs = (e.time_ns - pt) as f64 / 1e9;
+            if secs > 0.0 {
+                let speed = metres / secs;
+                if speed > self.max_speed {
+                    return Verdict::Drop("impossible_speed");
+                }
+                derived = Some((speed, Haversine.bearing(Point::new(plon, plat), here), metres));
+            } else if secs == 0.0 && metres > 0.0 {
+                return Verdict::Drop("impossible_speed"); // two places at once
+            } else if secs < 0.0 {
+                // An older fix arriving late: kept, compared with nothing.
+                drop(last);
+                return Verdict::Keep(e);
+            }
+        }
+        *last.entry(&e.device, || (lon, lat, e.time_ns)) = (lon, lat, e.time_ns);
+        drop(last);
+        if self.derive {
+            if let Some((speed, heading, metres)) = derived {
+                e.readings.insert("speed_mps".into(), Value::Number(speed));
+                e.readings.insert("distance_m".into(), Value::Number(metres));
+                if metres > 0.0 {
+                    e.readings.insert("heading_deg".into(), Value::Number(heading));
+                }
+            }
+        }
+        Verdict::Keep(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{event, parse};
+    use super::*;
+    use crate::event::Location;
+
+    fn stage() -> GpsSanity {
+        let gateway_config::Stage::GpsSanity(c) =
+            parse("type='gps_sanity'\nmax_speed=50.0\nmax_accuracy=30.0")
+        else {
+            panic!()
+        };
+        GpsSanity::new(&c, Counter::default())
+    }
+
+    fn fix(lat: f64, lon: f64, s: i64, accuracy: Option<f64>) -> Event {
+        let mut e = event("truck", "t", 1.0);
+        e.time_ns = s * 1_000_000_000;
+        e.location = Some(Location {
+            lat,
+            lon,
+            alt: None,
+            accuracy,
+        });
+        e
+    }
+
+    fn reading(v: &Verdict, name: &str) -> Option<f64> {
+        match v {
+            Verdict::Keep(e) => match e.readings.get(name) {
+                Some(Value::Number(n)) => Some(*n),
+                _ => None,
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn implausible_fixes_are_dropped_by_reason() {
+        let g = stage();
+        let mut m = Vec::new();
+        assert_eq!(g.apply(fix(0.0, 0.0, 0, None), &mut m), Verdict::Drop("null_island"));
+        assert_eq!(g.apply(fix(91.0, 0.0, 0, None), &mut m), Verdict::Drop("bad_fix"));
+        assert_eq!(
+            g.apply(fix(52.0, 13.0, 0, Some(80.0)), &mut m),
+            Verdict::Drop("inaccurate_fix")
+        );
+        assert!(matches!(g.apply(fix(52.0, 13.0, 0, None), &mut m), Verdict::Keep(_)));
+        // 0.01 degrees of latitude is about 1.1 km: in 10 s that is 111 m/s.
+        assert_eq!(
+            g.apply(fix(52.01, 13.0, 10, None), &mut m),
+            Verdict::Drop("impossible_speed")
+        );
+    }
+
+    #[test]
+    fn speed_heading_and_distance_are_derived() {
+        let g = stage();
+        let mut m = Vec::new();
+        let first = g.apply(fix(52.0, 13.0, 0, None), &mut m);
+        assert_eq!(reading(&first, "speed_mps"), None, "nothing to compare with");
+        // Due north, 0.001 degrees (111 m) in 10 s.
+        let v = g.apply(fix(52.001, 13.0, 10, None), &mut m);
+        let metres = reading(&v, "distance_m").expect("distance");
+        assert!((metres - 111.2).abs() < 0.5, "{metres}");
+        let speed = reading(&v, "speed_mps").expect("speed");
+        assert!((speed - 11.12).abs() < 0.05, "{speed}");
+        let heading = reading(&v, "heading_deg").expect("heading");
+        assert!(heading.abs() < 0.01 || (heading - 360.0).abs() < 0.01, "{heading}");
+    }
+}
