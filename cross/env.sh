@@ -25,6 +25,13 @@ export CC="${cross_prefix}-gcc" CXX="${cross_prefix}-g++" AR="${cross_prefix}-ar
     LD="${cross_prefix}-ld" NM="${cross_prefix}-nm" RANLIB="${cross_prefix}-ranlib" \
     STRIP="${cross_prefix}-strip" OBJDUMP="${cross_prefix}-objdump"
 export HOST_CC=gcc HOST_CXX=g++ HOST_AR=ar
+# Size: every C part for the device at -Os, one section per function and datum so the
+# linker drops what the gateway never calls (librdkafka's mklove build would otherwise use
+# -O2 and keep whole objects: its consumer, admin and mock-cluster code). The cc-crate
+# builds read the target-specific variable, librdkafka's configure the plain one.
+export "CFLAGS_${cross_lower}=-Os -ffunction-sections -fdata-sections"
+export CFLAGS="-Os -ffunction-sections -fdata-sections"
+export HOST_CFLAGS="-O2"
 # Tests and `cargo run` go through qemu-user with the cross sysroot's loader.
 export "CARGO_TARGET_${cross_var}_RUNNER=qemu-${cross_prefix%%-*} -L /usr/${cross_prefix}"
 case "$cross_prefix" in arm-*) export "CARGO_TARGET_${cross_var}_RUNNER=qemu-arm -L /usr/${cross_prefix}" ;; esac

@@ -1298,9 +1298,10 @@ fn validate_stages(stages: &[Stage], p: &str, err: &mut impl FnMut(String, &str)
             Stage::Dedup(d) if d.window.is_zero() || d.max_entries == 0 => {
                 err(at("window"), "window and max_entries must be above zero")
             }
-            Stage::Throttle(t) if t.interval.is_zero() || t.max_devices == 0 => {
-                err(at("interval"), "interval and max_devices must be above zero")
-            }
+            Stage::Throttle(t) if t.interval.is_zero() || t.max_devices == 0 => err(
+                at("interval"),
+                "interval and max_devices must be above zero",
+            ),
             Stage::Deadband(d) if !(d.threshold >= 0.0) || d.max_devices == 0 => err(
                 at("threshold"),
                 "threshold must be zero or more and max_devices above zero",

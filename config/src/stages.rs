@@ -150,7 +150,6 @@ pub struct MatchSpec {
     pub sources: Vec<String>,
 }
 
-
 /// What a stage does with an event it rejects.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]

@@ -37,54 +37,35 @@ impl Inputs {
     }
 
     /// Stops the inputs, then lets the stages release what they hold (open windows) to
-    /// the router, which must still be running.
-    async fn stop(self) {
+    /// the router, which must still be running (unless [`Ticker::finish`] ran before).
+    async fn stop(mut self) {
         let _ = self.state.send(SourceState::Stop);
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
         }
-        self.ticker.task.abort();
-        self.ticker.run(crate::event::now_ns(), true).await;
+        self.ticker.finish().await;
     }
 }
 
-/// Runs the stages' timers ([`crate::stages::Stage::tick`]) about once a second.
+/// Runs the stages' timers ([`crate::stages::Stage::tick`]) about once a second, and a
+/// last round that releases everything when told to finish.
 struct Ticker {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// What a tick round needs.
+struct Timers {
     ctx: SourceContext,
     global: Arc<Chain>,
     inputs: Vec<Arc<InputStages>>,
-    task: JoinHandle<()>,
 }
 
-impl Ticker {
-    fn start(ctx: SourceContext, global: Arc<Chain>, inputs: Vec<Arc<InputStages>>) -> Ticker {
-        let task = {
-            let t = Ticker {
-                ctx: ctx.clone(),
-                global: global.clone(),
-                inputs: inputs.clone(),
-                task: tokio::spawn(async {}),
-            };
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
-                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    every.tick().await;
-                    t.run(crate::event::now_ns(), false).await;
-                }
-            })
-        };
-        Ticker {
-            ctx,
-            global,
-            inputs,
-            task,
-        }
-    }
-
-    /// One round of timers (`flush`: release everything); what comes out goes to the
-    /// router, acknowledged by nobody (its inputs' messages were acknowledged already).
-    async fn run(&self, now_ns: i64, flush: bool) {
+impl Timers {
+    /// One round (`flush`: release everything); what comes out goes to the router,
+    /// acknowledged by nobody (its inputs' messages were acknowledged already).
+    async fn run(&self, flush: bool) {
+        let now_ns = crate::event::now_ns();
         let mut out = Vec::new();
         for i in &self.inputs {
             i.tick(now_ns, flush, &mut out);
@@ -97,6 +78,37 @@ impl Ticker {
                     return;
                 }
             }
+        }
+    }
+}
+
+impl Ticker {
+    fn start(timers: Timers) -> Ticker {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => timers.run(false).await,
+                    _ = &mut stopped => break,
+                }
+            }
+            timers.run(true).await;
+        });
+        Ticker {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Runs the last round (everything held goes to the router) and ends the ticker.
+    async fn finish(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
         }
     }
 }
@@ -157,11 +169,11 @@ fn prepare(
 impl Prepared {
     fn start(self) -> Inputs {
         let (state, rx) = watch::channel(SourceState::Run);
-        let ticker = Ticker::start(
-            self.ctx.clone(),
-            self.global.clone(),
-            self.inputs.iter().map(|(_, s)| s.clone()).collect(),
-        );
+        let ticker = Ticker::start(Timers {
+            ctx: self.ctx.clone(),
+            global: self.global.clone(),
+            inputs: self.inputs.iter().map(|(_, s)| s.clone()).collect(),
+        });
         let tasks = self
             .inputs
             .into_iter()
@@ -183,6 +195,19 @@ impl Prepared {
             ticker,
         }
     }
+}
+
+/// Builds every stage of `p` (compiling expressions, loading tables and zones) and runs
+/// nothing: `check-config` uses it so a config that would fail at start fails there.
+pub fn check_stages(p: &Pipeline) -> Result<(), String> {
+    Chain::build(&p.stages, None, "")?;
+    for (i, input) in p.inputs.iter().enumerate() {
+        if !input.stages().is_empty() {
+            Chain::build(input.stages(), None, input.name())
+                .map_err(|e| format!("inputs[{i}] ({}): {e}", input.name()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks that this build carries the input's type, and what can be checked of it
@@ -305,7 +330,7 @@ pub async fn run(
     tracing::info!("shutting down: stopping inputs, spooling what Kafka has not confirmed");
     inputs.quiesce();
     // Open windows and the like go to the router before it spools and stops.
-    inputs.ticker.run(crate::event::now_ns(), true).await;
+    inputs.ticker.finish().await;
     tokio::task::block_in_place(|| router.shutdown());
     inputs.stop().await;
     Ok(())

@@ -148,7 +148,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { file } => match gateway_config::load(&file) {
+        Command::CheckConfig { file } => match gateway_config::load(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|c| match crate::app::check_stages(&c.pipeline()) {
+                Ok(()) => Ok(c),
+                Err(e) => Err(format!("{}: {e}", file.display())),
+            }) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} input(s), {} stage(s), Kafka at {})",

@@ -17,11 +17,17 @@ pub struct Enrich {
 }
 
 /// Reads a lookup table: CSV with a header row, or TOML with a table per device.
-fn load_table(path: &Path, key_column: &str) -> Result<BTreeMap<String, BTreeMap<String, String>>, String> {
+fn load_table(
+    path: &Path,
+    key_column: &str,
+) -> Result<BTreeMap<String, BTreeMap<String, String>>, String> {
     let at = |e: &dyn std::fmt::Display| format!("table {}: {e}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
     let mut out = BTreeMap::new();
-    if path.extension().is_some_and(|x| x.eq_ignore_ascii_case("toml")) {
+    if path
+        .extension()
+        .is_some_and(|x| x.eq_ignore_ascii_case("toml"))
+    {
         let t: BTreeMap<String, BTreeMap<String, toml::Value>> =
             toml::from_str(&text).map_err(|e| at(&e))?;
         for (device, cols) in t {
@@ -43,7 +49,11 @@ fn load_table(path: &Path, key_column: &str) -> Result<BTreeMap<String, BTreeMap
     let key = headers
         .iter()
         .position(|h| h == key_column)
-        .ok_or_else(|| at(&format!("no column {key_column:?} (key_column) in the header")))?;
+        .ok_or_else(|| {
+            at(&format!(
+                "no column {key_column:?} (key_column) in the header"
+            ))
+        })?;
     for (line, row) in r.records().enumerate() {
         let row = row.map_err(|e| at(&e))?;
         let device = row
@@ -309,14 +319,25 @@ mod tests {
     fn enrich_from_csv_toml_and_inline() {
         let dir = tempfile::tempdir().expect("tempdir");
         let csv = dir.path().join("devices.csv");
-        std::fs::write(&csv, "device,owner,site\npump-1,ops,\"plant, north\"\npump-2,lab,\n")
-            .expect("write");
+        std::fs::write(
+            &csv,
+            "device,owner,site\npump-1,ops,\"plant, north\"\npump-2,lab,\n",
+        )
+        .expect("write");
         let toml = dir.path().join("devices.toml");
         std::fs::write(&toml, "[pump-3]\nowner = \"ops\"\nrack = 4\n").expect("write");
         for (path, device, want) in [
-            (&csv, "pump-1", vec![("owner", "ops"), ("site", "plant, north"), ("fleet", "a")]),
+            (
+                &csv,
+                "pump-1",
+                vec![("owner", "ops"), ("site", "plant, north"), ("fleet", "a")],
+            ),
             (&csv, "pump-2", vec![("owner", "lab"), ("fleet", "a")]),
-            (&toml, "pump-3", vec![("owner", "ops"), ("rack", "4"), ("fleet", "a")]),
+            (
+                &toml,
+                "pump-3",
+                vec![("owner", "ops"), ("rack", "4"), ("fleet", "a")],
+            ),
         ] {
             let gateway_config::Stage::Enrich(c) = parse(&format!(
                 "type='enrich'\ntable='{}'\ntags={{fleet='a'}}",
@@ -324,15 +345,24 @@ mod tests {
             )) else {
                 panic!()
             };
-            let e = kept(Enrich::new(&c).expect("loads").apply(event(device, "t", 1.0), &mut Vec::new()));
+            let e = kept(
+                Enrich::new(&c)
+                    .expect("loads")
+                    .apply(event(device, "t", 1.0), &mut Vec::new()),
+            );
             for (k, v) in want {
                 assert_eq!(e.tags.get(k).map(String::as_str), Some(v), "{device} {k}");
             }
             assert!(!e.tags.contains_key("site") || device == "pump-1");
         }
         let missing = parse("type='enrich'\ntable='/nonexistent.csv'");
-        let gateway_config::Stage::Enrich(c) = missing else { panic!() };
-        assert!(Enrich::new(&c).err().expect("refused").contains("/nonexistent.csv"));
+        let gateway_config::Stage::Enrich(c) = missing else {
+            panic!()
+        };
+        assert!(Enrich::new(&c)
+            .err()
+            .expect("refused")
+            .contains("/nonexistent.csv"));
     }
 
     #[test]
@@ -343,8 +373,20 @@ mod tests {
             panic!()
         };
         let s = Calibrate::new(&c);
-        assert_eq!(num(&kept(s.apply(event("d1", "t", 10.0), &mut Vec::new())), "temperature"), 21.0);
-        assert_eq!(num(&kept(s.apply(event("d2", "t", 10.0), &mut Vec::new())), "temperature"), 9.5);
+        assert_eq!(
+            num(
+                &kept(s.apply(event("d1", "t", 10.0), &mut Vec::new())),
+                "temperature"
+            ),
+            21.0
+        );
+        assert_eq!(
+            num(
+                &kept(s.apply(event("d2", "t", 10.0), &mut Vec::new())),
+                "temperature"
+            ),
+            9.5
+        );
     }
 
     #[test]
@@ -354,16 +396,28 @@ mod tests {
         ) else {
             panic!()
         };
-        let e = kept(Convert::new(&c).expect("units").apply(event("d", "t", 212.0), &mut Vec::new()));
+        let e = kept(
+            Convert::new(&c)
+                .expect("units")
+                .apply(event("d", "t", 212.0), &mut Vec::new()),
+        );
         assert!((num(&e, "temperature_c") - 100.0).abs() < 1e-9);
         assert_eq!(num(&e, "temperature"), 212.0);
-        for (from, to, v, want) in [("km/h", "m/s", 36.0, 10.0), ("bar", "psi", 1.0, 14.5038), ("K", "degC", 0.0, -273.15)] {
+        for (from, to, v, want) in [
+            ("km/h", "m/s", 36.0, 10.0),
+            ("bar", "psi", 1.0, 14.5038),
+            ("K", "degC", 0.0, -273.15),
+        ] {
             let gateway_config::Stage::Convert(c) = parse(&format!(
                 "type='convert'\nreadings.temperature={{from='{from}',to='{to}'}}"
             )) else {
                 panic!()
             };
-            let e = kept(Convert::new(&c).expect("units").apply(event("d", "t", v), &mut Vec::new()));
+            let e = kept(
+                Convert::new(&c)
+                    .expect("units")
+                    .apply(event("d", "t", v), &mut Vec::new()),
+            );
             assert!((num(&e, "temperature") - want).abs() < 1e-3, "{from}->{to}");
         }
         let gateway_config::Stage::Convert(c) =
@@ -371,7 +425,10 @@ mod tests {
         else {
             panic!()
         };
-        assert!(Convert::new(&c).err().expect("refused").contains("cannot convert"));
+        assert!(Convert::new(&c)
+            .err()
+            .expect("refused")
+            .contains("cannot convert"));
     }
 
     #[test]

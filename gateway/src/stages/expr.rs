@@ -82,7 +82,9 @@ fn value(v: &Value) -> Cel {
 }
 
 fn map(entries: impl Iterator<Item = (String, Cel)>) -> Cel {
-    let m: HashMap<Key, Cel> = entries.map(|(k, v)| (Key::String(Arc::new(k)), v)).collect();
+    let m: HashMap<Key, Cel> = entries
+        .map(|(k, v)| (Key::String(Arc::new(k)), v))
+        .collect();
     Cel::Map(Map { map: Arc::new(m) })
 }
 
@@ -99,16 +101,14 @@ fn bind(name: &str, e: &Event) -> Option<Cel> {
         "readings" => map(e.readings.iter().map(|(k, v)| (k.clone(), value(v)))),
         "location" => match &e.location {
             None => Cel::Null,
-            Some(l) => map(
-                [
-                    Some(("lat".to_string(), Cel::Float(l.lat))),
-                    Some(("lon".to_string(), Cel::Float(l.lon))),
-                    l.alt.map(|a| ("alt".to_string(), Cel::Float(a))),
-                    l.accuracy.map(|a| ("accuracy".to_string(), Cel::Float(a))),
-                ]
-                .into_iter()
-                .flatten(),
-            ),
+            Some(l) => map([
+                Some(("lat".to_string(), Cel::Float(l.lat))),
+                Some(("lon".to_string(), Cel::Float(l.lon))),
+                l.alt.map(|a| ("alt".to_string(), Cel::Float(a))),
+                l.accuracy.map(|a| ("accuracy".to_string(), Cel::Float(a))),
+            ]
+            .into_iter()
+            .flatten()),
         },
         reading => {
             debug_assert!(!FIELDS.contains(&reading));
@@ -163,7 +163,10 @@ mod tests {
             Ok(true),
         );
         check(r#"tags.site == "berlin" && source == "site""#, Ok(true));
-        check(r#"topic.startsWith("sensors/") && id == "pump-7:1""#, Ok(true));
+        check(
+            r#"topic.startsWith("sensors/") && id == "pump-7:1""#,
+            Ok(true),
+        );
         check("location.lat > 52.0 && location.lon < 14.0", Ok(true));
         check(r#"readings.state == "on" && state == "on""#, Ok(true));
         check("has(readings.humidity)", Ok(false));

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::sync::Mutex;
 
-use geo::{BoundingRect, Intersects, MultiPolygon, Point};
 use gateway_config::GeofenceStage;
+use geo::{BoundingRect, Intersects, MultiPolygon, Point};
 use geojson::{GeoJson, GeometryValue};
 use prometheus_client::metrics::counter::Counter;
 use rstar::primitives::{GeomWithData, Rectangle};
@@ -263,14 +263,21 @@ mod tests {
         assert_eq!(run(&g, at(5.0, 5.0, 0)).0.as_deref(), Some("yard"));
         assert_eq!(run(&g, at(9.0, 9.0, 0)).0.as_deref(), Some("gate,yard"));
         assert_eq!(run(&g, at(20.5, 20.5, 0)).0.as_deref(), Some("gate"));
-        assert_eq!(run(&g, at(10.0, 5.0, 0)).0.as_deref(), Some("yard"), "border");
+        assert_eq!(
+            run(&g, at(10.0, 5.0, 0)).0.as_deref(),
+            Some("yard"),
+            "border"
+        );
         assert_eq!(run(&g, at(15.0, 15.0, 0)).0, None);
     }
 
     #[test]
     fn enter_and_exit_wait_out_the_dwell() {
         let g = fence("dwell='10s'");
-        assert!(run(&g, at(5.0, 5.0, 0)).1.is_empty(), "in the yard, dwell running");
+        assert!(
+            run(&g, at(5.0, 5.0, 0)).1.is_empty(),
+            "in the yard, dwell running"
+        );
         assert_eq!(run(&g, at(5.0, 5.0, 10)).1, ["enter:yard"]);
         // On the border, out and back in again within the dwell: no flapping.
         assert!(run(&g, at(10.5, 5.0, 11)).1.is_empty());
@@ -294,7 +301,9 @@ mod tests {
         let gateway_config::Stage::Geofence(c) = parse(&toml) else {
             panic!()
         };
-        let err = Geofence::new(&c, Counter::default()).err().expect("refused");
+        let err = Geofence::new(&c, Counter::default())
+            .err()
+            .expect("refused");
         assert!(err.contains("feature 0 (p) is a Point"), "{err}");
     }
 }

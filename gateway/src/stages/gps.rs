@@ -3,8 +3,8 @@
 
 use std::sync::Mutex;
 
-use geo::{Bearing, Distance, Haversine, Point};
 use gateway_config::GpsSanityStage;
+use geo::{Bearing, Distance, Haversine, Point};
 use prometheus_client::metrics::counter::Counter;
 
 use super::state::Bounded;
@@ -63,7 +63,11 @@ impl Stage for GpsSanity {
                 if speed > self.max_speed {
                     return Verdict::Drop("impossible_speed");
                 }
-                derived = Some((speed, Haversine.bearing(Point::new(plon, plat), here), metres));
+                derived = Some((
+                    speed,
+                    Haversine.bearing(Point::new(plon, plat), here),
+                    metres,
+                ));
             } else if secs == 0.0 && metres > 0.0 {
                 return Verdict::Drop("impossible_speed"); // two places at once
             } else if secs < 0.0 {
@@ -77,9 +81,11 @@ impl Stage for GpsSanity {
         if self.derive {
             if let Some((speed, heading, metres)) = derived {
                 e.readings.insert("speed_mps".into(), Value::Number(speed));
-                e.readings.insert("distance_m".into(), Value::Number(metres));
+                e.readings
+                    .insert("distance_m".into(), Value::Number(metres));
                 if metres > 0.0 {
-                    e.readings.insert("heading_deg".into(), Value::Number(heading));
+                    e.readings
+                        .insert("heading_deg".into(), Value::Number(heading));
                 }
             }
         }
@@ -128,13 +134,22 @@ mod tests {
     fn implausible_fixes_are_dropped_by_reason() {
         let g = stage();
         let mut m = Vec::new();
-        assert_eq!(g.apply(fix(0.0, 0.0, 0, None), &mut m), Verdict::Drop("null_island"));
-        assert_eq!(g.apply(fix(91.0, 0.0, 0, None), &mut m), Verdict::Drop("bad_fix"));
+        assert_eq!(
+            g.apply(fix(0.0, 0.0, 0, None), &mut m),
+            Verdict::Drop("null_island")
+        );
+        assert_eq!(
+            g.apply(fix(91.0, 0.0, 0, None), &mut m),
+            Verdict::Drop("bad_fix")
+        );
         assert_eq!(
             g.apply(fix(52.0, 13.0, 0, Some(80.0)), &mut m),
             Verdict::Drop("inaccurate_fix")
         );
-        assert!(matches!(g.apply(fix(52.0, 13.0, 0, None), &mut m), Verdict::Keep(_)));
+        assert!(matches!(
+            g.apply(fix(52.0, 13.0, 0, None), &mut m),
+            Verdict::Keep(_)
+        ));
         // 0.01 degrees of latitude is about 1.1 km: in 10 s that is 111 m/s.
         assert_eq!(
             g.apply(fix(52.01, 13.0, 10, None), &mut m),
@@ -147,7 +162,11 @@ mod tests {
         let g = stage();
         let mut m = Vec::new();
         let first = g.apply(fix(52.0, 13.0, 0, None), &mut m);
-        assert_eq!(reading(&first, "speed_mps"), None, "nothing to compare with");
+        assert_eq!(
+            reading(&first, "speed_mps"),
+            None,
+            "nothing to compare with"
+        );
         // Due north, 0.001 degrees (111 m) in 10 s.
         let v = g.apply(fix(52.001, 13.0, 10, None), &mut m);
         let metres = reading(&v, "distance_m").expect("distance");
@@ -155,6 +174,9 @@ mod tests {
         let speed = reading(&v, "speed_mps").expect("speed");
         assert!((speed - 11.12).abs() < 0.05, "{speed}");
         let heading = reading(&v, "heading_deg").expect("heading");
-        assert!(heading.abs() < 0.01 || (heading - 360.0).abs() < 0.01, "{heading}");
+        assert!(
+            heading.abs() < 0.01 || (heading - 360.0).abs() < 0.01,
+            "{heading}"
+        );
     }
 }

@@ -342,8 +342,8 @@ pub enum Outcome {
 }
 
 impl Chain {
-    /// Builds a chain; errors name the stage. `prefix` labels an input's own stages
-    /// (`site/0-filter`); empty for the global ones.
+    /// Builds a chain; errors name the stage (`stages[1] (filter): ...`). `prefix` labels
+    /// an input's own stages in metrics (`site/0-filter`); empty for the global ones.
     pub fn build(
         configs: &[StageConfig],
         metrics: Option<&Metrics>,
@@ -364,12 +364,8 @@ impl Chain {
                 ),
                 None => Default::default(),
             };
-            let at = if prefix.is_empty() {
-                format!("stages[{i}]")
-            } else {
-                format!("inputs ({prefix}) stages[{i}]")
-            };
-            let stage = build(c, evicted).map_err(|e| format!("{at} ({}): {e}", c.kind()))?;
+            let stage =
+                build(c, evicted).map_err(|e| format!("stages[{i}] ({}): {e}", c.kind()))?;
             slots.push(Slot {
                 stage,
                 label,
@@ -668,7 +664,10 @@ pub(crate) mod tests {
         let evicted = Counter::default();
         let stage = build(&list.remove(0), evicted.clone()).expect("builds");
         for (i, d) in ["a", "b", "c"].into_iter().enumerate() {
-            stage.apply(located(d, "gps", "s", i as i64, Some(i as f64)), &mut Vec::new());
+            stage.apply(
+                located(d, "gps", "s", i as i64, Some(i as f64)),
+                &mut Vec::new(),
+            );
         }
         assert_eq!(evicted.get(), 1, "the oldest fix (a) was forgotten");
         let got = |d: &str| match stage.apply(located(d, "x", "s", 5, None), &mut Vec::new()) {
@@ -676,6 +675,63 @@ pub(crate) mod tests {
             v => panic!("not kept: {v:?}"),
         };
         assert_eq!((got("a"), got("b"), got("c")), (None, Some(1.0), Some(2.0)));
+    }
+
+    /// Every `toml` block of docs/stages.md loads and builds, and every stage type has an
+    /// example there.
+    #[test]
+    fn docs() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let text = std::fs::read_to_string(root.join("docs/stages.md")).expect("docs/stages.md");
+        let examples = root.join("docs/examples/");
+        let mut kinds = std::collections::BTreeSet::new();
+        let mut blocks = 0;
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find("```toml\n") {
+            let body = &rest[start + 8..];
+            let end = body.find("```").expect("closed block");
+            let block = body[..end].replace("/etc/edge-gateway/", &examples.display().to_string());
+            rest = &body[end + 3..];
+            let cfg: toml::Value =
+                toml::from_str(&block).unwrap_or_else(|e| panic!("{block}\n{e}"));
+            let list: Vec<StageConfig> = cfg["stages"]
+                .clone()
+                .try_into()
+                .unwrap_or_else(|e| panic!("{block}\n{e}"));
+            let chain = Chain::build(&list, None, "").unwrap_or_else(|e| panic!("{block}\n{e}"));
+            let mut out = Vec::new();
+            chain.run(event("pump-1", "sensors/pump-1", 20.0), &mut out);
+            chain.tick(0, true, &mut out);
+            kinds.extend(list.iter().map(StageConfig::kind));
+            blocks += 1;
+        }
+        let all = [
+            "tags",
+            "keep",
+            "drop",
+            "range",
+            "latest_location",
+            "filter",
+            "validate",
+            "dedup",
+            "throttle",
+            "deadband",
+            "window",
+            "geofence",
+            "gps_sanity",
+            "enrich",
+            "calibrate",
+            "convert",
+            "route",
+            "rename",
+            "remove",
+        ];
+        let missing: Vec<_> = all.iter().filter(|k| !kinds.contains(*k)).collect();
+        assert!(
+            missing.is_empty(),
+            "stage types without an example: {missing:?}"
+        );
+        assert!(blocks >= 14, "{blocks} examples");
     }
 
     #[test]

@@ -151,15 +151,18 @@ mod tests {
 
     #[test]
     fn deadband_forwards_changes_and_heartbeats() {
-        let gateway_config::Stage::Deadband(c) = parse(
-            "type='deadband'\nreadings=['temperature']\nthreshold=0.5\nmax_interval='1m'",
-        ) else {
+        let gateway_config::Stage::Deadband(c) =
+            parse("type='deadband'\nreadings=['temperature']\nthreshold=0.5\nmax_interval='1m'")
+        else {
             panic!()
         };
         let d = Deadband::new(&c, Counter::default());
         assert!(kept(&d, at("a", 0, 20.0)));
         assert!(!kept(&d, at("a", 1, 20.4)));
-        assert!(!kept(&d, at("a", 2, 19.6)), "compared with the last sent, 20.0");
+        assert!(
+            !kept(&d, at("a", 2, 19.6)),
+            "compared with the last sent, 20.0"
+        );
         assert!(kept(&d, at("a", 3, 20.6)));
         assert!(!kept(&d, at("a", 4, 20.9)));
         assert!(kept(&d, at("a", 63, 20.9)), "max_interval passed");

@@ -151,7 +151,10 @@ impl Stage for Dedup {
                 at.remove(&old);
             }
         }
-        if at.get(&h).is_some_and(|&t| now.saturating_sub(t) <= self.window_ns) {
+        if at
+            .get(&h)
+            .is_some_and(|&t| now.saturating_sub(t) <= self.window_ns)
+        {
             return Verdict::Drop("dedup");
         }
         while at.len() >= self.max {
@@ -205,7 +208,8 @@ mod tests {
         e.readings
             .insert("temperature".into(), Value::Number(130.0));
         assert_eq!(reason(&v, &e), Some("out_of_range"));
-        e.readings.insert("temperature".into(), Value::Number(f64::NAN));
+        e.readings
+            .insert("temperature".into(), Value::Number(f64::NAN));
         assert_eq!(reason(&v, &e), Some("out_of_range"));
         e.readings.insert("temperature".into(), Value::Number(10.0));
         e.time_ns = 61_000_000_000;

@@ -278,8 +278,14 @@ mod tests {
         let (w, _) = window("type='window'\nsize='10s'\nallowed_lateness='2s'");
         assert!(feed(&w, at("a", 1_000, 4.0)).is_empty());
         assert!(feed(&w, at("a", 9_000, 8.0)).is_empty());
-        assert!(feed(&w, at("a", 3_000, 6.0)).is_empty(), "out of order, same window");
-        assert!(feed(&w, at("a", 11_000, 1.0)).is_empty(), "within the lateness");
+        assert!(
+            feed(&w, at("a", 3_000, 6.0)).is_empty(),
+            "out of order, same window"
+        );
+        assert!(
+            feed(&w, at("a", 11_000, 1.0)).is_empty(),
+            "within the lateness"
+        );
         assert!(feed(&w, at("a", 5_000, 2.0)).is_empty(), "late but allowed");
         let out = feed(&w, at("a", 12_500, 1.0));
         assert_eq!(out.len(), 1);
