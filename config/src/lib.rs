@@ -1091,6 +1091,116 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
     errs
 }
 
+/// Checks one list of stages; `p` is its path (`stages`, `inputs[0].stages`).
+fn validate_stages(stages: &[Stage], p: &str, err: &mut impl FnMut(String, &str)) {
+    for (i, s) in stages.iter().enumerate() {
+        if let Stage::Range { min, max, .. } = s {
+            if min.is_none() && max.is_none() {
+                err(format!("{p}[{i}]"), "a range needs min, max or both");
+            }
+            if let (Some(a), Some(b)) = (min, max) {
+                if a > b {
+                    err(format!("{p}[{i}]"), "min is above max");
+                }
+            }
+        }
+        if let Stage::LatestLocation {
+            key,
+            max_age,
+            max_keys,
+            ..
+        } = s
+        {
+            let tag = key.strip_prefix("tag.");
+            if key != "device" && tag.is_none_or(str::is_empty) {
+                err(
+                    format!("{p}[{i}].key"),
+                    "must be \"device\" or \"tag.NAME\"",
+                );
+            }
+            if max_age.is_zero() || *max_keys == 0 {
+                err(
+                    format!("{p}[{i}]"),
+                    "max_age and max_keys must be above zero",
+                );
+            }
+        }
+        if let Stage::Keep(m) | Stage::Drop(m) = s {
+            if m.devices.is_empty() && m.topics.is_empty() && m.sources.is_empty() {
+                err(
+                    format!("{p}[{i}]"),
+                    "give at least one of devices, topics, sources",
+                );
+            }
+        }
+        let at = |field: &str| format!("{p}[{i}].{field}");
+        match s {
+            Stage::Filter(f) if f.expr.trim().is_empty() => err(at("expr"), "must not be empty"),
+            Stage::Validate(v) => {
+                for r in &v.required {
+                    let ok = r == "location"
+                        || r.strip_prefix("readings.").is_some_and(|n| !n.is_empty())
+                        || r.strip_prefix("tags.").is_some_and(|n| !n.is_empty());
+                    if !ok {
+                        err(
+                            at("required"),
+                            "each entry is \"location\", \"readings.NAME\" or \"tags.NAME\"",
+                        );
+                    }
+                }
+                for (name, b) in &v.ranges {
+                    if let (Some(lo), Some(hi)) = (b.min, b.max) {
+                        if lo > hi {
+                            err(at(&format!("ranges.{name}")), "min is above max");
+                        }
+                    }
+                }
+            }
+            Stage::Dedup(d) if d.window.is_zero() || d.max_entries == 0 => {
+                err(at("window"), "window and max_entries must be above zero")
+            }
+            Stage::Throttle(t) if t.interval.is_zero() || t.max_devices == 0 => err(
+                at("interval"),
+                "interval and max_devices must be above zero",
+            ),
+            Stage::Deadband(d)
+                if d.threshold.is_nan() || d.threshold < 0.0 || d.max_devices == 0 =>
+            {
+                err(
+                    at("threshold"),
+                    "threshold must be zero or more and max_devices above zero",
+                )
+            }
+            Stage::Window(w) => {
+                if w.size.is_zero() || w.max_devices == 0 {
+                    err(at("size"), "size and max_devices must be above zero");
+                }
+                if w.aggregates.is_empty() {
+                    err(at("aggregates"), "name at least one aggregate");
+                }
+            }
+            Stage::Geofence(g) => {
+                if g.file.is_some() == g.geojson.is_some() {
+                    err(at("file"), "give exactly one of file and geojson");
+                }
+                if g.max_devices == 0 {
+                    err(at("max_devices"), "must be above zero");
+                }
+            }
+            Stage::GpsSanity(g)
+                if g.max_speed.is_nan() || g.max_speed <= 0.0 || g.max_devices == 0 =>
+            {
+                err(
+                    at("max_speed"),
+                    "max_speed and max_devices must be above zero",
+                )
+            }
+            Stage::Route(r) if r.rules.is_empty() => err(at("rules"), "give at least one rule"),
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1227,107 +1337,5 @@ linger = "1s"
             env: Some("GATEWAY_TEST_SECRET_UNSET".into()),
         };
         assert!(s.read().is_err());
-    }
-}
-
-/// Checks one list of stages; `p` is its path (`stages`, `inputs[0].stages`).
-fn validate_stages(stages: &[Stage], p: &str, err: &mut impl FnMut(String, &str)) {
-    for (i, s) in stages.iter().enumerate() {
-        if let Stage::Range { min, max, .. } = s {
-            if min.is_none() && max.is_none() {
-                err(format!("{p}[{i}]"), "a range needs min, max or both");
-            }
-            if let (Some(a), Some(b)) = (min, max) {
-                if a > b {
-                    err(format!("{p}[{i}]"), "min is above max");
-                }
-            }
-        }
-        if let Stage::LatestLocation {
-            key,
-            max_age,
-            max_keys,
-            ..
-        } = s
-        {
-            let tag = key.strip_prefix("tag.");
-            if key != "device" && tag.is_none_or(str::is_empty) {
-                err(
-                    format!("{p}[{i}].key"),
-                    "must be \"device\" or \"tag.NAME\"",
-                );
-            }
-            if max_age.is_zero() || *max_keys == 0 {
-                err(
-                    format!("{p}[{i}]"),
-                    "max_age and max_keys must be above zero",
-                );
-            }
-        }
-        if let Stage::Keep(m) | Stage::Drop(m) = s {
-            if m.devices.is_empty() && m.topics.is_empty() && m.sources.is_empty() {
-                err(
-                    format!("{p}[{i}]"),
-                    "give at least one of devices, topics, sources",
-                );
-            }
-        }
-        let at = |field: &str| format!("{p}[{i}].{field}");
-        match s {
-            Stage::Filter(f) if f.expr.trim().is_empty() => err(at("expr"), "must not be empty"),
-            Stage::Validate(v) => {
-                for r in &v.required {
-                    let ok = r == "location"
-                        || r.strip_prefix("readings.").is_some_and(|n| !n.is_empty())
-                        || r.strip_prefix("tags.").is_some_and(|n| !n.is_empty());
-                    if !ok {
-                        err(
-                            at("required"),
-                            "each entry is \"location\", \"readings.NAME\" or \"tags.NAME\"",
-                        );
-                    }
-                }
-                for (name, b) in &v.ranges {
-                    if let (Some(lo), Some(hi)) = (b.min, b.max) {
-                        if lo > hi {
-                            err(at(&format!("ranges.{name}")), "min is above max");
-                        }
-                    }
-                }
-            }
-            Stage::Dedup(d) if d.window.is_zero() || d.max_entries == 0 => {
-                err(at("window"), "window and max_entries must be above zero")
-            }
-            Stage::Throttle(t) if t.interval.is_zero() || t.max_devices == 0 => err(
-                at("interval"),
-                "interval and max_devices must be above zero",
-            ),
-            Stage::Deadband(d) if !(d.threshold >= 0.0) || d.max_devices == 0 => err(
-                at("threshold"),
-                "threshold must be zero or more and max_devices above zero",
-            ),
-            Stage::Window(w) => {
-                if w.size.is_zero() || w.max_devices == 0 {
-                    err(at("size"), "size and max_devices must be above zero");
-                }
-                if w.aggregates.is_empty() {
-                    err(at("aggregates"), "name at least one aggregate");
-                }
-            }
-            Stage::Geofence(g) => {
-                if g.file.is_some() == g.geojson.is_some() {
-                    err(at("file"), "give exactly one of file and geojson");
-                }
-                if g.max_devices == 0 {
-                    err(at("max_devices"), "must be above zero");
-                }
-            }
-            Stage::GpsSanity(g) if !(g.max_speed > 0.0) || g.max_devices == 0 => err(
-                at("max_speed"),
-                "max_speed and max_devices must be above zero",
-            ),
-            Stage::Route(r) if r.rules.is_empty() => err(at("rules"), "give at least one rule"),
-            _ => {}
-        }
     }
 }

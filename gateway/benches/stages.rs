@@ -9,6 +9,9 @@
 //! Targets (issue 4): the typical chain at 1M events/s or more on one core; geofence with
 //! 10,000 zones at 2 µs per event or less. Results: BENCHMARKS.md.
 
+// criterion_group! defines an undocumented function.
+#![allow(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 

@@ -32,7 +32,7 @@ expr = "temperature >= 29.0"
 
 [[stages]]
 type = "validate"
-ranges = {{ temperature = {{ max = 28.0 }} }}
+ranges = {{ temperature = {{ max = 27.5 }} }}
 max_future = "1000d"
 action = "dead_letter"
 

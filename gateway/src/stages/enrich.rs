@@ -95,9 +95,7 @@ impl Enrich {
     }
 
     fn set(&self, e: &mut Event, k: &str, v: &str) {
-        if self.overwrite {
-            e.tags.insert(k.to_string(), v.to_string());
-        } else if !e.tags.contains_key(k) {
+        if self.overwrite || !e.tags.contains_key(k) {
             e.tags.insert(k.to_string(), v.to_string());
         }
     }
@@ -172,7 +170,7 @@ fn unit(name: &str) -> Option<(&'static str, f64, f64)> {
         "hPa" | "mbar" => ("pressure", 100.0, 0.0),
         "kPa" => ("pressure", 1000.0, 0.0),
         "bar" => ("pressure", 100_000.0, 0.0),
-        "psi" => ("pressure", 6894.757_293_168, 0.0),
+        "psi" => ("pressure", 6_894.757_293_168, 0.0),
         "inHg" => ("pressure", 3386.389, 0.0),
         "kg" => ("mass", 1.0, 0.0),
         "g" => ("mass", 0.001, 0.0),
