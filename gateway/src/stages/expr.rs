@@ -2,27 +2,21 @@
 //!
 //! Names: `device`, `source`, `topic`, `id`, `time` (event time, float seconds since the
 //! epoch), `clock`, `tags`, `readings`, `location` (`null` when the event has none), and
-//! each reading by its own name. Only the names an expression uses are bound per event,
-//! so a short expression costs only what it reads.
+//! each reading by its own name. Names are looked up only when the expression reads them,
+//! borrowing from the event, so a short expression costs only what it reads.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use cel::objects::{Key, Map};
+use cel::common::types::{CelBool, CelDouble, CelMap, CelMapKey, CelNull, CelString};
+use cel::common::value::{CowVal, Val};
+use cel::context::VariableResolver;
 use cel::{Context, Program, Value as Cel};
 
 use crate::event::{Event, Value};
 
-/// Names bound from the event itself; anything else is looked up as a reading.
-const FIELDS: &[&str] = &[
-    "device", "source", "topic", "id", "time", "clock", "tags", "readings", "location",
-];
-
 /// A compiled expression.
 pub struct Expr {
     program: Program,
-    /// The names the expression reads, bound per event.
-    names: Vec<String>,
     /// CEL's standard functions and macros (`size`, `has`, `startsWith`, ...).
     root: Context<'static, 'static>,
 }
@@ -37,17 +31,8 @@ impl Expr {
                 .collect::<Vec<_>>()
                 .join("; ")
         })?;
-        let mut names: Vec<String> = program
-            .references()
-            .variables()
-            .into_iter()
-            .map(str::to_string)
-            .collect();
-        names.sort();
-        names.dedup();
         Ok(Expr {
             program,
-            names,
             root: Context::default(),
         })
     }
@@ -55,12 +40,9 @@ impl Expr {
     /// Evaluates to a boolean; a non-boolean result or a failure (a missing reading, a
     /// type mismatch) is an error with CEL's message.
     pub fn test(&self, e: &Event) -> Result<bool, String> {
-        let mut ctx = self.root.new_inner_scope();
-        for name in &self.names {
-            if let Some(v) = bind(name, e) {
-                ctx.add_variable_from_value(name.as_str(), v);
-            }
-        }
+        let vars = Vars(e);
+        let mut ctx: Context<'_, '_> = self.root.new_inner_scope();
+        ctx.set_variable_resolver(&vars);
         match self.program.execute(&ctx) {
             Ok(Cel::Bool(b)) => Ok(b),
             Ok(other) => Err(format!("the expression gave {other:?}, not true or false")),
@@ -69,52 +51,89 @@ impl Expr {
     }
 }
 
-fn text(s: &str) -> Cel {
-    Cel::String(Arc::new(s.to_string()))
+/// The event's names for CEL, looked up when the expression reads them: scalars and
+/// `tags.NAME` / `readings.NAME` / `location.FIELD` borrow from the event; a whole map
+/// (`tags`, `has(tags.x)`) is built only when asked for.
+struct Vars<'e>(&'e Event);
+
+fn boxed<'b, 'v, T: Val + 'v>(v: T) -> Option<CowVal<'b, 'v>> {
+    Some(CowVal::Owned(Box::new(v)))
 }
 
-fn value(v: &Value) -> Cel {
+fn reading<'b, 'v>(v: &'v Value) -> Option<CowVal<'b, 'v>> {
     match v {
-        Value::Number(n) => Cel::Float(*n),
-        Value::Text(t) => text(t),
-        Value::Bool(b) => Cel::Bool(*b),
+        Value::Number(n) => boxed(CelDouble::from(*n)),
+        Value::Text(t) => boxed(CelString::from(t.as_str())),
+        Value::Bool(b) => boxed(CelBool::from(*b)),
     }
 }
 
-fn map(entries: impl Iterator<Item = (String, Cel)>) -> Cel {
-    let m: HashMap<Key, Cel> = entries
-        .map(|(k, v)| (Key::String(Arc::new(k)), v))
-        .collect();
-    Cel::Map(Map { map: Arc::new(m) })
+fn map<'b, 'v>(entries: impl Iterator<Item = (&'v str, Box<dyn Val + 'v>)>) -> Option<CowVal<'b, 'v>> {
+    let m: HashMap<CelMapKey<'v>, Box<dyn Val + 'v>> =
+        entries.map(|(k, v)| (CelMapKey::from(k), v)).collect();
+    boxed(CelMap::from(m))
 }
 
-/// The value of `name` for `e`; `None` leaves it unbound (a reading the event lacks).
-fn bind(name: &str, e: &Event) -> Option<Cel> {
-    Some(match name {
-        "device" => text(&e.device),
-        "source" => text(&e.source),
-        "topic" => text(&e.origin),
-        "id" => text(&e.id),
-        "time" => Cel::Float(e.time_ns as f64 / 1e9),
-        "clock" => text(e.clock.as_str()),
-        "tags" => map(e.tags.iter().map(|(k, v)| (k.clone(), text(v)))),
-        "readings" => map(e.readings.iter().map(|(k, v)| (k.clone(), value(v)))),
-        "location" => match &e.location {
-            None => Cel::Null,
-            Some(l) => map([
-                Some(("lat".to_string(), Cel::Float(l.lat))),
-                Some(("lon".to_string(), Cel::Float(l.lon))),
-                l.alt.map(|a| ("alt".to_string(), Cel::Float(a))),
-                l.accuracy.map(|a| ("accuracy".to_string(), Cel::Float(a))),
-            ]
-            .into_iter()
-            .flatten()),
-        },
-        reading => {
-            debug_assert!(!FIELDS.contains(&reading));
-            value(e.readings.get(reading)?)
+fn value_box(v: &Value) -> Box<dyn Val + '_> {
+    match v {
+        Value::Number(n) => Box::new(CelDouble::from(*n)),
+        Value::Text(t) => Box::new(CelString::from(t.as_str())),
+        Value::Bool(b) => Box::new(CelBool::from(*b)),
+    }
+}
+
+impl VariableResolver for Vars<'_> {
+    fn resolve<'b>(&'b self, name: &str) -> Option<CowVal<'b, 'b>> {
+        let e: &'b Event = self.0;
+        match name {
+            "device" => boxed(CelString::from(e.device.as_str())),
+            "source" => boxed(CelString::from(e.source.as_str())),
+            "topic" => boxed(CelString::from(e.origin.as_str())),
+            "id" => boxed(CelString::from(e.id.as_str())),
+            "time" => boxed(CelDouble::from(e.time_ns as f64 / 1e9)),
+            "clock" => boxed(CelString::from(e.clock.as_str())),
+            "tags" => map(e
+                .tags
+                .iter()
+                .map(|(k, v)| (k.as_str(), Box::new(CelString::from(v.as_str())) as Box<dyn Val>))),
+            "readings" => map(e.readings.iter().map(|(k, v)| (k.as_str(), value_box(v)))),
+            "location" => match &e.location {
+                None => boxed(CelNull),
+                Some(l) => map(
+                    [
+                        Some(("lat", l.lat)),
+                        Some(("lon", l.lon)),
+                        l.alt.map(|a| ("alt", a)),
+                        l.accuracy.map(|a| ("accuracy", a)),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k, Box::new(CelDouble::from(v)) as Box<dyn Val>)),
+                ),
+            },
+            other => {
+                if let Some(t) = other.strip_prefix("tags.") {
+                    return boxed(CelString::from(e.tags.get(t)?.as_str()));
+                }
+                if let Some(r) = other.strip_prefix("readings.") {
+                    return reading(e.readings.get(r)?);
+                }
+                if let Some(f) = other.strip_prefix("location.") {
+                    let l = e.location.as_ref()?;
+                    let v = match f {
+                        "lat" => l.lat,
+                        "lon" => l.lon,
+                        "alt" => l.alt?,
+                        "accuracy" => l.accuracy?,
+                        _ => return None,
+                    };
+                    return boxed(CelDouble::from(v));
+                }
+                // Any other name is a reading of the event (`temperature`).
+                reading(e.readings.get(other)?)
+            }
         }
-    })
+    }
 }
 
 #[cfg(test)]

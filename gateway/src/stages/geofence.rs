@@ -168,6 +168,9 @@ impl Geofence {
     fn track(&self, e: &Event, now_in: &[usize], made: &mut Vec<Event>) {
         let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         let p = devices.entry(&e.device, Presence::default);
+        if p.pending.is_empty() && p.inside.iter().eq(now_in.iter()) {
+            return; // where it was: nothing to do (the common case)
+        }
         let t = e.time_ns;
         // Changes that reverted before their dwell ran out: the device stayed.
         p.pending
