@@ -1195,7 +1195,32 @@ fn validate_stages(stages: &[Stage], p: &str, err: &mut impl FnMut(String, &str)
                     "max_speed and max_devices must be above zero",
                 )
             }
-            Stage::Route(r) if r.rules.is_empty() => err(at("rules"), "give at least one rule"),
+            Stage::Route(r) => {
+                if r.rules.is_empty() {
+                    err(at("rules"), "give at least one rule");
+                }
+                for (j, rule) in r.rules.iter().enumerate() {
+                    let Some(topic) = &rule.topic else { continue };
+                    // Outside `{...}` fields, only what Kafka allows in a topic name.
+                    let mut fixed = String::new();
+                    let mut depth = 0;
+                    for c in topic.chars() {
+                        match c {
+                            '{' => depth += 1,
+                            '}' => depth = (depth - 1).max(0),
+                            c if depth == 0 => fixed.push(c),
+                            _ => {}
+                        }
+                    }
+                    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+                    if topic.is_empty() || !fixed.chars().all(legal) {
+                        err(
+                            at(&format!("rules[{j}].topic")),
+                            "a topic is letters, digits, '.', '_' and '-', with {device}, {source} or {tag.NAME} fields",
+                        );
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -1313,6 +1338,45 @@ brokers = ""
                 "inputs[0].qos",
                 "inputs[0].topics[0]",
                 "output.kafka.brokers"
+            ]
+        );
+    }
+
+    #[test]
+    fn stage_errors_name_the_stage_list_and_field() {
+        let text = r#"
+[gateway]
+id = "gw"
+state_dir = "/tmp"
+[[inputs]]
+type = "serial"
+name = "gps"
+path = "/dev/ttyUSB0"
+[[inputs.stages]]
+type = "throttle"
+interval = "0s"
+[[stages]]
+type = "route"
+[[stages.rules]]
+topic = "bad topic/{device}"
+[[stages]]
+type = "geofence"
+[[stages]]
+type = "window"
+size = "1m"
+aggregates = []
+[output.kafka]
+brokers = "k:9092"
+"#;
+        let e = parse(text, None).unwrap_err();
+        let paths: Vec<_> = e.0.iter().filter_map(|e| e.path.clone()).collect();
+        assert_eq!(
+            paths,
+            [
+                "stages[0].rules[0].topic",
+                "stages[1].file",
+                "stages[2].aggregates",
+                "inputs[0].stages[0].interval"
             ]
         );
     }

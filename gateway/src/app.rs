@@ -102,13 +102,21 @@ impl Ticker {
         }
     }
 
-    /// Runs the last round (everything held goes to the router) and ends the ticker.
+    /// Runs the last round (everything held goes to the router) and ends the ticker. A
+    /// router that takes nothing for 5 s (a full spool with `block`) does not hold the
+    /// reload or the shutdown: what was left is logged as lost.
     async fn finish(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        if let Some(mut task) = self.task.take() {
+            if tokio::time::timeout(std::time::Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+                tracing::warn!("stages could not hand over what they held (open windows) within 5 s; it is lost");
+            }
         }
     }
 }
@@ -195,6 +203,19 @@ impl Prepared {
             ticker,
         }
     }
+}
+
+/// Whether a stage of `p` reads a file (geofence zones, a lookup table).
+fn reads_files(p: &Pipeline) -> bool {
+    use gateway_config::Stage;
+    p.stages
+        .iter()
+        .chain(p.inputs.iter().flat_map(|i| i.stages()))
+        .any(|s| match s {
+            Stage::Geofence(g) => g.file.is_some(),
+            Stage::Enrich(e) => e.table.is_some(),
+            _ => false,
+        })
 }
 
 /// Builds every stage of `p` (compiling expressions, loading tables and zones) and runs
@@ -300,7 +321,9 @@ pub async fn run(
                     tracing::warn!("[gateway], [spool] and [telemetry] changes take effect on restart; applying the pipeline only");
                 }
                 let pipeline = next.pipeline();
-                if pipeline == current.pipeline() {
+                // Zones and lookup tables are read when stages are built: a reload
+                // rebuilds them even if only those files changed.
+                if pipeline == current.pipeline() && !reads_files(&pipeline) {
                     tracing::info!("configuration unchanged");
                     continue;
                 }

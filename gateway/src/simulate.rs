@@ -204,7 +204,15 @@ impl Drop for LinkGuard {
 /// A new pseudo-terminal behind `link`: the master (ours) and the slave (kept open so
 /// the pty lives until the gateway opens it).
 fn plug(link: &Path) -> anyhow::Result<(SerialStream, SerialStream)> {
-    let (master, slave) = SerialStream::pair().context("cannot create a pseudo-terminal")?;
+    let (master, mut slave) = SerialStream::pair().context("cannot create a pseudo-terminal")?;
+    // The marker `--wait-reader` watches for, set before the link exists so that a reader
+    // that opens the port at once is seen.
+    {
+        use tokio_serial::SerialPort;
+        slave
+            .set_baud_rate(MARKER_BAUD)
+            .context("cannot mark the pseudo-terminal's baud rate")?;
+    }
     let name = slave.name().context("the pseudo-terminal has no name")?;
     let tmp = link.with_extension("new");
     let _ = std::fs::remove_file(&tmp);
@@ -218,13 +226,10 @@ fn plug(link: &Path) -> anyhow::Result<(SerialStream, SerialStream)> {
 /// The baud rate the simulator leaves on its pseudo-terminal while it waits for a reader.
 const MARKER_BAUD: u32 = 50;
 
-/// Waits until a reader configures the pseudo-terminal: the simulator marks it with
+/// Waits until a reader configures the pseudo-terminal: [`plug`] marks it with
 /// [`MARKER_BAUD`] and the reader's open sets its own rate (the two ends share one termios).
 async fn wait_reader(slave: &mut SerialStream, within: Duration) -> anyhow::Result<()> {
     use tokio_serial::SerialPort;
-    slave
-        .set_baud_rate(MARKER_BAUD)
-        .context("cannot mark the pseudo-terminal's baud rate")?;
     let deadline = Instant::now() + within;
     while slave.baud_rate().context("cannot read the baud rate")? == MARKER_BAUD {
         anyhow::ensure!(

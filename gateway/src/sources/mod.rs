@@ -69,7 +69,12 @@ pub(crate) fn outcome(
         }
         Outcome::Dropped(d) => {
             match (&d.made_by, m) {
-                (Some(source), _) => input_of(ctx, m, source).dropped(d.reason, 1),
+                (Some(source), _) => {
+                    // Made by a stage and dropped by a later one: both sides counted.
+                    let m = input_of(ctx, m, source);
+                    m.generated.inc();
+                    m.dropped(d.reason, 1);
+                }
                 (None, Some(m)) => m.dropped(d.reason, 1),
                 (None, None) => {}
             }
@@ -81,6 +86,9 @@ pub(crate) fn outcome(
             event,
         } => {
             let m = input_of(ctx, m, &event.source);
+            if dropped.made_by.is_some() {
+                m.generated.inc();
+            }
             m.dropped(dropped.reason, 1);
             if !ctx.dead_letters {
                 return None;

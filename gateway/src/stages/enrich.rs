@@ -1,18 +1,19 @@
 //! Field housekeeping and enrichment: `enrich` (static tags, a lookup table by device),
 //! `calibrate` (scale and offset), `convert` (units), `rename`, `remove`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use gateway_config::{CalibrateStage, ConvertStage, EnrichStage, Linear, RemoveStage, RenameStage};
 
+use super::state::FastMap;
 use super::{Stage, Verdict};
 use crate::event::{Event, Value};
 
 /// `enrich`.
 pub struct Enrich {
     tags: Vec<(String, String)>,
-    table: HashMap<String, Vec<(String, String)>>,
+    table: FastMap<String, Vec<(String, String)>>,
     overwrite: bool,
 }
 
@@ -117,8 +118,8 @@ impl Stage for Enrich {
 
 /// `calibrate`.
 pub struct Calibrate {
-    all: HashMap<String, Linear>,
-    devices: HashMap<String, HashMap<String, Linear>>,
+    all: FastMap<String, Linear>,
+    devices: FastMap<String, FastMap<String, Linear>>,
 }
 
 impl Calibrate {

@@ -68,7 +68,9 @@ fn reading<'b, 'v>(v: &'v Value) -> Option<CowVal<'b, 'v>> {
     }
 }
 
-fn map<'b, 'v>(entries: impl Iterator<Item = (&'v str, Box<dyn Val + 'v>)>) -> Option<CowVal<'b, 'v>> {
+fn map<'b, 'v>(
+    entries: impl Iterator<Item = (&'v str, Box<dyn Val + 'v>)>,
+) -> Option<CowVal<'b, 'v>> {
     let m: HashMap<CelMapKey<'v>, Box<dyn Val + 'v>> =
         entries.map(|(k, v)| (CelMapKey::from(k), v)).collect();
     boxed(CelMap::from(m))
@@ -92,24 +94,24 @@ impl VariableResolver for Vars<'_> {
             "id" => boxed(CelString::from(e.id.as_str())),
             "time" => boxed(CelDouble::from(e.time_ns as f64 / 1e9)),
             "clock" => boxed(CelString::from(e.clock.as_str())),
-            "tags" => map(e
-                .tags
-                .iter()
-                .map(|(k, v)| (k.as_str(), Box::new(CelString::from(v.as_str())) as Box<dyn Val>))),
+            "tags" => map(e.tags.iter().map(|(k, v)| {
+                (
+                    k.as_str(),
+                    Box::new(CelString::from(v.as_str())) as Box<dyn Val>,
+                )
+            })),
             "readings" => map(e.readings.iter().map(|(k, v)| (k.as_str(), value_box(v)))),
             "location" => match &e.location {
                 None => boxed(CelNull),
-                Some(l) => map(
-                    [
-                        Some(("lat", l.lat)),
-                        Some(("lon", l.lon)),
-                        l.alt.map(|a| ("alt", a)),
-                        l.accuracy.map(|a| ("accuracy", a)),
-                    ]
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, v)| (k, Box::new(CelDouble::from(v)) as Box<dyn Val>)),
-                ),
+                Some(l) => map([
+                    Some(("lat", l.lat)),
+                    Some(("lon", l.lon)),
+                    l.alt.map(|a| ("alt", a)),
+                    l.accuracy.map(|a| ("accuracy", a)),
+                ]
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k, Box::new(CelDouble::from(v)) as Box<dyn Val>))),
             },
             other => {
                 if let Some(t) = other.strip_prefix("tags.") {

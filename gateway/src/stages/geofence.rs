@@ -297,6 +297,36 @@ mod tests {
         assert_eq!(run(&g, at(11.0, 11.0, 1)).1, ["exit:yard"]);
     }
 
+    proptest::proptest! {
+        /// Whatever path a device takes across the yard's border, its transitions
+        /// alternate (enter, exit, enter, ...), each one confirms a side the device had
+        /// kept for the whole dwell, and a stay shorter than the dwell emits nothing.
+        #[test]
+        fn transitions_alternate_and_respect_the_dwell(
+            path in proptest::collection::vec((proptest::bool::ANY, 1i64..4), 1..200)
+        ) {
+            let g = fence("dwell='5s'");
+            let mut t = 0;
+            let mut inside_since: Option<(bool, i64)> = None;
+            let mut last: Option<String> = None;
+            for (inside, step) in path {
+                t += step;
+                let lon = if inside { 5.0 } else { 15.0 };
+                if inside_since.is_none_or(|(side, _)| side != inside) {
+                    inside_since = Some((inside, t));
+                }
+                for m in run(&g, at(lon, 5.0, t)).1.into_iter().filter(|m| m.ends_with(":yard")) {
+                    let enter = m.starts_with("enter");
+                    proptest::prop_assert_eq!(enter, inside, "a transition confirms where it is");
+                    let (_, since) = inside_since.unwrap_or((inside, t));
+                    proptest::prop_assert!(t - since >= 5, "held {} s", t - since);
+                    proptest::prop_assert_ne!(last.as_deref(), Some(m.as_str()), "alternates");
+                    last = Some(m);
+                }
+            }
+        }
+    }
+
     #[test]
     fn bad_zones_are_refused_with_the_feature() {
         let point = r#"{"type":"Feature","properties":{"name":"p"},"geometry":{"type":"Point","coordinates":[1,2]}}"#;

@@ -7,12 +7,17 @@ use gateway_config::GpsSanityStage;
 use geo::{Bearing, Distance, Haversine, Point};
 use prometheus_client::metrics::counter::Counter;
 
-use super::state::Bounded;
+use super::state::{Bounded, CLOCK_RESET_NS};
 use super::{Stage, Verdict};
 use crate::event::{Event, Value};
 
-/// A device's last accepted fix: (lon, lat, event time ns).
-type Fix = (f64, f64, i64);
+/// A device's last accepted fix: (lon, lat, event time ns), and how many fixes in a row
+/// were refused as impossible since.
+type Fix = (f64, f64, i64, u8);
+
+/// Implausible fixes in a row after which the newest becomes the device's position: a
+/// wrong fix accepted first (nothing to compare it with) does not block the right ones.
+const REANCHOR_AFTER: u8 = 3;
 
 /// `gps_sanity`.
 pub struct GpsSanity {
@@ -55,28 +60,34 @@ impl Stage for GpsSanity {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let previous = last.get_mut(&e.device).map(|f| *f);
         let mut derived = None;
-        if let Some((plon, plat, pt)) = previous {
+        if let Some((plon, plat, pt, refused)) = previous {
             let metres = Haversine.distance(Point::new(plon, plat), here);
-            let secs = (e.time_ns - pt) as f64 / 1e9;
-            if secs > 0.0 {
+            let gap = e.time_ns.saturating_sub(pt);
+            let secs = gap as f64 / 1e9;
+            let impossible = if secs > 0.0 {
                 let speed = metres / secs;
-                if speed > self.max_speed {
+                let heading = Haversine.bearing(Point::new(plon, plat), here);
+                derived = Some((speed, heading, metres));
+                speed > self.max_speed
+            } else {
+                secs == 0.0 && metres > 0.0 // two places at once
+            };
+            if impossible {
+                if refused + 1 < REANCHOR_AFTER {
+                    if let Some(f) = last.get_mut(&e.device) {
+                        f.3 = refused + 1;
+                    }
                     return Verdict::Drop("impossible_speed");
                 }
-                derived = Some((
-                    speed,
-                    Haversine.bearing(Point::new(plon, plat), here),
-                    metres,
-                ));
-            } else if secs == 0.0 && metres > 0.0 {
-                return Verdict::Drop("impossible_speed"); // two places at once
-            } else if secs < 0.0 {
+                derived = None; // re-anchored here: nothing to derive from
+            } else if (-CLOCK_RESET_NS..0).contains(&gap) {
                 // An older fix arriving late: kept, compared with nothing.
                 drop(last);
                 return Verdict::Keep(e);
             }
+            // (More than an hour back: the clock was reset; start over from this fix.)
         }
-        *last.entry(&e.device, || (lon, lat, e.time_ns)) = (lon, lat, e.time_ns);
+        *last.entry(&e.device, || (lon, lat, e.time_ns, 0)) = (lon, lat, e.time_ns, 0);
         drop(last);
         if self.derive {
             if let Some((speed, heading, metres)) = derived {
@@ -155,6 +166,20 @@ mod tests {
             g.apply(fix(52.01, 13.0, 10, None), &mut m),
             Verdict::Drop("impossible_speed")
         );
+        // The first fix was the wrong one: after three refusals in a row the device's
+        // position moves to where its fixes agree.
+        assert_eq!(
+            g.apply(fix(52.01, 13.0, 11, None), &mut m),
+            Verdict::Drop("impossible_speed")
+        );
+        assert!(matches!(
+            g.apply(fix(52.01, 13.0, 12, None), &mut m),
+            Verdict::Keep(_)
+        ));
+        assert!(matches!(
+            g.apply(fix(52.0101, 13.0, 22, None), &mut m),
+            Verdict::Keep(_)
+        ));
     }
 
     #[test]

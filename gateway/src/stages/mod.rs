@@ -428,8 +428,10 @@ impl Chain {
                     detail,
                     event,
                 } => {
+                    let mut d = self.dropped(s, reason);
+                    d.made_by = made_by;
                     out.push(Outcome::Rejected {
-                        dropped: self.dropped(s, reason),
+                        dropped: d,
                         detail,
                         event,
                     });
@@ -490,12 +492,18 @@ impl InputStages {
         for o in first {
             match o {
                 Outcome::Event { event, made } => {
+                    let source = made.then(|| event.source.clone());
                     let from = out.len();
                     self.global.run(event, out);
-                    if made {
+                    // What became of an event the input's stages made is accounted as
+                    // made, whatever the global stages did with it.
+                    if let Some(source) = source {
                         for o in &mut out[from..] {
-                            if let Outcome::Event { made, .. } = o {
-                                *made = true;
+                            match o {
+                                Outcome::Event { made, .. } => *made = true,
+                                Outcome::Dropped(d) | Outcome::Rejected { dropped: d, .. } => {
+                                    d.made_by.get_or_insert_with(|| source.clone());
+                                }
                             }
                         }
                     }
@@ -675,6 +683,38 @@ pub(crate) mod tests {
             v => panic!("not kept: {v:?}"),
         };
         assert_eq!((got("a"), got("b"), got("c")), (None, Some(1.0), Some(2.0)));
+    }
+
+    /// An event a stage made and a later stage dropped is marked, so that the input
+    /// counts it as made as well as dropped (received + generated = delivered + dropped).
+    #[test]
+    fn a_made_event_dropped_later_is_marked() {
+        let c = chain(
+            "[[stages]]\ntype='window'\nsize='1s'\n[[stages]]\ntype='filter'\nexpr='has(readings.nothing)'",
+        );
+        let mut out = Vec::new();
+        let mut at = |s: i64| {
+            let mut e = event("d", "t", 1.0);
+            e.time_ns = s * 1_000_000_000;
+            c.run(e, &mut out);
+        };
+        at(0);
+        at(2);
+        let marks: Vec<(&str, Option<&str>)> = out
+            .iter()
+            .map(|o| match o {
+                Outcome::Dropped(d) => (d.reason, d.made_by.as_deref()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            marks,
+            [
+                ("windowed", None),
+                ("filtered", Some("in")),
+                ("windowed", None)
+            ]
+        );
     }
 
     /// Every `toml` block of docs/stages.md loads and builds, and every stage type has an

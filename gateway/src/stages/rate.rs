@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use gateway_config::{DeadbandStage, ThrottleStage};
 use prometheus_client::metrics::counter::Counter;
 
-use super::state::Bounded;
+use super::state::{Bounded, CLOCK_RESET_NS};
 use super::{Stage, Verdict};
 use crate::event::{Event, Value};
 
@@ -35,6 +35,11 @@ impl Stage for Throttle {
     fn apply(&self, e: Event, _made: &mut Vec<Event>) -> Verdict {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         match last.get_mut(&e.device) {
+            // The device's clock went back by more than an hour: start over.
+            Some(t) if e.time_ns < t.saturating_sub(CLOCK_RESET_NS) => {
+                *t = e.time_ns;
+                Verdict::Keep(e)
+            }
             Some(t) if e.time_ns.saturating_sub(*t) < self.interval_ns => {
                 Verdict::Drop("throttled")
             }
@@ -147,6 +152,13 @@ mod tests {
         assert!(kept(&t, at("b", 105, 1.0)), "per device");
         assert!(kept(&t, at("a", 110, 1.0)));
         assert!(!kept(&t, at("a", 90, 1.0)), "late events do not reset it");
+        // A glitch far ahead does not silence the device for good.
+        assert!(kept(&t, at("c", 1_000_000, 1.0)));
+        assert!(
+            kept(&t, at("c", 100, 1.0)),
+            "an hour back: its clock was reset"
+        );
+        assert!(!kept(&t, at("c", 105, 1.0)));
     }
 
     #[test]
@@ -172,6 +184,26 @@ mod tests {
     }
 
     proptest! {
+        /// Throttle keeps exactly the events a model keeps: per device, the first one,
+        /// then each one at least `interval` after the last one kept.
+        #[test]
+        fn throttle_matches_a_model(steps in proptest::collection::vec((0u8..4, 0i64..7), 1..300)) {
+            let gateway_config::Stage::Throttle(c) = parse("type='throttle'\ninterval='5s'") else {
+                panic!()
+            };
+            let t = Throttle::new(&c, Counter::default());
+            let mut last: std::collections::HashMap<u8, i64> = Default::default();
+            let mut now = 0;
+            for (device, step) in steps {
+                now += step;
+                let expect = last.get(&device).is_none_or(|l| now - l >= 5);
+                if expect {
+                    last.insert(device, now);
+                }
+                prop_assert_eq!(kept(&t, at(&device.to_string(), now, 1.0)), expect);
+            }
+        }
+
         /// Every value that goes on differs from the previous one that went on by more
         /// than the threshold (no heartbeat configured), and every dropped one does not.
         #[test]

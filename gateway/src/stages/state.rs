@@ -6,9 +6,17 @@ use std::collections::HashMap;
 
 use prometheus_client::metrics::counter::Counter;
 
+/// An event time this far behind what a device sent before means its clock was reset (or
+/// an earlier time was a glitch far ahead): stages that order a device's events by time
+/// start its state over rather than refusing it from then on. One hour.
+pub const CLOCK_RESET_NS: i64 = 3_600_000_000_000;
+
+/// The stages' hash maps: foldhash, seeded per process (keys come from devices).
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A map from key (a device id, an event id) to a stage's state, with a bound.
 pub struct Bounded<V> {
-    map: HashMap<String, (V, u64)>,
+    map: FastMap<String, (V, u64)>,
     max: usize,
     clock: u64,
     evicted: Counter,
@@ -18,7 +26,7 @@ impl<V> Bounded<V> {
     /// At most `max` keys (at least one); forgotten keys increment `evicted`.
     pub fn new(max: usize, evicted: Counter) -> Self {
         Bounded {
-            map: HashMap::new(),
+            map: FastMap::default(),
             max: max.max(1),
             clock: 0,
             evicted,

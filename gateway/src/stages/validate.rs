@@ -1,12 +1,13 @@
 //! `validate` (required fields, ranges, timestamp sanity) and `dedup` (event ids seen
 //! within a window).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use gateway_config::{Bounds, DedupStage, RejectAction, ValidateStage};
 use prometheus_client::metrics::counter::Counter;
 
+use super::state::FastMap;
 use super::{Stage, Verdict};
 use crate::event::{now_ns, Event, Value};
 
@@ -108,7 +109,7 @@ impl Stage for Validate {
 
 /// Ids seen, oldest first (by the gateway's receive time), as 64-bit hashes.
 struct Seen {
-    at: HashMap<u64, i64>,
+    at: FastMap<u64, i64>,
     order: VecDeque<(i64, u64)>,
 }
 
@@ -127,7 +128,7 @@ impl Dedup {
             window_ns: ns(c.window),
             max: c.max_entries.max(1),
             seen: Mutex::new(Seen {
-                at: HashMap::new(),
+                at: FastMap::default(),
                 order: VecDeque::new(),
             }),
             evicted,
@@ -270,7 +271,7 @@ mod tests {
         #[test]
         fn matches_a_model(ids in proptest::collection::vec((0u8..20, 0i64..3), 1..300)) {
             let (d, evicted) = dedup("5s", 1000);
-            let mut model: HashMap<u8, i64> = HashMap::new();
+            let mut model: std::collections::HashMap<u8, i64> = Default::default();
             let mut t = 0;
             for (id, step) in ids {
                 t += step;

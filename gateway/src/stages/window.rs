@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use gateway_config::{Aggregate, WindowStage};
 use prometheus_client::metrics::counter::Counter;
 
-use super::state::Bounded;
+use super::state::{Bounded, CLOCK_RESET_NS};
 use super::{Stage, Verdict};
 use crate::event::{now_ns, rfc3339, ClockQuality, Event, Location, Value};
 
@@ -80,6 +80,8 @@ struct Open {
 struct Device {
     windows: BTreeMap<i64, Open>,
     newest_ns: i64,
+    /// Every window ending at or before this was emitted: events for them are late.
+    closed_until: i64,
     seen_wall_ns: i64,
     source: String,
     origin: String,
@@ -163,6 +165,7 @@ impl Window {
                 break;
             }
             let w = entry.remove();
+            d.closed_until = d.closed_until.max(start.saturating_add(self.size_ns));
             made.push(self.summary(device, d, start, w));
         }
     }
@@ -173,7 +176,9 @@ impl Stage for Window {
         if self.watched(&e).next().is_none() {
             return Verdict::Keep(e); // nothing to summarise: not its business
         }
-        let start = e.time_ns.div_euclid(self.size_ns) * self.size_ns;
+        // The window's start: the event time rounded down to a multiple of the size (no
+        // overflow, whatever time a device sends).
+        let start = e.time_ns.saturating_sub(e.time_ns.rem_euclid(self.size_ns));
         let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         for (device, mut d) in devices.make_room(&e.device) {
             self.close(&device, &mut d, i64::MAX, made);
@@ -181,6 +186,7 @@ impl Stage for Window {
         let d = devices.entry(&e.device, || Device {
             windows: BTreeMap::new(),
             newest_ns: i64::MIN,
+            closed_until: i64::MIN,
             seen_wall_ns: 0,
             source: e.source.clone(),
             origin: e.origin.clone(),
@@ -188,8 +194,18 @@ impl Stage for Window {
             tags: e.tags.clone(),
         });
         d.seen_wall_ns = now_ns();
+        if e.time_ns
+            < d.newest_ns
+                .saturating_sub(self.lateness_ns.saturating_add(CLOCK_RESET_NS))
+        {
+            // The device's clock went back by more than an hour (or an earlier event was
+            // a glitch far ahead): emit what is open and start over.
+            self.close(&e.device, d, i64::MAX, made);
+            d.newest_ns = i64::MIN;
+            d.closed_until = i64::MIN;
+        }
         let watermark = d.newest_ns.saturating_sub(self.lateness_ns);
-        if start.saturating_add(self.size_ns) <= watermark {
+        if start.saturating_add(self.size_ns) <= watermark || start < d.closed_until {
             drop(devices);
             return if self.keep_events {
                 Verdict::Keep(e)
@@ -230,12 +246,14 @@ impl Stage for Window {
     fn tick(&self, now_ns: i64, flush: bool, made: &mut Vec<Event>) {
         let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         devices.retain(|device, d| {
-            if flush || now_ns.saturating_sub(d.seen_wall_ns) >= self.idle_ns {
+            let idle = now_ns.saturating_sub(d.seen_wall_ns);
+            if flush || idle >= self.idle_ns {
                 self.close(device, d, i64::MAX, made);
-                false
-            } else {
-                true
             }
+            // An idle device is remembered (so that a straggler for a window already
+            // emitted is late, not a second summary) for ten idle timeouts.
+            let forgotten = d.windows.is_empty() && idle >= self.idle_ns.saturating_mul(10);
+            !(flush || forgotten)
         });
     }
 }
@@ -315,10 +333,16 @@ mod tests {
         assert!(made.is_empty(), "not idle yet");
         w.tick(now_ns() + 6_000_000_000, false, &mut made);
         assert_eq!(made.len(), 2);
-        feed(&w, at("a", 2_000, 1.0));
+        assert_eq!(
+            w.apply(at("a", 2_000, 1.0), &mut Vec::new()),
+            Verdict::Drop("late"),
+            "its window was emitted already"
+        );
+        feed(&w, at("a", 61_000, 1.0));
         made.clear();
         w.tick(now_ns(), true, &mut made);
         assert_eq!(made.len(), 1, "flush");
+        assert_eq!(made[0].id, "a:window:60000000000");
         assert_eq!(made[0].readings.len(), 1, "only count");
     }
 
