@@ -22,6 +22,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod duration;
+pub mod remote;
 mod stages;
 mod template;
 
@@ -43,6 +44,8 @@ pub struct Config {
     /// Local bootstrap: logs, metrics and health endpoint.
     #[serde(default)]
     pub telemetry: Telemetry,
+    /// Local bootstrap: remote configuration (unset: the pipeline is only local).
+    pub control: Option<Control>,
     /// Pipeline: the inputs events come from.
     #[serde(default)]
     pub inputs: Vec<Input>,
@@ -93,6 +96,53 @@ pub struct Bootstrap {
     pub id: String,
     /// Directory for the spool and other state. Created if missing.
     pub state_dir: PathBuf,
+    /// Groups this gateway belongs to: it also takes remote configs published for them
+    /// (its own config wins over a group's).
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// The control plane: where remote configs come from (an MQTT broker, possibly not the
+/// data broker), and the keys that may sign them. Local bootstrap: never replaced
+/// remotely.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Control {
+    /// Broker host.
+    pub host: String,
+    /// Broker port. Default 1883 (8883 with TLS).
+    pub port: Option<u16>,
+    /// Topic prefix: configs on `<prefix>/<gateway id>/config` and
+    /// `<prefix>/groups/<group>/config`, reports on `<prefix>/<gateway id>/config/status`
+    /// and `<prefix>/<gateway id>/status`. Default `edge-gateway`.
+    #[serde(default = "default_control_prefix")]
+    pub prefix: String,
+    /// User name, if the broker wants one.
+    pub username: Option<String>,
+    /// Password, from a file or the environment.
+    pub password: Option<Secret>,
+    /// TLS to the broker.
+    pub tls: Option<TlsConfig>,
+    /// Public keys that may sign envelopes (rotated by signed `keys` envelopes).
+    #[serde(default)]
+    pub trusted_keys: Vec<remote::TrustedKey>,
+    /// How long a new pipeline must stay healthy before it is kept; an unhealthy one is
+    /// rolled back to the last known good. Default 60 s.
+    #[serde(default = "default_health_window", with = "duration")]
+    pub health_window: Duration,
+    /// How often the status message goes out. Default 30 s.
+    #[serde(default = "default_status_interval", with = "duration")]
+    pub status_interval: Duration,
+}
+
+fn default_control_prefix() -> String {
+    "edge-gateway".into()
+}
+fn default_health_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_status_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// Durability of spool commits (SQLite `PRAGMA synchronous`).
@@ -873,7 +923,7 @@ fn locate(text: &str, path: &str) -> Option<usize> {
     offset
 }
 
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
     let col = before

@@ -275,8 +275,16 @@ async fn run_input(
     }
 }
 
-/// Where reload requests come from (SIGHUP, or a caller such as remote config).
-pub type ReloadRequests = mpsc::Receiver<Config>;
+/// A request to replace the pipeline with `config`'s; `done` hears how it went.
+pub struct Reload {
+    /// The new configuration (only its pipeline is applied).
+    pub config: Config,
+    /// Told the outcome, when the requester waits for it (remote configuration).
+    pub done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
+/// Where reload requests come from (SIGHUP, remote configuration).
+pub type ReloadRequests = mpsc::Receiver<Reload>;
 
 /// Runs the gateway until `shutdown` resolves. New configs arriving on `reloads` replace
 /// the pipeline live.
@@ -316,37 +324,49 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(next) = reloads.recv() => {
-                if next.gateway != current.gateway || next.spool != current.spool || next.telemetry != current.telemetry {
-                    tracing::warn!("[gateway], [spool] and [telemetry] changes take effect on restart; applying the pipeline only");
-                }
-                let pipeline = next.pipeline();
-                // Zones and lookup tables are read when stages are built: a reload
-                // rebuilds them even if only those files changed.
-                if pipeline == current.pipeline() && !reads_files(&pipeline) {
-                    tracing::info!("configuration unchanged");
-                    continue;
-                }
-                // Build and check the new pipeline first: a bad one leaves the running
-                // one alone.
-                let prepared = match prepare(&pipeline, &current.gateway.id, &router, &metrics) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "new configuration rejected; keeping the running one");
-                        continue;
+            Some(Reload { config: next, done }) = reloads.recv() => {
+                let result: Result<(), String> = 'apply: {
+                    if next.gateway != current.gateway || next.spool != current.spool || next.telemetry != current.telemetry {
+                        tracing::warn!("[gateway], [spool] and [telemetry] changes take effect on restart; applying the pipeline only");
                     }
+                    let pipeline = next.pipeline();
+                    // Zones and lookup tables are read when stages are built: a reload
+                    // rebuilds them even if only those files changed.
+                    if pipeline == current.pipeline() && !reads_files(&pipeline) {
+                        tracing::info!("configuration unchanged");
+                        break 'apply Ok(());
+                    }
+                    // Build and check the new pipeline first: a bad one leaves the running
+                    // one alone.
+                    let prepared = match prepare(&pipeline, &current.gateway.id, &router, &metrics) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::error!(error = %e, "new configuration rejected; keeping the running one");
+                            break 'apply Err(e);
+                        }
+                    };
+                    inputs.quiesce();
+                    inputs.stop().await;
+                    let out = pipeline.output.kafka.clone();
+                    let output = match tokio::task::block_in_place(|| router.reconfigure(out)) {
+                        Ok(()) => {
+                            current.output = pipeline.output;
+                            Ok(())
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "new Kafka output rejected; keeping the running one");
+                            Err(format!("the Kafka output: {e}"))
+                        }
+                    };
+                    inputs = prepared.start();
+                    current.inputs = pipeline.inputs;
+                    current.stages = pipeline.stages;
+                    tracing::info!("pipeline reloaded");
+                    output
                 };
-                inputs.quiesce();
-                inputs.stop().await;
-                let out = pipeline.output.kafka.clone();
-                match tokio::task::block_in_place(|| router.reconfigure(out)) {
-                    Ok(()) => current.output = pipeline.output,
-                    Err(e) => tracing::error!(error = %e, "new Kafka output rejected; keeping the running one"),
+                if let Some(done) = done {
+                    let _ = done.send(result);
                 }
-                inputs = prepared.start();
-                current.inputs = pipeline.inputs;
-                current.stages = pipeline.stages;
-                tracing::info!("pipeline reloaded");
             }
         }
     }
@@ -359,17 +379,18 @@ pub async fn run(
     Ok(())
 }
 
-/// Forwards SIGHUP as a reload of `path`; a config that does not validate is logged and
-/// ignored.
-pub fn reload_on_sighup(path: PathBuf) -> anyhow::Result<ReloadRequests> {
-    let (tx, rx) = mpsc::channel(4);
+/// Forwards SIGHUP as a reload of `path` on `tx`; a config that does not validate is
+/// logged and ignored. A pipeline applied by remote configuration stays (the file's
+/// bootstrap is read again; its pipeline is the local fallback).
+pub fn reload_on_sighup(path: PathBuf, tx: mpsc::Sender<Reload>) -> anyhow::Result<()> {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             match gateway_config::load(&path) {
                 Ok(c) => {
                     tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
-                    if tx.send(c).await.is_err() {
+                    let config = crate::remote::effective(c);
+                    if tx.send(Reload { config, done: None }).await.is_err() {
                         break;
                     }
                 }
@@ -379,7 +400,7 @@ pub fn reload_on_sighup(path: PathBuf) -> anyhow::Result<ReloadRequests> {
             }
         }
     });
-    Ok(rx)
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

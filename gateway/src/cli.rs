@@ -45,6 +45,12 @@ enum Command {
         #[arg(long, global = true)]
         path: Option<PathBuf>,
     },
+    /// Remote configuration, the operator's side: keys, signed envelopes, pushing them,
+    /// a fleet's status.
+    Remote {
+        #[command(subcommand)]
+        command: crate::operator::RemoteCommand,
+    },
     /// Run a self-contained demo: in-process MQTT broker and Kafka mock, a simulated
     /// fleet, an uplink outage midway, and a reconciliation table at the end.
     #[cfg(feature = "demo")]
@@ -142,9 +148,17 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .build()
                 .context("cannot start the async runtime")?;
             rt.block_on(async {
-                let reloads = crate::app::reload_on_sighup(path.clone())?;
+                let (tx, reloads) = tokio::sync::mpsc::channel(4);
+                crate::app::reload_on_sighup(path.clone(), tx.clone())?;
                 tracing::info!(config = %path.display(), id = %config.gateway.id, version = env!("CARGO_PKG_VERSION"), "gateway starting");
-                crate::app::run(config, Metrics::new(), reloads, crate::app::termination()).await
+                let metrics = Metrics::new();
+                // A pipeline applied remotely before a restart runs again.
+                let local = config;
+                let config = crate::remote::effective(local.clone());
+                if let Some(control) = local.control.clone() {
+                    crate::remote::start(control, local, metrics.clone(), tx);
+                }
+                crate::app::run(config, metrics, reloads, crate::app::termination()).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -169,6 +183,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
+        Command::Remote { command } => {
+            crate::operator::run(command)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::PrintConfig => {
             print!("{}", gateway_config::DEFAULT_CONFIG);
             Ok(ExitCode::SUCCESS)

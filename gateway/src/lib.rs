@@ -11,6 +11,8 @@
 //! - [`sinks`]: outputs ([`sinks::kafka`]).
 //! - [`metrics`]: Prometheus metrics and the `/metrics` + `/health` endpoint.
 //! - [`app`]: wires it together; [`app::run`] is the entry point.
+//! - [`remote`]: remote configuration (signed pipelines from the control broker), and
+//!   [`operator`]: `gateway remote` (keys, signing, pushing, fleet status).
 //! - [`cli`]: the `gateway` command line.
 //! - `demo` (feature `demo`): the self-contained demo behind `gateway demo`.
 //! - `simulate` (feature `serial`): a serial device on a pseudo-terminal, behind
@@ -25,6 +27,8 @@ pub mod cli;
 pub mod demo;
 pub mod event;
 pub mod metrics;
+pub mod operator;
+pub mod remote;
 pub mod router;
 #[cfg(feature = "serial")]
 pub mod simulate;

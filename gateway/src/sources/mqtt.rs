@@ -54,25 +54,7 @@ fn common(cfg: &MqttInput, gateway_id: &str) -> Result<Common, String> {
         None => None,
     };
     let transport = match &cfg.tls {
-        Some(tls) => {
-            let read = |p: &std::path::Path| {
-                std::fs::read(p)
-                    .map_err(|e| format!("input {}: cannot read {}: {e}", cfg.name, p.display()))
-            };
-            // rumqttc builds its rustls config with the process-wide provider: ring
-            // (see the workspace Cargo.toml). An error only means one is installed.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let ca = read(&tls.ca_file)?;
-            let client_auth = match (&tls.client_cert_file, &tls.client_key_file) {
-                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-                _ => None,
-            };
-            Some(Transport::tls_with_config(TlsConfiguration::Simple {
-                ca,
-                alpn: None,
-                client_auth,
-            }))
-        }
+        Some(tls) => Some(tls_transport(tls, &format!("input {}", cfg.name))?),
         None => None,
     };
     Ok(Common {
@@ -81,6 +63,29 @@ fn common(cfg: &MqttInput, gateway_id: &str) -> Result<Common, String> {
         credentials,
         transport,
     })
+}
+
+/// A TLS transport from a `tls` table; errors start with `what` (`input site`).
+pub(crate) fn tls_transport(
+    tls: &gateway_config::TlsConfig,
+    what: &str,
+) -> Result<Transport, String> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("{what}: cannot read {}: {e}", p.display()))
+    };
+    // rumqttc builds its rustls config with the process-wide provider: ring (see the
+    // workspace Cargo.toml). An error only means one is installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = read(&tls.ca_file)?;
+    let client_auth = match (&tls.client_cert_file, &tls.client_key_file) {
+        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+        _ => None,
+    };
+    Ok(Transport::tls_with_config(TlsConfiguration::Simple {
+        ca,
+        alpn: None,
+        client_auth,
+    }))
 }
 
 fn manual_acks(cfg: &MqttInput) -> bool {

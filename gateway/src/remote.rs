@@ -1,0 +1,641 @@
+//! Remote configuration: signed pipelines from the control broker, applied live, kept once
+//! healthy, rolled back when not, reported back.
+//!
+//! State, in `<state_dir>/remote/` (every file replaced atomically: temp file, fsync,
+//! rename, fsync of the directory):
+//! - `version`: the highest version accepted, written before anything else of an apply
+//!   (anti-rollback);
+//! - `keys.json`: the trusted keys once a signed `keys` envelope changed them;
+//! - `applied.json`: the pipeline running now (version, source, hash, text, and whether
+//!   it passed its health window);
+//! - `last-good.json`: the last pipeline that passed its health window.
+//!
+//! At start ([`effective`]) the gateway runs `applied.json` if it passed its health window,
+//! else `last-good.json` (a restart during a health window rolls back), else the local
+//! file's pipeline: after a `kill -9` at any moment it runs an old or a new pipeline,
+//! never a mix.
+
+use std::path::{Path, PathBuf};
+
+use gateway_config::remote::{Envelope, Kind, Rejection, TrustedKey};
+use gateway_config::Config;
+use serde::{Deserialize, Serialize};
+
+/// A pipeline as this gateway keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Applied {
+    /// The envelope's version.
+    pub version: u64,
+    /// `own` or `group:<name>`.
+    pub source: String,
+    /// SHA-256 of the config text, hex.
+    pub hash: String,
+    /// The pipeline's TOML.
+    pub config: String,
+    /// It passed its health window.
+    pub kept: bool,
+}
+
+/// The remote-configuration files of a gateway.
+pub struct Store {
+    dir: PathBuf,
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the old or the new file, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl Store {
+    /// The store of the gateway whose state directory `config` names.
+    pub fn of(config: &Config) -> Store {
+        Store {
+            dir: config.gateway.state_dir.join("remote"),
+        }
+    }
+
+    fn read<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Option<T> {
+        let text = std::fs::read_to_string(self.dir.join(name)).ok()?;
+        match serde_json::from_str(&text) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(file = %self.dir.join(name).display(), error = %e, "unreadable remote-config state; ignored");
+                None
+            }
+        }
+    }
+
+    fn write<T: Serialize>(&self, name: &str, v: &T) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(v).unwrap_or_default();
+        write_atomic(&self.dir.join(name), &bytes)
+    }
+
+    /// The highest version accepted (0: none).
+    pub fn version(&self) -> u64 {
+        self.read("version").unwrap_or(0)
+    }
+
+    /// Records the highest version accepted.
+    pub fn set_version(&self, v: u64) -> std::io::Result<()> {
+        self.write("version", &v)
+    }
+
+    /// The trusted keys: as rotated, else the bootstrap's.
+    pub fn keys(&self, bootstrap: &[TrustedKey]) -> Vec<TrustedKey> {
+        self.read("keys.json").unwrap_or_else(|| bootstrap.to_vec())
+    }
+
+    /// Records the trusted keys after a rotation.
+    pub fn set_keys(&self, keys: &[TrustedKey]) -> std::io::Result<()> {
+        self.write("keys.json", &keys)
+    }
+
+    /// The pipeline running now, if one came remotely.
+    pub fn applied(&self) -> Option<Applied> {
+        self.read("applied.json")
+    }
+
+    /// Records the pipeline running now.
+    pub fn set_applied(&self, a: &Applied) -> std::io::Result<()> {
+        self.write("applied.json", a)
+    }
+
+    /// Forgets the remote pipeline (back to the local file's).
+    pub fn clear_applied(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(self.dir.join("applied.json")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The last pipeline that passed its health window.
+    pub fn last_good(&self) -> Option<Applied> {
+        self.read("last-good.json")
+    }
+
+    /// Records the last pipeline that passed its health window.
+    pub fn set_last_good(&self, a: &Applied) -> std::io::Result<()> {
+        self.write("last-good.json", a)
+    }
+}
+
+/// The configuration to run: `local`'s bootstrap with the remotely applied pipeline if it
+/// passed its health window, else the last good one, else `local` as it is.
+pub fn effective(local: Config) -> Config {
+    if local.control.is_none() {
+        return local;
+    }
+    let store = Store::of(&local);
+    let candidate = match store.applied() {
+        Some(a) if a.kept => Some(a),
+        Some(a) => {
+            tracing::warn!(
+                version = a.version,
+                "restarted during the health window of a remote config; running the last good one"
+            );
+            store.last_good()
+        }
+        None => None,
+    };
+    match candidate {
+        Some(a) => match gateway_config::remote::pipeline_config(&local, &a.config) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(
+                    version = a.version,
+                    "the stored remote config no longer validates; running the local one:\n{e}"
+                );
+                local
+            }
+        },
+        None => local,
+    }
+}
+
+/// SHA-256 of `text`, hex.
+pub fn hash(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A `config/status` report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    /// The gateway.
+    pub gateway: String,
+    /// The version this report is about.
+    pub version: u64,
+    /// `applying`, `applied`, `rejected` or `rolled_back`.
+    pub state: String,
+    /// Why (rejections, rollbacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The version running now.
+    pub running: u64,
+    /// SHA-256 of the running pipeline's text (empty: the local file's).
+    pub hash: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// Why `envelope` cannot be taken by the gateway running `local`, before anything is
+/// written: the signature and the rest ([`Envelope::check`]), then, for a config, the
+/// config itself, validated and its stages built.
+pub fn vet(
+    local: &Config,
+    store: &Store,
+    envelope: &Envelope,
+    applied: u64,
+) -> Result<Option<Config>, Rejection> {
+    let control = local
+        .control
+        .as_ref()
+        .ok_or_else(|| Rejection::Malformed("no [control] in the local config".into()))?;
+    let keys = gateway_config::remote::verifying_keys(&store.keys(&control.trusted_keys))
+        .map_err(Rejection::Malformed)?;
+    envelope.check(
+        &keys,
+        &local.gateway.id,
+        &local.gateway.groups,
+        applied,
+        std::time::SystemTime::now(),
+    )?;
+    match envelope.kind {
+        Kind::Keys => Ok(None),
+        Kind::Config => {
+            let text = envelope.config.as_deref().unwrap_or_default();
+            let c = gateway_config::remote::pipeline_config(local, text)
+                .map_err(|e| Rejection::Invalid(e.to_string().replace('\n', "; ")))?;
+            crate::app::check_stages(&c.pipeline()).map_err(Rejection::Invalid)?;
+            Ok(Some(c))
+        }
+    }
+}
+
+#[cfg(feature = "mqtt")]
+pub use control::start;
+
+#[cfg(not(feature = "mqtt"))]
+/// Without the MQTT client there is no control plane: a `[control]` table is an error.
+pub fn start(
+    _control: gateway_config::Control,
+    _config: Config,
+    _metrics: crate::metrics::Metrics,
+    _reloads: tokio::sync::mpsc::Sender<crate::app::Reload>,
+) {
+    tracing::error!("[control] needs the mqtt feature, which this build leaves out; remote configuration is off");
+}
+
+#[cfg(feature = "mqtt")]
+mod control {
+    use std::time::Duration;
+
+    use gateway_config::remote::{Envelope, Kind, Rejection, TrustedKey};
+    use gateway_config::{Config, Control};
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    use tokio::sync::{mpsc, oneshot};
+    use tokio::time::Instant;
+
+    use gateway_config::remote::rfc3339;
+
+    use super::{hash, vet, Applied, Report, Store};
+    use crate::app::Reload;
+    use crate::metrics::Metrics;
+
+    /// A pipeline in its health window.
+    struct Trial {
+        applied: Applied,
+        until: Instant,
+        kafka_was_up: bool,
+    }
+
+    struct Plane {
+        local: Config,
+        control: Control,
+        store: Store,
+        metrics: Metrics,
+        reloads: mpsc::Sender<Reload>,
+        client: AsyncClient,
+        trial: Option<Trial>,
+        started: std::time::Instant,
+        last_error: Option<String>,
+    }
+
+    /// Starts the control plane: subscribes to this gateway's and its groups' config
+    /// topics and applies what is valid.
+    pub fn start(control: Control, local: Config, metrics: Metrics, reloads: mpsc::Sender<Reload>) {
+        tokio::spawn(async move {
+            if let Err(e) = run(control, local, metrics, reloads).await {
+                tracing::error!(error = %e, "remote configuration stopped");
+            }
+        });
+    }
+
+    fn own_topic(c: &Control, id: &str) -> String {
+        format!("{}/{id}/config", c.prefix)
+    }
+
+    async fn run(
+        control: Control,
+        local: Config,
+        metrics: Metrics,
+        reloads: mpsc::Sender<Reload>,
+    ) -> Result<(), String> {
+        let id = local.gateway.id.clone();
+        let port = control
+            .port
+            .unwrap_or(if control.tls.is_some() { 8883 } else { 1883 });
+        let mut o = MqttOptions::new(format!("{id}-control"), &control.host, port);
+        o.set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_max_packet_size(4 * 1024 * 1024, 64 * 1024);
+        if let Some(user) = &control.username {
+            let pass = match &control.password {
+                Some(s) => s.read().map_err(|e| format!("control password: {e}"))?,
+                None => String::new(),
+            };
+            o.set_credentials(user.clone(), pass);
+        }
+        if let Some(tls) = &control.tls {
+            o.set_transport(crate::sources::mqtt::tls_transport(tls, "control")?);
+        }
+        let (client, mut events) = AsyncClient::new(o, 64);
+        let mut plane = Plane {
+            store: Store::of(&local),
+            local,
+            control: control.clone(),
+            metrics,
+            reloads,
+            client,
+            trial: None,
+            started: std::time::Instant::now(),
+            last_error: None,
+        };
+        plane.after_restart();
+        let mut status = tokio::time::interval(control.status_interval);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let trial_end = plane.trial.as_ref().map(|t| t.until);
+            tokio::select! {
+                ev = events.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        backoff = Duration::from_millis(200);
+                        let mut topics = vec![own_topic(&control, &id)];
+                        topics.extend(plane.local.gateway.groups.iter().map(|g| format!("{}/groups/{g}/config", control.prefix)));
+                        for t in topics {
+                            let _ = plane.client.try_subscribe(t, QoS::AtLeastOnce);
+                        }
+                        tracing::info!(broker = %control.host, "control plane connected");
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if !p.payload.is_empty() {
+                            plane.envelope(&p.topic, &p.payload).await;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control plane: connection lost; retrying");
+                        tokio::time::sleep(crate::sources::jittered(backoff)).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                },
+                _ = tokio::time::sleep_until(trial_end.unwrap_or_else(Instant::now)), if trial_end.is_some() => {
+                    plane.judge().await;
+                }
+                _ = status.tick() => plane.status(),
+            }
+        }
+    }
+
+    impl Plane {
+        /// What is running now: the applied remote pipeline's version and hash.
+        fn running(&self) -> (u64, String) {
+            match self.store.applied() {
+                Some(a) => (a.version, a.hash),
+                None => (0, String::new()),
+            }
+        }
+
+        fn report(&mut self, version: u64, state: &str, reason: Option<String>) {
+            let (running, hash) = self.running();
+            if state == "rejected" || state == "rolled_back" {
+                self.last_error = reason.clone();
+            }
+            let r = Report {
+                gateway: self.local.gateway.id.clone(),
+                version,
+                state: state.into(),
+                reason,
+                running,
+                hash,
+                at: rfc3339(std::time::SystemTime::now()),
+            };
+            match state {
+                "rejected" | "rolled_back" => {
+                    tracing::warn!(
+                        version,
+                        state,
+                        reason = r.reason.as_deref().unwrap_or(""),
+                        "remote config"
+                    )
+                }
+                _ => tracing::info!(version, state, "remote config"),
+            }
+            let topic = format!(
+                "{}/{}/config/status",
+                self.control.prefix, self.local.gateway.id
+            );
+            let body = serde_json::to_vec(&r).unwrap_or_default();
+            if self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, true, body)
+                .is_err()
+            {
+                tracing::warn!("control plane: cannot queue the status report");
+            }
+        }
+
+        /// The periodic status message.
+        fn status(&mut self) {
+            let t = self.metrics.totals();
+            let (running, hash) = self.running();
+            let body = serde_json::json!({
+                "gateway": self.local.gateway.id,
+                "software": env!("CARGO_PKG_VERSION"),
+                "uptime_s": self.started.elapsed().as_secs(),
+                "config_version": running,
+                "config_hash": hash,
+                "spool_rows": t.spool_rows,
+                "spool_bytes": t.spool_bytes,
+                "kafka_up": t.kafka_up,
+                "spooling": t.spooling,
+                "last_error": self.last_error,
+                "at": rfc3339(std::time::SystemTime::now()),
+            });
+            let topic = format!("{}/{}/status", self.control.prefix, self.local.gateway.id);
+            let _ = self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, true, body.to_string());
+        }
+
+        /// After a restart: a pipeline that had not passed its health window was rolled
+        /// back by [`super::effective`]; say so.
+        fn after_restart(&mut self) {
+            if let Some(a) = self.store.applied().filter(|a| !a.kept) {
+                let back = self.store.last_good();
+                let result = match &back {
+                    Some(g) => self.store.set_applied(g),
+                    None => self.store.clear_applied(),
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "cannot record the rollback");
+                }
+                self.report(
+                    a.version,
+                    "rolled_back",
+                    Some("the gateway restarted during the health window".into()),
+                );
+            }
+        }
+
+        /// Takes one envelope from `topic`.
+        async fn envelope(&mut self, topic: &str, payload: &[u8]) {
+            let own = topic == own_topic(&self.control, &self.local.gateway.id);
+            let env: Envelope = match serde_json::from_slice(payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.report(
+                        0,
+                        "rejected",
+                        Some(Rejection::Malformed(e.to_string()).to_string()),
+                    );
+                    return;
+                }
+            };
+            let source = if own {
+                "own".to_string()
+            } else {
+                env.target.clone()
+            };
+            // A group's config does not replace a gateway's own.
+            if !own && env.kind == Kind::Config {
+                if let Some(a) = self.store.applied().filter(|a| a.source == "own") {
+                    if env.version > self.store.version() {
+                        self.report(
+                            env.version,
+                            "rejected",
+                            Some(format!(
+                                "overridden by this gateway's own config (version {})",
+                                a.version
+                            )),
+                        );
+                    }
+                    return;
+                }
+            }
+            // Retained messages come again on every reconnect: the version decided last
+            // (applied, rolled back, or cut short by a crash) is not news.
+            let stored = self.store.version();
+            if env.version == stored {
+                return;
+            }
+            let candidate = match vet(&self.local, &self.store, &env, stored) {
+                Ok(c) => c,
+                Err(r) => {
+                    self.report(env.version, "rejected", Some(format!("{}: {r}", r.label())));
+                    return;
+                }
+            };
+            if let Err(e) = self.store.set_version(env.version) {
+                self.report(
+                    env.version,
+                    "rejected",
+                    Some(format!("cannot record the version: {e}")),
+                );
+                return;
+            }
+            match (env.kind, candidate) {
+                (Kind::Keys, _) => self.rotate(&env),
+                (Kind::Config, Some(config)) => {
+                    let text = env.config.clone().unwrap_or_default();
+                    let applied = Applied {
+                        version: env.version,
+                        source,
+                        hash: hash(&text),
+                        config: text,
+                        kept: false,
+                    };
+                    self.apply(applied, config).await;
+                }
+                (Kind::Config, None) => {}
+            }
+        }
+
+        fn rotate(&mut self, env: &Envelope) {
+            let change = env.keys.clone().unwrap_or_default();
+            let mut keys: Vec<TrustedKey> = self.store.keys(&self.control.trusted_keys);
+            keys.retain(|k| {
+                !change.remove.contains(&k.id) && !change.add.iter().any(|a| a.id == k.id)
+            });
+            keys.extend(change.add.iter().cloned());
+            match self.store.set_keys(&keys) {
+                Ok(()) => self.report(env.version, "applied", None),
+                Err(e) => self.report(
+                    env.version,
+                    "rejected",
+                    Some(format!("cannot record the keys: {e}")),
+                ),
+            }
+        }
+
+        async fn reload(&self, config: Config) -> Result<(), String> {
+            let (done, result) = oneshot::channel();
+            self.reloads
+                .send(Reload {
+                    config,
+                    done: Some(done),
+                })
+                .await
+                .map_err(|_| "the gateway is stopping".to_string())?;
+            result
+                .await
+                .map_err(|_| "the gateway is stopping".to_string())?
+        }
+
+        async fn apply(&mut self, applied: Applied, config: Config) {
+            let kafka_was_up = self.metrics.totals().kafka_up;
+            let previous = self.store.applied();
+            if let Err(e) = self.store.set_applied(&applied) {
+                self.report(
+                    applied.version,
+                    "rejected",
+                    Some(format!("cannot write the config: {e}")),
+                );
+                return;
+            }
+            self.report(applied.version, "applying", None);
+            if let Err(e) = self.reload(config).await {
+                // The running pipeline was left alone (or only its output kept): back to
+                // what the store said before.
+                let _ = match &previous {
+                    Some(p) => self.store.set_applied(p),
+                    None => self.store.clear_applied(),
+                };
+                self.report(
+                    applied.version,
+                    "rejected",
+                    Some(format!("invalid_config: {e}")),
+                );
+                return;
+            }
+            self.trial = Some(Trial {
+                until: Instant::now() + self.control.health_window,
+                kafka_was_up,
+                applied,
+            });
+        }
+
+        /// The end of a health window: keep the pipeline, or roll back.
+        async fn judge(&mut self) {
+            let Some(trial) = self.trial.take() else {
+                return;
+            };
+            let t = self.metrics.totals();
+            let config = super::effective_with(&self.local, &trial.applied);
+            let mut problems = Vec::new();
+            for input in &config.inputs {
+                if self.metrics.input(input.name()).connected.get() != 1 {
+                    problems.push(format!("input {} is not connected", input.name()));
+                }
+            }
+            if trial.kafka_was_up && !t.kafka_up {
+                problems.push("Kafka is not reachable (it was with the previous config)".into());
+            }
+            if problems.is_empty() {
+                let mut kept = trial.applied.clone();
+                kept.kept = true;
+                let saved = self
+                    .store
+                    .set_last_good(&kept)
+                    .and_then(|()| self.store.set_applied(&kept));
+                match saved {
+                    Ok(()) => self.report(kept.version, "applied", None),
+                    Err(e) => tracing::error!(error = %e, "cannot record the kept config"),
+                }
+                return;
+            }
+            let reason = problems.join("; ");
+            let back = self.store.last_good();
+            let config = match &back {
+                Some(g) => super::effective_with(&self.local, g),
+                None => self.local.clone(),
+            };
+            let _ = match &back {
+                Some(g) => self.store.set_applied(g),
+                None => self.store.clear_applied(),
+            };
+            if let Err(e) = self.reload(config).await {
+                tracing::error!(error = %e, "rollback failed");
+            }
+            self.report(trial.applied.version, "rolled_back", Some(reason));
+        }
+    }
+}
+
+/// `local`'s bootstrap with `a`'s pipeline (`local` itself if that no longer validates).
+pub fn effective_with(local: &Config, a: &Applied) -> Config {
+    gateway_config::remote::pipeline_config(local, &a.config).unwrap_or_else(|_| local.clone())
+}

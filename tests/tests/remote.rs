@@ -1,0 +1,512 @@
+//! Remote configuration end to end: a real Mosquitto as the control (and data) broker,
+//! the Kafka mock over TCP, the gateway as its own process, and the operator's commands
+//! (`gateway remote keygen / sign / push / status`) run as a user would.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TOPIC: &str = "telemetry.site";
+const PREFIX: &str = "fleet";
+
+/// A gateway with `[control]` on the same Mosquitto, one trusted key (`ops`).
+struct Rig {
+    dir: tempfile::TempDir,
+    mqtt: Mosquitto,
+    kafka: Kafka,
+    gw: Gateway,
+    /// Envelopes signed so far (file names).
+    n: usize,
+}
+
+fn remote(args: &[&str]) -> String {
+    let out = gateway_command()
+        .arg("remote")
+        .args(args)
+        .output()
+        .expect("gateway remote");
+    assert!(
+        out.status.success(),
+        "gateway remote {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `gateway remote keygen`: the key file and the public key it printed.
+fn keygen(dir: &Path, id: &str) -> (PathBuf, String) {
+    let key = dir.join(format!("{id}.key"));
+    let snippet = remote(&["keygen", "--out", key.to_str().expect("utf8"), "--id", id]);
+    let public = snippet
+        .lines()
+        .find_map(|l| l.strip_prefix("public_key = "))
+        .expect("public key")
+        .trim_matches('"')
+        .to_string();
+    (key, public)
+}
+
+impl Rig {
+    fn start(health: &str) -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mqtt = Mosquitto::start();
+        let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+        let (_, public) = keygen(dir.path(), "ops");
+        let control = format!(
+            "\n[control]\nhost = \"127.0.0.1\"\nport = {}\nprefix = \"{PREFIX}\"\nhealth_window = \"{health}\"\nstatus_interval = \"1s\"\ntrusted_keys = [{{ id = \"ops\", public_key = \"{public}\" }}]\n",
+            mqtt.port
+        );
+        let cfg = config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", &control)
+            .replace("id = \"gw-test\"", "id = \"gw-test\"\ngroups = [\"plant\"]");
+        let gw = Gateway::start(dir.path(), &cfg);
+        gw.wait_connected();
+        Rig {
+            dir,
+            mqtt,
+            kafka,
+            gw,
+            n: 0,
+        }
+    }
+
+    /// The pipeline TOML a remote config carries: the rig's input and Kafka, tagged
+    /// `cfg = <tag>`; `brokers` may point elsewhere.
+    fn pipeline(&self, tag: &str, brokers: &str) -> String {
+        format!(
+            r#"[[inputs]]
+type = "mqtt"
+name = "site"
+host = "127.0.0.1"
+port = {}
+qos = 1
+topics = ["sensors/{{device}}/telemetry"]
+reconnect = {{ min = "100ms", max = "1s" }}
+
+[[stages]]
+type = "tags"
+tags = {{ cfg = "{tag}" }}
+
+[output.kafka]
+brokers = "{brokers}"
+topic = "telemetry.{{source}}"
+linger = "5ms"
+message_timeout = "10s"
+spool_after = "2s"
+"#,
+            self.mqtt.port
+        )
+    }
+
+    /// Signs `pipeline` (or a key change, `extra` flags) as `version` for `target`;
+    /// returns the envelope file.
+    fn sign(
+        &mut self,
+        key: &str,
+        version: u64,
+        target: &str,
+        pipeline: Option<&str>,
+        extra: &[&str],
+    ) -> PathBuf {
+        self.n += 1;
+        let mut args = vec![
+            "sign".to_string(),
+            "--key".into(),
+            self.dir
+                .path()
+                .join(format!("{key}.key"))
+                .display()
+                .to_string(),
+            "--key-id".into(),
+            key.into(),
+            "--version".into(),
+            version.to_string(),
+            "--target".into(),
+            target.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        if let Some(p) = pipeline {
+            let file = self.dir.path().join(format!("pipeline-{}.toml", self.n));
+            std::fs::write(&file, p).expect("pipeline");
+            args.push(file.display().to_string());
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env = remote(&refs);
+        let file = self.dir.path().join(format!("envelope-{}.json", self.n));
+        std::fs::write(&file, env).expect("envelope");
+        file
+    }
+
+    fn push(&self, envelope: &Path) {
+        let port = self.mqtt.port.to_string();
+        remote(&[
+            "push",
+            envelope.to_str().expect("utf8"),
+            "--port",
+            &port,
+            "--prefix",
+            PREFIX,
+        ]);
+    }
+
+    /// Waits for the retained `config/status` report of `version` in `state`.
+    fn status(&self, version: u64, state: &str, within: Duration) -> serde_json::Value {
+        let topic = format!("{PREFIX}/gw-test/config/status");
+        let start = Instant::now();
+        let mut last = serde_json::Value::Null;
+        while start.elapsed() < within {
+            if let Some(v) = retained(self.mqtt.port, &topic) {
+                if v["version"] == version && v["state"] == state {
+                    return v;
+                }
+                last = v;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.gw.dump();
+        panic!("no {state} report for version {version} within {within:?}; last: {last}");
+    }
+
+    /// Publishes `n` events per device and waits until Kafka has `n * 5` records tagged
+    /// `cfg = tag` in all; returns how many there are.
+    fn flows_with(&self, tag: &str, round: usize) -> usize {
+        let devices = 5;
+        let n = 20;
+        let messages: Vec<(String, Vec<u8>)> = (0..n)
+            .flat_map(|seq| {
+                (0..devices).map(move |d| {
+                    (
+                        format!("sensors/r{round}-{d}/telemetry"),
+                        format!(r#"{{"device":"r{round}-{d}","seq":{seq},"temperature":20.0}}"#)
+                            .into_bytes(),
+                    )
+                })
+            })
+            .collect();
+        publish_raw(self.mqtt.port, messages);
+        let prefix = format!("r{round}-");
+        let records = self
+            .kafka
+            .read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| {
+                r.iter()
+                    .filter(|c| {
+                        c.value["device"]
+                            .as_str()
+                            .is_some_and(|d| d.starts_with(&prefix))
+                    })
+                    .count()
+                    >= devices * n
+            });
+        let ours: Vec<_> = records
+            .iter()
+            .filter(|c| {
+                c.value["device"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with(&prefix))
+            })
+            .collect();
+        assert_eq!(ours.len(), devices * n, "every event of round {round}");
+        for c in &ours {
+            assert_eq!(c.value["tags"]["cfg"], tag, "round {round}: {}", c.value);
+        }
+        ours.len()
+    }
+}
+
+/// The retained message on `topic`, if any (JSON).
+fn retained(port: u16, topic: &str) -> Option<serde_json::Value> {
+    let id = format!("probe-{}-{}", std::process::id(), free_port());
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut conn) = rumqttc::Client::new(o, 10);
+    client.subscribe(topic, rumqttc::QoS::AtLeastOnce).ok()?;
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        match conn.recv_timeout(Duration::from_millis(100)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
+                let _ = client.disconnect();
+                return serde_json::from_slice(&p.payload).ok();
+            }
+            Ok(Err(_)) => return None,
+            _ => {}
+        }
+    }
+    let _ = client.disconnect();
+    None
+}
+
+#[test]
+fn a_signed_config_is_applied_live_within_5s_and_reported() {
+    let mut rig = Rig::start("1s");
+    let pipeline = rig.pipeline("v1", &rig.kafka.bootstrap.clone());
+    let env = rig.sign("ops", 1, "gw-test", Some(&pipeline), &[]);
+    let pushed = Instant::now();
+    rig.push(&env);
+    rig.status(1, "applying", Duration::from_secs(5));
+    assert!(
+        pushed.elapsed() < Duration::from_secs(5),
+        "applied within 5 s"
+    );
+    let r = rig.status(1, "applied", Duration::from_secs(10));
+    assert_eq!(r["running"], 1);
+    assert_eq!(r["hash"].as_str().map(str::len), Some(64));
+    rig.flows_with("v1", 1);
+    // The operator's table.
+    let port = rig.mqtt.port.to_string();
+    let table = remote(&[
+        "status", "--port", &port, "--prefix", PREFIX, "--wait", "1500ms",
+    ]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("gw-test"))
+        .expect(&table);
+    assert!(row.contains("applied"), "{table}");
+    // After a restart the applied pipeline runs again, and its retained envelope is not
+    // taken twice.
+    rig.gw.kill9();
+    rig.gw.restart();
+    rig.gw.wait_connected();
+    rig.flows_with("v1", 2);
+    assert_eq!(
+        rig.status(1, "applied", Duration::from_secs(5))["running"],
+        1
+    );
+}
+
+#[test]
+fn every_rejection_names_its_reason_and_the_old_config_keeps_running() {
+    let mut rig = Rig::start("1s");
+    let bootstrap = rig.kafka.bootstrap.clone();
+    let v1 = rig.pipeline("v1", &bootstrap);
+    let env = rig.sign("ops", 1, "gw-test", Some(&v1), &[]);
+    rig.push(&env);
+    rig.status(1, "applied", Duration::from_secs(10));
+    let v2 = rig.pipeline("v2", &bootstrap);
+
+    // Tampered after signing: bad signature.
+    let env = rig.sign("ops", 2, "gw-test", Some(&v2), &[]);
+    let text = std::fs::read_to_string(&env)
+        .expect("envelope")
+        .replace("v2", "evil");
+    std::fs::write(&env, text).expect("write");
+    rig.push(&env);
+    let r = rig.status(2, "rejected", Duration::from_secs(5));
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("bad_signature"),
+        "{r}"
+    );
+
+    // A key the gateway does not trust.
+    keygen(rig.dir.path(), "mallory");
+    let env = rig.sign("mallory", 3, "gw-test", Some(&v2), &[]);
+    rig.push(&env);
+    let r = rig.status(3, "rejected", Duration::from_secs(5));
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("unknown_key"),
+        "{r}"
+    );
+
+    // Expired.
+    let env = rig.sign(
+        "ops",
+        4,
+        "gw-test",
+        Some(&v2),
+        &["--not-after", "2020-01-01T00:00:00Z"],
+    );
+    rig.push(&env);
+    let r = rig.status(4, "rejected", Duration::from_secs(5));
+    assert!(
+        r["reason"].as_str().unwrap_or("").starts_with("expired"),
+        "{r}"
+    );
+
+    // For another gateway, delivered on this one's topic.
+    let env = rig.sign("ops", 5, "gw-other", Some(&v2), &[]);
+    publish_raw(
+        rig.mqtt.port,
+        vec![(
+            format!("{PREFIX}/gw-test/config"),
+            std::fs::read(&env).expect("envelope"),
+        )],
+    );
+    let r = rig.status(5, "rejected", Duration::from_secs(5));
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("wrong_target"),
+        "{r}"
+    );
+
+    // A config that does not validate: every field error, with its path.
+    let bad = v2
+        .replace("qos = 1", "qos = 7")
+        .replace(&format!("brokers = \"{bootstrap}\""), "brokers = \"\"");
+    let env = rig.sign("ops", 6, "gw-test", Some(&bad), &[]);
+    rig.push(&env);
+    let r = rig.status(6, "rejected", Duration::from_secs(5));
+    let reason = r["reason"].as_str().unwrap_or("");
+    assert!(reason.starts_with("invalid_config"), "{r}");
+    assert!(
+        reason.contains("inputs[0].qos") && reason.contains("output.kafka.brokers"),
+        "{r}"
+    );
+
+    // An expression that does not compile is invalid too (the stages are built).
+    let bad = v2.replace(
+        "type = \"tags\"\ntags = { cfg = \"v2\" }",
+        "type = \"filter\"\nexpr = \"temperature >\"",
+    );
+    let env = rig.sign("ops", 7, "gw-test", Some(&bad), &[]);
+    rig.push(&env);
+    let r = rig.status(7, "rejected", Duration::from_secs(5));
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("stages[0] (filter)"),
+        "{r}"
+    );
+
+    // Anti-rollback: a version below the applied one.
+    let env = rig.sign("ops", 0, "gw-test", Some(&v2), &[]);
+    rig.push(&env);
+    let r = rig.status(0, "rejected", Duration::from_secs(5));
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("old_version"),
+        "{r}"
+    );
+
+    // Through all of it, version 1 kept running.
+    rig.flows_with("v1", 1);
+    assert_eq!(
+        retained(rig.mqtt.port, &format!("{PREFIX}/gw-test/config/status")).expect("status")
+            ["running"],
+        1
+    );
+}
+
+#[test]
+fn an_unhealthy_config_is_rolled_back_after_its_health_window() {
+    let mut rig = Rig::start("4s");
+    let bootstrap = rig.kafka.bootstrap.clone();
+    let env = rig.sign(
+        "ops",
+        1,
+        "gw-test",
+        Some(&rig.pipeline("v1", &bootstrap)),
+        &[],
+    );
+    rig.push(&env);
+    rig.status(1, "applied", Duration::from_secs(10));
+    // Kafka at an address nothing listens on, where the old one worked.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let env = rig.sign("ops", 2, "gw-test", Some(&rig.pipeline("v2", &dead)), &[]);
+    rig.push(&env);
+    rig.status(2, "applying", Duration::from_secs(5));
+    // Traffic during the health window: nothing is confirmed, records wait, the router
+    // turns to the spool (Kafka down) and the window ends unhealthy.
+    publish_raw(
+        rig.mqtt.port,
+        (0..20)
+            .map(|seq| {
+                (
+                    "sensors/window-0/telemetry".to_string(),
+                    format!(r#"{{"device":"window-0","seq":{seq},"temperature":20.0}}"#)
+                        .into_bytes(),
+                )
+            })
+            .collect(),
+    );
+    let r = rig.status(2, "rolled_back", Duration::from_secs(20));
+    assert!(r["reason"].as_str().unwrap_or("").contains("Kafka"), "{r}");
+    assert_eq!(r["running"], 1);
+    rig.flows_with("v1", 1);
+}
+
+#[test]
+fn group_configs_yield_to_the_gateways_own_and_keys_rotate() {
+    let mut rig = Rig::start("1s");
+    let bootstrap = rig.kafka.bootstrap.clone();
+    let env = rig.sign(
+        "ops",
+        1,
+        "group:plant",
+        Some(&rig.pipeline("group-1", &bootstrap)),
+        &[],
+    );
+    rig.push(&env);
+    rig.status(1, "applied", Duration::from_secs(10));
+    rig.flows_with("group-1", 1);
+    let env = rig.sign(
+        "ops",
+        2,
+        "gw-test",
+        Some(&rig.pipeline("own-2", &bootstrap)),
+        &[],
+    );
+    rig.push(&env);
+    rig.status(2, "applied", Duration::from_secs(10));
+    let env = rig.sign(
+        "ops",
+        3,
+        "group:plant",
+        Some(&rig.pipeline("group-3", &bootstrap)),
+        &[],
+    );
+    rig.push(&env);
+    let r = rig.status(3, "rejected", Duration::from_secs(5));
+    assert!(
+        r["reason"].as_str().unwrap_or("").contains("overridden"),
+        "{r}"
+    );
+    rig.flows_with("own-2", 2);
+
+    // Rotation: ops adds ops2; ops2 signs a config; ops2 removes ops; ops is refused.
+    let (_, public2) = keygen(rig.dir.path(), "ops2");
+    let add = format!("ops2={public2}");
+    let env = rig.sign("ops", 4, "gw-test", None, &["--add-key", &add]);
+    rig.push(&env);
+    rig.status(4, "applied", Duration::from_secs(5));
+    let env = rig.sign(
+        "ops2",
+        5,
+        "gw-test",
+        Some(&rig.pipeline("own-5", &bootstrap)),
+        &[],
+    );
+    rig.push(&env);
+    rig.status(5, "applied", Duration::from_secs(10));
+    let env = rig.sign("ops2", 6, "gw-test", None, &["--remove-key", "ops"]);
+    rig.push(&env);
+    rig.status(6, "applied", Duration::from_secs(5));
+    let env = rig.sign(
+        "ops",
+        7,
+        "gw-test",
+        Some(&rig.pipeline("own-7", &bootstrap)),
+        &[],
+    );
+    rig.push(&env);
+    let r = rig.status(7, "rejected", Duration::from_secs(5));
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("unknown_key"),
+        "{r}"
+    );
+    rig.flows_with("own-5", 3);
+}
