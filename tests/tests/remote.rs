@@ -172,6 +172,13 @@ spool_after = "2s"
     /// Publishes `n` events per device and waits until Kafka has `n * 5` records tagged
     /// `cfg = tag` in all; returns how many there are.
     fn flows_with(&self, tag: &str, round: usize) -> usize {
+        assert_eq!(self.flows_with_one_of(&[tag], round), tag);
+        100
+    }
+
+    /// Like [`Rig::flows_with`], for a pipeline that may be any of `tags` (one for all
+    /// events of the round: never a mix); returns it.
+    fn flows_with_one_of(&self, tags: &[&str], round: usize) -> String {
         let devices = 5;
         let n = 20;
         let messages: Vec<(String, Vec<u8>)> = (0..n)
@@ -208,10 +215,23 @@ spool_after = "2s"
             })
             .collect();
         assert_eq!(ours.len(), devices * n, "every event of round {round}");
+        let tag = ours[0].value["tags"]["cfg"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(
+            tags.contains(&tag.as_str()),
+            "round {round}: {tag:?} not one of {tags:?}"
+        );
         for c in &ours {
-            assert_eq!(c.value["tags"]["cfg"], tag, "round {round}: {}", c.value);
+            assert_eq!(
+                c.value["tags"]["cfg"],
+                tag.as_str(),
+                "round {round}: {}",
+                c.value
+            );
         }
-        ours.len()
+        tag
     }
 }
 
@@ -509,4 +529,93 @@ fn group_configs_yield_to_the_gateways_own_and_keys_rotate() {
         "{r}"
     );
     rig.flows_with("own-5", 3);
+}
+
+#[test]
+fn events_flow_through_20_config_changes_and_none_is_lost() {
+    let mut rig = Rig::start("100ms");
+    let bootstrap = rig.kafka.bootstrap.clone();
+    let (devices, n) = (5, 600);
+    let port = rig.mqtt.port;
+    let publisher =
+        std::thread::spawn(move || publish(port, devices, n, None, Some(Duration::from_millis(4))));
+    for v in 1..=20u64 {
+        let env = rig.sign(
+            "ops",
+            v,
+            "gw-test",
+            Some(&rig.pipeline(&format!("v{v}"), &bootstrap)),
+            &[],
+        );
+        rig.push(&env);
+        rig.status(v, "applied", Duration::from_secs(10));
+    }
+    publisher.join().expect("publisher");
+    let records = rig
+        .kafka
+        .read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+            let ids: std::collections::HashSet<_> =
+                r.iter().filter_map(|c| c.headers.get("event-id")).collect();
+            ids.len() >= devices * n
+        });
+    // Every event, in order per device (duplicates allowed: at least once).
+    check_complete_and_ordered(&records, devices, n);
+    let tags: std::collections::BTreeSet<_> = records
+        .iter()
+        .filter_map(|c| c.value["tags"]["cfg"].as_str())
+        .collect();
+    assert!(tags.len() >= 2, "events crossed config changes: {tags:?}");
+}
+
+#[test]
+fn kill_9_during_an_apply_leaves_the_old_or_the_new_config_never_a_mix() {
+    let mut rig = Rig::start("1s");
+    let bootstrap = rig.kafka.bootstrap.clone();
+    let env = rig.sign(
+        "ops",
+        1,
+        "gw-test",
+        Some(&rig.pipeline("v1", &bootstrap)),
+        &[],
+    );
+    rig.push(&env);
+    rig.status(1, "applied", Duration::from_secs(10));
+    let mut old = "v1".to_string();
+    for (i, delay_ms) in [0u64, 30, 150, 600, 2500].into_iter().enumerate() {
+        let v = i as u64 + 2;
+        let new = format!("v{v}");
+        let env = rig.sign(
+            "ops",
+            v,
+            "gw-test",
+            Some(&rig.pipeline(&new, &bootstrap)),
+            &[],
+        );
+        rig.push(&env);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        rig.gw.kill9();
+        rig.gw.restart();
+        rig.gw.wait_connected();
+        let running = rig.flows_with_one_of(&[&old, &new], i + 1);
+        // What the report says runs is what runs.
+        let want = running
+            .trim_start_matches('v')
+            .parse::<u64>()
+            .expect("version");
+        let start = Instant::now();
+        loop {
+            let r = retained(rig.mqtt.port, &format!("{PREFIX}/gw-test/config/status"));
+            if r.as_ref()
+                .is_some_and(|r| r["running"] == want && r["state"] != "applying")
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "report: {r:?}, running {running}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        old = running;
+    }
 }
