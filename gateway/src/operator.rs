@@ -57,6 +57,19 @@ pub enum RemoteCommand {
         #[command(flatten)]
         broker: Broker,
     },
+    /// The difference between a candidate pipeline and the one a gateway runs (as it
+    /// published it, retained, on `<prefix>/<gateway>/config/applied`).
+    #[cfg(feature = "operator")]
+    Diff {
+        /// The gateway.
+        #[arg(long)]
+        gateway: String,
+        /// The candidate pipeline config.
+        candidate: PathBuf,
+        /// The control broker.
+        #[command(flatten)]
+        broker: Broker,
+    },
     /// A table of the gateways that reported to the control broker: config version,
     /// state, reason, last seen.
     #[cfg(feature = "mqtt")]
@@ -158,6 +171,12 @@ pub fn run(cmd: RemoteCommand) -> anyhow::Result<()> {
         RemoteCommand::Push { envelope, broker } => mqtt::push(&envelope, &broker),
         #[cfg(feature = "mqtt")]
         RemoteCommand::Status { broker, wait } => mqtt::status(&broker, wait),
+        #[cfg(feature = "operator")]
+        RemoteCommand::Diff {
+            gateway,
+            candidate,
+            broker,
+        } => mqtt::diff(&gateway, &candidate, &broker),
     }
 }
 
@@ -224,6 +243,50 @@ mod mqtt {
             }
         }
         anyhow::bail!("the connection closed before the broker confirmed")
+    }
+
+    /// The first retained message on `topic`, waiting at most `wait`.
+    #[cfg(feature = "operator")]
+    fn retained(b: &Broker, topic: &str, wait: Duration) -> anyhow::Result<Option<Vec<u8>>> {
+        let (client, mut conn) = client(b, "read");
+        client.subscribe(topic, QoS::AtLeastOnce)?;
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            match conn.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => return Ok(Some(p.payload.to_vec())),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    anyhow::bail!("cannot reach the control broker {}:{}: {e}", b.host, b.port)
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(None)
+    }
+
+    #[cfg(feature = "operator")]
+    pub fn diff(gateway: &str, candidate: &std::path::Path, b: &Broker) -> anyhow::Result<()> {
+        let new = std::fs::read_to_string(candidate)
+            .with_context(|| format!("cannot read {}", candidate.display()))?;
+        let topic = format!("{}/{gateway}/config/applied", b.prefix);
+        let body = retained(b, &topic, Duration::from_secs(3))?
+            .with_context(|| format!("{gateway} has published no applied config on {topic}"))?;
+        let applied: serde_json::Value = serde_json::from_slice(&body).context("not JSON")?;
+        let old = applied["config"].as_str().unwrap_or_default();
+        let version = applied["version"].as_u64().unwrap_or(0);
+        let diff = similar::TextDiff::from_lines(old, new.as_str());
+        if diff.ratio() == 1.0 {
+            println!("{gateway} runs this config (version {version})");
+            return Ok(());
+        }
+        print!(
+            "{}",
+            diff.unified_diff().context_radius(3).header(
+                &format!("{gateway} (version {version})"),
+                &candidate.display().to_string()
+            )
+        );
+        Ok(())
     }
 
     pub fn status(b: &Broker, wait: Duration) -> anyhow::Result<()> {

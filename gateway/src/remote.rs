@@ -408,6 +408,29 @@ mod control {
             }
         }
 
+        /// Publishes (retained) the pipeline running now, for `gateway remote diff`.
+        fn publish_applied(&mut self) {
+            let (version, hash, config) = match self.store.applied() {
+                Some(a) => (a.version, a.hash, a.config),
+                None => {
+                    let doc = gateway_config::remote::PipelineDoc {
+                        inputs: self.local.inputs.clone(),
+                        stages: self.local.stages.clone(),
+                        output: self.local.output.clone(),
+                    };
+                    (0, String::new(), toml::to_string(&doc).unwrap_or_default())
+                }
+            };
+            let body = serde_json::json!({ "version": version, "hash": hash, "config": config });
+            let topic = format!(
+                "{}/{}/config/applied",
+                self.control.prefix, self.local.gateway.id
+            );
+            let _ = self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, true, body.to_string());
+        }
+
         /// The periodic status message.
         fn status(&mut self) {
             let t = self.metrics.totals();
@@ -449,6 +472,7 @@ mod control {
                     Some("the gateway restarted during the health window".into()),
                 );
             }
+            self.publish_applied();
         }
 
         /// Takes one envelope from `topic`.
@@ -615,6 +639,7 @@ mod control {
                     Ok(()) => self.report(kept.version, "applied", None),
                     Err(e) => tracing::error!(error = %e, "cannot record the kept config"),
                 }
+                self.publish_applied();
                 return;
             }
             let reason = problems.join("; ");
@@ -631,6 +656,7 @@ mod control {
                 tracing::error!(error = %e, "rollback failed");
             }
             self.report(trial.applied.version, "rolled_back", Some(reason));
+            self.publish_applied();
         }
     }
 }

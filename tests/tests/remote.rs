@@ -283,6 +283,35 @@ fn a_signed_config_is_applied_live_within_5s_and_reported() {
         .find(|l| l.starts_with("gw-test"))
         .expect(&table);
     assert!(row.contains("applied"), "{table}");
+    // The operator's diff against what the gateway runs.
+    let same = rig.dir.path().join("pipeline-1.toml");
+    let out = remote(&[
+        "diff",
+        "--gateway",
+        "gw-test",
+        same.to_str().expect("utf8"),
+        "--port",
+        &port,
+        "--prefix",
+        PREFIX,
+    ]);
+    assert!(out.contains("runs this config (version 1)"), "{out}");
+    let candidate = rig.dir.path().join("candidate.toml");
+    std::fs::write(&candidate, rig.pipeline("v2", &rig.kafka.bootstrap.clone())).expect("write");
+    let out = remote(&[
+        "diff",
+        "--gateway",
+        "gw-test",
+        candidate.to_str().expect("utf8"),
+        "--port",
+        &port,
+        "--prefix",
+        PREFIX,
+    ]);
+    assert!(
+        out.contains("-tags = { cfg = \"v1\" }") && out.contains("+tags = { cfg = \"v2\" }"),
+        "{out}"
+    );
     // After a restart the applied pipeline runs again, and its retained envelope is not
     // taken twice.
     rig.gw.kill9();
