@@ -380,6 +380,19 @@ impl Metrics {
         }
     }
 
+    /// The sum of every series of the counter `name` (e.g.
+    /// `gateway_events_dropped_total`), over all its labels, as exposed on `/metrics`.
+    pub fn sum(&self, name: &str) -> f64 {
+        self.render()
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Drops of one input for one reason.
     pub fn dropped_count(&self, input: &str, reason: &str) -> u64 {
         self.0

@@ -260,7 +260,22 @@ mod control {
         applied: Applied,
         until: Instant,
         kafka_was_up: bool,
+        /// Events received and dropped (all inputs) when it was applied.
+        counts: (f64, f64),
     }
+
+    /// Events received and dropped so far, all inputs.
+    fn counts(m: &Metrics) -> (f64, f64) {
+        (
+            m.sum("gateway_events_received_total"),
+            m.sum("gateway_events_dropped_total"),
+        )
+    }
+
+    /// How much higher than the old config's a new one's drop rate may be (absolute).
+    const DROP_RATE_TOLERANCE: f64 = 0.05;
+    /// Events a health window must see before its drop rate counts.
+    const DROP_RATE_MIN_EVENTS: f64 = 20.0;
 
     struct Plane {
         local: Config,
@@ -608,6 +623,7 @@ mod control {
             self.trial = Some(Trial {
                 until: Instant::now() + self.control.health_window,
                 kafka_was_up,
+                counts: counts(&self.metrics),
                 applied,
             });
         }
@@ -627,6 +643,21 @@ mod control {
             }
             if trial.kafka_was_up && !t.kafka_up {
                 problems.push("Kafka is not reachable (it was with the previous config)".into());
+            }
+            // Drops (malformed, filtered, ...) per event received: not above the old
+            // config's, within a tolerance, once the window saw enough events.
+            let (r0, d0) = trial.counts;
+            let (r1, d1) = counts(&self.metrics);
+            let old_rate = if r0 > 0.0 { d0 / r0 } else { 0.0 };
+            if r1 - r0 >= DROP_RATE_MIN_EVENTS {
+                let rate = (d1 - d0) / (r1 - r0);
+                if rate > old_rate + DROP_RATE_TOLERANCE {
+                    problems.push(format!(
+                        "{:.0}% of events dropped, against {:.0}% with the previous config",
+                        rate * 100.0,
+                        old_rate * 100.0
+                    ));
+                }
             }
             if problems.is_empty() {
                 let mut kept = trial.applied.clone();

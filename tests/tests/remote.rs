@@ -483,6 +483,36 @@ fn an_unhealthy_config_is_rolled_back_after_its_health_window() {
     assert!(r["reason"].as_str().unwrap_or("").contains("Kafka"), "{r}");
     assert_eq!(r["running"], 1);
     rig.flows_with("v1", 1);
+
+    // A config that drops far more than the old one did (here: everything).
+    let drops_all = rig.pipeline("v3", &bootstrap).replace(
+        "type = \"tags\"\ntags = { cfg = \"v3\" }",
+        "type = \"filter\"\nexpr = \"false\"",
+    );
+    let env = rig.sign("ops", 3, "gw-test", Some(&drops_all), &[]);
+    rig.push(&env);
+    rig.status(3, "applying", Duration::from_secs(5));
+    publish_raw(
+        rig.mqtt.port,
+        (0..40)
+            .map(|seq| {
+                (
+                    "sensors/window-1/telemetry".to_string(),
+                    format!(r#"{{"device":"window-1","seq":{seq},"temperature":20.0}}"#)
+                        .into_bytes(),
+                )
+            })
+            .collect(),
+    );
+    let r = rig.status(3, "rolled_back", Duration::from_secs(20));
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("100% of events dropped"),
+        "{r}"
+    );
+    rig.flows_with("v1", 2);
 }
 
 #[test]
