@@ -235,6 +235,22 @@ spool_after = "2s"
     }
 }
 
+/// Publishes `n` events of `device` (QoS 1).
+fn traffic(port: u16, device: &str, n: usize) {
+    publish_raw(
+        port,
+        (0..n)
+            .map(|seq| {
+                (
+                    format!("sensors/{device}/telemetry"),
+                    format!(r#"{{"device":"{device}","seq":{seq},"temperature":20.0}}"#)
+                        .into_bytes(),
+                )
+            })
+            .collect(),
+    );
+}
+
 /// The retained message on `topic`, if any (JSON).
 fn retained(port: u16, topic: &str) -> Option<serde_json::Value> {
     let id = format!("probe-{}-{}", std::process::id(), free_port());
@@ -467,18 +483,7 @@ fn an_unhealthy_config_is_rolled_back_after_its_health_window() {
     rig.status(2, "applying", Duration::from_secs(5));
     // Traffic during the health window: nothing is confirmed, records wait, the router
     // turns to the spool (Kafka down) and the window ends unhealthy.
-    publish_raw(
-        rig.mqtt.port,
-        (0..20)
-            .map(|seq| {
-                (
-                    "sensors/window-0/telemetry".to_string(),
-                    format!(r#"{{"device":"window-0","seq":{seq},"temperature":20.0}}"#)
-                        .into_bytes(),
-                )
-            })
-            .collect(),
-    );
+    traffic(rig.mqtt.port, "window-0", 20);
     let r = rig.status(2, "rolled_back", Duration::from_secs(20));
     assert!(r["reason"].as_str().unwrap_or("").contains("Kafka"), "{r}");
     assert_eq!(r["running"], 1);
@@ -492,18 +497,7 @@ fn an_unhealthy_config_is_rolled_back_after_its_health_window() {
     let env = rig.sign("ops", 3, "gw-test", Some(&drops_all), &[]);
     rig.push(&env);
     rig.status(3, "applying", Duration::from_secs(5));
-    publish_raw(
-        rig.mqtt.port,
-        (0..40)
-            .map(|seq| {
-                (
-                    "sensors/window-1/telemetry".to_string(),
-                    format!(r#"{{"device":"window-1","seq":{seq},"temperature":20.0}}"#)
-                        .into_bytes(),
-                )
-            })
-            .collect(),
-    );
+    traffic(rig.mqtt.port, "window-1", 40);
     let r = rig.status(3, "rolled_back", Duration::from_secs(20));
     assert!(
         r["reason"]

@@ -64,6 +64,18 @@ pub trait Stage: Send + Sync {
     fn tick(&self, _now_ns: i64, _flush: bool, _made: &mut Vec<Event>) {}
 }
 
+/// The numeric readings of `e` named in `names` (all of them when `names` is empty): what
+/// `deadband` and `window` watch.
+pub(crate) fn numeric<'a>(
+    names: &'a [String],
+    e: &'a Event,
+) -> impl Iterator<Item = (&'a String, f64)> + 'a {
+    e.readings.iter().filter_map(move |(k, v)| match v {
+        Value::Number(n) if names.is_empty() || names.contains(k) => Some((k, *n)),
+        _ => None,
+    })
+}
+
 /// Adds static tags.
 pub struct Tags(Vec<(String, String)>);
 

@@ -9,7 +9,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::state::{Bounded, CLOCK_RESET_NS};
 use super::{Stage, Verdict};
-use crate::event::{Event, Value};
+use crate::event::Event;
 
 fn ns(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
@@ -80,14 +80,8 @@ impl Deadband {
         }
     }
 
-    /// The watched numeric readings of `e`.
     fn watched<'a>(&'a self, e: &'a Event) -> impl Iterator<Item = (&'a String, f64)> + 'a {
-        e.readings.iter().filter_map(move |(k, v)| match v {
-            Value::Number(n) if self.readings.is_empty() || self.readings.contains(k) => {
-                Some((k, *n))
-            }
-            _ => None,
-        })
+        super::numeric(&self.readings, e)
     }
 }
 

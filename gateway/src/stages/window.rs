@@ -118,12 +118,7 @@ impl Window {
     }
 
     fn watched<'a>(&'a self, e: &'a Event) -> impl Iterator<Item = (&'a String, f64)> + 'a {
-        e.readings.iter().filter_map(move |(k, v)| match v {
-            Value::Number(n) if self.readings.is_empty() || self.readings.contains(k) => {
-                Some((k, *n))
-            }
-            _ => None,
-        })
+        super::numeric(&self.readings, e)
     }
 
     /// The summary event of one closed window.
