@@ -1096,6 +1096,58 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
             );
         }
     }
+    if let Some(ctl) = &c.control {
+        let topic_part = |t: &str| {
+            !t.is_empty() && !t.contains(['+', '#']) && !t.starts_with('/') && !t.ends_with('/')
+        };
+        if ctl.host.trim().is_empty() {
+            err("control.host".into(), "must not be empty");
+        }
+        if !topic_part(&ctl.prefix) {
+            err(
+                "control.prefix".into(),
+                "a topic prefix without '+', '#' or a leading or trailing '/'",
+            );
+        }
+        if ctl.status_interval.is_zero() || ctl.health_window.is_zero() {
+            err(
+                "control.status_interval".into(),
+                "status_interval and health_window must be above zero",
+            );
+        }
+        if ctl.trusted_keys.is_empty() {
+            err(
+                "control.trusted_keys".into(),
+                "trust at least one key (gateway remote keygen prints one)",
+            );
+        }
+        if let Err(e) = remote::verifying_keys(&ctl.trusted_keys) {
+            err("control.trusted_keys".into(), &e);
+        }
+        for (i, g) in c.gateway.groups.iter().enumerate() {
+            if !topic_part(g) || g.contains('/') {
+                err(
+                    format!("gateway.groups[{i}]"),
+                    "a group name without '+', '#' or '/'",
+                );
+            }
+        }
+        let reserved = format!("{}-control", c.gateway.id);
+        for (i, input) in c.inputs.iter().enumerate() {
+            if let Input::Mqtt(m) = input {
+                let id = m
+                    .client_id
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-{}", c.gateway.id, m.name));
+                if id == reserved {
+                    err(
+                        format!("inputs[{i}].client_id"),
+                        "this MQTT client id is the control plane's; name the input otherwise",
+                    );
+                }
+            }
+        }
+    }
     validate_stages(&c.stages, "stages", &mut err);
     for (i, input) in c.inputs.iter().enumerate() {
         validate_stages(input.stages(), &format!("inputs[{i}].stages"), &mut err);

@@ -9,8 +9,9 @@
 //!
 //! Signed bytes (all integers big-endian, each text as a u32 length and its UTF-8 bytes):
 //! `"edge-gateway envelope v1"`, kind, target, version (u64), issued_at (i64 unix
-//! seconds), not_after (i64, -1 when unset), key_id, payload (the config text, or for
-//! keys one line per change: `add <id> <base64 key>` / `remove <id>`).
+//! seconds), not_after (i64, -1 when unset), key_id, payload (the config text; for keys,
+//! the concatenation, each as a text, of `"add"`, id, public key per added key and
+//! `"remove"`, id per removed one).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -160,15 +161,47 @@ pub fn rfc3339(t: SystemTime) -> String {
 }
 
 impl KeyChange {
-    fn lines(&self) -> String {
-        let mut s = String::new();
+    /// The signed payload of a key change: each added key as `"add"`, id, public key, each
+    /// removed id as `"remove"`, id, every one length-prefixed (so no id or key can
+    /// pass for another entry).
+    fn signed_payload(&self) -> Vec<u8> {
+        let mut out = Vec::new();
         for k in &self.add {
-            s.push_str(&format!("add {} {}\n", k.id, k.public_key));
+            put(&mut out, "add");
+            put(&mut out, &k.id);
+            put(&mut out, &k.public_key);
         }
         for id in &self.remove {
-            s.push_str(&format!("remove {id}\n"));
+            put(&mut out, "remove");
+            put(&mut out, id);
         }
-        s
+        out
+    }
+
+    /// The trusted keys after this change to `keys`: every added key must be a valid
+    /// ed25519 key with an id of letters, digits, `.`, `_` or `-`, and at least one key
+    /// must remain.
+    pub fn apply_to(&self, keys: &[TrustedKey]) -> Result<Vec<TrustedKey>, String> {
+        for k in &self.add {
+            let id_ok = !k.id.is_empty()
+                && k.id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !id_ok {
+                return Err(format!("key id {:?}: letters, digits, '.', '_', '-'", k.id));
+            }
+        }
+        verifying_keys(&self.add)?;
+        let mut next: Vec<TrustedKey> = keys
+            .iter()
+            .filter(|k| !self.remove.contains(&k.id) && !self.add.iter().any(|a| a.id == k.id))
+            .cloned()
+            .collect();
+        next.extend(self.add.iter().cloned());
+        if next.is_empty() {
+            return Err("the change would leave no trusted key".into());
+        }
+        Ok(next)
     }
 }
 
@@ -181,8 +214,8 @@ impl Envelope {
             None => -1,
         };
         let payload = match (self.kind, &self.config, &self.keys) {
-            (Kind::Config, Some(text), None) => text.clone(),
-            (Kind::Keys, None, Some(k)) => k.lines(),
+            (Kind::Config, Some(text), None) => text.as_bytes().to_vec(),
+            (Kind::Keys, None, Some(k)) => k.signed_payload(),
             _ => {
                 return Err(Rejection::Malformed(
                     "a config envelope carries `config`, a keys envelope `keys`".into(),
@@ -197,7 +230,8 @@ impl Envelope {
         out.extend_from_slice(&issued.to_be_bytes());
         out.extend_from_slice(&not_after.to_be_bytes());
         put(&mut out, &self.key_id);
-        put(&mut out, &payload);
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(&payload);
         Ok(out)
     }
 
@@ -412,6 +446,36 @@ mod tests {
         expired.not_after = Some("2026-11-26T12:30:00Z".into());
         expired.sign(&key(1)).expect("signs");
         assert_eq!(check(&expired, 1), Err("expired"));
+    }
+
+    #[test]
+    fn a_key_change_cannot_be_rewritten_into_another() {
+        let change = |add: Vec<(&str, &str)>, remove: Vec<&str>| KeyChange {
+            add: add
+                .into_iter()
+                .map(|(id, k)| TrustedKey {
+                    id: id.into(),
+                    public_key: k.into(),
+                })
+                .collect(),
+            remove: remove.into_iter().map(String::from).collect(),
+        };
+        let k = public_key(&key(2));
+        let honest = change(vec![("new", &k)], vec!["old"]);
+        let forged_key = format!("{k}\nremove old");
+        let forged = change(vec![("new", &forged_key)], vec![]);
+        assert_ne!(honest.signed_payload(), forged.signed_payload());
+        // Applying checks every key and keeps one at least.
+        let keys = vec![TrustedKey {
+            id: "old".into(),
+            public_key: public_key(&key(1)),
+        }];
+        assert!(forged.apply_to(&keys).is_err());
+        assert_eq!(honest.apply_to(&keys).expect("applies").len(), 1);
+        assert!(
+            change(vec![], vec!["old"]).apply_to(&keys).is_err(),
+            "none left"
+        );
     }
 
     #[test]

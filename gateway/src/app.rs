@@ -345,24 +345,23 @@ pub async fn run(
                             break 'apply Err(e);
                         }
                     };
+                    // The output first: if the new one is refused, the running pipeline
+                    // stays whole (never new inputs on the old output).
+                    if pipeline.output != current.output {
+                        let out = pipeline.output.kafka.clone();
+                        if let Err(e) = tokio::task::block_in_place(|| router.reconfigure(out)) {
+                            tracing::error!(error = %e, "new Kafka output rejected; keeping the running pipeline");
+                            break 'apply Err(format!("the Kafka output: {e}"));
+                        }
+                        current.output = pipeline.output;
+                    }
                     inputs.quiesce();
                     inputs.stop().await;
-                    let out = pipeline.output.kafka.clone();
-                    let output = match tokio::task::block_in_place(|| router.reconfigure(out)) {
-                        Ok(()) => {
-                            current.output = pipeline.output;
-                            Ok(())
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "new Kafka output rejected; keeping the running one");
-                            Err(format!("the Kafka output: {e}"))
-                        }
-                    };
                     inputs = prepared.start();
                     current.inputs = pipeline.inputs;
                     current.stages = pipeline.stages;
                     tracing::info!("pipeline reloaded");
-                    output
+                    Ok(())
                 };
                 if let Some(done) = done {
                     let _ = done.send(result);
@@ -380,8 +379,8 @@ pub async fn run(
 }
 
 /// Forwards SIGHUP as a reload of `path` on `tx`; a config that does not validate is
-/// logged and ignored. A pipeline applied by remote configuration stays (the file's
-/// bootstrap is read again; its pipeline is the local fallback).
+/// logged and ignored. A pipeline applied by remote configuration (even one in its health
+/// window) stays: the file's pipeline is only the fallback when none was applied.
 pub fn reload_on_sighup(path: PathBuf, tx: mpsc::Sender<Reload>) -> anyhow::Result<()> {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::spawn(async move {
@@ -389,7 +388,7 @@ pub fn reload_on_sighup(path: PathBuf, tx: mpsc::Sender<Reload>) -> anyhow::Resu
             match gateway_config::load(&path) {
                 Ok(c) => {
                     tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
-                    let config = crate::remote::effective(c);
+                    let config = crate::remote::effective(c, false);
                     if tx.send(Reload { config, done: None }).await.is_err() {
                         break;
                     }

@@ -154,7 +154,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 let metrics = Metrics::new();
                 // A pipeline applied remotely before a restart runs again.
                 let local = config;
-                let config = crate::remote::effective(local.clone());
+                let config = crate::remote::effective(local.clone(), true);
                 if let Some(control) = local.control.clone() {
                     crate::remote::start(control, local, metrics.clone(), tx);
                 }

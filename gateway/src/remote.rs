@@ -36,6 +36,15 @@ pub struct Applied {
     pub kept: bool,
 }
 
+/// The highest version accepted.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Version {
+    /// The version.
+    pub version: u64,
+    /// What it asked for was carried out (applied, rejected after acceptance, rotated).
+    pub done: bool,
+}
+
 /// The remote-configuration files of a gateway.
 pub struct Store {
     dir: PathBuf,
@@ -64,14 +73,17 @@ impl Store {
         }
     }
 
-    fn read<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Option<T> {
-        let text = std::fs::read_to_string(self.dir.join(name)).ok()?;
-        match serde_json::from_str(&text) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::error!(file = %self.dir.join(name).display(), error = %e, "unreadable remote-config state; ignored");
-                None
-            }
+    /// A state file: `None` when it does not exist; an error when it exists and cannot be
+    /// read (the caller refuses to go on: a lost version or key file must not reopen the
+    /// door to an old envelope or a removed key).
+    fn read<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, String> {
+        let path = self.dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
         }
     }
 
@@ -80,19 +92,22 @@ impl Store {
         write_atomic(&self.dir.join(name), &bytes)
     }
 
-    /// The highest version accepted (0: none).
-    pub fn version(&self) -> u64 {
-        self.read("version").unwrap_or(0)
+    /// The highest version accepted, and whether what it asked for was carried out (a
+    /// crash in between leaves `done` false, and the same envelope is taken again).
+    pub fn version(&self) -> Result<Version, String> {
+        Ok(self.read("version")?.unwrap_or_default())
     }
 
     /// Records the highest version accepted.
-    pub fn set_version(&self, v: u64) -> std::io::Result<()> {
+    pub fn set_version(&self, v: Version) -> std::io::Result<()> {
         self.write("version", &v)
     }
 
     /// The trusted keys: as rotated, else the bootstrap's.
-    pub fn keys(&self, bootstrap: &[TrustedKey]) -> Vec<TrustedKey> {
-        self.read("keys.json").unwrap_or_else(|| bootstrap.to_vec())
+    pub fn keys(&self, bootstrap: &[TrustedKey]) -> Result<Vec<TrustedKey>, String> {
+        Ok(self
+            .read("keys.json")?
+            .unwrap_or_else(|| bootstrap.to_vec()))
     }
 
     /// Records the trusted keys after a rotation.
@@ -101,7 +116,7 @@ impl Store {
     }
 
     /// The pipeline running now, if one came remotely.
-    pub fn applied(&self) -> Option<Applied> {
+    pub fn applied(&self) -> Result<Option<Applied>, String> {
         self.read("applied.json")
     }
 
@@ -119,7 +134,7 @@ impl Store {
     }
 
     /// The last pipeline that passed its health window.
-    pub fn last_good(&self) -> Option<Applied> {
+    pub fn last_good(&self) -> Result<Option<Applied>, String> {
         self.read("last-good.json")
     }
 
@@ -129,26 +144,27 @@ impl Store {
     }
 }
 
-/// The configuration to run: `local`'s bootstrap with the remotely applied pipeline if it
-/// passed its health window, else the last good one, else `local` as it is.
-pub fn effective(local: Config) -> Config {
+/// The configuration to run: `local`'s bootstrap with the remotely applied pipeline.
+/// At start (`at_start`) that is the applied one if it passed its health window, else the
+/// last good one (a restart during a health window rolls back), else `local` as it is; on
+/// a SIGHUP, the applied one whatever its window (the one running).
+pub fn effective(local: Config, at_start: bool) -> Config {
     if local.control.is_none() {
         return local;
     }
     let store = Store::of(&local);
-    let candidate = match store.applied() {
-        Some(a) if a.kept => Some(a),
-        Some(a) => {
-            tracing::warn!(
-                version = a.version,
-                "restarted during the health window of a remote config; running the last good one"
-            );
-            store.last_good()
-        }
-        None => None,
+    let pick = || -> Result<Option<Applied>, String> {
+        Ok(match store.applied()? {
+            Some(a) if a.kept || !at_start => Some(a),
+            Some(a) => {
+                tracing::warn!(version = a.version, "restarted during the health window of a remote config; running the last good one");
+                store.last_good()?
+            }
+            None => None,
+        })
     };
-    match candidate {
-        Some(a) => match gateway_config::remote::pipeline_config(&local, &a.config) {
+    match pick() {
+        Ok(Some(a)) => match gateway_config::remote::pipeline_config(&local, &a.config) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(
@@ -158,7 +174,11 @@ pub fn effective(local: Config) -> Config {
                 local
             }
         },
-        None => local,
+        Ok(None) => local,
+        Err(e) => {
+            tracing::error!(error = %e, "unreadable remote-config state; running the local config");
+            local
+        }
     }
 }
 
@@ -204,8 +224,10 @@ pub fn vet(
         .control
         .as_ref()
         .ok_or_else(|| Rejection::Malformed("no [control] in the local config".into()))?;
-    let keys = gateway_config::remote::verifying_keys(&store.keys(&control.trusted_keys))
-        .map_err(Rejection::Malformed)?;
+    let keys = store
+        .keys(&control.trusted_keys)
+        .and_then(|k| gateway_config::remote::verifying_keys(&k))
+        .map_err(|e| Rejection::Malformed(format!("the trusted keys: {e}")))?;
     envelope.check(
         &keys,
         &local.gateway.id,
@@ -214,7 +236,18 @@ pub fn vet(
         std::time::SystemTime::now(),
     )?;
     match envelope.kind {
-        Kind::Keys => Ok(None),
+        Kind::Keys => {
+            let keys = store
+                .keys(&control.trusted_keys)
+                .map_err(|e| Rejection::Malformed(format!("the trusted keys: {e}")))?;
+            envelope
+                .keys
+                .clone()
+                .unwrap_or_default()
+                .apply_to(&keys)
+                .map_err(Rejection::Invalid)?;
+            Ok(None)
+        }
         Kind::Config => {
             let text = envelope.config.as_deref().unwrap_or_default();
             let c = gateway_config::remote::pipeline_config(local, text)
@@ -243,15 +276,13 @@ pub fn start(
 mod control {
     use std::time::Duration;
 
-    use gateway_config::remote::{Envelope, Kind, Rejection, TrustedKey};
+    use gateway_config::remote::{rfc3339, Envelope, Kind, Rejection};
     use gateway_config::{Config, Control};
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     use tokio::sync::{mpsc, oneshot};
     use tokio::time::Instant;
 
-    use gateway_config::remote::rfc3339;
-
-    use super::{hash, vet, Applied, Report, Store};
+    use super::{effective_with, hash, vet, Applied, Report, Store, Version};
     use crate::app::Reload;
     use crate::metrics::Metrics;
 
@@ -287,6 +318,15 @@ mod control {
         trial: Option<Trial>,
         started: std::time::Instant,
         last_error: Option<String>,
+        /// The last `config/status` report, published again after a reconnect.
+        last_report: Option<Vec<u8>>,
+        connected: bool,
+    }
+
+    /// The control plane's MQTT client id (input client ids may not take it: config
+    /// validation refuses `<gateway id>-control` for an input).
+    pub fn client_id(gateway_id: &str) -> String {
+        format!("{gateway_id}-control")
     }
 
     /// Starts the control plane: subscribes to this gateway's and its groups' config
@@ -299,10 +339,6 @@ mod control {
         });
     }
 
-    fn own_topic(c: &Control, id: &str) -> String {
-        format!("{}/{id}/config", c.prefix)
-    }
-
     async fn run(
         control: Control,
         local: Config,
@@ -313,7 +349,7 @@ mod control {
         let port = control
             .port
             .unwrap_or(if control.tls.is_some() { 8883 } else { 1883 });
-        let mut o = MqttOptions::new(format!("{id}-control"), &control.host, port);
+        let mut o = MqttOptions::new(client_id(&id), &control.host, port);
         o.set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
             .set_max_packet_size(4 * 1024 * 1024, 64 * 1024);
@@ -327,7 +363,7 @@ mod control {
         if let Some(tls) = &control.tls {
             o.set_transport(crate::sources::mqtt::tls_transport(tls, "control")?);
         }
-        let (client, mut events) = AsyncClient::new(o, 64);
+        let (client, mut events) = AsyncClient::new(o, 256);
         let mut plane = Plane {
             store: Store::of(&local),
             local,
@@ -338,9 +374,11 @@ mod control {
             trial: None,
             started: std::time::Instant::now(),
             last_error: None,
+            last_report: None,
+            connected: false,
         };
         plane.after_restart();
-        let mut status = tokio::time::interval(control.status_interval);
+        let mut status = tokio::time::interval(control.status_interval.max(Duration::from_secs(1)));
         let mut backoff = Duration::from_millis(200);
         loop {
             let trial_end = plane.trial.as_ref().map(|t| t.until);
@@ -348,21 +386,21 @@ mod control {
                 ev = events.poll() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff = Duration::from_millis(200);
-                        let mut topics = vec![own_topic(&control, &id)];
-                        topics.extend(plane.local.gateway.groups.iter().map(|g| format!("{}/groups/{g}/config", control.prefix)));
-                        for t in topics {
-                            let _ = plane.client.try_subscribe(t, QoS::AtLeastOnce);
-                        }
+                        plane.connected = true;
+                        plane.on_connect();
                         tracing::info!(broker = %control.host, "control plane connected");
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if !p.payload.is_empty() {
-                            plane.envelope(&p.topic, &p.payload).await;
+                            plane.envelope(&p.payload).await;
                         }
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "control plane: connection lost; retrying");
+                        if plane.connected {
+                            tracing::warn!(error = %e, "control plane: connection lost; retrying");
+                        }
+                        plane.connected = false;
                         tokio::time::sleep(crate::sources::jittered(backoff)).await;
                         backoff = (backoff * 2).min(Duration::from_secs(30));
                     }
@@ -376,11 +414,42 @@ mod control {
     }
 
     impl Plane {
+        fn topic(&self, leaf: &str) -> String {
+            format!("{}/{}/{leaf}", self.control.prefix, self.local.gateway.id)
+        }
+
+        /// After every connect (clean session): subscribe, and say again what was said
+        /// while away.
+        fn on_connect(&mut self) {
+            let mut topics = vec![self.topic("config")];
+            topics.extend(
+                self.local
+                    .gateway
+                    .groups
+                    .iter()
+                    .map(|g| format!("{}/groups/{g}/config", self.control.prefix)),
+            );
+            for t in topics {
+                if self.client.try_subscribe(t, QoS::AtLeastOnce).is_err() {
+                    tracing::error!("control plane: cannot queue a subscription");
+                }
+            }
+            if let Some(body) = self.last_report.clone() {
+                let _ = self.client.try_publish(
+                    self.topic("config/status"),
+                    QoS::AtLeastOnce,
+                    true,
+                    body,
+                );
+            }
+            self.publish_applied();
+        }
+
         /// What is running now: the applied remote pipeline's version and hash.
         fn running(&self) -> (u64, String) {
             match self.store.applied() {
-                Some(a) => (a.version, a.hash),
-                None => (0, String::new()),
+                Ok(Some(a)) => (a.version, a.hash),
+                _ => (0, String::new()),
             }
         }
 
@@ -409,15 +478,13 @@ mod control {
                 }
                 _ => tracing::info!(version, state, "remote config"),
             }
-            let topic = format!(
-                "{}/{}/config/status",
-                self.control.prefix, self.local.gateway.id
-            );
             let body = serde_json::to_vec(&r).unwrap_or_default();
-            if self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, true, body)
-                .is_err()
+            self.last_report = Some(body.clone());
+            if self.connected
+                && self
+                    .client
+                    .try_publish(self.topic("config/status"), QoS::AtLeastOnce, true, body)
+                    .is_err()
             {
                 tracing::warn!("control plane: cannot queue the status report");
             }
@@ -426,8 +493,8 @@ mod control {
         /// Publishes (retained) the pipeline running now, for `gateway remote diff`.
         fn publish_applied(&mut self) {
             let (version, hash, config) = match self.store.applied() {
-                Some(a) => (a.version, a.hash, a.config),
-                None => {
+                Ok(Some(a)) => (a.version, a.hash, a.config),
+                _ => {
                     let doc = gateway_config::remote::PipelineDoc {
                         inputs: self.local.inputs.clone(),
                         stages: self.local.stages.clone(),
@@ -436,18 +503,24 @@ mod control {
                     (0, String::new(), toml::to_string(&doc).unwrap_or_default())
                 }
             };
+            if !self.connected {
+                return; // published on the next connect
+            }
             let body = serde_json::json!({ "version": version, "hash": hash, "config": config });
-            let topic = format!(
-                "{}/{}/config/applied",
-                self.control.prefix, self.local.gateway.id
+            let _ = self.client.try_publish(
+                self.topic("config/applied"),
+                QoS::AtLeastOnce,
+                true,
+                body.to_string(),
             );
-            let _ = self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, true, body.to_string());
         }
 
-        /// The periodic status message.
+        /// The periodic status message (skipped while disconnected: it would only fill
+        /// the client's queue).
         fn status(&mut self) {
+            if !self.connected {
+                return;
+            }
             let t = self.metrics.totals();
             let (running, hash) = self.running();
             let body = serde_json::json!({
@@ -463,82 +536,77 @@ mod control {
                 "last_error": self.last_error,
                 "at": rfc3339(std::time::SystemTime::now()),
             });
-            let topic = format!("{}/{}/status", self.control.prefix, self.local.gateway.id);
-            let _ = self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, true, body.to_string());
+            let _ = self.client.try_publish(
+                self.topic("status"),
+                QoS::AtLeastOnce,
+                true,
+                body.to_string(),
+            );
         }
 
         /// After a restart: a pipeline that had not passed its health window was rolled
-        /// back by [`super::effective`]; say so.
+        /// back by [`super::effective`]; record and say so.
         fn after_restart(&mut self) {
-            if let Some(a) = self.store.applied().filter(|a| !a.kept) {
-                let back = self.store.last_good();
-                let result = match &back {
-                    Some(g) => self.store.set_applied(g),
-                    None => self.store.clear_applied(),
-                };
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "cannot record the rollback");
-                }
-                self.report(
-                    a.version,
-                    "rolled_back",
-                    Some("the gateway restarted during the health window".into()),
-                );
+            let Ok(Some(a)) = self.store.applied() else {
+                return;
+            };
+            if a.kept {
+                return;
             }
-            self.publish_applied();
+            let result = match self.store.last_good() {
+                Ok(Some(g)) => self.store.set_applied(&g).map_err(|e| e.to_string()),
+                Ok(None) => self.store.clear_applied().map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, "cannot record the rollback");
+            }
+            self.report(
+                a.version,
+                "rolled_back",
+                Some("the gateway restarted during the health window".into()),
+            );
         }
 
-        /// Takes one envelope from `topic`.
-        async fn envelope(&mut self, topic: &str, payload: &[u8]) {
-            let own = topic == own_topic(&self.control, &self.local.gateway.id);
+        /// Takes one envelope.
+        async fn envelope(&mut self, payload: &[u8]) {
             let env: Envelope = match serde_json::from_slice(payload) {
                 Ok(e) => e,
                 Err(e) => {
-                    self.report(
-                        0,
-                        "rejected",
-                        Some(Rejection::Malformed(e.to_string()).to_string()),
-                    );
+                    let r = Rejection::Malformed(e.to_string());
+                    self.report(0, "rejected", Some(format!("{}: {r}", r.label())));
                     return;
                 }
             };
-            let source = if own {
-                "own".to_string()
-            } else {
-                env.target.clone()
-            };
-            // A group's config does not replace a gateway's own.
-            if !own && env.kind == Kind::Config {
-                if let Some(a) = self.store.applied().filter(|a| a.source == "own") {
-                    if env.version > self.store.version() {
-                        self.report(
-                            env.version,
-                            "rejected",
-                            Some(format!(
-                                "overridden by this gateway's own config (version {})",
-                                a.version
-                            )),
-                        );
-                    }
+            let stored = match self.store.version() {
+                Ok(v) => v,
+                Err(e) => {
+                    self.report(env.version, "rejected", Some(format!("state: {e}")));
                     return;
                 }
-            }
+            };
             // Retained messages come again on every reconnect: the version decided last
-            // (applied, rolled back, or cut short by a crash) is not news.
-            let stored = self.store.version();
-            if env.version == stored {
+            // is not news. One accepted but cut short by a crash is taken again.
+            if env.version == stored.version && stored.done {
                 return;
             }
-            let candidate = match vet(&self.local, &self.store, &env, stored) {
+            let floor = if env.version == stored.version {
+                stored.version.saturating_sub(1)
+            } else {
+                stored.version
+            };
+            let candidate = match vet(&self.local, &self.store, &env, floor) {
                 Ok(c) => c,
                 Err(r) => {
                     self.report(env.version, "rejected", Some(format!("{}: {r}", r.label())));
                     return;
                 }
             };
-            if let Err(e) = self.store.set_version(env.version) {
+            let accepted = Version {
+                version: env.version,
+                done: false,
+            };
+            if let Err(e) = self.store.set_version(accepted) {
                 self.report(
                     env.version,
                     "rejected",
@@ -546,36 +614,67 @@ mod control {
                 );
                 return;
             }
+            // Whose it is comes from the signed target, not from the topic.
+            let own = env.target == self.local.gateway.id;
+            let source = if own {
+                "own".to_string()
+            } else {
+                env.target.clone()
+            };
             match (env.kind, candidate) {
                 (Kind::Keys, _) => self.rotate(&env),
                 (Kind::Config, Some(config)) => {
-                    let text = env.config.clone().unwrap_or_default();
-                    let applied = Applied {
-                        version: env.version,
-                        source,
-                        hash: hash(&text),
-                        config: text,
-                        kept: false,
-                    };
-                    self.apply(applied, config).await;
+                    let applied_own = self
+                        .store
+                        .applied()
+                        .ok()
+                        .flatten()
+                        .filter(|a| a.source == "own");
+                    if let (false, Some(a)) = (own, applied_own) {
+                        self.report(
+                            env.version,
+                            "rejected",
+                            Some(format!(
+                                "overridden: this gateway runs its own config (version {})",
+                                a.version
+                            )),
+                        );
+                    } else {
+                        let text = env.config.clone().unwrap_or_default();
+                        let applied = Applied {
+                            version: env.version,
+                            source,
+                            hash: hash(&text),
+                            config: text,
+                            kept: false,
+                        };
+                        self.apply(applied, config).await;
+                    }
                 }
                 (Kind::Config, None) => {}
+            }
+            let done = Version {
+                version: env.version,
+                done: true,
+            };
+            if let Err(e) = self.store.set_version(done) {
+                tracing::error!(error = %e, "cannot record the version as carried out");
             }
         }
 
         fn rotate(&mut self, env: &Envelope) {
             let change = env.keys.clone().unwrap_or_default();
-            let mut keys: Vec<TrustedKey> = self.store.keys(&self.control.trusted_keys);
-            keys.retain(|k| {
-                !change.remove.contains(&k.id) && !change.add.iter().any(|a| a.id == k.id)
-            });
-            keys.extend(change.add.iter().cloned());
-            match self.store.set_keys(&keys) {
+            let result = self
+                .store
+                .keys(&self.control.trusted_keys)
+                .and_then(|keys| change.apply_to(&keys))
+                .and_then(|keys| self.store.set_keys(&keys).map_err(|e| e.to_string()));
+            match result {
                 Ok(()) => self.report(env.version, "applied", None),
                 Err(e) => self.report(
                     env.version,
                     "rejected",
-                    Some(format!("cannot record the keys: {e}")),
+                    Some(format!("invalid_config: {e}")),
                 ),
             }
         }
@@ -596,7 +695,7 @@ mod control {
 
         async fn apply(&mut self, applied: Applied, config: Config) {
             let kafka_was_up = self.metrics.totals().kafka_up;
-            let previous = self.store.applied();
+            let previous = self.store.applied().ok().flatten();
             if let Err(e) = self.store.set_applied(&applied) {
                 self.report(
                     applied.version,
@@ -607,8 +706,7 @@ mod control {
             }
             self.report(applied.version, "applying", None);
             if let Err(e) = self.reload(config).await {
-                // The running pipeline was left alone (or only its output kept): back to
-                // what the store said before.
+                // The running pipeline was left as it was: back to what the store said.
                 let _ = match &previous {
                     Some(p) => self.store.set_applied(p),
                     None => self.store.clear_applied(),
@@ -634,7 +732,7 @@ mod control {
                 return;
             };
             let t = self.metrics.totals();
-            let config = super::effective_with(&self.local, &trial.applied);
+            let config = effective_with(&self.local, &trial.applied);
             let mut problems = Vec::new();
             for input in &config.inputs {
                 if self.metrics.input(input.name()).connected.get() != 1 {
@@ -662,10 +760,11 @@ mod control {
             if problems.is_empty() {
                 let mut kept = trial.applied.clone();
                 kept.kept = true;
+                // Applied first: a crash between the two runs the kept pipeline.
                 let saved = self
                     .store
-                    .set_last_good(&kept)
-                    .and_then(|()| self.store.set_applied(&kept));
+                    .set_applied(&kept)
+                    .and_then(|()| self.store.set_last_good(&kept));
                 match saved {
                     Ok(()) => self.report(kept.version, "applied", None),
                     Err(e) => tracing::error!(error = %e, "cannot record the kept config"),
@@ -674,9 +773,9 @@ mod control {
                 return;
             }
             let reason = problems.join("; ");
-            let back = self.store.last_good();
+            let back = self.store.last_good().ok().flatten();
             let config = match &back {
-                Some(g) => super::effective_with(&self.local, g),
+                Some(g) => effective_with(&self.local, g),
                 None => self.local.clone(),
             };
             let _ = match &back {
