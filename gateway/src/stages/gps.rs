@@ -182,6 +182,29 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        /// Whatever fixes arrive, every fix that goes on is in range, not (0, 0), and (when
+        /// it follows another by time) reports a speed no faster than the limit; unless
+        /// three refusals in a row re-anchored the device there.
+        #[test]
+        fn what_goes_on_is_plausible(
+            fixes in proptest::collection::vec((-91.0f64..91.0, -181.0f64..181.0, 0i64..30), 1..100)
+        ) {
+            let g = stage();
+            let mut t = 0;
+            for (lat, lon, step) in fixes {
+                t += step;
+                if let Verdict::Keep(e) = g.apply(fix(lat, lon, t, None), &mut Vec::new()) {
+                    proptest::prop_assert!(lat.abs() <= 90.0 && lon.abs() <= 180.0);
+                    proptest::prop_assert!(lat != 0.0 || lon != 0.0);
+                    if let Some(Value::Number(speed)) = e.readings.get("speed_mps") {
+                        proptest::prop_assert!(*speed <= 50.0, "{speed}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn speed_heading_and_distance_are_derived() {
         let g = stage();

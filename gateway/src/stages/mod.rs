@@ -672,6 +672,38 @@ pub(crate) mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// An event without a location gets the newest fix (by event time) of its device
+        /// when that fix is at most `max_age` away from it, and nothing otherwise.
+        #[test]
+        fn latest_location_matches_a_model(
+            steps in proptest::collection::vec((0u8..3, 0i64..100, proptest::bool::ANY), 1..200)
+        ) {
+            let c = chain("[[stages]]\ntype='latest_location'\nmax_age='30s'");
+            let mut newest: HashMap<u8, (f64, i64)> = HashMap::new();
+            for (i, (dev, t, fix)) in steps.into_iter().enumerate() {
+                let device = format!("d{dev}");
+                let lat_in = fix.then_some(i as f64);
+                let got = lat(&c, located(&device, "gps", "s", t, lat_in));
+                match lat_in {
+                    Some(l) => {
+                        proptest::prop_assert_eq!(got, Some(l));
+                        if newest.get(&dev).is_none_or(|(_, ft)| t >= *ft) {
+                            newest.insert(dev, (l, t));
+                        }
+                    }
+                    None => {
+                        let want = newest
+                            .get(&dev)
+                            .filter(|(_, ft)| (t - ft).abs() <= 30)
+                            .map(|(l, _)| *l);
+                        proptest::prop_assert_eq!(got, want);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn latest_location_keeps_a_bounded_number_of_keys() {
         let mut list: Vec<StageConfig> = toml::from_str::<toml::Value>(
