@@ -47,6 +47,7 @@ enum Command {
     },
     /// Remote configuration, the operator's side: keys, signed envelopes, pushing them,
     /// a fleet's status.
+    #[cfg(feature = "operator")]
     Remote {
         #[command(subcommand)]
         command: crate::operator::RemoteCommand,
@@ -183,6 +184,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
+        #[cfg(feature = "operator")]
         Command::Remote { command } => {
             crate::operator::run(command)?;
             Ok(ExitCode::SUCCESS)

@@ -12,7 +12,8 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics` + `/health` endpoint.
 //! - [`app`]: wires it together; [`app::run`] is the entry point.
 //! - [`remote`]: remote configuration (signed pipelines from the control broker), and
-//!   [`operator`]: `gateway remote` (keys, signing, pushing, fleet status).
+//!   `operator` (feature `operator`): `gateway remote` (keys, signing, pushing, fleet
+//!   status, diff).
 //! - [`cli`]: the `gateway` command line.
 //! - `demo` (feature `demo`): the self-contained demo behind `gateway demo`.
 //! - `simulate` (feature `serial`): a serial device on a pseudo-terminal, behind
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod demo;
 pub mod event;
 pub mod metrics;
+#[cfg(feature = "operator")]
 pub mod operator;
 pub mod remote;
 pub mod router;

@@ -49,7 +49,6 @@ pub enum RemoteCommand {
         config: Option<PathBuf>,
     },
     /// Publish an envelope, retained, to its target's topic on the control broker.
-    #[cfg(feature = "mqtt")]
     Push {
         /// The envelope file (from `sign`).
         envelope: PathBuf,
@@ -59,7 +58,6 @@ pub enum RemoteCommand {
     },
     /// The difference between a candidate pipeline and the one a gateway runs (as it
     /// published it, retained, on `<prefix>/<gateway>/config/applied`).
-    #[cfg(feature = "operator")]
     Diff {
         /// The gateway.
         #[arg(long)]
@@ -72,7 +70,6 @@ pub enum RemoteCommand {
     },
     /// A table of the gateways that reported to the control broker: config version,
     /// state, reason, last seen.
-    #[cfg(feature = "mqtt")]
     Status {
         /// The control broker.
         #[command(flatten)]
@@ -167,11 +164,8 @@ pub fn run(cmd: RemoteCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&env)?);
             Ok(())
         }
-        #[cfg(feature = "mqtt")]
         RemoteCommand::Push { envelope, broker } => mqtt::push(&envelope, &broker),
-        #[cfg(feature = "mqtt")]
         RemoteCommand::Status { broker, wait } => mqtt::status(&broker, wait),
-        #[cfg(feature = "operator")]
         RemoteCommand::Diff {
             gateway,
             candidate,
@@ -202,7 +196,6 @@ pub fn topic_for(prefix: &str, target: &str) -> String {
     }
 }
 
-#[cfg(feature = "mqtt")]
 mod mqtt {
     use std::collections::BTreeMap;
     use std::time::{Duration, Instant};
@@ -246,7 +239,6 @@ mod mqtt {
     }
 
     /// The first retained message on `topic`, waiting at most `wait`.
-    #[cfg(feature = "operator")]
     fn retained(b: &Broker, topic: &str, wait: Duration) -> anyhow::Result<Option<Vec<u8>>> {
         let (client, mut conn) = client(b, "read");
         client.subscribe(topic, QoS::AtLeastOnce)?;
@@ -264,7 +256,6 @@ mod mqtt {
         Ok(None)
     }
 
-    #[cfg(feature = "operator")]
     pub fn diff(gateway: &str, candidate: &std::path::Path, b: &Broker) -> anyhow::Result<()> {
         let new = std::fs::read_to_string(candidate)
             .with_context(|| format!("cannot read {}", candidate.display()))?;
