@@ -15,12 +15,26 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, below Linux's ephemeral range (32768-60999).
+///
+/// Not `bind(0)`: that hands out ephemeral ports, and librdkafka's mock cluster re-binds a
+/// broker's own (ephemeral) port when a test brings it back up (`Kafka::up`). A test that
+/// took that port in the meantime made the mock abort the whole test process ("Failed to
+/// create mock broker listener").
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
