@@ -852,31 +852,42 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Parses and validates config text. `file` is only used in error messages.
 pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigErrors> {
-    let config: Config = toml::from_str(text).map_err(|e| {
-        let position = e.span().map(|s| line_col(text, s.start));
-        ConfigErrors(vec![ConfigError {
-            file: file.map(Path::to_path_buf),
-            position,
-            path: None,
-            message: e.message().trim_end().to_string(),
-        }])
-    })?;
+    let config: Config = toml::from_str(text).map_err(|e| syntax_error(&e, text, file))?;
+    checked(config, file, Some(text))
+}
+
+/// A TOML syntax or type error of `text`, with its line and column.
+pub(crate) fn syntax_error(e: &toml::de::Error, text: &str, file: Option<&Path>) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError {
+        file: file.map(Path::to_path_buf),
+        position: e.span().map(|s| line_col(text, s.start)),
+        path: None,
+        message: e.message().trim_end().to_string(),
+    }])
+}
+
+/// `config` if it validates, else every error with its path (and, when `text` is given,
+/// its line and column there).
+pub(crate) fn checked(
+    config: Config,
+    file: Option<&Path>,
+    text: Option<&str>,
+) -> Result<Config, ConfigErrors> {
     let errors = validate(&config);
     if errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigErrors(
-            errors
-                .into_iter()
-                .map(|(path, message)| ConfigError {
-                    file: file.map(Path::to_path_buf),
-                    position: locate(text, &path).map(|o| line_col(text, o)),
-                    path: Some(path),
-                    message,
-                })
-                .collect(),
-        ))
+        return Ok(config);
     }
+    Err(ConfigErrors(
+        errors
+            .into_iter()
+            .map(|(path, message)| ConfigError {
+                file: file.map(Path::to_path_buf),
+                position: text.and_then(|t| locate(t, &path).map(|o| line_col(t, o))),
+                path: Some(path),
+                message,
+            })
+            .collect(),
+    ))
 }
 
 /// The byte offset of a field path such as `inputs[0].topics[1]` in the text: of the

@@ -21,7 +21,7 @@ use base64::Engine as _;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::{validate, Config, ConfigError, ConfigErrors, Input, Output, Stage};
+use crate::{Config, ConfigErrors, Input, Output, Stage};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -352,34 +352,12 @@ pub struct PipelineDoc {
 /// A full config: `local`'s bootstrap (gateway, spool, telemetry, control) with the
 /// pipeline of `text`, validated; every error with its path.
 pub fn pipeline_config(local: &Config, text: &str) -> Result<Config, ConfigErrors> {
-    let doc: PipelineDoc = toml::from_str(text).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: None,
-            position: e.span().map(|s| crate::line_col(text, s.start)),
-            path: None,
-            message: e.message().trim_end().to_string(),
-        }])
-    })?;
+    let doc: PipelineDoc = toml::from_str(text).map_err(|e| crate::syntax_error(&e, text, None))?;
     let mut c = local.clone();
     c.inputs = doc.inputs;
     c.stages = doc.stages;
     c.output = doc.output;
-    let errors = validate(&c);
-    if errors.is_empty() {
-        Ok(c)
-    } else {
-        Err(ConfigErrors(
-            errors
-                .into_iter()
-                .map(|(path, message)| ConfigError {
-                    file: None,
-                    position: None,
-                    path: Some(path),
-                    message,
-                })
-                .collect(),
-        ))
-    }
+    crate::checked(c, None, None)
 }
 
 #[cfg(test)]
