@@ -11,16 +11,14 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::mock::ProxiedCluster;
 
 /// A free TCP port on 127.0.0.1, below Linux's ephemeral range (32768-60999).
 ///
-/// Not `bind(0)`: that hands out ephemeral ports, and librdkafka's mock cluster re-binds a
-/// broker's own (ephemeral) port when a test brings it back up (`Kafka::up`). A test that
-/// took that port in the meantime made the mock abort the whole test process ("Failed to
-/// create mock broker listener").
+/// Not `bind(0)`: the ports handed out here are bound later (by Mosquitto, say), and an
+/// ephemeral port may meanwhile be taken by any outgoing connection on the machine.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -110,44 +108,33 @@ impl Drop for Mosquitto {
     }
 }
 
-/// librdkafka's mock cluster, reachable over TCP at `bootstrap`.
+/// librdkafka's mock cluster, reachable over TCP at `bootstrap` through a proxy per
+/// broker (see [`crate::mock`] for why the uplink is cut there).
 pub struct Kafka {
-    /// The cluster (not Send: keep it on the test thread).
-    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    cluster: ProxiedCluster,
     /// `host:port` list.
     pub bootstrap: String,
-    brokers: i32,
 }
 
 impl Kafka {
     /// A cluster of `brokers` brokers with `topics` created at `partitions` partitions.
     pub fn start(brokers: i32, topics: &[&str], partitions: i32) -> Kafka {
-        let cluster = MockCluster::new(brokers).expect("mock cluster");
+        let cluster = ProxiedCluster::new(brokers).expect("mock cluster");
         for t in topics {
-            cluster
-                .create_topic(t, partitions, 1)
-                .expect("create topic");
+            cluster.create_topic(t, partitions).expect("create topic");
         }
-        let bootstrap = cluster.bootstrap_servers();
-        Kafka {
-            cluster,
-            bootstrap,
-            brokers,
-        }
+        let bootstrap = cluster.bootstrap.clone();
+        Kafka { cluster, bootstrap }
     }
 
-    /// Takes every broker down (the uplink is cut).
+    /// Cuts every broker off (the uplink is down).
     pub fn down(&self) {
-        for b in 1..=self.brokers {
-            self.cluster.broker_down(b).expect("broker down");
-        }
+        self.cluster.down();
     }
 
-    /// Brings every broker back.
+    /// Lets every broker be reached again.
     pub fn up(&self) {
-        for b in 1..=self.brokers {
-            self.cluster.broker_up(b).expect("broker up");
-        }
+        self.cluster.up();
     }
 
     /// Reads `topic` from the beginning until `stop` says enough or `timeout` passes. A

@@ -4,3 +4,4 @@
 //! `gateway-bench` benchmark command.
 
 pub mod harness;
+pub mod mock;
