@@ -3,6 +3,7 @@
 // A build without any input type (`--no-default-features`) uses none of the helpers.
 #![cfg_attr(not(any(feature = "mqtt", feature = "serial")), allow(dead_code))]
 
+pub mod json;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 #[cfg(feature = "serial")]
