@@ -128,6 +128,7 @@ fn spool_path(config: Option<PathBuf>, path: Option<PathBuf>) -> anyhow::Result<
 
 /// Parses the command line and runs the command; the exit code says how it went.
 pub fn main() -> ExitCode {
+    crate::tune_allocator();
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(code) => code,
