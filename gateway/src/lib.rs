@@ -53,7 +53,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// has the runs. `MIMALLOC_PURGE_DELAY` in the environment still wins.
 pub fn tune_allocator() {
     #[cfg(feature = "mimalloc")]
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none()
+        && std::env::var_os("MIMALLOC_RESET_DELAY").is_none()
+    {
         // `mi_option_purge_delay` in mimalloc.h (not exported as a constant by the sys
         // crate "for stability reasons"; the same position in mimalloc 2 and 3).
         const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;

@@ -791,6 +791,8 @@ impl Router {
             if rows.is_empty() {
                 break;
             }
+            // Commits and reads above may have taken a while: the send times are now.
+            self.now = Instant::now();
             for row in rows {
                 let record = match Record::decode(&row.data) {
                     Ok(r) => r,

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::io::ErrorKind;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -158,10 +158,19 @@ impl Shared {
 
 impl Proxy {
     fn start(target: &str) -> anyhow::Result<Proxy> {
-        let port = free_port();
-        let listener = TcpListener::bind(("127.0.0.1", port))?;
+        // `free_port` checked the port and let it go; another process may take it before
+        // the bind here, so try a few.
+        let mut tries = 0;
+        let (port, listener) = loop {
+            let port = free_port();
+            match TcpListener::bind(("127.0.0.1", port)) {
+                Ok(l) => break (port, l),
+                Err(e) if e.kind() == ErrorKind::AddrInUse && tries < 20 => tries += 1,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let target: SocketAddr = target.parse()?;
         let shared = Arc::new(Shared::default());
-        let target = target.to_owned();
         let accept = {
             let shared = shared.clone();
             std::thread::Builder::new()
@@ -191,15 +200,25 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.set_down(true);
-        // Wakes the accept loop so that it sees `stop`.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        // Wakes the accept loop so that it sees `stop`; if that connect fails the loop
+        // may never wake, so it is left behind rather than waited for.
+        let woken = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], self.port)),
+            CONNECT_TIMEOUT,
+        )
+        .is_ok();
         if let Some(t) = self.accept.take() {
-            let _ = t.join();
+            if woken {
+                let _ = t.join();
+            }
         }
     }
 }
 
-fn accept_loop(listener: &TcpListener, target: &str, shared: &Arc<Shared>) {
+/// How long the proxy waits for the mock broker (or itself) to accept a connection.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn accept_loop(listener: &TcpListener, target: &SocketAddr, shared: &Arc<Shared>) {
     for client in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
             return;
@@ -216,7 +235,7 @@ fn accept_loop(listener: &TcpListener, target: &str, shared: &Arc<Shared>) {
         if shared.links().down {
             continue; // dropped: closed at once
         }
-        let Ok(server) = TcpStream::connect(target) else {
+        let Ok(server) = TcpStream::connect_timeout(target, CONNECT_TIMEOUT) else {
             continue;
         };
         let _ = client.set_nodelay(true);

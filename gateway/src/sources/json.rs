@@ -155,7 +155,9 @@ impl<'de> Deserialize<'de> for Json<'de> {
                 Ok(Json::Array(items))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
-                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8).min(64));
+                // No size hint from serde_json: grow as members come (an empty object
+                // costs nothing, so a payload of many `{}` stays small).
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
                 while let Some((Text(k), v)) = map.next_entry::<Text<'de>, Json<'de>>()? {
                     members.push((k, v));
                 }

@@ -253,13 +253,24 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
             &m.accuracy,
         ];
         if let Json::Object(members) = &doc {
-            for (k, v) in members {
+            // A repeated key counts once, as its last value (as `serde_json::Value`
+            // reads it): walk from the end and skip keys already decided.
+            let mut skipped = std::collections::BTreeSet::new();
+            for (k, v) in members.iter().rev() {
                 let k: &str = k;
+                if readings.contains_key(k) || skipped.contains(k) {
+                    continue;
+                }
                 if reserved.iter().any(|r| *r == k) || m.tags.iter().any(|t| t == k) {
                     continue;
                 }
-                if let Some(val) = to_value(v) {
-                    readings.insert(k.to_string(), val);
+                match to_value(v) {
+                    Some(val) => {
+                        readings.insert(k.to_string(), val);
+                    }
+                    None => {
+                        skipped.insert(k);
+                    }
                 }
             }
         }
@@ -540,6 +551,29 @@ mod tests {
         assert_eq!(e.tags.get("site").map(String::as_str), Some("site1"));
         assert_eq!(e.tags.get("fw").map(String::as_str), Some("1.2"));
         assert_eq!(e.readings.keys().collect::<Vec<_>>(), ["temp"]);
+    }
+
+    #[test]
+    fn a_repeated_field_reads_as_its_last_value() {
+        let origin = Origin {
+            source: "in",
+            topic: "t",
+            captures: &[],
+            received_ns: NOW,
+        };
+        let m = JsonMapping::default();
+        let e = decode(
+            PayloadFormat::Json,
+            &m,
+            &origin,
+            br#"{"device":"a","device":"b","t":1,"t":2,"u":1,"u":null,"v":null,"v":"x"}"#,
+        )
+        .expect("decodes")
+        .remove(0);
+        assert_eq!(e.device, "b");
+        assert_eq!(e.readings.get("t"), Some(&Value::Number(2.0)));
+        assert_eq!(e.readings.get("u"), None);
+        assert_eq!(e.readings.get("v"), Some(&Value::Text("x".into())));
     }
 
     #[test]
