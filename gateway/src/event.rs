@@ -204,10 +204,57 @@ pub fn content_id(source: &str, origin: &str, payload: &[u8], index: usize) -> S
 
 /// RFC 3339 text (UTC, nanoseconds trimmed) for ns since the epoch.
 pub fn rfc3339(ns: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ns as i128)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    let mut out = Vec::with_capacity(30);
+    write_rfc3339(ns, &mut out);
+    // Only ASCII digits and punctuation were written.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends the RFC 3339 text of `ns` since the epoch: `2023-11-14T22:13:20.123Z`, UTC,
+/// the fraction's trailing zeros trimmed and no fraction at all for whole seconds (as the
+/// `time` crate writes it; a property test compares the two). Every `i64` is a year
+/// between 1677 and 2262, so the year always has four digits.
+pub fn write_rfc3339(ns: i64, out: &mut Vec<u8>) {
+    let secs = ns.div_euclid(1_000_000_000);
+    let nanos = ns.rem_euclid(1_000_000_000) as u32;
+    let days = secs.div_euclid(86_400);
+    let of_day = secs.rem_euclid(86_400) as u32;
+    // Days to a civil date (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as u32;
+    let digits = |out: &mut Vec<u8>, v: u32, width: u32| {
+        for k in (0..width).rev() {
+            out.push(b'0' + (v / 10u32.pow(k) % 10) as u8);
+        }
+    };
+    digits(out, year, 4);
+    out.push(b'-');
+    digits(out, month, 2);
+    out.push(b'-');
+    digits(out, day, 2);
+    out.push(b'T');
+    digits(out, of_day / 3600, 2);
+    out.push(b':');
+    digits(out, of_day / 60 % 60, 2);
+    out.push(b':');
+    digits(out, of_day % 60, 2);
+    if nanos != 0 {
+        let (mut frac, mut width) = (nanos, 9);
+        while frac % 10 == 0 {
+            frac /= 10;
+            width -= 1;
+        }
+        out.push(b'.');
+        digits(out, frac, width);
+    }
+    out.push(b'Z');
 }
 
 #[cfg(test)]
@@ -274,5 +321,26 @@ mod tests {
             rfc3339(1_700_000_000_123_000_000),
             "2023-11-14T22:13:20.123Z"
         );
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999999999Z");
+        assert_eq!(
+            rfc3339(951_782_400_000_000_010),
+            "2000-02-29T00:00:00.00000001Z"
+        );
+        assert_eq!(rfc3339(i64::MIN), "1677-09-21T00:12:43.145224192Z");
+        assert_eq!(rfc3339(i64::MAX), "2262-04-11T23:47:16.854775807Z");
+    }
+
+    proptest::proptest! {
+        /// The hand-written formatter writes what the `time` crate writes.
+        #[test]
+        fn rfc3339_matches_the_time_crate(ns in proptest::prelude::any::<i64>()) {
+            let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+                .expect("in range");
+            let expected = t
+                .format(&time::format_description::well_known::Rfc3339)
+                .expect("formats");
+            proptest::prop_assert_eq!(rfc3339(ns), expected);
+        }
     }
 }

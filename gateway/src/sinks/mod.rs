@@ -1,3 +1,4 @@
 //! Outputs. Today: Kafka.
 
+pub mod event_json;
 pub mod kafka;

@@ -15,6 +15,10 @@
 //! firmware-bridge frames on a pseudo-terminal (92,160 bytes/s of readings with 12
 //! channels), against its CPU while connected and idle in the same run.
 //!
+//! `-- --direct R` runs only the QoS 0 Kafka-up phase, R rounds of `--events N` on one
+//! gateway, and prints each round's CPU per million events and their median: the A/B
+//! measure for CPU work.
+//!
 //! `-- --idle` only starts the gateway against both brokers, lets it settle and prints its
 //! idle RSS. With `GATEWAY_BIN` and `GATEWAY_RUNNER` (see the harness) that measures an
 //! ARM binary under qemu-user (whose RSS then includes the emulator's own).
@@ -104,6 +108,57 @@ fn broker_alone(port: u16, n: usize) -> (f64, u64) {
     let got = count.load(Ordering::Relaxed);
     let end = *last.lock().expect("lock");
     (got as f64 / (end - start).as_secs_f64(), got)
+}
+
+/// The value after `flag` on the command line.
+fn arg(flag: &str) -> Option<usize> {
+    std::env::args()
+        .skip_while(|a| a != flag)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+}
+
+/// `--direct R`: only the QoS 0 Kafka-up phase, `rounds` times on one gateway, for A/B
+/// comparisons of CPU per event (one run of the full command is too noisy for that).
+fn direct_only(n: usize, rounds: usize) {
+    println!("gateway-bench --direct {rounds}: {n} events of ~120 bytes from {DEVICES} devices per round");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], 4);
+    let (broker_rate, _) = broker_alone(mqtt.port, n);
+    println!("broker alone (QoS 0 subscriber):       {broker_rate:>10.0} events/s");
+    let d = tempfile::tempdir().expect("tempdir");
+    let gw = Gateway::start(
+        d.path(),
+        &bench_config(d.path(), mqtt.port, &kafka.bootstrap, 0),
+    );
+    wait_for("connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
+    let mut cpu = Vec::new();
+    for round in 1..=rounds {
+        let before = gw.metric("gateway_events_delivered_total{input=\"site\"}");
+        let r = through_gateway(&gw, mqtt.port, n, rumqttc::QoS::AtMostOnce, |g| {
+            g.metric("gateway_events_delivered_total{input=\"site\"}") - before >= n as f64 * 0.999
+        });
+        // Records that took the spool's way although Kafka was up: drained ones, and
+        // direct ones copied into the spool because Kafka was slow to confirm.
+        let detour = gw.metric("gateway_spool_drained_total");
+        let slow = gw.metric("gateway_kafka_errors_total{kind=\"slow\"}");
+        println!("round {round}: {:>10.0} events/s = {:.0}% of broker alone, {:.2} CPU-s per million (so far: {detour} drained from the spool, {slow} slow-Kafka spool copies)", r.rate, r.rate / broker_rate * 100.0, r.cpu_per_million);
+        cpu.push(r.cpu_per_million);
+    }
+    for (k, v) in gw.metrics() {
+        if k.starts_with("gateway_kafka_errors_total") {
+            println!("{k} {v}");
+        }
+    }
+    cpu.sort_by(f64::total_cmp);
+    println!(
+        "CPU-s per million: median {:.2}, min {:.2}, max {:.2}",
+        cpu[cpu.len() / 2],
+        cpu[0],
+        cpu[cpu.len() - 1]
+    );
 }
 
 fn cpu_secs(pid: u32) -> f64 {
@@ -378,11 +433,11 @@ fn main() {
         idle_only();
         return;
     }
-    let n: usize = std::env::args()
-        .skip_while(|a| a != "--events")
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
+    let n: usize = arg("--events").unwrap_or(200_000);
+    if let Some(rounds) = arg("--direct") {
+        direct_only(n, rounds);
+        return;
+    }
     println!("gateway-bench: {n} events of ~120 bytes from {DEVICES} devices");
     let mqtt = Mosquitto::start();
     let kafka = Kafka::start(1, &[TOPIC], 4);

@@ -23,7 +23,9 @@
 //! - An upstream [`Ack`] is released when its record is committed to the spool or
 //!   confirmed by Kafka (`on_spool`), or only when confirmed (`on_delivery`).
 
-use std::collections::{BTreeMap, HashMap};
+mod in_flight;
+
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use gateway_config::{KafkaOutput, OverflowPolicy, SpoolConfig};
@@ -34,6 +36,7 @@ use crate::event::Record;
 use crate::metrics::{InputMetrics, Metrics};
 use crate::sinks::kafka::{KafkaSink, Opaque, Report};
 use crate::spool::{Row, Spool, SpoolError};
+use in_flight::InFlight;
 
 /// A record on its way from an input to the router.
 #[derive(Debug)]
@@ -100,8 +103,9 @@ pub fn start(
 ) -> Result<RouterHandle, String> {
     let (items_tx, items_rx) = flume::bounded(4096);
     let (control_tx, control_rx) = flume::unbounded();
-    let (reports_tx, reports_rx) = flume::unbounded();
-    let sink = KafkaSink::new(output, gateway_id, reports_tx.clone())?;
+    // librdkafka kicks the router when delivery reports wait; one token is enough.
+    let (kick_tx, kick_rx) = flume::bounded(1);
+    let sink = KafkaSink::new(output, gateway_id, kick_tx.clone())?;
     let next_seq = spool.max_seq() + 1;
     let router = Router {
         max_inflight: (output.queue_max_messages as usize).clamp(1, 1_000_000),
@@ -110,8 +114,9 @@ pub fn start(
         cfg: spool_cfg,
         sink,
         gateway_id: gateway_id.to_string(),
-        reports_tx,
-        reports_rx,
+        kick_tx,
+        kick_rx,
+        reports: Vec::new(),
         metrics,
         inputs: Vec::new(),
         input_idx: HashMap::new(),
@@ -125,9 +130,9 @@ pub fn start(
         deletes_since: None,
         respooled_low: false,
         delivery_acks: HashMap::new(),
-        direct: BTreeMap::new(),
+        direct: InFlight::default(),
         uncopied_direct: false,
-        drain_inflight: BTreeMap::new(),
+        drain_inflight: InFlight::default(),
         drain_cursor: 0,
         drain_failed_min: None,
         healthy: true,
@@ -166,10 +171,12 @@ struct Direct {
     copy_dropped: bool,
 }
 
+// Made and matched at once on every wake-up; boxing the item would cost an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Wake {
     Item(Item),
     ItemsClosed,
-    Report(Report),
+    Kick,
     Control(Control),
     Idle,
 }
@@ -179,8 +186,11 @@ struct Router {
     cfg: SpoolConfig,
     sink: KafkaSink,
     gateway_id: String,
-    reports_tx: flume::Sender<Report>,
-    reports_rx: flume::Receiver<Report>,
+    /// Given to every producer made: librdkafka's wake-up for the router.
+    kick_tx: flume::Sender<()>,
+    kick_rx: flume::Receiver<()>,
+    /// Scratch space for the delivery reports of one poll.
+    reports: Vec<Report>,
     metrics: Metrics,
     inputs: Vec<InputMetrics>,
     input_idx: HashMap<String, u32>,
@@ -201,11 +211,11 @@ struct Router {
     respooled_low: bool,
     /// `on_delivery` acks of spooled records, by seq.
     delivery_acks: HashMap<u64, Ack>,
-    direct: BTreeMap<u64, Direct>,
+    direct: InFlight<Direct>,
     /// Some direct record has no spool copy yet (set on send, cleared by
     /// `spool_direct_copies`): saves scanning `direct` on every tick of an outage.
     uncopied_direct: bool,
-    drain_inflight: BTreeMap<u64, (u32, bool)>,
+    drain_inflight: InFlight<(u32, bool)>,
     drain_cursor: u64,
     drain_failed_min: Option<u64>,
     healthy: bool,
@@ -262,7 +272,7 @@ impl Router {
             let timeout = self.next_deadline();
             let wake = {
                 let mut sel = flume::Selector::new()
-                    .recv(&self.reports_rx, |r| r.map_or(Wake::Idle, Wake::Report))
+                    .recv(&self.kick_rx, |_| Wake::Kick)
                     // A dropped handle means shut down.
                     .recv(&control, |c| Wake::Control(c.unwrap_or(Control::Shutdown)));
                 if accepting {
@@ -294,10 +304,7 @@ impl Router {
                         }
                     }
                 }
-                Wake::Report(r) => {
-                    handled += 1;
-                    self.on_report(r);
-                }
+                Wake::Kick => {}
                 Wake::Control(Control::Reconfigure(out, reply)) => {
                     let _ = reply.send(self.replace_sink(&out));
                 }
@@ -313,10 +320,7 @@ impl Router {
                 Wake::Idle => {}
             }
             self.now = Instant::now();
-            while let Ok(r) = self.reports_rx.try_recv() {
-                handled += 1;
-                self.on_report(r);
-            }
+            handled += self.serve_reports(None);
             self.tick();
             // A trickle of work would wake this thread once per record (a futex round
             // trip each, for the senders too). Let a little gather instead: at most
@@ -433,6 +437,22 @@ impl Router {
             self.pending_acks.push(ack);
         }
         self.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Serves the producer's event queue (for up to `wait` when given) and handles the
+    /// delivery reports it held; returns how many.
+    fn serve_reports(&mut self, wait: Option<Duration>) -> usize {
+        let mut batch = std::mem::take(&mut self.reports);
+        match wait {
+            Some(t) => self.sink.poll_for(t, &mut batch),
+            None => self.sink.poll(&mut batch),
+        }
+        let n = batch.len();
+        for r in batch.drain(..) {
+            self.on_report(r);
+        }
+        self.reports = batch;
+        n
     }
 
     fn on_report(&mut self, r: Report) {
@@ -873,7 +893,7 @@ impl Router {
         if out == self.sink.config() && !self.sink.is_fatal() {
             return Ok(());
         }
-        let new = KafkaSink::new(out, &self.gateway_id, self.reports_tx.clone())?;
+        let new = KafkaSink::new(out, &self.gateway_id, self.kick_tx.clone())?;
         self.retire_sink();
         self.sink = new;
         self.max_inflight = (out.queue_max_messages as usize).clamp(1, 1_000_000);
@@ -892,10 +912,8 @@ impl Router {
         while (!self.direct.is_empty() || !self.drain_inflight.is_empty())
             && Instant::now() < deadline
         {
-            if let Ok(r) = self.reports_rx.recv_timeout(Duration::from_millis(50)) {
-                self.now = Instant::now();
-                self.on_report(r);
-            }
+            self.now = Instant::now();
+            self.serve_reports(Some(Duration::from_millis(10)));
         }
         // Whatever did not report: the spool holds a copy and on_delivery acks wait
         // with it; unless the copy was dropped by the overflow policy, which counts now.
@@ -920,11 +938,13 @@ impl Router {
         while (!self.direct.is_empty() || !self.drain_inflight.is_empty())
             && Instant::now() < deadline
         {
-            self.sink.flush(Duration::from_millis(100));
+            let mut batch = std::mem::take(&mut self.reports);
+            self.sink.flush(Duration::from_millis(100), &mut batch);
             self.now = Instant::now();
-            while let Ok(r) = self.reports_rx.try_recv() {
+            for r in batch.drain(..) {
                 self.on_report(r);
             }
+            self.reports = batch;
         }
         self.retire_sink();
         if self.write_retry_at.is_some() || !self.pending.is_empty() {
