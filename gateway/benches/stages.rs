@@ -13,11 +13,10 @@
 // criterion_group! defines an undocumented function.
 #![allow(missing_docs)]
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use gateway::event::{ClockQuality, Event, Location, Value};
+use gateway::event::{ClockQuality, Event, Fields, Location, Value};
 use gateway::stages::{Chain, Outcome};
 use gateway_config::Stage as StageConfig;
 use rand::rngs::StdRng;
@@ -51,10 +50,10 @@ fn zones_geojson(n: usize, rng: &mut StdRng) -> String {
 fn events(n: usize, rng: &mut StdRng) -> Vec<Event> {
     (0..n)
         .map(|i| Event {
-            id: format!("pump-{}:{i}", i % 1000),
-            device: format!("pump-{}", i % 1000),
+            id: format!("pump-{}:{i}", i % 1000).into(),
+            device: format!("pump-{}", i % 1000).into(),
             source: "site".into(),
-            origin: format!("sensors/pump-{}/telemetry", i % 1000),
+            origin: format!("sensors/pump-{}/telemetry", i % 1000).into(),
             time_ns: 1_700_000_000_000_000_000 + i as i64 * 1_000_000,
             clock: ClockQuality::Device,
             received_ns: 1_700_000_000_000_000_000,
@@ -64,17 +63,14 @@ fn events(n: usize, rng: &mut StdRng) -> Vec<Event> {
                 alt: None,
                 accuracy: Some(5.0),
             }),
-            readings: BTreeMap::from([
+            readings: Fields::from([
                 (
-                    "temperature".to_string(),
+                    "temperature".into(),
                     Value::Number(rng.random_range(10.0..40.0)),
                 ),
-                (
-                    "pressure".to_string(),
-                    Value::Number(rng.random_range(0.9..1.1)),
-                ),
+                ("pressure".into(), Value::Number(rng.random_range(0.9..1.1))),
             ]),
-            tags: BTreeMap::new(),
+            tags: Fields::new(),
             route: None,
         })
         .collect()

@@ -105,6 +105,19 @@ impl<T> InFlight<T> {
     }
 
     fn position(&self, seq: u64) -> Result<usize, usize> {
+        // Seqs in the ring are mostly consecutive (gaps only where records went to the
+        // spool instead): try the slot seq would have without gaps before searching, which
+        // would touch a dozen cold entries.
+        if let Some((front, _)) = self.ring.front() {
+            if let Some(guess) = seq
+                .checked_sub(*front)
+                .and_then(|d| usize::try_from(d).ok())
+            {
+                if self.ring.get(guess).is_some_and(|(s, _)| *s == seq) {
+                    return Ok(guess);
+                }
+            }
+        }
         self.ring.binary_search_by_key(&seq, |(s, _)| *s)
     }
 }

@@ -153,11 +153,11 @@ pub(crate) mod tests {
                 accuracy: Some(3.0),
             }),
             readings: [
-                ("t".to_string(), Value::Number(20.5)),
-                ("s".to_string(), Value::Text("ok".into())),
+                ("t".into(), Value::Number(20.5)),
+                ("s".into(), Value::Text("ok".into())),
             ]
             .into(),
-            tags: [("site".to_string(), "b 1".to_string())].into(),
+            tags: [("site".into(), "b 1".into())].into(),
             route: None,
         }
     }
@@ -191,7 +191,7 @@ pub(crate) mod tests {
         );
         assert!(!text.contains("location"), "{text}");
         let v: serde_json::Value = serde_json::from_slice(&bytes).expect("valid JSON");
-        assert_eq!(v["device"], serde_json::Value::String(e.device.clone()));
+        assert_eq!(v["device"], serde_json::Value::String(e.device.to_string()));
     }
 
     proptest! {

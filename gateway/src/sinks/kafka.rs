@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use compact_str::CompactString;
 use gateway_config::{KafkaOutput, ValueFormat};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
@@ -457,7 +458,7 @@ fn expand_into(template: &str, e: &Event, safe: bool, out: &mut String) {
             f => f
                 .strip_prefix("tag.")
                 .and_then(|t| e.tags.get(t))
-                .map(String::as_str),
+                .map(CompactString::as_str),
         }
         .unwrap_or("unknown");
         if safe {

@@ -96,8 +96,8 @@ pub(crate) fn outcome(
             }
             m.dead_letters.inc();
             let dl = DeadLetter {
-                source: event.source.clone(),
-                origin: event.origin.clone(),
+                source: event.source.to_string(),
+                origin: event.origin.to_string(),
                 reason: dropped.reason.to_string(),
                 detail: format!("{}: {detail}", dropped.stage),
                 received_ns: event.received_ns,

@@ -13,7 +13,7 @@ use nmea::sentences::FixType;
 use nmea::ParseResult;
 
 use super::payload::{location, Malformed, Origin};
-use crate::event::{content_id, ClockQuality, Event, Value};
+use crate::event::{content_id, ClockQuality, Event, Fields, Value};
 
 fn bad(reason: &'static str, detail: impl Into<String>) -> Malformed {
     Malformed {
@@ -41,22 +41,22 @@ pub fn decode(origin: &Origin<'_>, device: &str, line: &str) -> Result<Event, Ma
         other => bad("malformed_nmea", format!("{other:?}")),
     })?;
     let no_fix = || bad("no_fix", "the receiver has no valid fix");
-    let mut readings = std::collections::BTreeMap::new();
+    let mut readings = Fields::new();
     let (kind, lat, lon, alt, time) = match parsed {
         ParseResult::GGA(g) => {
             if !g.fix_type.is_some_and(FixType::is_valid) {
                 return Err(no_fix());
             }
             if let Some(n) = g.fix_satellites {
-                readings.insert("satellites".to_string(), Value::Number(f64::from(n)));
+                readings.insert("satellites".into(), Value::Number(f64::from(n)));
             }
             if let Some(h) = g.hdop {
-                readings.insert("hdop".to_string(), Value::Number(f64::from(h)));
+                readings.insert("hdop".into(), Value::Number(f64::from(h)));
             }
             if let Some(t) = g.fix_type {
                 readings.insert(
-                    "fix".to_string(),
-                    Value::Text(format!("{t:?}").to_lowercase()),
+                    "fix".into(),
+                    Value::Text(format!("{t:?}").to_lowercase().into()),
                 );
             }
             let time = g
@@ -75,10 +75,10 @@ pub fn decode(origin: &Origin<'_>, device: &str, line: &str) -> Result<Event, Ma
                 return Err(no_fix());
             }
             if let Some(s) = r.speed_over_ground {
-                readings.insert("speed".to_string(), Value::Number(f64::from(s) * KNOT));
+                readings.insert("speed".into(), Value::Number(f64::from(s) * KNOT));
             }
             if let Some(c) = r.true_course {
-                readings.insert("course".to_string(), Value::Number(f64::from(c)));
+                readings.insert("course".into(), Value::Number(f64::from(c)));
             }
             let time = match (r.fix_date, r.fix_time) {
                 (Some(d), Some(t)) => at(d, t),
@@ -103,17 +103,17 @@ pub fn decode(origin: &Origin<'_>, device: &str, line: &str) -> Result<Event, Ma
         Some(ns) => (ns, ClockQuality::Device),
         None => (origin.received_ns, ClockQuality::Gateway),
     };
-    let mut tags = std::collections::BTreeMap::new();
-    tags.insert("nmea".to_string(), kind.to_string());
+    let mut tags = Fields::new();
+    tags.insert("nmea".into(), kind.into());
     // The resolved time goes into the id: GGA and GLL repeat a line exactly when a
     // receiver stands still at the same second of another day.
     let mut keyed = line.as_bytes().to_vec();
     keyed.extend_from_slice(&time_ns.to_le_bytes());
     Ok(Event {
-        id: content_id(origin.source, origin.topic, &keyed, 0),
-        device: device.to_string(),
-        source: origin.source.to_string(),
-        origin: origin.topic.to_string(),
+        id: content_id(origin.source, origin.topic, &keyed, 0).into(),
+        device: device.into(),
+        source: origin.source.into(),
+        origin: origin.topic.into(),
         time_ns,
         clock,
         received_ns: origin.received_ns,

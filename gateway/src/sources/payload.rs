@@ -4,10 +4,9 @@
 //! number. A payload that cannot be decoded gives a [`Malformed`] with a short `reason`
 //! (the metrics label) and a human detail; it never panics.
 
-use std::collections::BTreeMap;
-
 use super::json::Json;
-use crate::event::{content_id, ClockQuality, Event, Location, Value};
+use crate::event::{content_id, sequence_id, ClockQuality, Event, Fields, Location, Value};
+use compact_str::{CompactString, ToCompactString};
 use gateway_config::{JsonMapping, PayloadFormat, TimeUnit};
 
 /// Why a payload was rejected.
@@ -47,27 +46,33 @@ impl Origin<'_> {
             .map(|(_, v)| *v)
     }
 
-    fn tags(&self) -> BTreeMap<String, String> {
+    fn tags(&self) -> Fields<CompactString> {
         self.captures
             .iter()
             .filter(|(n, _)| *n != "device" && *n != "metric")
-            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .map(|(n, v)| (CompactString::from(*n), CompactString::from(*v)))
             .collect()
     }
 
     /// An event from here: source, origin and receipt time filled in, the topic's
     /// fields as tags, no location and no readings yet.
-    fn event(&self, id: String, device: String, time_ns: i64, clock: ClockQuality) -> Event {
+    fn event(
+        &self,
+        id: CompactString,
+        device: CompactString,
+        time_ns: i64,
+        clock: ClockQuality,
+    ) -> Event {
         Event {
             id,
             device,
-            source: self.source.to_string(),
-            origin: self.topic.to_string(),
+            source: self.source.into(),
+            origin: self.topic.into(),
             time_ns,
             clock,
             received_ns: self.received_ns,
             location: None,
-            readings: BTreeMap::new(),
+            readings: Fields::new(),
             tags: self.tags(),
             route: None,
         }
@@ -158,10 +163,10 @@ fn parse_time(v: &Json<'_>, unit: TimeUnit) -> Result<i64, Malformed> {
     })
 }
 
-fn json_device(v: &Json<'_>) -> Option<String> {
+fn json_device(v: &Json<'_>) -> Option<CompactString> {
     match v {
-        Json::String(s) if !s.is_empty() => Some(s.to_string()),
-        Json::Number(n) => Some(n.to_string()),
+        Json::String(s) if !s.is_empty() => Some(CompactString::from(&**s)),
+        Json::Number(n) => Some(n.to_compact_string()),
         _ => None,
     }
 }
@@ -199,7 +204,7 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
         return Err(bad("malformed_json", "the payload must be a JSON object"));
     }
     let device = match o.capture("device") {
-        Some(d) => d.to_string(),
+        Some(d) => CompactString::from(d),
         None => lookup(&doc, &m.device)
             .and_then(json_device)
             .ok_or_else(|| {
@@ -225,20 +230,20 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
     };
     let loc = location(num(&m.lat)?, num(&m.lon)?, num(&m.alt)?, num(&m.accuracy)?)?;
     let seq = lookup(&doc, &m.seq).and_then(Json::as_u64);
-    let mut tags = BTreeMap::new();
+    let mut tags = Fields::new();
     for t in &m.tags {
         if let Some(v) = lookup(&doc, t) {
             let s = match v {
-                Json::String(s) => s.to_string(),
-                other => other.to_string(),
+                Json::String(s) => CompactString::from(&**s),
+                other => other.to_compact_string(),
             };
-            tags.insert(t.clone(), s);
+            tags.insert(CompactString::from(t.as_str()), s);
         }
     }
-    let mut readings = BTreeMap::new();
+    let mut readings = Fields::new();
     let to_value = |v: &Json<'_>| match v {
         Json::Number(n) => n.as_f64().map(Value::Number),
-        Json::String(s) => Some(Value::Text(s.to_string())),
+        Json::String(s) => Some(Value::Text(CompactString::from(&**s))),
         Json::Bool(b) => Some(Value::Bool(*b)),
         _ => None,
     };
@@ -266,7 +271,7 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
                 }
                 match to_value(v) {
                     Some(val) => {
-                        readings.insert(k.to_string(), val);
+                        readings.insert(CompactString::from(k), val);
                     }
                     None => {
                         skipped.insert(k);
@@ -277,13 +282,13 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
     } else {
         for r in &m.readings {
             if let Some(val) = lookup(&doc, r).and_then(to_value) {
-                readings.insert(r.clone(), val);
+                readings.insert(CompactString::from(r.as_str()), val);
             }
         }
     }
     let id = match seq {
-        Some(s) => format!("{device}:{s}"),
-        None => content_id(o.source, o.topic, payload, 0),
+        Some(s) => sequence_id(&device, s),
+        None => content_id(o.source, o.topic, payload, 0).into(),
     };
     let mut e = o.event(id, device, time_ns, clock);
     e.location = loc;
@@ -306,12 +311,12 @@ fn decode_number(o: &Origin<'_>, payload: &[u8]) -> Result<Event, Malformed> {
         .ok_or_else(|| bad("missing_device", "the topic has no {device} field"))?;
     let metric = o.capture("metric").unwrap_or("value");
     let mut e = o.event(
-        content_id(o.source, o.topic, payload, 0),
-        device.to_string(),
+        content_id(o.source, o.topic, payload, 0).into(),
+        device.into(),
         o.received_ns,
         ClockQuality::Gateway,
     );
-    e.readings.insert(metric.to_string(), Value::Number(v));
+    e.readings.insert(metric.into(), Value::Number(v));
     Ok(e)
 }
 
@@ -358,7 +363,7 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
                 })?,
             )
         } else if let Some(v) = r.get("vs") {
-            Value::Text(v.as_str().unwrap_or_default().to_string())
+            Value::Text(v.as_str().unwrap_or_default().into())
         } else if let Some(v) = r.get("vb") {
             Value::Bool(v.as_bool().unwrap_or_default())
         } else if r.contains_key("bn") || r.contains_key("bt") || r.contains_key("bv") {
@@ -368,17 +373,13 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
         };
         // Device: topic field, else the base name without its trailing separator.
         let (device, reading) = match o.capture("device") {
-            Some(d) => (d.to_string(), full.clone()),
+            Some(d) => (CompactString::from(d), CompactString::from(full.as_str())),
             None => {
-                let dev = bn.trim_end_matches([':', '/', '.']).to_string();
+                let dev = CompactString::from(bn.trim_end_matches([':', '/', '.']));
                 if dev.is_empty() {
                     return Err(bad("missing_device", "no bn and no {device} topic field"));
                 }
-                let reading = if n.is_empty() {
-                    "value".to_string()
-                } else {
-                    n.to_string()
-                };
+                let reading = CompactString::from(if n.is_empty() { "value" } else { n });
                 (dev, reading)
             }
         };
@@ -403,7 +404,7 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
         {
             Some(p) => p,
             None => {
-                out.push(o.event(String::new(), device, time_ns, clock));
+                out.push(o.event(CompactString::default(), device, time_ns, clock));
                 out.len() - 1
             }
         };
@@ -423,7 +424,7 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
             e.readings.remove("lon");
             e.readings.remove("alt");
         }
-        e.id = content_id(o.source, o.topic, payload, i);
+        e.id = content_id(o.source, o.topic, payload, i).into();
     }
     Ok(out)
 }
@@ -460,7 +461,7 @@ mod tests {
                         assert_eq!(e.time_ns, *t, "{payload}");
                     }
                     for (name, v) in *readings {
-                        assert_eq!(e.readings.get(*name), Some(&Value::Number(*v)), "{payload}");
+                        assert_eq!(e.readings.get(name), Some(&Value::Number(*v)), "{payload}");
                     }
                 }
             }
@@ -548,8 +549,8 @@ mod tests {
         .remove(0);
         let loc = e.location.expect("location");
         assert_eq!((loc.lat, loc.lon, loc.alt), (52.5, 13.4, Some(30.0)));
-        assert_eq!(e.tags.get("site").map(String::as_str), Some("site1"));
-        assert_eq!(e.tags.get("fw").map(String::as_str), Some("1.2"));
+        assert_eq!(e.tags.get("site").map(|v| v.as_str()), Some("site1"));
+        assert_eq!(e.tags.get("fw").map(|v| v.as_str()), Some("1.2"));
         assert_eq!(e.readings.keys().collect::<Vec<_>>(), ["temp"]);
     }
 

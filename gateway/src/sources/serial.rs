@@ -22,6 +22,7 @@
 //! backoff; nothing polls in between. No byte for `silence_timeout` sets
 //! `gateway_input_silent` and logs once.
 
+use compact_str::CompactString;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -750,19 +751,18 @@ fn reading_event(
         .iter()
         .filter(|c| c.value.is_finite())
         .map(|c| {
-            let name = cfg
-                .channels
-                .get(&c.id.to_string())
-                .cloned()
-                .unwrap_or_else(|| format!("ch{}", c.id));
+            let name = match cfg.channels.get(&c.id.to_string()) {
+                Some(n) => CompactString::from(n.as_str()),
+                None => compact_str::format_compact!("ch{}", c.id),
+            };
             (name, Value::Number(f64::from(c.value)))
         })
         .collect();
     Ok(Event {
-        id: format!("{device}:{boot}:{}", r.seq),
-        device: device.to_string(),
-        source: cfg.name.clone(),
-        origin: origin.to_string(),
+        id: compact_str::format_compact!("{device}:{boot}:{}", r.seq),
+        device: device.into(),
+        source: cfg.name.as_str().into(),
+        origin: origin.into(),
         time_ns,
         clock,
         received_ns,

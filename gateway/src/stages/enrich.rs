@@ -97,14 +97,14 @@ impl Enrich {
 
     fn set(&self, e: &mut Event, k: &str, v: &str) {
         if self.overwrite || !e.tags.contains_key(k) {
-            e.tags.insert(k.to_string(), v.to_string());
+            e.tags.insert(k.into(), v.into());
         }
     }
 }
 
 impl Stage for Enrich {
     fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
-        if let Some(row) = self.table.get(&e.device) {
+        if let Some(row) = self.table.get(e.device.as_str()) {
             for (k, v) in row {
                 self.set(&mut e, k, v);
             }
@@ -138,10 +138,13 @@ impl Calibrate {
 
 impl Stage for Calibrate {
     fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
-        let own = self.devices.get(&e.device);
+        let own = self.devices.get(e.device.as_str());
         for (name, v) in e.readings.iter_mut() {
             let Value::Number(n) = v else { continue };
-            if let Some(l) = own.and_then(|o| o.get(name)).or_else(|| self.all.get(name)) {
+            if let Some(l) = own
+                .and_then(|o| o.get(name.as_str()))
+                .or_else(|| self.all.get(name.as_str()))
+            {
                 *n = *n * l.scale + l.offset;
             }
         }
@@ -217,13 +220,13 @@ impl Convert {
 impl Stage for Convert {
     fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
         for (name, scale, offset, into) in &self.readings {
-            let Some(Value::Number(v)) = e.readings.get(name) else {
+            let Some(Value::Number(v)) = e.readings.get(name.as_str()) else {
                 continue;
             };
             let out = Value::Number(v * scale + offset);
             match into {
-                Some(other) => e.readings.insert(other.clone(), out),
-                None => e.readings.insert(name.clone(), out),
+                Some(other) => e.readings.insert(other.as_str().into(), out),
+                None => e.readings.insert(name.as_str().into(), out),
             };
         }
         Verdict::Keep(e)
@@ -249,13 +252,13 @@ impl Rename {
 impl Stage for Rename {
     fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
         for (from, to) in &self.readings {
-            if let Some(v) = e.readings.remove(from) {
-                e.readings.insert(to.clone(), v);
+            if let Some(v) = e.readings.remove(from.as_str()) {
+                e.readings.insert(to.as_str().into(), v);
             }
         }
         for (from, to) in &self.tags {
-            if let Some(v) = e.tags.remove(from) {
-                e.tags.insert(to.clone(), v);
+            if let Some(v) = e.tags.remove(from.as_str()) {
+                e.tags.insert(to.as_str().into(), v);
             }
         }
         Verdict::Keep(e)
@@ -283,10 +286,10 @@ impl Remove {
 impl Stage for Remove {
     fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
         for r in &self.readings {
-            e.readings.remove(r);
+            e.readings.remove(r.as_str());
         }
         for t in &self.tags {
-            e.tags.remove(t);
+            e.tags.remove(t.as_str());
         }
         if self.location {
             e.location = None;
@@ -350,7 +353,7 @@ mod tests {
                     .apply(event(device, "t", 1.0), &mut Vec::new()),
             );
             for (k, v) in want {
-                assert_eq!(e.tags.get(k).map(String::as_str), Some(v), "{device} {k}");
+                assert_eq!(e.tags.get(k).map(|v| v.as_str()), Some(v), "{device} {k}");
             }
             assert!(!e.tags.contains_key("site") || device == "pump-1");
         }

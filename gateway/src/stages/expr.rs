@@ -159,11 +159,11 @@ mod tests {
                 accuracy: None,
             }),
             readings: [
-                ("temperature".to_string(), Value::Number(21.5)),
-                ("state".to_string(), Value::Text("on".into())),
+                ("temperature".into(), Value::Number(21.5)),
+                ("state".into(), Value::Text("on".into())),
             ]
             .into(),
-            tags: [("site".to_string(), "berlin".to_string())].into(),
+            tags: [("site".into(), "berlin".into())].into(),
             route: None,
         }
     }

@@ -15,7 +15,7 @@ use rstar::RTree;
 
 use super::state::Bounded;
 use super::{Stage, Verdict};
-use crate::event::Event;
+use crate::event::{Event, Fields};
 
 /// A zone's bounding box in the R-tree, with the zone's index.
 type Entry = GeomWithData<Rectangle<[f64; 2]>, usize>;
@@ -147,9 +147,9 @@ impl Geofence {
         let what = if enter { "enter" } else { "exit" };
         let mut tags = e.tags.clone();
         tags.insert("geofence".into(), what.into());
-        tags.insert("zone".into(), name.clone());
+        tags.insert("zone".into(), name.as_str().into());
         Event {
-            id: format!("{}:{what}:{name}", e.id),
+            id: compact_str::format_compact!("{}:{what}:{name}", e.id),
             device: e.device.clone(),
             source: e.source.clone(),
             origin: e.origin.clone(),
@@ -157,7 +157,7 @@ impl Geofence {
             clock: e.clock,
             received_ns: e.received_ns,
             location: e.location,
-            readings: BTreeMap::new(),
+            readings: Fields::new(),
             tags,
             route: None,
         }
@@ -205,7 +205,8 @@ impl Stage for Geofence {
         if !hits.is_empty() {
             let mut names: Vec<&str> = hits.iter().map(|&i| self.zones[i].name.as_str()).collect();
             names.sort_unstable();
-            e.tags.insert(self.tag.clone(), names.join(","));
+            e.tags
+                .insert(self.tag.as_str().into(), names.join(",").into());
         }
         if self.transitions {
             self.track(&e, &hits, made);
@@ -237,7 +238,7 @@ mod tests {
 
     fn at(lon: f64, lat: f64, s: i64) -> Event {
         let mut e = event("truck-1", "t", 1.0);
-        e.id = format!("truck-1:{s}");
+        e.id = compact_str::format_compact!("truck-1:{s}");
         e.time_ns = s * 1_000_000_000;
         e.location = Some(Location {
             lat,
@@ -257,7 +258,7 @@ mod tests {
             .iter()
             .map(|m| format!("{}:{}", m.tags["geofence"], m.tags["zone"]))
             .collect();
-        (e.tags.get("zones").cloned(), made)
+        (e.tags.get("zones").map(|z| z.to_string()), made)
     }
 
     #[test]

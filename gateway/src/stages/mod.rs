@@ -69,9 +69,11 @@ pub trait Stage: Send + Sync {
 pub(crate) fn numeric<'a>(
     names: &'a [String],
     e: &'a Event,
-) -> impl Iterator<Item = (&'a String, f64)> + 'a {
+) -> impl Iterator<Item = (&'a str, f64)> + 'a {
     e.readings.iter().filter_map(move |(k, v)| match v {
-        Value::Number(n) if names.is_empty() || names.contains(k) => Some((k, *n)),
+        Value::Number(n) if names.is_empty() || names.iter().any(|x| x == k) => {
+            Some((k.as_str(), *n))
+        }
         _ => None,
     })
 }
@@ -82,7 +84,9 @@ pub struct Tags(Vec<(String, String)>);
 impl Stage for Tags {
     fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
         for (k, v) in &self.0 {
-            e.tags.entry(k.clone()).or_insert_with(|| v.clone());
+            if !e.tags.contains_key(k) {
+                e.tags.insert(k.as_str().into(), v.as_str().into());
+            }
         }
         Verdict::Keep(e)
     }
@@ -137,7 +141,7 @@ impl Matcher {
         (self.devices.is_empty() || self.devices.iter().any(|p| glob(p, &e.device)))
             && (self.topics.is_empty()
                 || self.topics.iter().any(|t| t.matches(&e.origin).is_some()))
-            && (self.sources.is_empty() || self.sources.contains(&e.source))
+            && (self.sources.is_empty() || self.sources.iter().any(|s| *s == e.source))
     }
 }
 
@@ -167,7 +171,7 @@ pub struct Range {
 
 impl Stage for Range {
     fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
-        let Some(Value::Number(v)) = e.readings.get(&self.reading) else {
+        let Some(Value::Number(v)) = e.readings.get(self.reading.as_str()) else {
             return Verdict::Keep(e);
         };
         if (self.min..=self.max).contains(v) {
@@ -176,7 +180,8 @@ impl Stage for Range {
         match self.action {
             RangeAction::Drop => Verdict::Drop("out_of_range"),
             RangeAction::Tag => {
-                e.tags.insert("out_of_range".into(), self.reading.clone());
+                e.tags
+                    .insert("out_of_range".into(), self.reading.as_str().into());
                 Verdict::Keep(e)
             }
         }
@@ -205,8 +210,8 @@ pub struct LatestLocation {
 impl LatestLocation {
     fn key_of(&self, e: &Event) -> Option<String> {
         match &self.key {
-            LocationKey::Device => Some(e.device.clone()),
-            LocationKey::Tag(t) => e.tags.get(t).cloned(),
+            LocationKey::Device => Some(e.device.to_string()),
+            LocationKey::Tag(t) => e.tags.get(t.as_str()).map(|v| v.to_string()),
         }
     }
 }
@@ -219,7 +224,7 @@ impl Stage for LatestLocation {
         let mut fixes = self.fixes.lock().unwrap_or_else(|p| p.into_inner());
         match &e.location {
             Some(loc) => {
-                if self.sources.is_empty() || self.sources.contains(&e.source) {
+                if self.sources.is_empty() || self.sources.iter().any(|s| *s == e.source) {
                     // A fix older than the one kept (a resend, a slow input) does not win.
                     let newer = fixes.get(&key).is_none_or(|(_, t)| e.time_ns >= *t);
                     if newer {
@@ -417,7 +422,7 @@ impl Chain {
     fn run_from(&self, first: usize, mut e: Event, made_here: bool, out: &mut Vec<Outcome>) {
         let mut made = Vec::new();
         // A made event dropped later is accounted on its own input.
-        let made_by = made_here.then(|| e.source.clone());
+        let made_by = made_here.then(|| e.source.to_string());
         for (i, s) in self.slots.iter().enumerate().skip(first) {
             s.events_in.inc();
             let verdict = s.stage.apply(e, &mut made);
@@ -504,7 +509,7 @@ impl InputStages {
         for o in first {
             match o {
                 Outcome::Event { event, made } => {
-                    let source = made.then(|| event.source.clone());
+                    let source = made.then(|| event.source.to_string());
                     let from = out.len();
                     self.global.run(event, out);
                     // What became of an event the input's stages made is accounted as
@@ -562,7 +567,7 @@ pub(crate) mod tests {
             clock: ClockQuality::Device,
             received_ns: 0,
             location: None,
-            readings: [("temperature".to_string(), Value::Number(temp))].into(),
+            readings: [("temperature".into(), Value::Number(temp))].into(),
             tags: Default::default(),
             route: None,
         }
@@ -580,7 +585,7 @@ pub(crate) mod tests {
         match (run_one(&chain, input), expected) {
             (Ok(e), Ok(tags)) => {
                 for (k, v) in tags {
-                    assert_eq!(e.tags.get(*k).map(String::as_str), Some(*v));
+                    assert_eq!(e.tags.get(k).map(|v| v.as_str()), Some(*v));
                 }
             }
             (Err(d), Err(reason)) => assert_eq!(d.reason, reason),
@@ -647,7 +652,7 @@ pub(crate) mod tests {
         );
         let e = run_one(&c, located("pump-1", "serial", "a", 120, None)).expect("kept");
         assert_eq!(e.location.map(|l| l.lat), Some(52.5));
-        assert_eq!(e.tags.get("location").map(String::as_str), Some("latest"));
+        assert_eq!(e.tags.get("location").map(|v| v.as_str()), Some("latest"));
         // Too old, another site, or a location from an input that does not set it.
         assert_eq!(lat(&c, located("pump-1", "serial", "a", 131, None)), None);
         assert_eq!(lat(&c, located("pump-2", "serial", "b", 110, None)), None);

@@ -80,7 +80,7 @@ impl Deadband {
         }
     }
 
-    fn watched<'a>(&'a self, e: &'a Event) -> impl Iterator<Item = (&'a String, f64)> + 'a {
+    fn watched<'a>(&'a self, e: &'a Event) -> impl Iterator<Item = (&'a str, f64)> + 'a {
         super::numeric(&self.readings, e)
     }
 }
@@ -112,7 +112,7 @@ impl Stage for Deadband {
         });
         s.at_ns = e.time_ns;
         for (k, v) in self.watched(&e) {
-            s.values.insert(k.clone(), v);
+            s.values.insert(k.to_string(), v);
         }
         drop(last);
         Verdict::Keep(e)

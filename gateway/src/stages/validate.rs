@@ -60,15 +60,15 @@ impl Validate {
         for (field, name) in &self.required {
             let present = match field {
                 Field::Location => e.location.is_some(),
-                Field::Reading(r) => e.readings.contains_key(r),
-                Field::Tag(t) => e.tags.contains_key(t),
+                Field::Reading(r) => e.readings.contains_key(r.as_str()),
+                Field::Tag(t) => e.tags.contains_key(t.as_str()),
             };
             if !present {
                 return Err(("missing_field", format!("{name} is missing")));
             }
         }
         for (reading, b) in &self.ranges {
-            if let Some(Value::Number(v)) = e.readings.get(reading) {
+            if let Some(Value::Number(v)) = e.readings.get(reading.as_str()) {
                 if b.min.is_some_and(|m| *v < m) || b.max.is_some_and(|m| *v > m) || v.is_nan() {
                     return Err((
                         "out_of_range",

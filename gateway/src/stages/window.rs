@@ -14,7 +14,8 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::state::{Bounded, CLOCK_RESET_NS};
 use super::{Stage, Verdict};
-use crate::event::{now_ns, rfc3339, ClockQuality, Event, Location, Value};
+use crate::event::{now_ns, rfc3339, ClockQuality, Event, Fields, Location, Value};
+use compact_str::{CompactString, ToCompactString};
 
 fn ns(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
@@ -83,10 +84,10 @@ struct Device {
     /// Every window ending at or before this was emitted: events for them are late.
     closed_until: i64,
     seen_wall_ns: i64,
-    source: String,
-    origin: String,
+    source: CompactString,
+    origin: CompactString,
     clock: ClockQuality,
-    tags: BTreeMap<String, String>,
+    tags: Fields<CompactString>,
 }
 
 /// `window`.
@@ -117,29 +118,32 @@ impl Window {
         }
     }
 
-    fn watched<'a>(&'a self, e: &'a Event) -> impl Iterator<Item = (&'a String, f64)> + 'a {
+    fn watched<'a>(&'a self, e: &'a Event) -> impl Iterator<Item = (&'a str, f64)> + 'a {
         super::numeric(&self.readings, e)
     }
 
     /// The summary event of one closed window.
     fn summary(&self, device: &str, d: &Device, start: i64, w: Open) -> Event {
-        let mut readings = BTreeMap::new();
+        let mut readings = Fields::new();
         for (name, agg) in &w.readings {
             for a in &self.aggregates {
-                readings.insert(format!("{name}_{}", a.name()), Value::Number(agg.get(*a)));
+                readings.insert(
+                    compact_str::format_compact!("{name}_{}", a.name()),
+                    Value::Number(agg.get(*a)),
+                );
             }
         }
         let mut tags = d.tags.clone();
-        tags.insert("window".into(), self.size_text.clone());
-        tags.insert("window_start".into(), rfc3339(start));
+        tags.insert("window".into(), self.size_text.as_str().into());
+        tags.insert("window_start".into(), rfc3339(start).into());
         tags.insert(
             "window_end".into(),
-            rfc3339(start.saturating_add(self.size_ns)),
+            rfc3339(start.saturating_add(self.size_ns)).into(),
         );
-        tags.insert("window_events".into(), w.events.to_string());
+        tags.insert("window_events".into(), w.events.to_compact_string());
         Event {
-            id: format!("{device}:window:{start}"),
-            device: device.to_string(),
+            id: compact_str::format_compact!("{device}:window:{start}"),
+            device: device.into(),
             source: d.source.clone(),
             origin: d.origin.clone(),
             time_ns: start,
@@ -218,7 +222,7 @@ impl Stage for Window {
             match w.readings.get_mut(k) {
                 Some(a) => a.add(e.time_ns, v),
                 None => {
-                    w.readings.insert(k.clone(), Agg::new(e.time_ns, v));
+                    w.readings.insert(k.to_string(), Agg::new(e.time_ns, v));
                 }
             }
         }

@@ -17,7 +17,8 @@
 //!
 //! `-- --direct R` runs only the QoS 0 Kafka-up phase, R rounds of `--events N` on one
 //! gateway, and prints each round's CPU per million events and their median: the A/B
-//! measure for CPU work.
+//! measure for CPU work. With `--drop-all` a stage drops every event: the input side's
+//! share alone.
 //!
 //! `-- --idle` only starts the gateway against both brokers, lets it settle and prints its
 //! idle RSS. With `GATEWAY_BIN` and `GATEWAY_RUNNER` (see the harness) that measures an
@@ -127,18 +128,27 @@ fn direct_only(n: usize, rounds: usize) {
     let (broker_rate, _) = broker_alone(mqtt.port, n);
     println!("broker alone (QoS 0 subscriber):       {broker_rate:>10.0} events/s");
     let d = tempfile::tempdir().expect("tempdir");
-    let gw = Gateway::start(
-        d.path(),
-        &bench_config(d.path(), mqtt.port, &kafka.bootstrap, 0),
-    );
+    let mut cfg = bench_config(d.path(), mqtt.port, &kafka.bootstrap, 0);
+    // `--drop-all`: a stage drops every event, so the rounds measure the input side
+    // alone (MQTT, decode, stages): the rest of the CPU is the Kafka side's.
+    if std::env::args().any(|a| a == "--drop-all") {
+        cfg.push_str("\n[[stages]]\ntype = \"drop\"\nsources = [\"site\"]\n");
+        println!("every event dropped by a stage: the input side alone");
+    }
+    let gw = Gateway::start(d.path(), &cfg);
     wait_for("connect", Duration::from_secs(10), || {
         gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
     });
     let mut cpu = Vec::new();
     for round in 1..=rounds {
-        let before = gw.metric("gateway_events_delivered_total{input=\"site\"}");
+        // Delivered, or dropped by the stage with `--drop-all`.
+        let done = |g: &Gateway| {
+            g.metric("gateway_events_delivered_total{input=\"site\"}")
+                + g.metric("gateway_events_dropped_total{input=\"site\",reason=\"filtered\"}")
+        };
+        let before = done(&gw);
         let r = through_gateway(&gw, mqtt.port, n, rumqttc::QoS::AtMostOnce, |g| {
-            g.metric("gateway_events_delivered_total{input=\"site\"}") - before >= n as f64 * 0.999
+            done(g) - before >= n as f64 * 0.999
         });
         // Records that took the spool's way although Kafka was up: drained ones, and
         // direct ones copied into the spool because Kafka was slow to confirm.

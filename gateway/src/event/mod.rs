@@ -5,9 +5,12 @@
 //! could not be decoded). Records are stored in the spool as postcard bytes
 //! ([`Record::encode`] / [`Record::decode`]); the encoding is versioned by the spool schema.
 
-use std::collections::BTreeMap;
+mod fields;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
+
+pub use fields::Fields;
 
 /// How far the event time can be trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,7 +53,7 @@ pub enum Value {
     /// A number.
     Number(f64),
     /// Text.
-    Text(String),
+    Text(CompactString),
     /// A boolean.
     Bool(bool),
 }
@@ -60,13 +63,13 @@ pub enum Value {
 pub struct Event {
     /// Stable id: `<device>:<seq>` where the source has a sequence, else a content hash.
     /// Redeliveries of the same input give the same id, so consumers can drop duplicates.
-    pub id: String,
+    pub id: CompactString,
     /// Device id.
-    pub device: String,
+    pub device: CompactString,
     /// Name of the input the event came from.
-    pub source: String,
+    pub source: CompactString,
     /// Where in that input: the MQTT topic, the serial port.
-    pub origin: String,
+    pub origin: CompactString,
     /// Event time, ns since the Unix epoch (UTC).
     pub time_ns: i64,
     /// How far `time_ns` can be trusted.
@@ -76,9 +79,9 @@ pub struct Event {
     /// Location, if the event has one.
     pub location: Option<Location>,
     /// Readings by name.
-    pub readings: BTreeMap<String, Value>,
+    pub readings: Fields<Value>,
     /// Tags by name.
-    pub tags: BTreeMap<String, String>,
+    pub tags: Fields<CompactString>,
     /// The Kafka topic and key a `route` stage chose; `None`: the output's templates.
     /// Not part of the event's value: it travels beside it (see [`Record::encode`]).
     #[serde(skip)]
@@ -202,6 +205,29 @@ pub fn content_id(source: &str, origin: &str, payload: &[u8], index: usize) -> S
     format!("h{:032x}", h.digest128())
 }
 
+/// The id of an event from a source with sequence numbers: `<device>:<seq>`. Written
+/// without `format!` (this runs per event), inline for ids up to 24 bytes.
+pub fn sequence_id(device: &str, seq: u64) -> CompactString {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut v = seq;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let mut id = CompactString::with_capacity(device.len() + 1 + digits.len() - i);
+    id.push_str(device);
+    id.push(':');
+    for &d in &digits[i..] {
+        id.push(char::from(d));
+    }
+    id
+}
+
 /// RFC 3339 text (UTC, nanoseconds trimmed) for ns since the epoch.
 pub fn rfc3339(ns: i64) -> String {
     let mut out = Vec::with_capacity(30);
@@ -276,10 +302,64 @@ mod tests {
                 alt: Some(34.0),
                 accuracy: None,
             }),
-            readings: [("temperature".to_string(), Value::Number(21.5))].into(),
-            tags: [("site".to_string(), "berlin".to_string())].into(),
+            readings: [("temperature".into(), Value::Number(21.5))].into(),
+            tags: [("site".into(), "berlin".into())].into(),
             route: None,
         }
+    }
+
+    /// Spool rows written before the event's strings and maps became `CompactString` and
+    /// [`Fields`] read the same: the bytes are those of `String`s and `BTreeMap`s.
+    #[test]
+    fn spool_bytes_are_those_of_strings_and_btreemaps() {
+        use std::collections::BTreeMap;
+        #[derive(Serialize)]
+        enum OldValue {
+            Number(f64),
+            #[allow(dead_code)]
+            Text(String),
+        }
+        #[derive(Serialize)]
+        struct OldEvent {
+            id: String,
+            device: String,
+            source: String,
+            origin: String,
+            time_ns: i64,
+            clock: ClockQuality,
+            received_ns: i64,
+            location: Option<Location>,
+            readings: BTreeMap<String, OldValue>,
+            tags: BTreeMap<String, String>,
+        }
+        #[derive(Serialize)]
+        enum OldStored {
+            Event(OldEvent),
+        }
+        let mut e = sample();
+        e.readings.insert("a_text".into(), Value::Text("ok".into()));
+        let old = OldStored::Event(OldEvent {
+            id: "pump-1:7".into(),
+            device: "pump-1".into(),
+            source: "site".into(),
+            origin: "sensors/pump-1/telemetry".into(),
+            time_ns: 1_700_000_000_123_000_000,
+            clock: ClockQuality::Device,
+            received_ns: 1_700_000_000_200_000_000,
+            location: e.location,
+            readings: [
+                ("temperature".to_string(), OldValue::Number(21.5)),
+                ("a_text".to_string(), OldValue::Text("ok".into())),
+            ]
+            .into(),
+            tags: [("site".to_string(), "berlin".to_string())].into(),
+        });
+        let old_bytes = postcard::to_allocvec(&old).expect("encode");
+        assert_eq!(Record::Event(e.clone()).encode(), old_bytes);
+        assert_eq!(
+            Record::decode(&old_bytes).expect("decodes"),
+            Record::Event(e)
+        );
     }
 
     #[test]
@@ -304,6 +384,16 @@ mod tests {
         // The value is the event alone, as before routes existed: the same bytes as the
         // spool row of the unrouted event.
         assert_eq!(routed.value_bytes(), plain);
+    }
+
+    #[test]
+    fn sequence_ids() {
+        assert_eq!(sequence_id("pump-1", 0), "pump-1:0");
+        assert_eq!(sequence_id("pump-1", 7), "pump-1:7");
+        assert_eq!(
+            sequence_id("a-device-with-a-long-name", u64::MAX),
+            format!("a-device-with-a-long-name:{}", u64::MAX)
+        );
     }
 
     #[test]
