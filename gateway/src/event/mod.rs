@@ -255,30 +255,26 @@ pub fn write_rfc3339(ns: i64, out: &mut Vec<u8>) {
     let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = (yoe + era * 400 + i64::from(month <= 2)) as u32;
-    let digits = |out: &mut Vec<u8>, v: u32, width: u32| {
-        for k in (0..width).rev() {
-            out.push(b'0' + (v / 10u32.pow(k) % 10) as u8);
-        }
-    };
-    digits(out, year, 4);
-    out.push(b'-');
-    digits(out, month, 2);
-    out.push(b'-');
-    digits(out, day, 2);
-    out.push(b'T');
-    digits(out, of_day / 3600, 2);
-    out.push(b':');
-    digits(out, of_day / 60 % 60, 2);
-    out.push(b':');
-    digits(out, of_day % 60, 2);
+    let two = |v: u32| [b'0' + (v / 10) as u8, b'0' + (v % 10) as u8];
+    let [y1, y2] = two(year / 100);
+    let [y3, y4] = two(year % 100);
+    let [mo1, mo2] = two(month);
+    let [d1, d2] = two(day);
+    let [h1, h2] = two(of_day / 3600);
+    let [mi1, mi2] = two(of_day / 60 % 60);
+    let [s1, s2] = two(of_day % 60);
+    out.extend_from_slice(&[
+        y1, y2, y3, y4, b'-', mo1, mo2, b'-', d1, d2, b'T', h1, h2, b':', mi1, mi2, b':', s1, s2,
+    ]);
     if nanos != 0 {
-        let (mut frac, mut width) = (nanos, 9);
-        while frac % 10 == 0 {
-            frac /= 10;
-            width -= 1;
+        let mut frac = [b'.'; 10];
+        let mut v = nanos;
+        for d in frac[1..].iter_mut().rev() {
+            *d = b'0' + (v % 10) as u8;
+            v /= 10;
         }
-        out.push(b'.');
-        digits(out, frac, width);
+        let used = 10 - frac.iter().rev().take_while(|&&d| d == b'0').count();
+        out.extend_from_slice(&frac[..used]);
     }
     out.push(b'Z');
 }
