@@ -348,29 +348,32 @@ pub async fn run(
         // it lets the socket fill for a moment before it waits for more. Reading every
         // few packets as they arrive cost more in system calls, wake-ups and TCP window
         // updates than decoding them (BENCHMARKS.md); the pause adds at most a
-        // millisecond of latency, and only when there is no backlog.
-        let ready = {
+        // millisecond of latency, and only when there is no backlog. The poll is not
+        // dropped for the pause but resumed after it: rumqttc's poll is not cancel-safe
+        // once it writes (an ack, a ping).
+        let polled = {
             let mut poll = std::pin::pin!(link.poll());
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            match poll.as_mut().poll(&mut cx) {
-                std::task::Poll::Ready(ev) => Some(ev),
-                std::task::Poll::Pending => None,
-            }
-        };
-        let polled = match ready {
-            Some(ev) => ev,
-            None => {
-                if *state.borrow() == SourceState::Run && !pause_unless_stopped(&mut state).await {
-                    break;
-                }
-                tokio::select! {
-                    changed = state.changed() => {
-                        if changed.is_err() || *state.borrow() == SourceState::Stop {
-                            break;
-                        }
-                        continue;
+            let first = {
+                let mut noop = std::task::Context::from_waker(std::task::Waker::noop());
+                poll.as_mut().poll(&mut noop)
+            };
+            match first {
+                std::task::Poll::Ready(ev) => ev,
+                std::task::Poll::Pending => {
+                    if *state.borrow() == SourceState::Run
+                        && !pause_unless_stopped(&mut state).await
+                    {
+                        break;
                     }
-                    ev = link.poll() => ev,
+                    tokio::select! {
+                        changed = state.changed() => {
+                            if changed.is_err() || *state.borrow() == SourceState::Stop {
+                                break;
+                            }
+                            continue;
+                        }
+                        ev = poll => ev,
+                    }
                 }
             }
         };
