@@ -481,12 +481,52 @@ pub fn render_raw(template: &str, e: &Event) -> String {
     expand(template, e, false)
 }
 
+/// An event in the value schema as a `serde_json::Value` (for `spool export`), built from
+/// the event rather than by parsing the Kafka bytes, whose floats would not all read back
+/// to the last bit; `export_value_matches_the_kafka_value` compares the two.
+fn event_value(e: &Event) -> serde_json::Value {
+    use crate::event::Value as V;
+    use serde_json::{json, Map, Value};
+    let mut v = json!({
+        "schema": SCHEMA,
+        "id": e.id.as_str(),
+        "device": e.device.as_str(),
+        "source": e.source.as_str(),
+        "origin": e.origin.as_str(),
+        "time": rfc3339(e.time_ns),
+        "time_ms": e.time_ns / 1_000_000,
+        "clock": e.clock.as_str(),
+        "received": rfc3339(e.received_ns),
+        "readings": e.readings.iter().map(|(k, r)| {
+            let r = match r {
+                V::Number(n) => json!(n),
+                V::Text(t) => json!(t.as_str()),
+                V::Bool(b) => json!(b),
+            };
+            (k.to_string(), r)
+        }).collect::<Map<String, Value>>(),
+        "tags": e.tags.iter().map(|(k, t)| (k.to_string(), json!(t.as_str()))).collect::<Map<String, Value>>(),
+    });
+    if let (Some(l), Some(obj)) = (e.location, v.as_object_mut()) {
+        let mut loc = Map::new();
+        loc.insert("lat".into(), json!(l.lat));
+        loc.insert("lon".into(), json!(l.lon));
+        if let Some(alt) = l.alt {
+            loc.insert("alt".into(), json!(alt));
+        }
+        if let Some(acc) = l.accuracy {
+            loc.insert("accuracy".into(), json!(acc));
+        }
+        obj.insert("location".into(), Value::Object(loc));
+    }
+    v
+}
+
 /// A record as a JSON value (events in the value schema; dead letters with the payload
 /// as text where it is UTF-8).
 pub fn record_json(r: &Record) -> serde_json::Value {
     match r {
-        // The bytes Kafka gets, read back: one renderer for both.
-        Record::Event(e) => serde_json::from_slice(&event_json_bytes(e)).unwrap_or_default(),
+        Record::Event(e) => event_value(e),
         Record::DeadLetter(d) => serde_json::json!({
             "dead_letter": true,
             "source": d.source,
@@ -503,6 +543,26 @@ pub fn record_json(r: &Record) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::sinks::event_json::tests::event;
+
+    #[test]
+    fn export_value_matches_the_kafka_value() {
+        let mut e = event();
+        e.readings
+            .insert("odd".into(), crate::event::Value::Number(0.1 + 0.2));
+        e.readings
+            .insert("on".into(), crate::event::Value::Bool(true));
+        let exported = record_json(&Record::Event(e.clone()));
+        let kafka: serde_json::Value =
+            serde_json::from_slice(&event_json_bytes(&e)).expect("valid JSON");
+        // The same fields, values and order as the bytes Kafka gets.
+        assert_eq!(
+            exported.to_string(),
+            serde_json::to_string(&kafka).expect("json")
+        );
+        assert_eq!(exported["readings"]["odd"].as_f64(), Some(0.1 + 0.2));
+        e.location = None;
+        assert!(record_json(&Record::Event(e)).get("location").is_none());
+    }
 
     #[cfg(feature = "kafka-tls")]
     fn output(text: &str) -> KafkaOutput {
