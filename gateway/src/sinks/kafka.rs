@@ -180,6 +180,9 @@ impl Drop for EventQueue {
     }
 }
 
+/// The largest value buffer kept between sends (bytes); a larger one is freed after use.
+const MAX_KEPT_BUFFER: usize = 64 * 1024;
+
 /// Per-record scratch space, kept between sends.
 #[derive(Default)]
 struct Buffers {
@@ -359,9 +362,15 @@ impl KafkaSink {
             .payload(value)
             .headers(headers)
             .timestamp(ts);
-        self.producer
+        let sent = self
+            .producer
             .send(rec)
-            .map_err(|(e, r)| (e, r.delivery_opaque))
+            .map_err(|(e, r)| (e, r.delivery_opaque));
+        // One large event must not keep its buffer for good.
+        if self.buffers.value.capacity() > MAX_KEPT_BUFFER {
+            self.buffers.value = Vec::new();
+        }
+        sent
     }
 
     /// Serves librdkafka's event queue until it is empty: delivery reports are appended
