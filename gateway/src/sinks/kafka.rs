@@ -167,7 +167,7 @@ impl Drop for EventQueue {
     #[allow(unsafe_code)]
     fn drop(&mut self) {
         // SAFETY: turning the callback off takes the queue lock the callback runs under,
-        // so no call is running or will run with `self.kick` after this; then the handle
+        // so no call is running or will run with `self._kick` after this; then the handle
         // (a reference on the queue) is released.
         unsafe {
             rdkafka::bindings::rd_kafka_queue_cb_event_enable(
