@@ -335,13 +335,13 @@ mod tests {
         let mut e = sample();
         e.readings.insert("a_text".into(), Value::Text("ok".into()));
         let old = OldStored::Event(OldEvent {
-            id: "pump-1:7".into(),
-            device: "pump-1".into(),
-            source: "site".into(),
-            origin: "sensors/pump-1/telemetry".into(),
-            time_ns: 1_700_000_000_123_000_000,
-            clock: ClockQuality::Device,
-            received_ns: 1_700_000_000_200_000_000,
+            id: e.id.to_string(),
+            device: e.device.to_string(),
+            source: e.source.to_string(),
+            origin: e.origin.to_string(),
+            time_ns: e.time_ns,
+            clock: e.clock,
+            received_ns: e.received_ns,
             location: e.location,
             readings: [
                 ("temperature".to_string(), OldValue::Number(21.5)),

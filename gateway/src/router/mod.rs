@@ -319,8 +319,7 @@ impl Router {
                 Wake::ItemsClosed => items_open = false,
                 Wake::Idle => {}
             }
-            self.now = Instant::now();
-            handled += self.serve_reports(None);
+            handled += self.serve_reports(KafkaSink::poll);
             self.tick();
             // A trickle of work would wake this thread once per record (a futex round
             // trip each, for the senders too). Let a little gather instead: at most
@@ -439,14 +438,12 @@ impl Router {
         self.pending_since.get_or_insert_with(Instant::now);
     }
 
-    /// Serves the producer's event queue (for up to `wait` when given) and handles the
-    /// delivery reports it held; returns how many.
-    fn serve_reports(&mut self, wait: Option<Duration>) -> usize {
+    /// Collects delivery reports with `serve` (a poll, a wait, a flush), reads the clock,
+    /// and handles them; returns how many.
+    fn serve_reports(&mut self, serve: impl FnOnce(&KafkaSink, &mut Vec<Report>)) -> usize {
         let mut batch = std::mem::take(&mut self.reports);
-        match wait {
-            Some(t) => self.sink.poll_for(t, &mut batch),
-            None => self.sink.poll(&mut batch),
-        }
+        serve(&self.sink, &mut batch);
+        self.now = Instant::now();
         let n = batch.len();
         for r in batch.drain(..) {
             self.on_report(r);
@@ -912,8 +909,7 @@ impl Router {
         while (!self.direct.is_empty() || !self.drain_inflight.is_empty())
             && Instant::now() < deadline
         {
-            self.now = Instant::now();
-            self.serve_reports(Some(Duration::from_millis(10)));
+            self.serve_reports(|sink, out| sink.poll_for(Duration::from_millis(10), out));
         }
         // Whatever did not report: the spool holds a copy and on_delivery acks wait
         // with it; unless the copy was dropped by the overflow policy, which counts now.
@@ -938,13 +934,7 @@ impl Router {
         while (!self.direct.is_empty() || !self.drain_inflight.is_empty())
             && Instant::now() < deadline
         {
-            let mut batch = std::mem::take(&mut self.reports);
-            self.sink.flush(Duration::from_millis(100), &mut batch);
-            self.now = Instant::now();
-            for r in batch.drain(..) {
-                self.on_report(r);
-            }
-            self.reports = batch;
+            self.serve_reports(|sink, out| sink.flush(Duration::from_millis(100), out));
         }
         self.retire_sink();
         if self.write_retry_at.is_some() || !self.pending.is_empty() {

@@ -8,7 +8,7 @@
 //! `serde_json`, so they read exactly as before (`20.5`, `3.0`, `1e+21`, `null` for a
 //! non-finite value). `json_value_schema_is_pinned` pins the bytes.
 
-use crate::event::{write_rfc3339, Event, Location, Value};
+use crate::event::{write_rfc3339, Event, Fields, Location, Value};
 
 /// The JSON value schema name, also sent in the `schema` header.
 pub const SCHEMA: &str = "edge-gateway.event.v1";
@@ -66,30 +66,30 @@ pub(super) fn write_event(e: &Event, out: &mut Vec<u8>) {
         }
         out.push(b'}');
     }
-    out.extend_from_slice(br#","readings":{"#);
-    for (i, (k, v)) in e.readings.iter().enumerate() {
+    out.extend_from_slice(br#","readings":"#);
+    write_fields(&e.readings, out, |v, out| match v {
+        Value::Number(n) => write_number(*n, out),
+        Value::Text(t) => write_str(t, out),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+    });
+    out.extend_from_slice(br#","tags":"#);
+    write_fields(&e.tags, out, |v, out| write_str(v, out));
+    out.push(b'}');
+}
+
+/// A JSON object of `fields`, in their (name) order, each value written by `value`.
+fn write_fields<V>(fields: &Fields<V>, out: &mut Vec<u8>, value: impl Fn(&V, &mut Vec<u8>)) {
+    out.push(b'{');
+    for (i, (k, v)) in fields.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         write_str(k, out);
         out.push(b':');
-        match v {
-            Value::Number(n) => write_number(*n, out),
-            Value::Text(t) => write_str(t, out),
-            Value::Bool(true) => out.extend_from_slice(b"true"),
-            Value::Bool(false) => out.extend_from_slice(b"false"),
-        }
+        value(v, out);
     }
-    out.extend_from_slice(br#"},"tags":{"#);
-    for (i, (k, v)) in e.tags.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_str(k, out);
-        out.push(b':');
-        write_str(v, out);
-    }
-    out.extend_from_slice(b"}}");
+    out.push(b'}');
 }
 
 /// A number as `serde_json` writes it (shortest round-trip form; `null` if not finite).
