@@ -417,7 +417,8 @@ impl Gateway {
         self.metrics().get(key).copied().unwrap_or(0.0)
     }
 
-    /// Prints the gateway's metrics and its warnings and errors (for failing tests).
+    /// Prints the gateway's metrics, its first warnings and errors and the last lines of
+    /// its log. A gateway dropped during a test's panic does this itself.
     pub fn dump(&self) {
         for (k, v) in self.metrics() {
             if k.starts_with("gateway_") && !k.contains("bucket") {
@@ -432,6 +433,12 @@ impl Gateway {
         {
             eprintln!("{l}");
         }
+        let log = self.log_text();
+        let lines: Vec<&str> = log.lines().collect();
+        eprintln!("--- the log's last lines");
+        for l in &lines[lines.len().saturating_sub(30)..] {
+            eprintln!("{l}");
+        }
     }
 
     /// The log so far.
@@ -442,6 +449,12 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        // A test failed while this gateway ran: what it counted and logged, before it
+        // and its temporary directory are gone.
+        if std::thread::panicking() {
+            eprintln!("--- gateway {} at the failure", self.log.display());
+            self.dump();
+        }
         self.kill9();
     }
 }

@@ -67,7 +67,6 @@ fn qos1_events_reach_kafka_in_order_with_key_and_headers() {
         )
     }));
     if waited.is_err() {
-        gw.dump();
         panic!("not every message was acknowledged upstream");
     }
 }
@@ -124,7 +123,6 @@ fn kafka_down_for_30s_spools_then_drains_in_order() {
     if unique_ids(&records) < devices * n {
         use rdkafka::consumer::Consumer;
         let consumer = kafka.consumer(TOPIC, PARTITIONS);
-        gw.dump();
         for p in 0..PARTITIONS {
             let got = records.iter().filter(|r| r.partition == p).count();
             eprintln!(
@@ -165,9 +163,6 @@ fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(180), |r| {
         unique_ids(r) >= devices * n
     });
-    if unique_ids(&records) < devices * n {
-        gw.dump();
-    }
     let dups = check_complete_and_ordered(&records, devices, n);
     eprintln!(
         "{} records after 6 kill -9, {dups} duplicates (same event ids)",
@@ -281,9 +276,6 @@ fn a_full_spool_with_drop_oldest_counts_every_drop() {
     let all = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(4), |r| {
         r.len() > records.len()
     });
-    if unique_ids(&all) != kept {
-        gw.dump();
-    }
     assert_eq!(
         unique_ids(&all),
         kept,

@@ -173,7 +173,6 @@ spool_after = "2s"
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.gw.dump();
         panic!("no {state} report for version {version} within {within:?}; last: {last}");
     }
 

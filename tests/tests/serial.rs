@@ -114,7 +114,6 @@ fn check_delivered(kafka: &Kafka, gw: &Gateway, r: &Report) -> Vec<Consumed> {
         .collect();
     let missing: Vec<_> = want.difference(&got).take(10).collect();
     if !missing.is_empty() {
-        gw.dump();
         eprintln!("{}", gw.log_text());
         eprintln!("simulator: {r:?}");
     }
