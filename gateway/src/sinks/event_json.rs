@@ -10,8 +10,17 @@
 
 use crate::event::{write_rfc3339, Event, Fields, Location, Value};
 
-/// The JSON value schema name, also sent in the `schema` header.
+/// The JSON value schema name, also the `schema` parameter of the records'
+/// `content-type` header.
 pub const SCHEMA: &str = "edge-gateway.event.v1";
+
+/// The `content-type` header of an event record with a JSON value: the media type with the
+/// schema as a parameter (RFC 6838), so one header names both. A consumer that only
+/// checks the type compares what comes before the `;`.
+pub const CONTENT_TYPE_JSON: &str = "application/json; schema=edge-gateway.event.v1";
+
+/// The `content-type` header of an event record with a postcard value.
+pub const CONTENT_TYPE_POSTCARD: &str = "application/x-postcard; schema=edge-gateway.event.v1";
 
 /// The JSON value bytes of an event.
 pub fn event_json_bytes(e: &Event) -> Vec<u8> {
@@ -136,6 +145,13 @@ pub(crate) mod tests {
     use super::*;
     use crate::event::ClockQuality;
     use proptest::prelude::*;
+
+    #[test]
+    fn content_types_name_the_schema() {
+        for ct in [CONTENT_TYPE_JSON, CONTENT_TYPE_POSTCARD] {
+            assert_eq!(ct.split_once("; schema=").map(|(_, s)| s), Some(SCHEMA));
+        }
+    }
 
     pub(crate) fn event() -> Event {
         Event {
