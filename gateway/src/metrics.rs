@@ -167,7 +167,7 @@ impl Metrics {
         );
         r.register(
             "input_connected",
-            "1 while the input is connected",
+            "1 while the input is connected (MQTT: and its subscriptions are acknowledged)",
             connected.clone(),
         );
         r.register(

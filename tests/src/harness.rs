@@ -384,7 +384,8 @@ impl Gateway {
             .status();
     }
 
-    /// Waits until the MQTT input `site` is connected.
+    /// Waits until the MQTT input `site` is connected and subscribed (its `connected`
+    /// gauge goes to 1 with the SUBACK), so that what a test publishes next reaches it.
     pub fn wait_connected(&self) {
         wait_for("the MQTT input to connect", Duration::from_secs(10), || {
             self.metric("gateway_input_connected{input=\"site\"}") == 1.0

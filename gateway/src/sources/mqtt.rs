@@ -379,7 +379,9 @@ pub async fn run(
         };
         match polled {
             Ok(Polled::Connected { session_present }) => {
-                m.connected.set(1);
+                // `connected` goes to 1 with the SUBACK: until then the broker does not
+                // route new messages to this client (a first session has no
+                // subscriptions), and whoever waits for the input means "receiving".
                 delay = cfg.reconnect.min;
                 tracing::info!(input = %cfg.name, session_present, "MQTT connected");
                 if let Err(e) = link.subscribe(&filters, cfg.qos == 1) {
@@ -388,6 +390,10 @@ pub async fn run(
             }
             Ok(Polled::SubAck { refused: true }) => {
                 tracing::error!(input = %cfg.name, ?filters, "the broker refused a subscription; check the topic filters and ACLs");
+            }
+            Ok(Polled::SubAck { refused: false }) => {
+                m.connected.set(1);
+                tracing::info!(input = %cfg.name, ?filters, "MQTT subscribed");
             }
             Ok(Polled::Publish(p)) => {
                 if *state.borrow() != SourceState::Run {
