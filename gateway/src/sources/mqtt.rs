@@ -342,7 +342,7 @@ pub async fn run(
         emit: Emitter::new(&ctx, &m, until_delivered),
     };
     tracing::info!(input = %cfg.name, host = %cfg.host, protocol = ?cfg.protocol, ?filters, "MQTT input starting");
-    loop {
+    'input: loop {
         // What the event loop has at hand (parsed packets, bytes in the socket) is taken
         // without waiting. When it has nothing, the input has caught up with the broker:
         // it lets the socket fill for a moment before it waits for more. Reading every
@@ -365,14 +365,17 @@ pub async fn run(
                     {
                         break;
                     }
-                    tokio::select! {
-                        changed = state.changed() => {
-                            if changed.is_err() || *state.borrow() == SourceState::Stop {
-                                break;
+                    // A change to Quiesce or Run needs nothing from the event loop: the
+                    // same poll is awaited again, not dropped half-way through a write.
+                    loop {
+                        tokio::select! {
+                            changed = state.changed() => {
+                                if changed.is_err() || *state.borrow() == SourceState::Stop {
+                                    break 'input;
+                                }
                             }
-                            continue;
+                            ev = poll.as_mut() => break ev,
                         }
-                        ev = poll => ev,
                     }
                 }
             }
