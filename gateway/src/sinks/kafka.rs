@@ -58,10 +58,43 @@ pub struct Context {
     /// thread touches it: the lock is never contended).
     reports: Mutex<Vec<Report>>,
     fatal: Arc<AtomicBool>,
+    /// The last error handled, and when (see [`Context::repeated`]).
+    last_error: Mutex<Option<(String, Instant)>>,
+}
+
+impl Context {
+    fn new(fatal: Arc<AtomicBool>) -> Context {
+        Context {
+            reports: Mutex::new(Vec::new()),
+            fatal,
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// Whether `text` is the error handled just before (within 100 ms). rdkafka 0.39
+    /// hands each error event to [`ClientContext::error`] twice (`Client::poll_event`
+    /// handles it, then `BaseProducer::poll` again), which logged every error twice.
+    fn repeated(&self, text: &str) -> bool {
+        let mut last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last
+            .as_ref()
+            .is_some_and(|(t, at)| t == text && at.elapsed() < Duration::from_millis(100))
+        {
+            return true;
+        }
+        *last = Some((text.to_string(), Instant::now()));
+        false
+    }
 }
 
 impl ClientContext for Context {
     fn error(&self, error: KafkaError, reason: &str) {
+        if self.repeated(&format!("{error}: {reason}")) {
+            return;
+        }
         match error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::Fatal) => {
                 self.fatal.store(true, Ordering::SeqCst);
@@ -269,10 +302,7 @@ impl KafkaSink {
         kick: flume::Sender<()>,
     ) -> Result<KafkaSink, String> {
         let fatal = Arc::new(AtomicBool::new(false));
-        let ctx = Context {
-            reports: Mutex::new(Vec::new()),
-            fatal: fatal.clone(),
-        };
+        let ctx = Context::new(fatal.clone());
         let producer: BaseProducer<Context> = client_config(cfg, gateway_id)?
             .create_with_context(ctx)
             .map_err(|e| format!("cannot create the Kafka producer: {e}"))?;
@@ -553,6 +583,15 @@ pub fn record_json(r: &Record) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::sinks::event_json::tests::event;
+
+    #[test]
+    fn an_error_handed_over_twice_is_handled_once() {
+        let ctx = Context::new(Arc::new(AtomicBool::new(false)));
+        assert!(!ctx.repeated("Local: Broker transport failure: a"));
+        assert!(ctx.repeated("Local: Broker transport failure: a"));
+        assert!(!ctx.repeated("Local: Fatal error: b"));
+        assert!(!ctx.repeated("Local: Broker transport failure: a"));
+    }
 
     #[test]
     fn export_value_matches_the_kafka_value() {
