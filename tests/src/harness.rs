@@ -426,16 +426,11 @@ impl Gateway {
                 eprintln!("{k} {v}");
             }
         }
-        for l in self
-            .log_text()
-            .lines()
-            .filter(|l| !l.contains("INFO"))
-            .take(40)
-        {
-            eprintln!("{l}");
-        }
         let log = self.log_text();
         let lines: Vec<&str> = log.lines().collect();
+        for l in lines.iter().filter(|l| !l.contains("INFO")).take(40) {
+            eprintln!("{l}");
+        }
         eprintln!("--- the log's last lines");
         for l in &lines[lines.len().saturating_sub(30)..] {
             eprintln!("{l}");

@@ -28,8 +28,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 
 use crate::event::{rfc3339, Event, Record};
 
-use super::event_json::write_event;
-pub use super::event_json::{event_json_bytes, CONTENT_TYPE_JSON, CONTENT_TYPE_POSTCARD, SCHEMA};
+pub use super::event_json::{event_json_bytes, SCHEMA};
+use super::event_json::{write_event, CONTENT_TYPE_JSON, CONTENT_TYPE_POSTCARD};
 
 /// What travels with a record through librdkafka and comes back in its report.
 #[derive(Debug)]
