@@ -27,7 +27,7 @@ mod stages;
 mod template;
 
 pub use stages::*;
-pub use template::{TopicTemplate, TopicTemplateError};
+pub use template::{Captures, TopicTemplate, TopicTemplateError};
 
 /// The commented default configuration printed by `gateway print-config`.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");

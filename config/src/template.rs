@@ -5,6 +5,12 @@
 
 use std::fmt;
 
+use smallvec::SmallVec;
+
+/// The `(name, value)` pairs a topic template captured: up to four without an allocation
+/// (this runs once per MQTT message).
+pub type Captures<'n, 't> = SmallVec<[(&'n str, &'t str); 4]>;
+
 /// One level of a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Level {
@@ -101,8 +107,8 @@ impl TopicTemplate {
     }
 
     /// Matches a topic; on a match returns the captured `(name, value)` pairs.
-    pub fn matches<'t>(&self, topic: &'t str) -> Option<Vec<(&str, &'t str)>> {
-        let mut out = Vec::new();
+    pub fn matches<'t>(&self, topic: &'t str) -> Option<Captures<'_, 't>> {
+        let mut out = Captures::new();
         let mut parts = topic.split('/');
         for level in &self.levels {
             match level {

@@ -180,7 +180,11 @@ impl<'a> Emitter<'a> {
 
     /// Counts `events` as received and runs them through the stages to the router; each
     /// carries a share of `ack`.
-    pub async fn events(&self, events: Vec<Event>, ack: &Ack) -> Result<(), Closed> {
+    pub async fn events(
+        &self,
+        events: impl IntoIterator<Item = Event>,
+        ack: &Ack,
+    ) -> Result<(), Closed> {
         let mut out = Vec::new();
         for e in events {
             self.m.received.inc();

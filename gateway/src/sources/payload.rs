@@ -8,6 +8,10 @@ use super::json::Json;
 use crate::event::{content_id, sequence_id, ClockQuality, Event, Fields, Location, Value};
 use compact_str::{CompactString, ToCompactString};
 use gateway_config::{JsonMapping, PayloadFormat, TimeUnit};
+use smallvec::{smallvec, SmallVec};
+
+/// The events decoded from one payload: one (the usual case) without an allocation.
+pub type Events = SmallVec<[Event; 1]>;
 
 /// Why a payload was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,11 +89,11 @@ pub fn decode(
     mapping: &JsonMapping,
     origin: &Origin<'_>,
     payload: &[u8],
-) -> Result<Vec<Event>, Malformed> {
+) -> Result<Events, Malformed> {
     match format {
-        PayloadFormat::Json => decode_json(mapping, origin, payload).map(|e| vec![e]),
-        PayloadFormat::Senml => decode_senml(origin, payload),
-        PayloadFormat::Number => decode_number(origin, payload).map(|e| vec![e]),
+        PayloadFormat::Json => decode_json(mapping, origin, payload).map(|e| smallvec![e]),
+        PayloadFormat::Senml => decode_senml(origin, payload).map(Events::from_vec),
+        PayloadFormat::Number => decode_number(origin, payload).map(|e| smallvec![e]),
     }
 }
 

@@ -604,7 +604,7 @@ impl<'a> Session<'a> {
         for (r, received_ns) in ready {
             let ack = self.ack(acks, out, boot, r.seq);
             match reading_event(self.cfg, id, boot, &r, &self.origin, received_ns) {
-                Ok(event) => self.emit.events(vec![event], &ack).await?,
+                Ok(event) => self.emit.events([event], &ack).await?,
                 Err(bad) => {
                     // The device forgets it once acknowledged: keep its bytes.
                     let raw = postcard::to_allocvec(&r).unwrap_or_default();
@@ -682,7 +682,7 @@ impl<'a> Session<'a> {
                         detail: "not ASCII".into(),
                     })
                     .and_then(|line| super::nmea::decode(&origin, device, line.trim()))
-                    .map(|e| vec![e])
+                    .map(|e| smallvec::smallvec![e])
             } else {
                 decode(PayloadFormat::Json, &self.cfg.json, &origin, text)
             };
