@@ -15,6 +15,7 @@
 //!   `operator` (feature `operator`): `gateway remote` (keys, signing, pushing, fleet
 //!   status, diff).
 //! - [`cli`]: the `gateway` command line.
+//! - `allocator` (feature `mimalloc`): the global allocator, mimalloc.
 //! - `demo` (feature `demo`): the self-contained demo behind `gateway demo`.
 //! - `simulate` (feature `serial`): a serial device on a pseudo-terminal, behind
 //!   `gateway simulate serial`.
@@ -39,10 +40,13 @@ pub mod sources;
 pub mod spool;
 pub mod stages;
 
+#[cfg(feature = "mimalloc")]
+pub mod allocator;
+
 /// The global allocator of binaries that link this library (feature `mimalloc`).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: allocator::Allocator = allocator::Allocator;
 
 /// Tunes the allocator for a small device; the `gateway` command calls it first thing.
 ///
