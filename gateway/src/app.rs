@@ -72,11 +72,16 @@ impl Timers {
         }
         self.global.tick(now_ns, flush, &mut out);
         let none = crate::ack::Ack::none();
-        for o in out {
-            if let Some(item) = crate::sources::outcome(&self.ctx, None, o, &none) {
-                if self.ctx.items.send_async(item).await.is_err() {
-                    return;
-                }
+        let items: Vec<_> = out
+            .into_iter()
+            .filter_map(|o| crate::sources::outcome(&self.ctx, None, o, &none))
+            .collect();
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let batch: crate::router::Batch =
+                items.by_ref().take(crate::router::MAX_BATCH).collect();
+            if self.ctx.items.send_async(batch).await.is_err() {
+                return;
             }
         }
     }

@@ -13,12 +13,12 @@ pub mod payload;
 pub mod serial;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::ack::Ack;
 use crate::event::{DeadLetter, Event, Record};
 use crate::metrics::{InputMetrics, Metrics};
-use crate::router::Item;
+use crate::router::{Batch, Item, MAX_BATCH};
 use crate::stages::{InputStages, Outcome};
 
 /// What every input task gets from the pipeline.
@@ -29,7 +29,7 @@ pub struct SourceContext {
     /// This input's stages, then the pipeline's.
     pub stages: Arc<InputStages>,
     /// The router's input channel.
-    pub items: flume::Sender<Item>,
+    pub items: flume::Sender<Batch>,
     /// Metrics.
     pub metrics: Metrics,
     /// Undecodable payloads go to the dead-letter topic (one is configured).
@@ -151,12 +151,29 @@ pub(crate) struct Closed;
 
 /// Hands an input's decoded events (through the stages) and rejected payloads to the
 /// router, with the accounting every input shares.
+///
+/// Items are gathered into a [`Batch`] and sent when it is full or on
+/// [`Emitter::flush`], which an input calls before it waits for its upstream: so nothing
+/// waits here for more input, and a burst costs one channel operation per batch.
 pub(crate) struct Emitter<'a> {
     pub ctx: &'a SourceContext,
     pub m: &'a InputMetrics,
     /// Hold acks until Kafka confirmed (`on_delivery`).
     pub until_delivered: bool,
     malformed_seen: AtomicU64,
+    /// Items not sent yet (only the input's own task touches it: never contended).
+    batch: Mutex<Batch>,
+}
+
+impl Drop for Emitter<'_> {
+    /// Items never handed to the router (it is gone) are not safe: their messages must
+    /// not be acknowledged upstream, so the broker or device sends them again.
+    fn drop(&mut self) {
+        let batch = self.batch.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for item in batch.drain(..) {
+            item.ack.disarm();
+        }
+    }
 }
 
 impl<'a> Emitter<'a> {
@@ -166,16 +183,44 @@ impl<'a> Emitter<'a> {
             m,
             until_delivered,
             malformed_seen: AtomicU64::new(0),
+            batch: Mutex::new(Vec::new()),
         }
     }
 
-    async fn send(&self, record: Record, ack: Ack) -> Result<(), Closed> {
-        let item = Item {
-            record,
-            ack,
-            until_delivered: self.until_delivered,
+    /// Adds an item to the batch; sends the batch once it is full.
+    async fn push(&self, mut item: Item) -> Result<(), Closed> {
+        item.until_delivered = self.until_delivered;
+        let full = {
+            let mut batch = self.batch.lock().unwrap_or_else(PoisonError::into_inner);
+            if batch.capacity() == 0 {
+                batch.reserve_exact(MAX_BATCH);
+            }
+            batch.push(item);
+            batch.len() >= MAX_BATCH
         };
-        self.ctx.items.send_async(item).await.map_err(|_| Closed)
+        if full {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is gathered to the router (waiting while its channel is full:
+    /// backpressure). Call it before waiting for more input.
+    pub async fn flush(&self) -> Result<(), Closed> {
+        let batch = std::mem::take(&mut *self.batch.lock().unwrap_or_else(PoisonError::into_inner));
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match self.ctx.items.send_async(batch).await {
+            Ok(()) => Ok(()),
+            Err(flume::SendError(batch)) => {
+                // Not safe anywhere: not to be acknowledged (see `Drop`).
+                for item in batch {
+                    item.ack.disarm();
+                }
+                Err(Closed)
+            }
+        }
     }
 
     /// Counts `events` as received and runs them through the stages to the router; each
@@ -192,18 +237,12 @@ impl<'a> Emitter<'a> {
             for o in out.drain(..) {
                 // Events stages made carry a share of the ack too: the upstream message
                 // is acknowledged once they are safe as well.
-                let item = outcome(self.ctx, Some(self.m), o, ack);
-                if let Some(item) = item {
-                    self.send_item(item).await?;
+                if let Some(item) = outcome(self.ctx, Some(self.m), o, ack) {
+                    self.push(item).await?;
                 }
             }
         }
         Ok(())
-    }
-
-    async fn send_item(&self, mut item: Item) -> Result<(), Closed> {
-        item.until_delivered = self.until_delivered;
-        self.ctx.items.send_async(item).await.map_err(|_| Closed)
     }
 
     /// Counts a line that is not an event as received and dropped for `reason`, without
@@ -242,8 +281,103 @@ impl<'a> Emitter<'a> {
                 received_ns,
                 payload: payload.to_vec(),
             };
-            self.send(Record::DeadLetter(dl), ack).await?;
+            self.push(Item {
+                record: Record::DeadLetter(dl),
+                ack,
+                until_delivered: self.until_delivered,
+            })
+            .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ack::AckQueue;
+    use crate::stages::tests::event;
+    use crate::stages::{Chain, InputStages};
+
+    fn context(items: flume::Sender<Batch>) -> SourceContext {
+        SourceContext {
+            gateway_id: "gw".into(),
+            stages: Arc::new(InputStages {
+                local: None,
+                global: Arc::new(Chain::build(&[], None, "").expect("no stages")),
+            }),
+            items,
+            metrics: Metrics::new(),
+            dead_letters: false,
+        }
+    }
+
+    fn devices(batch: &Batch) -> Vec<String> {
+        batch
+            .iter()
+            .map(|i| match &i.record {
+                Record::Event(e) => e.device.to_string(),
+                Record::DeadLetter(d) => d.origin.clone(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn items_go_in_full_batches_and_the_rest_on_flush_in_order() {
+        let (tx, rx) = flume::unbounded();
+        let ctx = context(tx);
+        let m = ctx.metrics.input("site");
+        let emit = Emitter::new(&ctx, &m, true);
+        let n = MAX_BATCH + 3;
+        for i in 0..n {
+            let e = event(&format!("d{i}"), "t", 1.0);
+            emit.events([e], &Ack::none()).await.expect("router there");
+        }
+        let first = rx.try_recv().expect("a full batch went at once");
+        assert_eq!(first.len(), MAX_BATCH);
+        assert!(first.iter().all(|i| i.until_delivered));
+        assert!(rx.try_recv().is_err(), "the rest waits for the flush");
+        emit.flush().await.expect("router there");
+        let rest = rx.try_recv().expect("flushed");
+        let got: Vec<String> = devices(&first).into_iter().chain(devices(&rest)).collect();
+        let want: Vec<String> = (0..n).map(|i| format!("d{i}")).collect();
+        assert_eq!(got, want);
+        emit.flush().await.expect("nothing to send is fine");
+        assert!(rx.try_recv().is_err(), "an empty flush sends nothing");
+        assert_eq!(m.received.get(), n as u64);
+    }
+
+    #[tokio::test]
+    async fn what_the_router_never_got_is_not_acknowledged() {
+        let (tx, rx) = flume::unbounded::<Batch>();
+        drop(rx);
+        let ctx = context(tx);
+        let m = ctx.metrics.input("site");
+        let released = Arc::new(Mutex::new(Vec::new()));
+        // One queue per case: a message kept back also holds back every later one.
+        let queue = || {
+            let r = released.clone();
+            AckQueue::new(move |msg: u32| r.lock().expect("lock").push(msg))
+        };
+        let (q1, q2, q3) = (queue(), queue(), queue());
+        // A failed flush.
+        let emit = Emitter::new(&ctx, &m, false);
+        let ack = q1.push(1);
+        emit.events([event("d", "t", 1.0)], &ack)
+            .await
+            .expect("only gathered");
+        drop(ack);
+        assert!(emit.flush().await.is_err(), "the router is gone");
+        // Gathered, never flushed.
+        let ack = q2.push(2);
+        let emit = Emitter::new(&ctx, &m, false);
+        emit.events([event("d", "t", 2.0)], &ack)
+            .await
+            .expect("only gathered");
+        drop(ack);
+        drop(emit);
+        // The check that can fail: a message with nothing in an emitter is released.
+        drop(q3.push(3));
+        assert_eq!(*released.lock().expect("lock"), vec![3]);
     }
 }

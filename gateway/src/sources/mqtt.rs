@@ -360,6 +360,11 @@ pub async fn run(
             match first {
                 std::task::Poll::Ready(ev) => ev,
                 std::task::Poll::Pending => {
+                    // Caught up: what this burst yielded goes to the router before any
+                    // waiting.
+                    if input.emit.flush().await.is_err() {
+                        break; // the router is gone
+                    }
                     if *state.borrow() == SourceState::Run
                         && !pause_unless_stopped(&mut state).await
                     {
@@ -419,6 +424,9 @@ pub async fn run(
                 // Packet ids of the old connection mean nothing on the next one.
                 epoch.fetch_add(1, Ordering::SeqCst);
                 acks.reset();
+                if input.emit.flush().await.is_err() {
+                    break;
+                }
                 let wait = jittered(delay);
                 tracing::warn!(input = %cfg.name, error = %e, retry_in = ?wait, "MQTT connection lost");
                 if !sleep_unless_stopped(wait, &mut state).await {
@@ -428,8 +436,12 @@ pub async fn run(
             }
         }
     }
-    // Let queued acks go out before disconnecting: close the ack queue, let the acker
-    // hand over what it holds, then disconnect behind those acks.
+    // Hand over what was taken in (if the router is gone, `Emitter`'s drop keeps those
+    // messages unacknowledged). Then let queued acks go out before disconnecting: close
+    // the ack queue, let the acker hand over what it holds, then disconnect behind those
+    // acks.
+    let _ = input.emit.flush().await;
+    drop(input);
     drop(acks);
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while !acker.is_finished() {

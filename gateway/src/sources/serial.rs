@@ -430,7 +430,8 @@ impl<'a> Session<'a> {
                         }
                         self.lines(lines, received_ns).await
                     };
-                    if r.is_err() {
+                    // What this read yielded goes to the router before the next wait.
+                    if r.is_err() || self.emit.flush().await.is_err() {
                         break End::Closed;
                     }
                 }
@@ -446,7 +447,9 @@ impl<'a> Session<'a> {
                 }
             }
         };
-        // Let released acks reach the device before the port closes.
+        // Hand over what was taken in (if the router is gone, the emitter keeps it
+        // unacknowledged), then let released acks reach the device before the port closes.
+        let _ = self.emit.flush().await;
         drop(acks);
         drop(out);
         // Tokens still in the pipeline keep the ack queue (and a sender) alive: stop the
