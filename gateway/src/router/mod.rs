@@ -50,12 +50,13 @@ pub struct Item {
     pub until_delivered: bool,
 }
 
-/// Items an input hands over at once: what one read from the upstream yielded, up to
-/// [`MAX_BATCH`]. One channel operation per batch instead of per record: each was a lock
+/// Items an input hands over at once: what one read from the upstream yielded, about
+/// [`MAX_BATCH`] at most. One channel operation per batch instead of per record: each was a lock
 /// and a cache line moving between the input's core and the router's.
 pub type Batch = Vec<Item>;
 
-/// The most items an input puts in one [`Batch`].
+/// The size at which an input sends its [`Batch`] (the events stages made from the last
+/// event taken may add a few more).
 pub const MAX_BATCH: usize = 64;
 
 /// Batches the router's input channel holds: with full batches, as many records as the

@@ -161,16 +161,27 @@ pub(crate) struct Emitter<'a> {
     /// Hold acks until Kafka confirmed (`on_delivery`).
     pub until_delivered: bool,
     malformed_seen: AtomicU64,
-    /// Items not sent yet (only the input's own task touches it: never contended).
-    batch: Mutex<Batch>,
+    /// Items not sent yet, and scratch space for the stages (only the input's own task
+    /// touches it: never contended).
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    batch: Batch,
+    /// What the stages made of one event, kept between events.
+    outcomes: Vec<Outcome>,
 }
 
 impl Drop for Emitter<'_> {
     /// Items never handed to the router (it is gone) are not safe: their messages must
     /// not be acknowledged upstream, so the broker or device sends them again.
     fn drop(&mut self) {
-        let batch = self.batch.get_mut().unwrap_or_else(PoisonError::into_inner);
-        for item in batch.drain(..) {
+        let pending = self
+            .pending
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for item in pending.batch.drain(..) {
             item.ack.disarm();
         }
     }
@@ -183,31 +194,37 @@ impl<'a> Emitter<'a> {
             m,
             until_delivered,
             malformed_seen: AtomicU64::new(0),
-            batch: Mutex::new(Vec::new()),
+            pending: Mutex::new(Pending::default()),
         }
     }
 
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Adds an item to the batch; sends the batch once it is full.
-    async fn push(&self, mut item: Item) -> Result<(), Closed> {
-        item.until_delivered = self.until_delivered;
-        let full = {
-            let mut batch = self.batch.lock().unwrap_or_else(PoisonError::into_inner);
-            if batch.capacity() == 0 {
-                batch.reserve_exact(MAX_BATCH);
-            }
-            batch.push(item);
-            batch.len() >= MAX_BATCH
-        };
+    async fn push(&self, item: Item) -> Result<(), Closed> {
+        let full = self.gather(&mut self.pending().batch, item);
         if full {
             self.flush().await?;
         }
         Ok(())
     }
 
+    /// Puts `item` in `batch`; true when the batch is full.
+    fn gather(&self, batch: &mut Batch, mut item: Item) -> bool {
+        item.until_delivered = self.until_delivered;
+        if batch.capacity() == 0 {
+            batch.reserve_exact(MAX_BATCH);
+        }
+        batch.push(item);
+        batch.len() >= MAX_BATCH
+    }
+
     /// Sends what is gathered to the router (waiting while its channel is full:
     /// backpressure). Call it before waiting for more input.
     pub async fn flush(&self) -> Result<(), Closed> {
-        let batch = std::mem::take(&mut *self.batch.lock().unwrap_or_else(PoisonError::into_inner));
+        let batch = std::mem::take(&mut self.pending().batch);
         if batch.is_empty() {
             return Ok(());
         }
@@ -230,16 +247,24 @@ impl<'a> Emitter<'a> {
         events: impl IntoIterator<Item = Event>,
         ack: &Ack,
     ) -> Result<(), Closed> {
-        let mut out = Vec::new();
         for e in events {
             self.m.received.inc();
-            self.ctx.stages.run(e, &mut out);
-            for o in out.drain(..) {
-                // Events stages made carry a share of the ack too: the upstream message
-                // is acknowledged once they are safe as well.
-                if let Some(item) = outcome(self.ctx, Some(self.m), o, ack) {
-                    self.push(item).await?;
+            let full = {
+                let mut pending = self.pending();
+                let Pending { batch, outcomes } = &mut *pending;
+                self.ctx.stages.run(e, outcomes);
+                let mut full = false;
+                for o in outcomes.drain(..) {
+                    // Events stages made carry a share of the ack too: the upstream
+                    // message is acknowledged once they are safe as well.
+                    if let Some(item) = outcome(self.ctx, Some(self.m), o, ack) {
+                        full |= self.gather(batch, item);
+                    }
                 }
+                full
+            };
+            if full {
+                self.flush().await?;
             }
         }
         Ok(())

@@ -104,6 +104,11 @@ fn lookup<'j, 'a>(obj: &'j Json<'a>, path: &str) -> Option<&'j Json<'a>> {
     if let Some(v) = obj.get(path) {
         return Some(v);
     }
+    // A plain name that is not there (an optional field such as `alt`) needs no second
+    // walk through the members.
+    if !path.contains('.') {
+        return None;
+    }
     let mut cur = obj;
     for part in path.split('.') {
         cur = cur.get(part)?;
