@@ -62,6 +62,13 @@ impl<V> Fields<V> {
         self.find(name).is_ok()
     }
 
+    /// Makes room for exactly `additional` more fields. A decoder that knows how many it
+    /// will insert calls it first: an event's fields then take what they need, not the
+    /// four slots a growing vector starts with, for as long as the event is in flight.
+    pub fn reserve_exact(&mut self, additional: usize) {
+        self.entries.reserve_exact(additional);
+    }
+
     /// Sets `name` to `value`; returns the value it had.
     pub fn insert(&mut self, name: CompactString, value: V) -> Option<V> {
         match self.find(&name) {

@@ -267,6 +267,9 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
             &m.accuracy,
         ];
         if let Json::Object(members) = &doc {
+            let not_reading =
+                |k: &str| reserved.iter().any(|r| *r == k) || m.tags.iter().any(|t| t == k);
+            readings.reserve_exact(members.iter().filter(|(k, _)| !not_reading(k)).count());
             // A repeated key counts once, as its last value (as `serde_json::Value`
             // reads it): walk from the end and skip keys already decided.
             let mut skipped = std::collections::BTreeSet::new();
@@ -275,7 +278,7 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
                 if readings.contains_key(k) || skipped.contains(k) {
                     continue;
                 }
-                if reserved.iter().any(|r| *r == k) || m.tags.iter().any(|t| t == k) {
+                if not_reading(k) {
                     continue;
                 }
                 match to_value(v) {
@@ -289,6 +292,7 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
             }
         }
     } else {
+        readings.reserve_exact(m.readings.len());
         for r in &m.readings {
             if let Some(val) = lookup(&doc, r).and_then(to_value) {
                 readings.insert(CompactString::from(r.as_str()), val);
@@ -325,6 +329,7 @@ fn decode_number(o: &Origin<'_>, payload: &[u8]) -> Result<Event, Malformed> {
         o.received_ns,
         ClockQuality::Gateway,
     );
+    e.readings.reserve_exact(1);
     e.readings.insert(metric.into(), Value::Number(v));
     Ok(e)
 }
