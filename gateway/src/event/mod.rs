@@ -155,8 +155,15 @@ impl Record {
             },
             Record::DeadLetter(d) => Stored::DeadLetter(d),
         };
-        // Serialising plain data into a Vec cannot fail.
-        postcard::to_allocvec(&stored).unwrap_or_default()
+        // A typical event is written into a stack buffer and copied out in one exact
+        // allocation (`to_allocvec` grows its Vec from 8 bytes, about five reallocations
+        // per event); a larger one is serialised into a growing Vec. Serialising plain
+        // data into a Vec cannot fail.
+        let mut buf = [0u8; 512];
+        match postcard::to_slice(&stored, &mut buf) {
+            Ok(bytes) => bytes.to_vec(),
+            Err(_) => postcard::to_allocvec(&stored).unwrap_or_default(),
+        }
     }
 
     /// Reads [`Record::encode`] bytes back.
@@ -365,6 +372,22 @@ mod tests {
         assert!(bytes.len() < 140, "compact: {} bytes", bytes.len());
         assert_eq!(Record::decode(&bytes).expect("decodes"), r);
         assert!(Record::decode(&bytes[..bytes.len() / 2]).is_err());
+        // Larger than the stack buffer: the same bytes as a growing Vec gives.
+        for n in [400, 511, 512, 513, 5000] {
+            let d = DeadLetter {
+                source: "site".into(),
+                origin: "t".into(),
+                reason: "malformed_json".into(),
+                detail: "x".into(),
+                received_ns: 1,
+                payload: vec![7; n],
+            };
+            let want = postcard::to_allocvec(&Stored::DeadLetter(&d)).expect("encode");
+            let big = Record::DeadLetter(d);
+            let bytes = big.encode();
+            assert_eq!(bytes, want, "{n}-byte payload");
+            assert_eq!(Record::decode(&bytes).expect("decodes"), big);
+        }
     }
 
     #[test]
