@@ -24,13 +24,15 @@ const WORD: usize = std::mem::size_of::<usize>();
 /// Whether a plain (unaligned) mimalloc call returns memory aligned for `size` and
 /// `align`.
 ///
-/// mimalloc's size classes are whole words: 1 to 8 words exactly, then 10, 12, 14, 16,
-/// 20, 24, ... words (an even number from there on, `init.c`), and the first block of a
-/// page is 16-byte aligned (`MI_PAGE_MIN_START_BLOCK_ALIGN`). So every block is
-/// word-aligned, and a size that is a multiple of two words lands in a class whose blocks
-/// are two-word multiples apart, hence two-word aligned. This holds without mimalloc's
-/// padding, which only its `debug` and `secure` builds add (neither is enabled);
-/// `tests::plain_calls_honour_the_layout` checks it on every build.
+/// mimalloc's size classes are whole words (`init.c`): below 10 words a request is rounded
+/// up to an even number of words (to a multiple of four on 32-bit targets,
+/// `MI_ALIGN2W`/`MI_ALIGN4W` in `page-queue.c`), and from 10 words on every class is an
+/// even number of words; the first block of a page is 16-byte aligned
+/// (`MI_PAGE_MIN_START_BLOCK_ALIGN`). So every block is word-aligned, and a size that is
+/// a multiple of two words lands in a class whose blocks are two-word multiples apart,
+/// hence two-word aligned. This holds without mimalloc's padding and guard pages, which
+/// only its `debug` and `secure` builds add (neither feature is enabled, see the
+/// workspace Cargo.toml); `tests::plain_calls_honour_the_layout` checks it on every build.
 #[inline]
 const fn plain(size: usize, align: usize) -> bool {
     align <= WORD || (align <= 2 * WORD && size % align == 0)

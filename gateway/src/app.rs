@@ -80,7 +80,7 @@ impl Timers {
         while items.peek().is_some() {
             let batch: crate::router::Batch =
                 items.by_ref().take(crate::router::MAX_BATCH).collect();
-            if self.ctx.items.send_async(batch).await.is_err() {
+            if self.ctx.items.send(batch).await.is_err() {
                 return;
             }
         }

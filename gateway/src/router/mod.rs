@@ -26,6 +26,7 @@
 mod in_flight;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway_config::{KafkaOutput, OverflowPolicy, SpoolConfig};
@@ -51,17 +52,113 @@ pub struct Item {
 }
 
 /// Items an input hands over at once: what one read from the upstream yielded, about
-/// [`MAX_BATCH`] at most. One channel operation per batch instead of per record: each was a lock
-/// and a cache line moving between the input's core and the router's.
-pub type Batch = Vec<Item>;
+/// [`MAX_BATCH`] at most. One channel operation per batch instead of per record: each was
+/// a lock and a cache line moving between the input's core and the router's.
+///
+/// A batch dropped with items still in it (the router is gone, a send was cancelled)
+/// disarms their acks: a record the router never took is not safe, so its upstream
+/// message must not be acknowledged; the broker or device sends it again.
+#[derive(Debug, Default)]
+pub struct Batch(Vec<Item>);
+
+impl Batch {
+    /// Appends an item; the first one makes room for [`MAX_BATCH`].
+    pub fn push(&mut self, item: Item) {
+        if self.0.capacity() == 0 {
+            self.0.reserve_exact(MAX_BATCH);
+        }
+        self.0.push(item);
+    }
+
+    /// Items in the batch.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when the batch holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The items, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Item> {
+        self.0.iter()
+    }
+
+    /// Gives back the room a small batch does not use, before it waits in the channel.
+    pub fn fit(&mut self) {
+        if self.0.len() < MAX_BATCH / 4 {
+            self.0.shrink_to_fit();
+        }
+    }
+
+    /// Takes the items out; the batch is left empty.
+    fn take(&mut self) -> Vec<Item> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl FromIterator<Item> for Batch {
+    fn from_iter<I: IntoIterator<Item = Item>>(items: I) -> Self {
+        Batch(items.into_iter().collect())
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        for item in &self.0 {
+            item.ack.disarm();
+        }
+    }
+}
 
 /// The size at which an input sends its [`Batch`] (the events stages made from the last
 /// event taken may add a few more).
 pub const MAX_BATCH: usize = 64;
 
-/// Batches the router's input channel holds: with full batches, as many records as the
-/// 4096 it held one by one before.
-const CHANNEL_BATCHES: usize = 4096 / MAX_BATCH;
+/// Records on their way from the inputs to the router (in the channel, or held by the
+/// router while the spool is full), whatever the batches' sizes.
+const MAX_WAITING: usize = 4096;
+
+/// Where inputs hand their batches to the router. At most [`MAX_WAITING`] records wait:
+/// a sender takes a permit per record before it sends, and the router returns them as it
+/// takes records in; a sender waits while there are none (backpressure).
+#[derive(Clone)]
+pub struct RouterSender {
+    tx: flume::Sender<Batch>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl RouterSender {
+    /// A sender with room for `records`, and the receiving end (for tests of the inputs).
+    #[cfg(test)]
+    pub(crate) fn for_test(records: usize) -> (RouterSender, flume::Receiver<Batch>) {
+        let (tx, rx) = flume::unbounded();
+        let slots = Arc::new(tokio::sync::Semaphore::new(records));
+        (RouterSender { tx, slots }, rx)
+    }
+
+    /// Sends a batch, waiting for room. `Err` gives the batch back when the router is
+    /// gone (dropping it disarms its acks).
+    pub async fn send(&self, batch: Batch) -> Result<(), Batch> {
+        let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+        match self.slots.acquire_many(n).await {
+            Ok(permits) => permits.forget(),
+            Err(_) => return Err(batch),
+        }
+        self.tx.send(batch).map_err(|flume::SendError(b)| b)
+    }
+}
+
+/// Closes the senders' permits when the router thread ends, however it ends: a sender
+/// waiting for room then fails instead of waiting forever.
+struct CloseOnExit(Arc<tokio::sync::Semaphore>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
 
 /// Commands to the router.
 pub enum Control {
@@ -76,14 +173,14 @@ pub enum Control {
 
 /// A handle on the running router thread.
 pub struct RouterHandle {
-    items: flume::Sender<Batch>,
+    items: RouterSender,
     control: flume::Sender<Control>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl RouterHandle {
-    /// Where inputs send their records. Bounded: a full channel is backpressure.
-    pub fn items(&self) -> flume::Sender<Batch> {
+    /// Where inputs send their records. Bounded: no room is backpressure.
+    pub fn items(&self) -> RouterSender {
         self.items.clone()
     }
 
@@ -114,7 +211,9 @@ pub fn start(
     gateway_id: &str,
     metrics: Metrics,
 ) -> Result<RouterHandle, String> {
-    let (items_tx, items_rx) = flume::bounded(CHANNEL_BATCHES);
+    // Bounded in records by `RouterSender`'s permits.
+    let (items_tx, items_rx) = flume::unbounded();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_WAITING));
     let (control_tx, control_rx) = flume::unbounded();
     // librdkafka kicks the router when delivery reports wait; one token is enough.
     let (kick_tx, kick_rx) = flume::bounded(1);
@@ -158,10 +257,16 @@ pub fn start(
     router.publish_state();
     let thread = std::thread::Builder::new()
         .name("router".into())
-        .spawn(move || router.run(items_rx, control_rx))
+        .spawn({
+            let slots = slots.clone();
+            move || router.run(items_rx, control_rx, slots)
+        })
         .map_err(|e| format!("cannot start the router thread: {e}"))?;
     Ok(RouterHandle {
-        items: items_tx,
+        items: RouterSender {
+            tx: items_tx,
+            slots,
+        },
         control: control_tx,
         thread: Some(thread),
     })
@@ -276,17 +381,24 @@ fn permanent(e: &KafkaError) -> bool {
 }
 
 impl Router {
-    fn run(mut self, items: flume::Receiver<Batch>, control: flume::Receiver<Control>) {
+    fn run(
+        mut self,
+        items: flume::Receiver<Batch>,
+        control: flume::Receiver<Control>,
+        slots: Arc<tokio::sync::Semaphore>,
+    ) {
+        let _close = CloseOnExit(slots.clone());
         self.metrics.router_alive(true);
         let mut items_open = true;
         // The rest of a batch that arrived while the spool was full (`block`): taken, in
         // order, before anything new once there is room again.
         let mut held: VecDeque<Item> = VecDeque::new();
         loop {
-            let mut handled = 0usize;
+            // Records taken in this round: their permits go back to the senders.
+            let mut taken = 0usize;
             while !held.is_empty() && !self.blocked() {
                 if let Some(item) = held.pop_front() {
-                    handled += 1;
+                    taken += 1;
                     self.accept(item);
                 }
             }
@@ -307,11 +419,11 @@ impl Router {
             self.now = Instant::now();
             match wake {
                 Wake::Items(batch) => {
-                    handled += self.accept_batch(batch, &mut held);
+                    taken += self.accept_batch(batch, &mut held);
                     // Take what else is there, bounded, to amortise the loop.
-                    while handled < 1024 && held.is_empty() && !self.blocked() {
+                    while taken < 1024 && held.is_empty() && !self.blocked() {
                         match items.try_recv() {
-                            Ok(batch) => handled += self.accept_batch(batch, &mut held),
+                            Ok(batch) => taken += self.accept_batch(batch, &mut held),
                             Err(flume::TryRecvError::Empty) => break,
                             Err(flume::TryRecvError::Disconnected) => {
                                 items_open = false;
@@ -330,8 +442,8 @@ impl Router {
                     for item in held.drain(..) {
                         self.accept(item);
                     }
-                    while let Ok(batch) = items.try_recv() {
-                        for item in batch {
+                    while let Ok(mut batch) = items.try_recv() {
+                        for item in batch.take() {
                             self.accept(item);
                         }
                     }
@@ -340,7 +452,10 @@ impl Router {
                 Wake::ItemsClosed => items_open = false,
                 Wake::Idle => {}
             }
-            handled += self.serve_reports(KafkaSink::poll);
+            if taken > 0 {
+                slots.add_permits(taken);
+            }
+            let handled = taken + self.serve_reports(KafkaSink::poll);
             self.tick();
             // A trickle of work would wake this thread once per record (a futex round
             // trip each, for the senders too). Let a little gather instead: at most
@@ -398,9 +513,9 @@ impl Router {
 
     /// Accepts a batch in order until the spool is full (`block`); the rest is held.
     /// Returns how many were accepted.
-    fn accept_batch(&mut self, batch: Batch, held: &mut VecDeque<Item>) -> usize {
+    fn accept_batch(&mut self, mut batch: Batch, held: &mut VecDeque<Item>) -> usize {
         let mut accepted = 0;
-        let mut batch = batch.into_iter();
+        let mut batch = batch.take().into_iter();
         for item in batch.by_ref() {
             self.accept(item);
             accepted += 1;
@@ -985,5 +1100,66 @@ impl Router {
         }
         self.publish_state();
         tracing::info!(spool_rows = self.spool.rows(), "router stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ack::AckQueue;
+    use crate::stages::tests::event;
+    use std::sync::Mutex;
+
+    fn item(ack: Ack) -> Item {
+        Item {
+            record: Record::Event(event("d", "t", 1.0)),
+            ack,
+            until_delivered: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn senders_wait_for_room_counted_in_records_not_batches() {
+        let (tx, rx) = RouterSender::for_test(3);
+        let two = || (0..2).map(|_| item(Ack::none())).collect::<Batch>();
+        tx.send(two()).await.expect("room for two");
+        let waiting = tokio::time::timeout(Duration::from_millis(50), tx.send(two())).await;
+        assert!(waiting.is_err(), "four records do not fit in three");
+        // The router takes the first batch in and gives its two permits back.
+        let first = rx.try_recv().expect("sent");
+        assert_eq!(first.len(), 2);
+        tx.slots.add_permits(first.len());
+        tx.send(two()).await.expect("room again");
+        // A closed router fails a waiting sender instead of leaving it waiting.
+        let waiter = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(two()).await.is_err() }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(CloseOnExit(tx.slots.clone()));
+        assert!(
+            waiter.await.expect("joined"),
+            "fails once the router is gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_the_router_never_takes_is_not_acknowledged() {
+        let released = Arc::new(Mutex::new(Vec::new()));
+        let queue = || {
+            let r = released.clone();
+            AckQueue::new(move |m: u32| r.lock().expect("lock").push(m))
+        };
+        let (q1, q2) = (queue(), queue());
+        // A send dropped while it waits for room.
+        let (tx, _rx) = RouterSender::for_test(1);
+        let batch: Batch = [item(q1.push(1)), item(Ack::none())].into_iter().collect();
+        let waited = tokio::time::timeout(Duration::from_millis(20), tx.send(batch)).await;
+        assert!(waited.is_err(), "no room for two");
+        // Taken out of a batch and accepted: released as usual once dropped.
+        let mut batch: Batch = [item(q2.push(2))].into_iter().collect();
+        drop(batch.take());
+        drop(batch);
+        assert_eq!(*released.lock().expect("lock"), vec![2]);
     }
 }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use crate::ack::Ack;
 use crate::event::{DeadLetter, Event, Record};
 use crate::metrics::{InputMetrics, Metrics};
-use crate::router::{Batch, Item, MAX_BATCH};
+use crate::router::{Batch, Item, RouterSender, MAX_BATCH};
 use crate::stages::{InputStages, Outcome};
 
 /// What every input task gets from the pipeline.
@@ -29,7 +29,7 @@ pub struct SourceContext {
     /// This input's stages, then the pipeline's.
     pub stages: Arc<InputStages>,
     /// The router's input channel.
-    pub items: flume::Sender<Batch>,
+    pub items: RouterSender,
     /// Metrics.
     pub metrics: Metrics,
     /// Undecodable payloads go to the dead-letter topic (one is configured).
@@ -173,20 +173,6 @@ struct Pending {
     outcomes: Vec<Outcome>,
 }
 
-impl Drop for Emitter<'_> {
-    /// Items never handed to the router (it is gone) are not safe: their messages must
-    /// not be acknowledged upstream, so the broker or device sends them again.
-    fn drop(&mut self) {
-        let pending = self
-            .pending
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
-        for item in pending.batch.drain(..) {
-            item.ack.disarm();
-        }
-    }
-}
-
 impl<'a> Emitter<'a> {
     pub fn new(ctx: &'a SourceContext, m: &'a InputMetrics, until_delivered: bool) -> Self {
         Emitter {
@@ -214,9 +200,6 @@ impl<'a> Emitter<'a> {
     /// Puts `item` in `batch`; true when the batch is full.
     fn gather(&self, batch: &mut Batch, mut item: Item) -> bool {
         item.until_delivered = self.until_delivered;
-        if batch.capacity() == 0 {
-            batch.reserve_exact(MAX_BATCH);
-        }
         batch.push(item);
         batch.len() >= MAX_BATCH
     }
@@ -224,20 +207,14 @@ impl<'a> Emitter<'a> {
     /// Sends what is gathered to the router (waiting while its channel is full:
     /// backpressure). Call it before waiting for more input.
     pub async fn flush(&self) -> Result<(), Closed> {
-        let batch = std::mem::take(&mut self.pending().batch);
+        let mut batch = std::mem::take(&mut self.pending().batch);
         if batch.is_empty() {
             return Ok(());
         }
-        match self.ctx.items.send_async(batch).await {
-            Ok(()) => Ok(()),
-            Err(flume::SendError(batch)) => {
-                // Not safe anywhere: not to be acknowledged (see `Drop`).
-                for item in batch {
-                    item.ack.disarm();
-                }
-                Err(Closed)
-            }
-        }
+        batch.fit();
+        // A batch the router does not take (it is gone, or this future is dropped while
+        // it waits for room) disarms its acks when it is dropped: see `Batch`.
+        self.ctx.items.send(batch).await.map_err(|_| Closed)
     }
 
     /// Counts `events` as received and runs them through the stages to the router; each
@@ -324,7 +301,7 @@ mod tests {
     use crate::stages::tests::event;
     use crate::stages::{Chain, InputStages};
 
-    fn context(items: flume::Sender<Batch>) -> SourceContext {
+    fn context(items: RouterSender) -> SourceContext {
         SourceContext {
             gateway_id: "gw".into(),
             stages: Arc::new(InputStages {
@@ -349,7 +326,7 @@ mod tests {
 
     #[tokio::test]
     async fn items_go_in_full_batches_and_the_rest_on_flush_in_order() {
-        let (tx, rx) = flume::unbounded();
+        let (tx, rx) = RouterSender::for_test(4096);
         let ctx = context(tx);
         let m = ctx.metrics.input("site");
         let emit = Emitter::new(&ctx, &m, true);
@@ -374,7 +351,7 @@ mod tests {
 
     #[tokio::test]
     async fn what_the_router_never_got_is_not_acknowledged() {
-        let (tx, rx) = flume::unbounded::<Batch>();
+        let (tx, rx) = RouterSender::for_test(4096);
         drop(rx);
         let ctx = context(tx);
         let m = ctx.metrics.input("site");

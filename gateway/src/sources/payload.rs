@@ -269,7 +269,9 @@ fn decode_json(m: &JsonMapping, o: &Origin<'_>, payload: &[u8]) -> Result<Event,
         if let Json::Object(members) = &doc {
             let not_reading =
                 |k: &str| reserved.iter().any(|r| *r == k) || m.tags.iter().any(|t| t == k);
-            readings.reserve_exact(members.iter().filter(|(k, _)| !not_reading(k)).count());
+            // Capped: repeated keys and nested values count here but are no readings.
+            let candidates = members.iter().filter(|(k, _)| !not_reading(k)).count();
+            readings.reserve_exact(candidates.min(16));
             // A repeated key counts once, as its last value (as `serde_json::Value`
             // reads it): walk from the end and skip keys already decided.
             let mut skipped = std::collections::BTreeSet::new();
