@@ -436,8 +436,8 @@ pub async fn run(
             }
         }
     }
-    // Hand over what was taken in (if the router is gone, `Emitter`'s drop keeps those
-    // messages unacknowledged). Then let queued acks go out before disconnecting: close
+    // Hand over what was taken in (if the router is gone, dropping the unsent `Batch`
+    // keeps those messages unacknowledged). Then let queued acks go out before disconnecting: close
     // the ack queue, let the acker hand over what it holds, then disconnect behind those
     // acks.
     let _ = input.emit.flush().await;

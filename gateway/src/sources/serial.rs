@@ -447,8 +447,8 @@ impl<'a> Session<'a> {
                 }
             }
         };
-        // Hand over what was taken in (if the router is gone, the emitter keeps it
-        // unacknowledged), then let released acks reach the device before the port closes.
+        // Hand over what was taken in (if the router is gone, dropping the unsent `Batch`
+        // keeps it unacknowledged), then let released acks reach the device before the port closes.
         let _ = self.emit.flush().await;
         drop(acks);
         drop(out);
