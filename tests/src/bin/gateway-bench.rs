@@ -208,6 +208,22 @@ struct Run {
     cpu_per_million: f64,
 }
 
+/// Rounds of the QoS 0 Kafka-up phase in the full command.
+const KAFKA_UP_ROUNDS: usize = 3;
+
+/// The median of `runs` for each figure on its own (rate and CPU need not come from the
+/// same round).
+fn median_run(runs: Vec<Run>) -> Run {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    Run {
+        rate: median(runs.iter().map(|r| r.rate).collect()),
+        cpu_per_million: median(runs.iter().map(|r| r.cpu_per_million).collect()),
+    }
+}
+
 /// Publishes `n` through a running gateway and waits until `done` says so.
 fn through_gateway(
     gw: &Gateway,
@@ -466,23 +482,32 @@ fn main() {
     });
     let pid0 = gw0.pid().expect("pid");
     let idle_rss = status_kb(pid0, "VmRSS:");
-    let q0 = through_gateway(&gw0, mqtt.port, n, rumqttc::QoS::AtMostOnce, |g| {
-        let m = g.metrics();
-        let recv = m
-            .get("gateway_events_received_total{input=\"site\"}")
-            .copied()
-            .unwrap_or(0.0);
-        let del = m
-            .get("gateway_events_delivered_total{input=\"site\"}")
-            .copied()
-            .unwrap_or(0.0);
-        recv >= n as f64 * 0.999 && del >= recv
-    });
+    // Three rounds on the same gateway; the median is the figure. This machine's pace
+    // moves by a third within minutes, and one round can land in a slow spell.
+    let mut rounds = Vec::new();
+    for round in 1..=KAFKA_UP_ROUNDS {
+        let recv_before = gw0.metric("gateway_events_received_total{input=\"site\"}");
+        let r = through_gateway(&gw0, mqtt.port, n, rumqttc::QoS::AtMostOnce, |g| {
+            let m = g.metrics();
+            let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
+            let recv = get("gateway_events_received_total{input=\"site\"}");
+            let del = get("gateway_events_delivered_total{input=\"site\"}");
+            recv - recv_before >= n as f64 * 0.999 && del >= recv
+        });
+        println!(
+            "  round {round}: {:>10.0} events/s = {:.0}% of broker alone, {:.2} CPU-s per million",
+            r.rate,
+            r.rate / broker_rate * 100.0,
+            r.cpu_per_million
+        );
+        rounds.push(r);
+    }
+    let q0 = median_run(rounds);
     let recv0 = gw0.metric("gateway_events_received_total{input=\"site\"}");
     // Records that took the spool's way although Kafka was up (the producer queue or the
     // in-flight bound was full): each costs a spool write, read and delete.
     let detour0 = gw0.metric("gateway_spool_drained_total");
-    println!("gateway QoS 0, Kafka up:               {:>10.0} events/s = {:.0}% of broker alone ({recv0} received, {detour0} through the spool), {:.2} CPU-s per million", q0.rate, q0.rate / broker_rate * 100.0, q0.cpu_per_million);
+    println!("gateway QoS 0, Kafka up (median of {KAFKA_UP_ROUNDS}): {:>10.0} events/s = {:.0}% of broker alone ({recv0} received, {detour0} through the spool), {:.2} CPU-s per million", q0.rate, q0.rate / broker_rate * 100.0, q0.cpu_per_million);
 
     // Kafka down: spool fill; then up: drain.
     kafka.down();
