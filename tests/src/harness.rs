@@ -137,6 +137,11 @@ impl Kafka {
         self.cluster.up();
     }
 
+    /// Delays every broker's responses by `rtt` (a long uplink).
+    pub fn set_rtt(&self, rtt: Duration) {
+        self.cluster.set_rtt(rtt).expect("mock broker rtt");
+    }
+
     /// Reads `topic` from the beginning until `stop` says enough or `timeout` passes. A
     /// consumer that makes no progress for 3 s is replaced by a fresh one that resumes at
     /// the next offsets (librdkafka's consumer can stall against the mock cluster after

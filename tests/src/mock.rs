@@ -105,6 +105,20 @@ impl ProxiedCluster {
         Ok(())
     }
 
+    /// Delays every broker's responses by `rtt`, as a long uplink would.
+    pub fn set_rtt(&self, rtt: std::time::Duration) -> anyhow::Result<()> {
+        let ms = i32::try_from(rtt.as_millis())?;
+        for id in (1..).take(self.proxies.len()) {
+            // SAFETY: a valid cluster and one of its broker ids.
+            let err = unsafe { sys::rd_kafka_mock_broker_set_rtt(self.cluster, id, ms) };
+            anyhow::ensure!(
+                err == sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR,
+                "mock broker {id} rtt: {err:?}"
+            );
+        }
+        Ok(())
+    }
+
     /// Cuts every broker off: open connections are closed, new ones closed on accept.
     pub fn down(&self) {
         for p in &self.proxies {

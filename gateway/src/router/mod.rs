@@ -96,6 +96,16 @@ impl Batch {
     fn take(&mut self) -> Vec<Item> {
         std::mem::take(&mut self.0)
     }
+
+    /// Moves the items from `at` on into a batch of their own.
+    fn split_off(&mut self, at: usize) -> Batch {
+        Batch(self.0.split_off(at))
+    }
+
+    /// The items, out of the batch (its drop then has nothing to disarm).
+    fn into_items(mut self) -> Vec<Item> {
+        self.take()
+    }
 }
 
 impl FromIterator<Item> for Batch {
@@ -127,6 +137,8 @@ const MAX_WAITING: usize = 4096;
 pub struct RouterSender {
     tx: flume::Sender<Batch>,
     slots: Arc<tokio::sync::Semaphore>,
+    /// The permits there are in all: a larger batch goes in parts of this size.
+    room: usize,
 }
 
 impl RouterSender {
@@ -135,12 +147,28 @@ impl RouterSender {
     pub(crate) fn for_test(records: usize) -> (RouterSender, flume::Receiver<Batch>) {
         let (tx, rx) = flume::unbounded();
         let slots = Arc::new(tokio::sync::Semaphore::new(records));
-        (RouterSender { tx, slots }, rx)
+        let room = records;
+        (RouterSender { tx, slots, room }, rx)
     }
 
-    /// Sends a batch, waiting for room. `Err` gives the batch back when the router is
-    /// gone (dropping it disarms its acks).
-    pub async fn send(&self, batch: Batch) -> Result<(), Batch> {
+    /// Sends a batch, waiting for room. `Err` gives back what was not sent when the
+    /// router is gone (dropping it disarms its acks). A batch larger than all the room
+    /// there is (one event whose stages made thousands) goes in parts, in order, rather
+    /// than waiting for permits that can never all be free at once.
+    pub async fn send(&self, mut batch: Batch) -> Result<(), Batch> {
+        while batch.len() > self.room {
+            let rest = batch.split_off(self.room);
+            if let Err(mut unsent) = self.send_part(batch).await {
+                unsent.0.extend(rest.into_items());
+                return Err(unsent);
+            }
+            batch = rest;
+        }
+        self.send_part(batch).await
+    }
+
+    /// Sends a batch of at most `room` records.
+    async fn send_part(&self, batch: Batch) -> Result<(), Batch> {
         let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
         match self.slots.acquire_many(n).await {
             Ok(permits) => permits.forget(),
@@ -266,6 +294,7 @@ pub fn start(
         items: RouterSender {
             tx: items_tx,
             slots,
+            room: MAX_WAITING,
         },
         control: control_tx,
         thread: Some(thread),
@@ -1107,6 +1136,7 @@ impl Router {
 mod tests {
     use super::*;
     use crate::ack::AckQueue;
+    use crate::event::Value;
     use crate::stages::tests::event;
     use std::sync::Mutex;
 
@@ -1141,6 +1171,46 @@ mod tests {
             waiter.await.expect("joined"),
             "fails once the router is gone"
         );
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_all_the_room_goes_in_parts_in_order() {
+        let (tx, rx) = RouterSender::for_test(2);
+        let batch = (0..5)
+            .map(|i| Item {
+                record: Record::Event(event("d", "t", f64::from(i))),
+                ack: Ack::none(),
+                until_delivered: false,
+            })
+            .collect::<Batch>();
+        let sender = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(batch).await.is_ok() }
+        });
+        // The router's part: take each part in and give its permits back.
+        let mut sizes = Vec::new();
+        let mut values = Vec::new();
+        while values.len() < 5 {
+            // Before the parts, such a batch waited for ever for 5 of 2 permits.
+            let part = tokio::time::timeout(Duration::from_secs(5), rx.recv_async())
+                .await
+                .expect("a part within 5 s")
+                .expect("a part");
+            sizes.push(part.len());
+            for item in part.iter() {
+                let Record::Event(e) = &item.record else {
+                    panic!("an event")
+                };
+                if let Some(Value::Number(v)) = e.readings.get("temperature") {
+                    values.push(*v);
+                }
+            }
+            tx.slots.add_permits(part.len());
+        }
+        assert!(sender.await.expect("joined"), "all sent");
+        assert_eq!(sizes, vec![2, 2, 1]);
+        assert_eq!(values, vec![0.0, 1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(tx.slots.available_permits(), 2, "no permit made or lost");
     }
 
     #[tokio::test]

@@ -20,6 +20,9 @@
 //! measure for CPU work. With `--drop-all` a stage drops every event: the input side's
 //! share alone.
 //!
+//! `-- --drain-rtt MS` has the mock brokers answer MS late during the drain, as over a
+//! long uplink, so the drain line shows what batch size and in-flight bounds allow there.
+//!
 //! `-- --idle` only starts the gateway against both brokers, lets it settle and prints its
 //! idle RSS. With `GATEWAY_BIN` and `GATEWAY_RUNNER` (see the harness) that measures an
 //! ARM binary under qemu-user (whose RSS then includes the emulator's own).
@@ -524,6 +527,12 @@ fn main() {
     });
     let spooled = gw0.metric("gateway_spool_rows");
     println!("gateway QoS 0, Kafka down (spooling):  {:>10.0} events/s = {:.0}% of broker alone ({spooled} rows spooled), {:.2} CPU-s per million", fill.rate, fill.rate / broker_rate * 100.0, fill.cpu_per_million);
+    // `--drain-rtt MS`: the drain runs against brokers that answer MS late, as over a
+    // long uplink (the phases before it ran at loopback speed).
+    let rtt = arg("--drain-rtt").map(|ms| Duration::from_millis(ms as u64));
+    if let Some(rtt) = rtt {
+        kafka.set_rtt(rtt);
+    }
     let cpu0 = cpu_secs(pid0);
     let t = Instant::now();
     kafka.up();
@@ -541,10 +550,14 @@ fn main() {
     let drain_secs = t.elapsed().as_secs_f64();
     let drained = gw0.metric("gateway_spool_drained_total") - drained0;
     println!(
-        "drain after Kafka returns:             {:>10.0} events/s ({drained} rows in {drain_secs:.2} s, after {reconnect:.1} s to reconnect), {:.2} CPU-s per million",
+        "drain after Kafka returns{}: {:>10.0} events/s ({drained} rows in {drain_secs:.2} s, after {reconnect:.1} s to reconnect), {:.2} CPU-s per million",
+        rtt.map_or("            ".to_string(), |r| format!(" ({} ms RTT)", r.as_millis())),
         drained / drain_secs,
         (cpu_secs(pid0) - cpu0) / spooled * 1e6
     );
+    if rtt.is_some() {
+        kafka.set_rtt(Duration::ZERO);
+    }
     let peak0 = status_kb(pid0, "VmHWM:");
     drop(gw0);
 
