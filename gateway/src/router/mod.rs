@@ -378,6 +378,45 @@ struct Router {
 }
 
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// librdkafka's idempotent producer sends a partition's next request only once fewer
+/// than this many of its records are unconfirmed (`RD_KAFKA_IDEMP_MAX_INFLIGHT`, which
+/// it compares with a count of records, not of requests).
+const IDEMP_MAX_INFLIGHT: usize = 5;
+
+/// How long before its linger runs out a direct record is taken to be on its way: a
+/// record that comes later waits for the next batch (had it been handed over, it would
+/// have missed this batch and made the broker thread spin behind it).
+const GATE_LEAD: Duration = Duration::from_millis(2);
+
+/// Records waiting in the channel past which the gate opens anyway: the inputs are
+/// not held back (a QoS 0 broker would drop) to save the producer's CPU.
+const GATE_MAX_WAITING: usize = MAX_WAITING / 2;
+
+/// How often a closed gate is looked at again without a delivery report.
+const GATE_RECHECK: Duration = Duration::from_millis(5);
+
+/// The send gate, like Nagle's algorithm for the producer: hold new direct records
+/// back while a request of records past their linger waits for Kafka's answer.
+///
+/// Why: librdkafka's idempotent producer sends one request per partition at a time
+/// once a few records are in flight, and while that request waits, records whose linger
+/// has run out make its broker thread spin (a zero poll timeout, over and over) until
+/// the answer comes. Over a long uplink that is most of every round trip: a full core
+/// at a few hundred events per second. Held in the router instead, the records wait in
+/// the channel, and go to the producer together when the answer comes: one batch per
+/// round trip, which is what librdkafka would have sent anyway.
+///
+/// Open (`false`) when fewer records than librdkafka's limit are in flight (it then
+/// sends the next request at once), when the oldest has [`GATE_LEAD`] or more of its
+/// linger left (the batch is still gathering), and when the inputs have
+/// [`GATE_MAX_WAITING`] records waiting. On a fast link the answer comes a moment after
+/// the batch leaves, and the gate is closed for about that moment.
+fn gate(in_flight: usize, oldest: Option<Duration>, linger: Duration, waiting: usize) -> bool {
+    in_flight >= IDEMP_MAX_INFLIGHT
+        && waiting < GATE_MAX_WAITING
+        && oldest.is_some_and(|age| age + GATE_LEAD >= linger)
+}
 const WRITE_RETRY: Duration = Duration::from_secs(1);
 
 fn error_kind(e: &KafkaError) -> &'static str {
@@ -431,10 +470,18 @@ impl Router {
                     self.accept(item);
                 }
             }
-            let accepting = items_open && !self.shutting_down && held.is_empty() && !self.blocked();
+            let spool_full = !held.is_empty() || self.blocked();
+            let waiting = MAX_WAITING.saturating_sub(slots.available_permits());
+            let gated = self.gate_closed(waiting);
+            let accepting = items_open && !self.shutting_down && !spool_full && !gated;
             self.metrics
-                .spool_blocked(items_open && !accepting && !self.shutting_down);
-            let timeout = self.next_deadline();
+                .spool_blocked(items_open && spool_full && !self.shutting_down);
+            let mut timeout = self.next_deadline();
+            if gated {
+                // Reports open the gate (and wake this thread); so does a queue of
+                // records growing past the gate's bound, which only a timer notices.
+                timeout = timeout.min(GATE_RECHECK);
+            }
             let wake = {
                 let mut sel = flume::Selector::new()
                     .recv(&self.kick_rx, |_| Wake::Kick)
@@ -450,7 +497,13 @@ impl Router {
                 Wake::Items(batch) => {
                     taken += self.accept_batch(batch, &mut held);
                     // Take what else is there, bounded, to amortise the loop.
-                    while taken < 1024 && held.is_empty() && !self.blocked() {
+                    while taken < 1024
+                        && held.is_empty()
+                        && !self.blocked()
+                        && !self.gate_closed(
+                            MAX_WAITING.saturating_sub(slots.available_permits() + taken),
+                        )
+                    {
                         match items.try_recv() {
                             Ok(batch) => taken += self.accept_batch(batch, &mut held),
                             Err(flume::TryRecvError::Empty) => break,
@@ -528,6 +581,20 @@ impl Router {
         self.inputs.push(self.metrics.input(name));
         self.input_idx.insert(name.to_string(), i);
         i
+    }
+
+    /// Whether new records wait in the channel for now, because the producer holds a
+    /// request's worth of direct records that are past their linger and unconfirmed.
+    /// See [`gate`].
+    fn gate_closed(&self, waiting: usize) -> bool {
+        let oldest = self.direct.first_key_value().map(|(_, d)| d.sent);
+        self.direct_allowed()
+            && gate(
+                self.direct.len(),
+                oldest.map(|t| Instant::now().saturating_duration_since(t)),
+                self.sink.config().linger,
+                waiting,
+            )
     }
 
     fn direct_allowed(&self) -> bool {
@@ -1171,6 +1238,31 @@ mod tests {
             waiter.await.expect("joined"),
             "fails once the router is gone"
         );
+    }
+
+    #[test]
+    fn the_gate_holds_records_only_behind_a_sent_request() {
+        let ms = Duration::from_millis;
+        let linger = ms(20);
+        let check = |in_flight, oldest: Option<u64>, waiting, closed| {
+            assert_eq!(
+                gate(in_flight, oldest.map(ms), linger, waiting),
+                closed,
+                "{in_flight} in flight, oldest {oldest:?} ms, {waiting} waiting"
+            );
+        };
+        // A request of records past linger is out, or about to leave: new records wait.
+        check(5, Some(30), 0, true);
+        check(500, Some(200), 2047, true);
+        check(500, Some(18), 0, true);
+        // Still gathering: they join the batch.
+        check(500, Some(17), 0, false);
+        check(500, Some(0), 0, false);
+        // Too few in flight for librdkafka to hold the next request back.
+        check(4, Some(200), 0, false);
+        check(0, None, 0, false);
+        // Enough waiting: the inputs come first.
+        check(500, Some(200), 2048, false);
     }
 
     #[tokio::test]

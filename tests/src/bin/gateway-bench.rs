@@ -174,6 +174,59 @@ fn direct_only(n: usize, rounds: usize) {
     );
 }
 
+/// `--steady RATE [--rtt MS]`: the gateway's CPU at a steady RATE events/s for 10 s,
+/// against its idle CPU over 5 s in the same run, with the mock brokers answering MS late
+/// throughout (a long uplink): what a device pays in CPU (and so power and heat) per
+/// event at the rates it sees.
+fn steady(rate: usize) {
+    const SECS: usize = 10;
+    let rtt = arg("--rtt").unwrap_or(0);
+    println!("gateway-bench --steady {rate}: {rate} events/s for {SECS} s, brokers answering {rtt} ms late");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], 4);
+    kafka.set_rtt(Duration::from_millis(rtt as u64));
+    let d = tempfile::tempdir().expect("tempdir");
+    let gw = Gateway::start(
+        d.path(),
+        &bench_config(d.path(), mqtt.port, &kafka.bootstrap, 0),
+    );
+    wait_for("connect", Duration::from_secs(10), || {
+        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
+    });
+    let pid = gw.pid().expect("pid");
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu0 = cpu_secs(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let idle = (cpu_secs(pid) - cpu0) / 5.0;
+    println!("idle:    {:>5.1}% of one core", idle * 100.0);
+    let n = rate * SECS;
+    let messages = (0..n).map(|i| {
+        let d = i % DEVICES;
+        (
+            format!("sensors/dev-{d:02}/telemetry"),
+            payload(d, i / DEVICES).into_bytes(),
+        )
+    });
+    let cpu0 = cpu_secs(pid);
+    let took = send_all(
+        mqtt.port,
+        rumqttc::QoS::AtMostOnce,
+        Some(Duration::from_secs_f64(1.0 / rate as f64)),
+        messages,
+    );
+    let busy = (cpu_secs(pid) - cpu0) / took.as_secs_f64();
+    wait_for("delivery", Duration::from_secs(60), || {
+        gw.metric("gateway_events_delivered_total{input=\"site\"}") >= n as f64 * 0.999
+    });
+    println!(
+        "steady:  {:>5.1}% of one core at {:.0} events/s = {:.1} CPU-s per million ({:.1} above idle)",
+        busy * 100.0,
+        n as f64 / took.as_secs_f64(),
+        busy / (n as f64 / took.as_secs_f64()) * 1e6,
+        (busy - idle) / (n as f64 / took.as_secs_f64()) * 1e6,
+    );
+}
+
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -465,6 +518,10 @@ fn main() {
     let n: usize = arg("--events").unwrap_or(200_000);
     if let Some(rounds) = arg("--direct") {
         direct_only(n, rounds);
+        return;
+    }
+    if let Some(rate) = arg("--steady") {
+        steady(rate);
         return;
     }
     println!("gateway-bench: {n} events of ~120 bytes from {DEVICES} devices");
