@@ -128,7 +128,7 @@ pub const MAX_BATCH: usize = 64;
 
 /// Records on their way from the inputs to the router (in the channel, or held by the
 /// router while the spool is full), whatever the batches' sizes.
-const MAX_WAITING: usize = 4096;
+const MAX_WAITING: usize = 8192;
 
 /// Where inputs hand their batches to the router. At most [`MAX_WAITING`] records wait:
 /// a sender takes a permit per record before it sends, and the router returns them as it
@@ -390,8 +390,10 @@ const IDEMP_MAX_INFLIGHT: usize = 5;
 const GATE_LEAD: Duration = Duration::from_millis(2);
 
 /// Records waiting in the channel past which the gate opens anyway: the inputs are
-/// not held back (a QoS 0 broker would drop) to save the producer's CPU.
-const GATE_MAX_WAITING: usize = MAX_WAITING / 2;
+/// not held back (a QoS 0 broker would drop) to save the producer's CPU. A round trip
+/// plus a linger of records must fit below it: 20,000 events/s over a 50 ms uplink
+/// keep about 2,000 waiting.
+const GATE_MAX_WAITING: usize = MAX_WAITING * 3 / 4;
 
 /// How often a closed gate is looked at again without a delivery report.
 const GATE_RECHECK: Duration = Duration::from_millis(5);
@@ -1253,7 +1255,7 @@ mod tests {
         };
         // A request of records past linger is out, or about to leave: new records wait.
         check(5, Some(30), 0, true);
-        check(500, Some(200), 2047, true);
+        check(500, Some(200), GATE_MAX_WAITING - 1, true);
         check(500, Some(18), 0, true);
         // Still gathering: they join the batch.
         check(500, Some(17), 0, false);
@@ -1262,7 +1264,7 @@ mod tests {
         check(4, Some(200), 0, false);
         check(0, None, 0, false);
         // Enough waiting: the inputs come first.
-        check(500, Some(200), 2048, false);
+        check(500, Some(200), GATE_MAX_WAITING, false);
     }
 
     #[tokio::test]

@@ -225,6 +225,11 @@ fn steady(rate: usize) {
         busy / (n as f64 / took.as_secs_f64()) * 1e6,
         (busy - idle) / (n as f64 / took.as_secs_f64()) * 1e6,
     );
+    for (k, v) in gw.metrics() {
+        if k.starts_with("gateway_kafka_errors_total") || k == "gateway_spool_drained_total" {
+            println!("{k} {v}");
+        }
+    }
 }
 
 fn cpu_secs(pid: u32) -> f64 {
@@ -607,8 +612,11 @@ fn main() {
     let drain_secs = t.elapsed().as_secs_f64();
     let drained = gw0.metric("gateway_spool_drained_total") - drained0;
     println!(
-        "drain after Kafka returns{}: {:>10.0} events/s ({drained} rows in {drain_secs:.2} s, after {reconnect:.1} s to reconnect), {:.2} CPU-s per million",
-        rtt.map_or("            ".to_string(), |r| format!(" ({} ms RTT)", r.as_millis())),
+        "{:<39}{:>10.0} events/s ({drained} rows in {drain_secs:.2} s, after {reconnect:.1} s to reconnect), {:.2} CPU-s per million",
+        match rtt {
+            Some(r) => format!("drain after Kafka returns ({} ms RTT):", r.as_millis()),
+            None => "drain after Kafka returns:".to_string(),
+        },
         drained / drain_secs,
         (cpu_secs(pid0) - cpu0) / spooled * 1e6
     );
