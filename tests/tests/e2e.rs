@@ -360,6 +360,36 @@ fn sighup_rebuilds_the_pipeline_and_sigterm_spools_the_rest() {
     assert!(second.iter().all(|r| r.key == "late"));
 }
 
+/// Over a 100 ms round trip the router's send gate holds new records while a batch waits
+/// for its answer: nothing may be lost, reordered or left waiting, and the gateway stays
+/// in direct mode (the gate must not make Kafka look slow).
+#[test]
+fn over_a_long_uplink_events_arrive_complete_and_in_order() {
+    let (devices, n) = (20, 500);
+    let (_dir, mqtt, kafka, gw) = rig(&[TOPIC], Uplink::Up, "", "", "");
+    kafka.set_rtt(Duration::from_millis(100));
+    publish(mqtt.port, devices, n, None, None);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(120), |r| {
+        unique_ids(r) >= devices * n
+    });
+    assert_eq!(check_complete_and_ordered(&records, devices, n), 0);
+    let total = (devices * n) as f64;
+    wait_for(
+        "every message acked upstream",
+        Duration::from_secs(20),
+        || gw.metric("gateway_upstream_acks_total{input=\"site\"}") == total,
+    );
+    assert_eq!(
+        gw.metric("gateway_events_delivered_total{input=\"site\"}"),
+        total
+    );
+    assert_eq!(
+        gw.metric("gateway_spool_drained_total"),
+        0.0,
+        "every record went straight to Kafka"
+    );
+}
+
 #[test]
 fn mqtt_5_input_delivers_in_order() {
     let (devices, n) = (10, 1000);
