@@ -85,6 +85,7 @@ struct Inner {
     drained: Counter,
     kafka_latency: Histogram,
     kafka_errors: Family<L1, Counter>,
+    kafka_gated: Counter,
     kafka_up: Gauge,
     spooling: Gauge,
     inflight: Gauge,
@@ -127,6 +128,7 @@ impl Metrics {
         let drained = Counter::default();
         let kafka_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let kafka_errors = Family::default();
+        let kafka_gated = Counter::default();
         let kafka_up = Gauge::default();
         let spooling = Gauge::default();
         let inflight = Gauge::default();
@@ -233,6 +235,11 @@ impl Metrics {
             kafka_errors.clone(),
         );
         r.register(
+            "kafka_gated",
+            "Times new records were held back while a batch waited for Kafka's answer (the send gate)",
+            kafka_gated.clone(),
+        );
+        r.register(
             "kafka_up",
             "1 while Kafka confirms deliveries",
             kafka_up.clone(),
@@ -271,6 +278,7 @@ impl Metrics {
             drained,
             kafka_latency,
             kafka_errors,
+            kafka_gated,
             kafka_up,
             spooling,
             inflight,
@@ -340,6 +348,10 @@ impl Metrics {
     /// Counts a spool write error of a kind (`disk_full`, `io`).
     pub fn spool_error(&self, kind: &str) {
         self.0.spool_errors.get_or_create(&l1("kind", kind)).inc();
+    }
+    /// Counts a closing of the send gate.
+    pub fn kafka_gated(&self) {
+        self.0.kafka_gated.inc();
     }
     /// Whether inputs are held back.
     pub fn spool_blocked(&self, blocked: bool) {

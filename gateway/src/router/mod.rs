@@ -153,11 +153,14 @@ impl RouterSender {
 
     /// Sends a batch, waiting for room. `Err` gives back what was not sent when the
     /// router is gone (dropping it disarms its acks). A batch larger than all the room
-    /// there is (one event whose stages made thousands) goes in parts, in order, rather
-    /// than waiting for permits that can never all be free at once.
+    /// there is (one event whose stages made thousands) goes in parts of a quarter of
+    /// it, in order, rather than waiting for permits that can never all be free at once
+    /// (or for all of them, ahead of every other input).
     pub async fn send(&self, mut batch: Batch) -> Result<(), Batch> {
+        debug_assert!(self.room > 0, "a sender without room would never send");
+        let part = (self.room / 4).max(1);
         while batch.len() > self.room {
-            let rest = batch.split_off(self.room);
+            let rest = batch.split_off(part);
             if let Err(mut unsent) = self.send_part(batch).await {
                 unsent.0.extend(rest.into_items());
                 return Err(unsent);
@@ -248,6 +251,7 @@ pub fn start(
     let sink = KafkaSink::new(output, gateway_id, kick_tx.clone())?;
     let next_seq = spool.max_seq() + 1;
     let router = Router {
+        gate_linger: gate_linger(output),
         max_inflight: (output.queue_max_messages as usize).clamp(1, 1_000_000),
         spool_after: output.spool_after,
         spool,
@@ -344,6 +348,8 @@ struct Router {
     input_idx: HashMap<String, u32>,
     last_input: u32,
     max_inflight: usize,
+    /// The producer's linger, for the send gate; `None`: no gate (see [`gate_linger`]).
+    gate_linger: Option<Duration>,
     spool_after: Duration,
     next_seq: u64,
     /// Rows waiting for the next group commit.
@@ -398,6 +404,23 @@ const GATE_MAX_WAITING: usize = MAX_WAITING * 3 / 4;
 /// How often a closed gate is looked at again without a delivery report.
 const GATE_RECHECK: Duration = Duration::from_millis(5);
 
+/// The producer's linger as the send gate sees it: `linger`, or librdkafka's own
+/// property where `options` sets it. `None` (no gate) when `options` turns idempotence
+/// off (librdkafka then pipelines requests itself), and for a linger under
+/// 2 x [`GATE_LEAD`] + 1 ms: every record would count as on its way the moment it is
+/// sent, and only one input batch would go per round trip.
+fn gate_linger(out: &KafkaOutput) -> Option<Duration> {
+    let option = |k: &str| out.options.get(k).map(|v| v.trim().to_ascii_lowercase());
+    if option("enable.idempotence").is_some_and(|v| v == "false" || v == "0") {
+        return None;
+    }
+    let linger = match option("linger.ms").or_else(|| option("queue.buffering.max.ms")) {
+        Some(ms) => Duration::try_from_secs_f64(ms.parse::<f64>().ok()? / 1000.0).ok()?,
+        None => out.linger,
+    };
+    (linger > GATE_LEAD * 2 + Duration::from_millis(1)).then_some(linger)
+}
+
 /// The send gate, like Nagle's algorithm for the producer: hold new direct records
 /// back while a request of records past their linger waits for Kafka's answer.
 ///
@@ -411,13 +434,21 @@ const GATE_RECHECK: Duration = Duration::from_millis(5);
 ///
 /// Open (`false`) when fewer records than librdkafka's limit are in flight (it then
 /// sends the next request at once), when the oldest has [`GATE_LEAD`] or more of its
-/// linger left (the batch is still gathering), and when the inputs have
-/// [`GATE_MAX_WAITING`] records waiting. On a fast link the answer comes a moment after
-/// the batch leaves, and the gate is closed for about that moment.
-fn gate(in_flight: usize, oldest: Option<Duration>, linger: Duration, waiting: usize) -> bool {
+/// linger left (the batch is still gathering), when the inputs have
+/// [`GATE_MAX_WAITING`] records waiting, and when the oldest is older than `patience`
+/// (`spool_after`: Kafka is slow, or one partition is, and the others must not wait
+/// for it any longer). On a fast link the answer comes a moment after the batch leaves,
+/// and the gate is closed for about that moment.
+fn gate(
+    in_flight: usize,
+    oldest: Option<Duration>,
+    linger: Duration,
+    patience: Duration,
+    waiting: usize,
+) -> bool {
     in_flight >= IDEMP_MAX_INFLIGHT
         && waiting < GATE_MAX_WAITING
-        && oldest.is_some_and(|age| age + GATE_LEAD >= linger)
+        && oldest.is_some_and(|age| age + GATE_LEAD >= linger && age <= patience)
 }
 const WRITE_RETRY: Duration = Duration::from_secs(1);
 
@@ -463,6 +494,7 @@ impl Router {
         // The rest of a batch that arrived while the spool was full (`block`): taken, in
         // order, before anything new once there is room again.
         let mut held: VecDeque<Item> = VecDeque::new();
+        let mut was_gated = false;
         loop {
             // Records taken in this round: their permits go back to the senders.
             let mut taken = 0usize;
@@ -473,8 +505,12 @@ impl Router {
                 }
             }
             let spool_full = !held.is_empty() || self.blocked();
-            let waiting = MAX_WAITING.saturating_sub(slots.available_permits());
+            let waiting = MAX_WAITING.saturating_sub(slots.available_permits() + taken);
             let gated = self.gate_closed(waiting);
+            if gated && !was_gated {
+                self.metrics.kafka_gated();
+            }
+            was_gated = gated;
             let accepting = items_open && !self.shutting_down && !spool_full && !gated;
             self.metrics
                 .spool_blocked(items_open && spool_full && !self.shutting_down);
@@ -498,14 +534,9 @@ impl Router {
             match wake {
                 Wake::Items(batch) => {
                     taken += self.accept_batch(batch, &mut held);
-                    // Take what else is there, bounded, to amortise the loop.
-                    while taken < 1024
-                        && held.is_empty()
-                        && !self.blocked()
-                        && !self.gate_closed(
-                            MAX_WAITING.saturating_sub(slots.available_permits() + taken),
-                        )
-                    {
+                    // Take what else is there, bounded, to amortise the loop. An open gate
+                    // lets all of it through: it is the next batch.
+                    while taken < 1024 && held.is_empty() && !self.blocked() {
                         match items.try_recv() {
                             Ok(batch) => taken += self.accept_batch(batch, &mut held),
                             Err(flume::TryRecvError::Empty) => break,
@@ -589,12 +620,16 @@ impl Router {
     /// request's worth of direct records that are past their linger and unconfirmed.
     /// See [`gate`].
     fn gate_closed(&self, waiting: usize) -> bool {
+        let Some(linger) = self.gate_linger else {
+            return false;
+        };
         let oldest = self.direct.first_key_value().map(|(_, d)| d.sent);
         self.direct_allowed()
             && gate(
                 self.direct.len(),
                 oldest.map(|t| Instant::now().saturating_duration_since(t)),
-                self.sink.config().linger,
+                linger,
+                self.spool_after,
                 waiting,
             )
     }
@@ -1145,6 +1180,7 @@ impl Router {
         self.retire_sink();
         self.sink = new;
         self.max_inflight = (out.queue_max_messages as usize).clamp(1, 1_000_000);
+        self.gate_linger = gate_linger(out);
         self.spool_after = out.spool_after;
         self.healthy = true;
         tracing::info!(brokers = %out.brokers, "Kafka output replaced");
@@ -1245,10 +1281,10 @@ mod tests {
     #[test]
     fn the_gate_holds_records_only_behind_a_sent_request() {
         let ms = Duration::from_millis;
-        let linger = ms(20);
+        let (linger, patience) = (ms(20), ms(5000));
         let check = |in_flight, oldest: Option<u64>, waiting, closed| {
             assert_eq!(
-                gate(in_flight, oldest.map(ms), linger, waiting),
+                gate(in_flight, oldest.map(ms), linger, patience, waiting),
                 closed,
                 "{in_flight} in flight, oldest {oldest:?} ms, {waiting} waiting"
             );
@@ -1265,12 +1301,44 @@ mod tests {
         check(0, None, 0, false);
         // Enough waiting: the inputs come first.
         check(500, Some(200), GATE_MAX_WAITING, false);
+        // Kafka (or a partition) slow: the others do not wait for it past spool_after.
+        check(500, Some(5000), 0, true);
+        check(500, Some(5001), 0, false);
+    }
+
+    #[test]
+    fn the_gate_sees_librdkafkas_own_linger_and_stays_off_where_it_cannot_help() {
+        let out = |linger_ms: u64, options: &[(&str, &str)]| {
+            let mut o: KafkaOutput =
+                toml::from_str("brokers = \"k:9092\"").expect("a minimal output");
+            o.linger = Duration::from_millis(linger_ms);
+            o.options = options
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            o
+        };
+        let ms = |n| Some(Duration::from_millis(n));
+        assert_eq!(gate_linger(&out(20, &[])), ms(20));
+        assert_eq!(gate_linger(&out(20, &[("linger.ms", "100")])), ms(100));
+        assert_eq!(
+            gate_linger(&out(20, &[("queue.buffering.max.ms", "50")])),
+            ms(50)
+        );
+        // Too short to tell a gathering batch from a sent one.
+        assert_eq!(gate_linger(&out(5, &[])), None);
+        assert_eq!(gate_linger(&out(20, &[("linger.ms", "0.5")])), None);
+        // Not idempotent: librdkafka pipelines, nothing to gate.
+        assert_eq!(
+            gate_linger(&out(20, &[("enable.idempotence", "false")])),
+            None
+        );
     }
 
     #[tokio::test]
     async fn a_batch_larger_than_all_the_room_goes_in_parts_in_order() {
-        let (tx, rx) = RouterSender::for_test(2);
-        let batch = (0..5)
+        let (tx, rx) = RouterSender::for_test(8);
+        let batch = (0..11)
             .map(|i| Item {
                 record: Record::Event(event("d", "t", f64::from(i))),
                 ack: Ack::none(),
@@ -1284,8 +1352,8 @@ mod tests {
         // The router's part: take each part in and give its permits back.
         let mut sizes = Vec::new();
         let mut values = Vec::new();
-        while values.len() < 5 {
-            // Before the parts, such a batch waited for ever for 5 of 2 permits.
+        while values.len() < 11 {
+            // Before the parts, such a batch waited for ever for 11 of 8 permits.
             let part = tokio::time::timeout(Duration::from_secs(5), rx.recv_async())
                 .await
                 .expect("a part within 5 s")
@@ -1302,9 +1370,10 @@ mod tests {
             tx.slots.add_permits(part.len());
         }
         assert!(sender.await.expect("joined"), "all sent");
-        assert_eq!(sizes, vec![2, 2, 1]);
-        assert_eq!(values, vec![0.0, 1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(tx.slots.available_permits(), 2, "no permit made or lost");
+        // Parts of a quarter of the room, until the rest fits.
+        assert_eq!(sizes, vec![2, 2, 7]);
+        assert_eq!(values, (0..11).map(f64::from).collect::<Vec<_>>());
+        assert_eq!(tx.slots.available_permits(), 8, "no permit made or lost");
     }
 
     #[tokio::test]
