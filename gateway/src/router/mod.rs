@@ -137,7 +137,7 @@ const MAX_WAITING: usize = 8192;
 pub struct RouterSender {
     tx: flume::Sender<Batch>,
     slots: Arc<tokio::sync::Semaphore>,
-    /// The permits there are in all: a larger batch goes in parts of this size.
+    /// The permits there are in all: a larger batch goes in parts (see `send`).
     room: usize,
 }
 
@@ -450,6 +450,7 @@ fn gate(
         && waiting < GATE_MAX_WAITING
         && oldest.is_some_and(|age| age + GATE_LEAD >= linger && age <= patience)
 }
+
 const WRITE_RETRY: Duration = Duration::from_secs(1);
 
 fn error_kind(e: &KafkaError) -> &'static str {

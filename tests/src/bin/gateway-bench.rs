@@ -23,6 +23,9 @@
 //! `-- --drain-rtt MS` has the mock brokers answer MS late during the drain, as over a
 //! long uplink, so the drain line shows what batch size and in-flight bounds allow there.
 //!
+//! `-- --steady RATE [--rtt MS]` measures the gateway's CPU at RATE events/s for 10 s
+//! against its idle CPU in the same run, with the brokers answering MS late throughout.
+//!
 //! `-- --idle` only starts the gateway against both brokers, lets it settle and prints its
 //! idle RSS. With `GATEWAY_BIN` and `GATEWAY_RUNNER` (see the harness) that measures an
 //! ARM binary under qemu-user (whose RSS then includes the emulator's own).
