@@ -142,9 +142,7 @@ fn direct_only(n: usize, rounds: usize) {
         println!("every event dropped by a stage: the input side alone");
     }
     let gw = Gateway::start(d.path(), &cfg);
-    wait_for("connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
+    gw.wait_connected();
     let mut cpu = Vec::new();
     for round in 1..=rounds {
         // Delivered, or dropped by the stage with `--drop-all`.
@@ -193,9 +191,7 @@ fn steady(rate: usize) {
         d.path(),
         &bench_config(d.path(), mqtt.port, &kafka.bootstrap, 0),
     );
-    wait_for("connect", Duration::from_secs(10), || {
-        gw.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
+    gw.wait_connected();
     let pid = gw.pid().expect("pid");
     std::thread::sleep(Duration::from_secs(2));
     let cpu0 = cpu_secs(pid);
@@ -545,9 +541,7 @@ fn main() {
         d0.path(),
         &bench_config(d0.path(), mqtt.port, &kafka.bootstrap, 0),
     );
-    wait_for("connect", Duration::from_secs(10), || {
-        gw0.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
+    gw0.wait_connected();
     let pid0 = gw0.pid().expect("pid");
     let idle_rss = status_kb(pid0, "VmRSS:");
     // Three rounds on the same gateway; the median is the figure. This machine's pace
@@ -635,9 +629,7 @@ fn main() {
         d1.path(),
         &bench_config(d1.path(), mqtt.port, &kafka.bootstrap, 1),
     );
-    wait_for("connect", Duration::from_secs(10), || {
-        gw1.metric("gateway_input_connected{input=\"site\"}") == 1.0
-    });
+    gw1.wait_connected();
     let n1 = n / 2;
     let q1 = through_gateway(&gw1, mqtt.port, n1, rumqttc::QoS::AtLeastOnce, |g| {
         g.metric("gateway_events_delivered_total{input=\"site\"}") >= n1 as f64
