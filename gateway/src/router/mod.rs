@@ -418,7 +418,7 @@ fn gate_linger(out: &KafkaOutput) -> Option<Duration> {
         Some(ms) => Duration::try_from_secs_f64(ms.parse::<f64>().ok()? / 1000.0).ok()?,
         None => out.linger,
     };
-    (linger > GATE_LEAD * 2 + Duration::from_millis(1)).then_some(linger)
+    (linger >= GATE_LEAD * 2 + Duration::from_millis(1)).then_some(linger)
 }
 
 /// The send gate, like Nagle's algorithm for the producer: hold new direct records
@@ -1326,8 +1326,9 @@ mod tests {
             gate_linger(&out(20, &[("queue.buffering.max.ms", "50")])),
             ms(50)
         );
+        assert_eq!(gate_linger(&out(5, &[])), ms(5));
         // Too short to tell a gathering batch from a sent one.
-        assert_eq!(gate_linger(&out(5, &[])), None);
+        assert_eq!(gate_linger(&out(4, &[])), None);
         assert_eq!(gate_linger(&out(20, &[("linger.ms", "0.5")])), None);
         // Not idempotent: librdkafka pipelines, nothing to gate.
         assert_eq!(
