@@ -158,7 +158,7 @@ fn direct_only(n: usize, rounds: usize) {
         // direct ones copied into the spool because Kafka was slow to confirm.
         let detour = gw.metric("gateway_spool_drained_total");
         let slow = gw.metric("gateway_kafka_errors_total{kind=\"slow\"}");
-        println!("round {round}: {:>10.0} events/s = {:.0}% of broker alone, {:.2} CPU-s per million (so far: {detour} drained from the spool, {slow} slow-Kafka spool copies)", r.rate, r.rate / broker_rate * 100.0, r.cpu_per_million);
+        println!("round {round}: {:>10.0} events/s = {:.0}% of broker alone, {:.2} CPU-s per million ({}) (so far: {detour} drained from the spool, {slow} slow-Kafka spool copies)", r.rate, r.rate / broker_rate * 100.0, r.cpu_per_million, r.split);
         cpu.push(r.cpu_per_million);
     }
     for (k, v) in gw.metrics() {
@@ -232,12 +232,78 @@ fn steady(rate: usize) {
 }
 
 fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let (user, system) = stat_cpu(&format!("/proc/{pid}/stat"));
+    user + system
+}
+
+/// User and system CPU seconds from a `stat` file of a process or thread.
+fn stat_cpu(path: &str) -> (f64, f64) {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) / 100.0, ticks(12) / 100.0)
+}
+
+/// Where a phase's CPU went: the gateway's threads by role, and the kernel's share.
+#[derive(Clone, Copy, Default)]
+struct Split {
+    /// The inputs' tokio workers: MQTT, decode, stages.
+    input: f64,
+    /// The router thread: producing to librdkafka, delivery reports, the spool.
+    router: f64,
+    /// librdkafka's own threads (`rdk:*`): message sets, compression, the sockets.
+    librdkafka: f64,
+    /// Every other thread.
+    other: f64,
+    /// System time, over all threads (the kernel's network and memory work).
+    system: f64,
+}
+
+impl Split {
+    /// CPU seconds per thread role of `pid` so far (threads that ended are not counted).
+    fn read(pid: u32) -> Split {
+        let mut s = Split::default();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return s;
+        };
+        for t in tasks.flatten() {
+            let dir = t.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            let (user, system) = stat_cpu(&dir.join("stat").to_string_lossy());
+            let role = match comm.trim() {
+                c if c.starts_with("tokio-rt") => &mut s.input,
+                "router" => &mut s.router,
+                c if c.starts_with("rdk:") => &mut s.librdkafka,
+                _ => &mut s.other,
+            };
+            *role += user + system;
+            s.system += system;
+        }
+        s
+    }
+
+    /// `self - earlier`, per million of `n` events.
+    fn per_million(&self, earlier: &Split, n: f64) -> Split {
+        let d = |a: f64, b: f64| (a - b) / n * 1e6;
+        Split {
+            input: d(self.input, earlier.input),
+            router: d(self.router, earlier.router),
+            librdkafka: d(self.librdkafka, earlier.librdkafka),
+            other: d(self.other, earlier.other),
+            system: d(self.system, earlier.system),
+        }
+    }
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "input {:.2}, router {:.2}, librdkafka {:.2}, other {:.2}; kernel {:.2} of it",
+            self.input, self.router, self.librdkafka, self.other, self.system
+        )
+    }
 }
 
 fn status_kb(pid: u32, key: &str) -> f64 {
@@ -266,6 +332,8 @@ fn bench_config(dir: &std::path::Path, mqtt: u16, kafka: &str, qos: u8) -> Strin
 struct Run {
     rate: f64,
     cpu_per_million: f64,
+    /// The same CPU by thread role, per million events.
+    split: Split,
 }
 
 /// Rounds of the QoS 0 Kafka-up phase in the full command.
@@ -278,9 +346,15 @@ fn median_run(runs: Vec<Run>) -> Run {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
+    let cpu = median(runs.iter().map(|r| r.cpu_per_million).collect());
     Run {
         rate: median(runs.iter().map(|r| r.rate).collect()),
-        cpu_per_million: median(runs.iter().map(|r| r.cpu_per_million).collect()),
+        cpu_per_million: cpu,
+        // The split of the round whose CPU is the median.
+        split: runs
+            .iter()
+            .find(|r| r.cpu_per_million == cpu)
+            .map_or_else(Split::default, |r| r.split),
     }
 }
 
@@ -294,6 +368,7 @@ fn through_gateway(
 ) -> Run {
     let pid = gw.pid().expect("running");
     let cpu0 = cpu_secs(pid);
+    let split0 = Split::read(pid);
     let start = Instant::now();
     publish_n(port, n, qos);
     let t = Instant::now();
@@ -309,6 +384,7 @@ fn through_gateway(
     Run {
         rate: n as f64 / secs,
         cpu_per_million: (cpu_secs(pid) - cpu0) / n as f64 * 1e6,
+        split: Split::read(pid).per_million(&split0, n as f64),
     }
 }
 
@@ -557,10 +633,11 @@ fn main() {
             recv - recv_before >= n as f64 * 0.999 && del >= recv
         });
         println!(
-            "  round {round}: {:>10.0} events/s = {:.0}% of broker alone, {:.2} CPU-s per million",
+            "  round {round}: {:>10.0} events/s = {:.0}% of broker alone, {:.2} CPU-s per million ({})",
             r.rate,
             r.rate / broker_rate * 100.0,
-            r.cpu_per_million
+            r.cpu_per_million,
+            r.split
         );
         rounds.push(r);
     }
@@ -569,7 +646,7 @@ fn main() {
     // Records that took the spool's way although Kafka was up (the producer queue or the
     // in-flight bound was full): each costs a spool write, read and delete.
     let detour0 = gw0.metric("gateway_spool_drained_total");
-    println!("gateway QoS 0, Kafka up (median of {KAFKA_UP_ROUNDS}): {:>10.0} events/s = {:.0}% of broker alone ({recv0} received, {detour0} through the spool), {:.2} CPU-s per million", q0.rate, q0.rate / broker_rate * 100.0, q0.cpu_per_million);
+    println!("gateway QoS 0, Kafka up (median of {KAFKA_UP_ROUNDS}): {:>10.0} events/s = {:.0}% of broker alone ({recv0} received, {detour0} through the spool), {:.2} CPU-s per million ({})", q0.rate, q0.rate / broker_rate * 100.0, q0.cpu_per_million, q0.split);
 
     // Kafka down: spool fill; then up: drain.
     kafka.down();
