@@ -217,7 +217,7 @@ pub(crate) fn location(
 /// walked the members seven times and the readings walk compared every key with every
 /// name twice more (string compares were 7% of the input thread).
 struct Named<'j, 'a> {
-    /// By [`Named::NAMES`] order: device, time, seq, lat, lon, alt, accuracy.
+    /// In [`Named::names`] order: device, time, seq, lat, lon, alt, accuracy.
     fields: [Option<&'j Json<'a>>; 7],
     /// Per member: whether a name or a tag names it (it is then no reading).
     reserved: SmallVec<[bool; 16]>,

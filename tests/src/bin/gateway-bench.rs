@@ -5,7 +5,8 @@
 //! - the broker alone (a plain subscriber counting), the baseline;
 //! - end-to-end MQTT -> Kafka for QoS 0 and for QoS 1 (`on_spool`);
 //! - with Kafka down: the spool fill rate; after it returns: the drain rate;
-//! - gateway CPU seconds per million events, idle and peak RSS;
+//! - gateway CPU seconds per million events (for the QoS 0 Kafka-up phase also split by
+//!   thread: input, router, librdkafka, and the kernel's share), idle and peak RSS;
 //! - the spool's append through its own interface against a bare rusqlite loop inserting
 //!   rows of the same size in the same batches (the ceiling).
 //!
