@@ -63,33 +63,74 @@ impl Mosquitto {
     }
 
     /// Starts Mosquitto with extra lines for its listener (TLS settings, say).
+    ///
+    /// The port is free when chosen but may be taken before Mosquitto binds it (another
+    /// process on the machine): Mosquitto then exits with "Address already in use", and
+    /// a connect would reach the other listener. So this waits until Mosquitto's own
+    /// process holds the listening socket, and tries another port if it exits first.
     pub fn start_with(listener_extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\n{listener_extra}\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type warning\n"
-            ),
-        )
-        .expect("write mosquitto.conf");
-        let child = Command::new(mosquitto_bin())
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start mosquitto (install it with .ci/setup)");
-        wait_for("mosquitto to listen", Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        Mosquitto {
-            child,
-            port,
-            _dir: dir,
+        for _ in 0..5 {
+            let port = free_port();
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\n{listener_extra}\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+                ),
+            )
+            .expect("write mosquitto.conf");
+            let mut child = Command::new(mosquitto_bin())
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start mosquitto (install it with .ci/setup)");
+            let mut exited = false;
+            wait_for("mosquitto to listen", Duration::from_secs(10), || {
+                exited = !matches!(child.try_wait(), Ok(None));
+                exited || listens_on(child.id(), port)
+            });
+            if !exited {
+                return Mosquitto {
+                    child,
+                    port,
+                    _dir: dir,
+                };
+            }
+            eprintln!("mosquitto could not listen on port {port}; trying another");
         }
+        panic!("mosquitto did not start on any of 5 ports");
     }
+}
+
+/// Whether process `pid` holds a socket listening on 127.0.0.1:`port` (Linux: the
+/// socket inodes of `/proc/net/tcp` against the process's file descriptors).
+fn listens_on(pid: u32, port: u16) -> bool {
+    let local = format!("0100007F:{port:04X}");
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    // Columns: sl, local_address, rem_address, st (0A: LISTEN), ..., inode (the 10th).
+    let inodes: Vec<String> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A"))
+                .then(|| f.get(9).map(|i| format!("socket:[{i}]")))
+                .flatten()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
 }
 
 fn mosquitto_bin() -> PathBuf {
@@ -740,4 +781,26 @@ pub fn rig_in(
     );
     gw.wait_connected();
     (dir, mqtt, kafka, gw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listens_on_tells_whose_socket_listens() {
+        let l = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        assert!(listens_on(std::process::id(), port));
+        // Another process's listener is not this one's.
+        assert!(!listens_on(1, port));
+        drop(l);
+        assert!(!listens_on(std::process::id(), port));
+    }
+
+    #[test]
+    fn mosquitto_starts_on_a_port_it_holds_itself() {
+        let m = Mosquitto::start();
+        assert!(listens_on(m.child.id(), m.port));
+    }
 }
