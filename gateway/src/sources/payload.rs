@@ -103,11 +103,12 @@ fn lookup<'j, 'a>(obj: &'j Json<'a>, path: &str) -> Option<&'j Json<'a>> {
     if path.is_empty() {
         return None;
     }
-    if let Some(v) = obj.get(path) {
-        return Some(v);
-    }
-    // A plain name that is not there (an optional field such as `alt`) needs no second
-    // walk through the members.
+    obj.get(path).or_else(|| nested(obj, path))
+}
+
+/// The member at a dotted `path` through nested objects. `None` for a plain name: one
+/// that is not a member (an optional field such as `alt`) needs no second walk.
+fn nested<'j, 'a>(obj: &'j Json<'a>, path: &str) -> Option<&'j Json<'a>> {
     if !path.contains('.') {
         return None;
     }
@@ -268,12 +269,8 @@ impl<'j, 'a> Named<'j, 'a> {
 
     /// The field `i` of `doc`, as [`lookup`] would find it.
     fn get(&self, doc: &'j Json<'a>, m: &JsonMapping, i: usize) -> Option<&'j Json<'a>> {
-        let name = Named::names(m)[i];
-        match self.fields[i] {
-            Some(v) => Some(v),
-            None if name.contains('.') => lookup(doc, name),
-            None => None,
-        }
+        // The literal member was looked for in `find`: only the nested walk is left.
+        self.fields[i].or_else(|| nested(doc, Named::names(m)[i]))
     }
 }
 
