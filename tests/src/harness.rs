@@ -99,6 +99,9 @@ impl Mosquitto {
                     _dir: dir,
                 };
             }
+            // Reaped already, unless `try_wait` itself failed: then make sure it is gone.
+            let _ = child.kill();
+            let _ = child.wait();
             eprintln!("mosquitto could not listen on port {port}; trying another");
         }
         panic!("mosquitto did not start on any of 5 ports");
