@@ -347,32 +347,74 @@ pub fn gateway_command() -> Command {
 
 impl Gateway {
     /// Writes `config` (with `{metrics_port}` replaced) into `dir` and starts the gateway.
+    ///
+    /// The metrics port is free when chosen but may be taken before the gateway binds it
+    /// (another process on the machine): the gateway then exits with "cannot listen on
+    /// telemetry.listen", and `/health` could reach the other listener. So this waits
+    /// until the gateway's own process holds the port, and tries another port if it
+    /// exited for that reason.
     pub fn start(dir: &Path, config: &str) -> Gateway {
-        let metrics_port = free_port();
+        Self::start_on(dir, config, free_port)
+    }
+
+    /// [`Gateway::start`] with the metrics ports to try from `next_port`.
+    fn start_on(dir: &Path, config: &str, mut next_port: impl FnMut() -> u16) -> Gateway {
         let path = dir.join("gateway.toml");
-        std::fs::write(
-            &path,
-            config.replace("{metrics_port}", &metrics_port.to_string()),
-        )
-        .expect("write config");
         let mut g = Gateway {
             child: None,
             config: path,
-            metrics_port,
+            metrics_port: 0,
             log: dir.join("gateway.log"),
         };
-        g.restart();
-        g
+        for _ in 0..5 {
+            g.metrics_port = next_port();
+            std::fs::write(
+                &g.config,
+                config.replace("{metrics_port}", &g.metrics_port.to_string()),
+            )
+            .expect("write config");
+            let logged = g.log_text().len();
+            if g.launch() {
+                return g;
+            }
+            let log = g.log_text();
+            if !log
+                .get(logged..)
+                .unwrap_or(&log)
+                .contains("cannot listen on telemetry.listen")
+            {
+                panic!("the gateway exited while starting; its log:\n{log}");
+            }
+            eprintln!(
+                "the gateway could not listen on port {}; trying another",
+                g.metrics_port
+            );
+        }
+        panic!(
+            "the gateway could not listen on any of 5 ports; its log:\n{}",
+            g.log_text()
+        );
     }
 
     /// Starts the process again with the same config (after a kill).
     pub fn restart(&mut self) {
+        if !self.launch() {
+            panic!(
+                "the gateway exited while starting; its log:\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    /// Starts the process; true once it serves `/health` on a metrics port it holds
+    /// itself, false if it exited first.
+    fn launch(&mut self) -> bool {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = gateway_command()
+        let mut child = gateway_command()
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
@@ -380,11 +422,22 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("start the gateway");
-        self.child = Some(child);
         let port = self.metrics_port;
         let start = Instant::now();
-        while http_get(port, "/health").is_none() {
+        loop {
+            if !matches!(child.try_wait(), Ok(None)) {
+                // Reaped already, unless `try_wait` itself failed: make sure it is gone.
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            if listens_on(child.id(), port) && http_get(port, "/health").is_some() {
+                self.child = Some(child);
+                return true;
+            }
             if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
                 panic!("the gateway did not come up; its log:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -805,5 +858,20 @@ mod tests {
     fn mosquitto_starts_on_a_port_it_holds_itself() {
         let m = Mosquitto::start();
         assert!(listens_on(m.child.id(), m.port));
+    }
+
+    #[test]
+    fn a_gateway_whose_metrics_port_was_taken_starts_on_another() {
+        let taken = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+        let taken_port = taken.local_addr().expect("addr").port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Nothing listens on the MQTT and Kafka ports: the gateway keeps retrying them.
+        let config = config(dir.path(), free_port(), "127.0.0.1:1", "", "", "");
+        let mut ports = [taken_port, free_port()].into_iter();
+        let mut g = Gateway::start_on(dir.path(), &config, || ports.next().expect("port"));
+        assert_ne!(g.metrics_port, taken_port);
+        assert!(listens_on(g.pid().expect("running"), g.metrics_port));
+        assert!(g.log_text().contains("cannot listen on telemetry.listen"));
+        g.kill9();
     }
 }
