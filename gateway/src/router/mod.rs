@@ -35,7 +35,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use crate::ack::Ack;
 use crate::event::Record;
 use crate::metrics::{InputMetrics, Metrics};
-use crate::sinks::kafka::{KafkaSink, Opaque, Report};
+use crate::sinks::kafka::{KafkaSink, Report, Tag};
 use crate::spool::{Row, Spool, SpoolError};
 use in_flight::InFlight;
 
@@ -325,6 +325,14 @@ struct Direct {
     copy_dropped: bool,
 }
 
+/// A spool row in flight in the producer.
+struct Drained {
+    input: u32,
+    /// An event (counted as delivered), not a dead letter.
+    event: bool,
+    sent: Instant,
+}
+
 enum Wake {
     Items(Batch),
     ItemsClosed,
@@ -369,7 +377,7 @@ struct Router {
     /// Some direct record has no spool copy yet (set on send, cleared by
     /// `spool_direct_copies`): saves scanning `direct` on every tick of an outage.
     uncopied_direct: bool,
-    drain_inflight: InFlight<(u32, bool)>,
+    drain_inflight: InFlight<Drained>,
     drain_cursor: u64,
     drain_failed_min: Option<u64>,
     healthy: bool,
@@ -468,13 +476,15 @@ fn error_kind(e: &KafkaError) -> &'static str {
     }
 }
 
-/// Errors that no retry can fix for this record (it is too large, or the broker calls it
-/// invalid): the record is quarantined and counted instead of blocking the spool forever.
+/// Errors that no retry can fix for this record (it is too large, the broker calls it
+/// invalid, or its topic name is one librdkafka refuses): the record is quarantined and
+/// counted instead of blocking the spool forever.
 fn permanent(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
         Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
+            RDKafkaErrorCode::InvalidArgument
+                | RDKafkaErrorCode::MessageSizeTooLarge
                 | RDKafkaErrorCode::InvalidMessageSize
                 | RDKafkaErrorCode::InvalidMessage
                 | RDKafkaErrorCode::InvalidRecord
@@ -668,12 +678,7 @@ impl Router {
         let event = matches!(item.record, Record::Event(_));
         if self.direct_allowed() {
             let now = self.now;
-            let opaque = Box::new(Opaque {
-                seq,
-                from_spool: false,
-                sent: now,
-            });
-            match self.sink.send(&item.record, opaque) {
+            match self.sink.send(&item.record, Tag::new(seq, false)) {
                 Ok(()) => {
                     self.uncopied_direct = true;
                     self.direct.insert(
@@ -691,12 +696,12 @@ impl Router {
                     );
                     return;
                 }
-                Err((e, _)) if permanent(&e) => {
+                Err(e) if permanent(&e) => {
                     self.metrics.kafka_error(error_kind(&e));
                     self.reject(input, seq, &e, None);
                     return; // dropping the ack: the record is accounted as dropped
                 }
-                Err((e, _)) => {
+                Err(e) => {
                     self.metrics.kafka_error(error_kind(&e));
                     if self.healthy {
                         tracing::warn!(error = %e, "Kafka producer refused a record; spooling");
@@ -739,19 +744,18 @@ impl Router {
     }
 
     fn on_report(&mut self, r: Report) {
-        let seq = r.opaque.seq;
-        self.metrics.kafka_latency(
-            self.now
-                .saturating_duration_since(r.opaque.sent)
-                .as_secs_f64(),
-        );
         if let Some(e) = &r.error {
             self.metrics.kafka_error(error_kind(e));
         }
-        if !r.opaque.from_spool {
+        if !r.tag.from_spool() {
+            let Some((&lowest, _)) = self.direct.first_key_value() else {
+                return;
+            };
+            let seq = r.tag.seq(lowest);
             let Some(mut d) = self.direct.remove(&seq) else {
                 return;
             };
+            self.latency(d.sent);
             match r.error {
                 None => {
                     self.healthy = true;
@@ -794,9 +798,14 @@ impl Router {
                 }
             }
         } else {
-            let Some((input, event)) = self.drain_inflight.remove(&seq) else {
+            let Some((&lowest, _)) = self.drain_inflight.first_key_value() else {
                 return;
             };
+            let seq = r.tag.seq(lowest);
+            let Some(Drained { input, event, sent }) = self.drain_inflight.remove(&seq) else {
+                return;
+            };
+            self.latency(sent);
             match r.error {
                 None => {
                     if !self.healthy {
@@ -825,6 +834,12 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// Records the time from a record's send to its report.
+    fn latency(&self, sent: Instant) {
+        self.metrics
+            .kafka_latency(self.now.saturating_duration_since(sent).as_secs_f64());
     }
 
     /// Accounts for a record Kafka will never take; a spooled one moves to the
@@ -1114,25 +1129,24 @@ impl Router {
                     }
                 };
                 let input = self.input(&row.source);
-                let opaque = Box::new(Opaque {
-                    seq: row.seq,
-                    from_spool: true,
-                    sent: self.now,
-                });
-                match self.sink.send(&record, opaque) {
+                match self.sink.send(&record, Tag::new(row.seq, true)) {
                     Ok(()) => {
-                        self.drain_inflight
-                            .insert(row.seq, (input, matches!(record, Record::Event(_))));
+                        let drained = Drained {
+                            input,
+                            event: matches!(record, Record::Event(_)),
+                            sent: self.now,
+                        };
+                        self.drain_inflight.insert(row.seq, drained);
                         self.drain_cursor = row.seq;
                         left -= 1;
                     }
-                    Err((e, _)) if permanent(&e) => {
+                    Err(e) if permanent(&e) => {
                         self.metrics.kafka_error(error_kind(&e));
                         self.drain_cursor = row.seq;
                         self.delivery_acks.remove(&row.seq);
                         self.reject(input, row.seq, &e, Some(row.seq));
                     }
-                    Err((e, _)) => {
+                    Err(e) => {
                         if !matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::QueueFull)) {
                             self.metrics.kafka_error(error_kind(&e));
                             tracing::warn!(error = %e, "cannot hand a spooled record to the producer");
