@@ -229,9 +229,9 @@ pub fn sequence_id(device: &str, seq: u64) -> CompactString {
     let mut id = CompactString::with_capacity(device.len() + 1 + digits.len() - i);
     id.push_str(device);
     id.push(':');
-    for &d in &digits[i..] {
-        id.push(char::from(d));
-    }
+    // ASCII digits: always UTF-8. One `push_str`, not a `push` (with its capacity check)
+    // per digit.
+    id.push_str(std::str::from_utf8(&digits[i..]).unwrap_or_default());
     id
 }
 
