@@ -49,25 +49,17 @@ pub mod allocator;
 static GLOBAL: allocator::Allocator = allocator::Allocator;
 
 /// Tunes the allocator for a small device; the `gateway` command calls it first thing.
-///
-/// mimalloc keeps freed pages for 1 s before it returns them to the OS. With librdkafka
-/// and SQLite on mimalloc too, that raised the gateway's peak RSS during an outage and
-/// the drain after it by 10 to 15 MiB (past the 64 MiB target); 10 ms kept the peak at
-/// 55 MiB, at the same drain rate (0 ms cut the drain rate by two thirds). BENCHMARKS.md
-/// has the runs. `MIMALLOC_PURGE_DELAY` in the environment still wins.
+/// See [`allocator::tune`] (feature `mimalloc`; otherwise this does nothing).
 pub fn tune_allocator() {
     #[cfg(feature = "mimalloc")]
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none()
-        && std::env::var_os("MIMALLOC_RESET_DELAY").is_none()
-    {
-        // `mi_option_purge_delay` in mimalloc.h (not exported as a constant by the sys
-        // crate "for stability reasons"; the same position in mimalloc 2 and 3).
-        const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-        // SAFETY: `mi_option_set` stores an option's value; it may be called from any
-        // thread at any time, and a purge delay of 10 ms is in its documented range.
-        #[allow(unsafe_code)]
-        unsafe {
-            libmimalloc_sys::mi_option_set(PURGE_DELAY, 10)
-        };
-    }
+    allocator::tune();
+}
+
+/// Tells the allocator whether records flow straight to Kafka (`true`) or the spool is in
+/// use; the router calls it with its state. See [`allocator::direct_mode`].
+pub fn allocator_direct_mode(direct: bool) {
+    #[cfg(feature = "mimalloc")]
+    allocator::direct_mode(direct);
+    #[cfg(not(feature = "mimalloc"))]
+    let _ = direct;
 }

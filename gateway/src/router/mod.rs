@@ -1178,6 +1178,7 @@ impl Router {
             self.spool.bytes() + self.pending_bytes,
         );
         let spooling = !self.healthy || self.spool.rows() > 0 || !self.pending.is_empty();
+        crate::allocator_direct_mode(!spooling);
         self.metrics.router_state(
             self.healthy,
             spooling,
