@@ -484,6 +484,11 @@ pub struct InputStages {
 }
 
 impl InputStages {
+    /// No stages at all: an event goes on as it came.
+    pub fn is_empty(&self) -> bool {
+        self.local.as_ref().is_none_or(Chain::is_empty) && self.global.is_empty()
+    }
+
     /// Runs an event through the input's stages, then the global ones.
     pub fn run(&self, e: Event, out: &mut Vec<Outcome>) {
         match &self.local {
