@@ -87,25 +87,54 @@ impl Mosquitto {
                 .stderr(Stdio::inherit())
                 .spawn()
                 .expect("start mosquitto (install it with .ci/setup)");
-            let mut exited = false;
-            wait_for("mosquitto to listen", Duration::from_secs(10), || {
-                exited = !matches!(child.try_wait(), Ok(None));
-                exited || listens_on(child.id(), port)
-            });
-            if !exited {
-                return Mosquitto {
-                    child,
-                    port,
-                    _dir: dir,
-                };
+            match wait_listening(&mut child, port, Duration::from_secs(10)) {
+                Listen::Listening => {
+                    return Mosquitto {
+                        child,
+                        port,
+                        _dir: dir,
+                    }
+                }
+                Listen::Exited => {
+                    eprintln!("mosquitto could not listen on port {port}; trying another")
+                }
+                Listen::TimedOut => panic!("mosquitto did not listen on port {port} within 10 s"),
             }
-            // Reaped already, unless `try_wait` itself failed: then make sure it is gone.
-            let _ = child.kill();
-            let _ = child.wait();
-            eprintln!("mosquitto could not listen on port {port}; trying another");
         }
         panic!("mosquitto did not start on any of 5 ports");
     }
+}
+
+/// How a child process started to listen.
+enum Listen {
+    /// It holds the listening socket.
+    Listening,
+    /// It exited first (reaped).
+    Exited,
+    /// Neither within the time given (killed and reaped).
+    TimedOut,
+}
+
+/// Waits until `child` holds a socket listening on 127.0.0.1:`port`, it exits, or
+/// `timeout` passes. A child that is not listening in the end is killed and reaped.
+fn wait_listening(child: &mut Child, port: u16, timeout: Duration) -> Listen {
+    let start = Instant::now();
+    let outcome = loop {
+        if !matches!(child.try_wait(), Ok(None)) {
+            break Listen::Exited;
+        }
+        if listens_on(child.id(), port) {
+            return Listen::Listening;
+        }
+        if start.elapsed() > timeout {
+            break Listen::TimedOut;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Reaped already if it exited, unless `try_wait` itself failed: make sure it is gone.
+    let _ = child.kill();
+    let _ = child.wait();
+    outcome
 }
 
 /// Whether process `pid` holds a socket listening on 127.0.0.1:`port` (Linux: the
@@ -423,25 +452,23 @@ impl Gateway {
             .spawn()
             .expect("start the gateway");
         let port = self.metrics_port;
+        let limit = Duration::from_secs(20);
         let start = Instant::now();
-        loop {
-            if !matches!(child.try_wait(), Ok(None)) {
-                // Reaped already, unless `try_wait` itself failed: make sure it is gone.
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
+        match wait_listening(&mut child, port, limit) {
+            Listen::Listening => {}
+            Listen::Exited => return false,
+            Listen::TimedOut => {
+                panic!("the gateway did not come up; its log:\n{}", self.log_text())
             }
-            if listens_on(child.id(), port) && http_get(port, "/health").is_some() {
-                self.child = Some(child);
-                return true;
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the gateway did not come up; its log:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
+        // Held from here on: a panic below kills it (and prints its log) on drop.
+        self.child = Some(child);
+        wait_for(
+            "the gateway's /health",
+            limit.saturating_sub(start.elapsed()),
+            || http_get(port, "/health").is_some(),
+        );
+        true
     }
 
     /// The process id, while running.
