@@ -106,7 +106,8 @@ pub fn direct_mode(direct: bool) {
 }
 
 /// The purge delay mimalloc uses now (ms).
-pub fn purge_delay() -> c_long {
+#[cfg(test)]
+fn purge_delay() -> c_long {
     // SAFETY: `mi_option_get` reads an option's value; it may be called at any time.
     #[allow(unsafe_code)]
     unsafe {

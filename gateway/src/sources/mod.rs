@@ -230,14 +230,14 @@ impl<'a> Emitter<'a> {
                 let mut pending = self.pending();
                 let Pending { batch, outcomes } = &mut *pending;
                 if self.ctx.stages.is_empty() {
-                    // What `outcome` makes of a kept event, without the trip through the
-                    // outcome list: an event is some 240 bytes, copied at every hop.
-                    let item = Item {
-                        record: Record::Event(e),
-                        ack: ack.clone(),
-                        until_delivered: false,
+                    // No stages: the event is its own outcome, without the trip through
+                    // the outcome list (an event is some 240 bytes, copied at every hop).
+                    let kept = Outcome::Event {
+                        event: e,
+                        made: false,
                     };
-                    self.gather(batch, item)
+                    outcome(self.ctx, Some(self.m), kept, ack)
+                        .is_some_and(|item| self.gather(batch, item))
                 } else {
                     self.ctx.stages.run(e, outcomes);
                     let mut full = false;
