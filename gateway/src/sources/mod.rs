@@ -230,14 +230,16 @@ impl<'a> Emitter<'a> {
                 let mut pending = self.pending();
                 let Pending { batch, outcomes } = &mut *pending;
                 if self.ctx.stages.is_empty() {
-                    // No stages: the event is its own outcome, without the trip through
-                    // the outcome list (an event is some 240 bytes, copied at every hop).
-                    let kept = Outcome::Event {
-                        event: e,
-                        made: false,
+                    // What `outcome` makes of `Outcome::Event { made: false }`, built here:
+                    // an event is some 240 bytes, copied at every hop, and going through
+                    // the outcome list or `outcome` itself cost the input thread about 5%
+                    // (interleaved `--direct 3`, BENCHMARKS.md).
+                    let item = Item {
+                        record: Record::Event(e),
+                        ack: ack.clone(),
+                        until_delivered: false,
                     };
-                    outcome(self.ctx, Some(self.m), kept, ack)
-                        .is_some_and(|item| self.gather(batch, item))
+                    self.gather(batch, item)
                 } else {
                     self.ctx.stages.run(e, outcomes);
                     let mut full = false;
