@@ -247,12 +247,67 @@ pub fn rfc3339(ns: i64) -> String {
 /// the fraction's trailing zeros trimmed and no fraction at all for whole seconds (as the
 /// `time` crate writes it; a property test compares the two). Every `i64` is a year
 /// between 1677 and 2262, so the year always has four digits.
+///
+/// The router writes two timestamps per event, nearly always of the same day: the date
+/// text is kept per thread for the last day written, and the digits go out in pairs.
 pub fn write_rfc3339(ns: i64, out: &mut Vec<u8>) {
     let secs = ns.div_euclid(1_000_000_000);
     let nanos = ns.rem_euclid(1_000_000_000) as u32;
     let days = secs.div_euclid(86_400);
     let of_day = secs.rem_euclid(86_400) as u32;
-    // Days to a civil date (Howard Hinnant's `civil_from_days`).
+    let date = LAST_DATE.with(|last| {
+        let (day, text) = last.get();
+        if day == days {
+            return text;
+        }
+        let text = civil_date(days);
+        last.set((days, text));
+        text
+    });
+    let [h1, h2] = pair(of_day / 3600);
+    let [mi1, mi2] = pair(of_day / 60 % 60);
+    let [s1, s2] = pair(of_day % 60);
+    out.extend_from_slice(&date);
+    out.extend_from_slice(&[b'T', h1, h2, b':', mi1, mi2, b':', s1, s2]);
+    if nanos != 0 {
+        // Nine digits as one and four pairs, then the trailing zeros trimmed.
+        let rest = nanos % 100_000_000;
+        let [a1, a2] = pair(rest / 1_000_000);
+        let [b1, b2] = pair(rest / 10_000 % 100);
+        let [c1, c2] = pair(rest / 100 % 100);
+        let [d1, d2] = pair(rest % 100);
+        let frac = [
+            b'.',
+            b'0' + (nanos / 100_000_000) as u8,
+            a1,
+            a2,
+            b1,
+            b2,
+            c1,
+            c2,
+            d1,
+            d2,
+        ];
+        let used = 10 - frac.iter().rev().take_while(|&&d| d == b'0').count();
+        out.extend_from_slice(&frac[..used]);
+    }
+    out.push(b'Z');
+}
+
+thread_local! {
+    /// The day (since the epoch) [`write_rfc3339`] wrote last on this thread, and its
+    /// `YYYY-MM-DD`.
+    static LAST_DATE: std::cell::Cell<(i64, [u8; 10])> =
+        const { std::cell::Cell::new((i64::MIN, [0; 10])) };
+}
+
+/// The two ASCII digits of `v` (below 100).
+fn pair(v: u32) -> [u8; 2] {
+    [b'0' + (v / 10) as u8, b'0' + (v % 10) as u8]
+}
+
+/// `YYYY-MM-DD` of `days` since the epoch (Howard Hinnant's `civil_from_days`).
+fn civil_date(days: i64) -> [u8; 10] {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -262,28 +317,11 @@ pub fn write_rfc3339(ns: i64, out: &mut Vec<u8>) {
     let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = (yoe + era * 400 + i64::from(month <= 2)) as u32;
-    let two = |v: u32| [b'0' + (v / 10) as u8, b'0' + (v % 10) as u8];
-    let [y1, y2] = two(year / 100);
-    let [y3, y4] = two(year % 100);
-    let [mo1, mo2] = two(month);
-    let [d1, d2] = two(day);
-    let [h1, h2] = two(of_day / 3600);
-    let [mi1, mi2] = two(of_day / 60 % 60);
-    let [s1, s2] = two(of_day % 60);
-    out.extend_from_slice(&[
-        y1, y2, y3, y4, b'-', mo1, mo2, b'-', d1, d2, b'T', h1, h2, b':', mi1, mi2, b':', s1, s2,
-    ]);
-    if nanos != 0 {
-        let mut frac = [b'.'; 10];
-        let mut v = nanos;
-        for d in frac[1..].iter_mut().rev() {
-            *d = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-        let used = 10 - frac.iter().rev().take_while(|&&d| d == b'0').count();
-        out.extend_from_slice(&frac[..used]);
-    }
-    out.push(b'Z');
+    let [y1, y2] = pair(year / 100);
+    let [y3, y4] = pair(year % 100);
+    let [mo1, mo2] = pair(month);
+    let [d1, d2] = pair(day);
+    [y1, y2, y3, y4, b'-', mo1, mo2, b'-', d1, d2]
 }
 
 #[cfg(test)]
@@ -450,6 +488,25 @@ mod tests {
                 .format(&time::format_description::well_known::Rfc3339)
                 .expect("formats");
             proptest::prop_assert_eq!(rfc3339(ns), expected);
+        }
+
+        /// Runs of timestamps within a day or two, as the router writes them, reuse the
+        /// cached date and still match the `time` crate (across midnight too).
+        #[test]
+        fn rfc3339_of_nearby_times_matches_the_time_crate(
+            base in -5_000_000_000_000_000_000i64..5_000_000_000_000_000_000,
+            steps in proptest::collection::vec(0i64..40_000_000_000_000, 1..20),
+        ) {
+            let mut ns = base;
+            for step in steps {
+                ns = ns.saturating_add(step);
+                let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+                    .expect("in range");
+                let expected = t
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .expect("formats");
+                proptest::prop_assert_eq!(rfc3339(ns), expected);
+            }
         }
     }
 }

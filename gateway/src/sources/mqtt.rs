@@ -513,7 +513,14 @@ impl Input<'_> {
             decode(self.cfg.format, &self.cfg.json, &origin, payload)
         };
         match decoded {
-            Ok(events) => self.emit.events(events, &ack).await,
+            Ok(events) => {
+                // `Emitter::events`, inlined (see `gather_events`).
+                let mut events = events.into_iter();
+                while self.emit.gather_events(&mut events, &ack) {
+                    self.emit.flush().await?;
+                }
+                Ok(())
+            }
             Err(bad) => {
                 self.emit
                     .malformed(bad, &topic, received_ns, payload, ack)
