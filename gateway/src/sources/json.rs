@@ -155,10 +155,15 @@ impl<'de> Deserialize<'de> for Json<'de> {
                 Ok(Json::Array(items))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
-                // No size hint from serde_json: grow as members come (an empty object
-                // costs nothing, so a payload of many `{}` stays small).
-                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+                // No size hint from serde_json: room for eight members comes with the
+                // first (a sensor object has a handful; growing 4 -> 8 was a second
+                // allocation and a copy per payload), and an empty object costs nothing,
+                // so a payload of many `{}` stays small.
+                let mut members = Vec::new();
                 while let Some((Text(k), v)) = map.next_entry::<Text<'de>, Json<'de>>()? {
+                    if members.capacity() == 0 {
+                        members.reserve(map.size_hint().unwrap_or(8).clamp(1, 64));
+                    }
                     members.push((k, v));
                 }
                 Ok(Json::Object(members))

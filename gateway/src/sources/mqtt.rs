@@ -8,7 +8,7 @@
 //! bounds how many publishes wait for their acks, and so QoS 1 throughput: see README.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use std::borrow::Cow;
@@ -340,6 +340,7 @@ pub async fn run(
         cfg: &cfg,
         templates: &templates,
         emit: Emitter::new(&ctx, &m, until_delivered),
+        clock: BurstClock::new(),
     };
     tracing::info!(input = %cfg.name, host = %cfg.host, protocol = ?cfg.protocol, ?filters, "MQTT input starting");
     'input: loop {
@@ -360,6 +361,7 @@ pub async fn run(
             match first {
                 std::task::Poll::Ready(ev) => ev,
                 std::task::Poll::Pending => {
+                    input.clock.expire();
                     // Caught up: what this burst yielded goes to the router before any
                     // waiting.
                     if input.emit.flush().await.is_err() {
@@ -482,11 +484,51 @@ struct Input<'a> {
     cfg: &'a MqttInput,
     templates: &'a [TopicTemplate],
     emit: Emitter<'a>,
+    clock: BurstClock,
+}
+
+/// The receipt time of messages taken in one burst (what the event loop had at hand
+/// without waiting): the clock is read for every [`BurstClock::READS`]th message, and
+/// again after every wait. Reading it per message was 4% of the input thread; a burst
+/// takes about a microsecond per message, so a receipt time is at most some 16 us early.
+struct BurstClock {
+    // Atomics only to keep the input's future `Send`: one task uses them.
+    now: AtomicI64,
+    left: AtomicU8,
+}
+
+impl BurstClock {
+    const READS: u8 = 16;
+
+    fn new() -> Self {
+        BurstClock {
+            now: AtomicI64::new(0),
+            left: AtomicU8::new(0),
+        }
+    }
+
+    /// ns since the epoch, read afresh every [`BurstClock::READS`] calls.
+    fn now(&self) -> i64 {
+        let left = match self.left.load(Ordering::Relaxed) {
+            0 => {
+                self.now.store(now_ns(), Ordering::Relaxed);
+                Self::READS
+            }
+            n => n,
+        };
+        self.left.store(left - 1, Ordering::Relaxed);
+        self.now.load(Ordering::Relaxed)
+    }
+
+    /// The burst ended (the input is about to wait): the next call reads the clock.
+    fn expire(&self) {
+        self.left.store(0, Ordering::Relaxed);
+    }
 }
 
 impl Input<'_> {
     async fn handle(&self, p: &Msg, ack: Ack) -> Result<(), Closed> {
-        let received_ns = now_ns();
+        let received_ns = self.clock.now();
         let topic = p.topic();
         let payload = p.payload();
         let captures = self
@@ -527,5 +569,25 @@ impl Input<'_> {
                     .await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_clock_is_read_every_sixteenth_time_and_after_a_wait() {
+        let clock = BurstClock::new();
+        let first = clock.now();
+        std::thread::sleep(Duration::from_millis(2));
+        for _ in 1..BurstClock::READS {
+            assert_eq!(clock.now(), first, "within the burst");
+        }
+        let next = clock.now();
+        assert!(next > first, "read afresh on the seventeenth call");
+        std::thread::sleep(Duration::from_millis(2));
+        clock.expire();
+        assert!(clock.now() > next, "read afresh after a wait");
     }
 }
