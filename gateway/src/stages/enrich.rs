@@ -103,16 +103,16 @@ impl Enrich {
 }
 
 impl Stage for Enrich {
-    fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
+    fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
         if let Some(row) = self.table.get(e.device.as_str()) {
             for (k, v) in row {
-                self.set(&mut e, k, v);
+                self.set(e, k, v);
             }
         }
         for (k, v) in &self.tags {
-            self.set(&mut e, k, v);
+            self.set(e, k, v);
         }
-        Verdict::Keep(e)
+        Verdict::Keep
     }
 }
 
@@ -137,7 +137,7 @@ impl Calibrate {
 }
 
 impl Stage for Calibrate {
-    fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
+    fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
         let own = self.devices.get(e.device.as_str());
         for (name, v) in e.readings.iter_mut() {
             let Value::Number(n) = v else { continue };
@@ -148,7 +148,7 @@ impl Stage for Calibrate {
                 *n = *n * l.scale + l.offset;
             }
         }
-        Verdict::Keep(e)
+        Verdict::Keep
     }
 }
 
@@ -218,7 +218,7 @@ impl Convert {
 }
 
 impl Stage for Convert {
-    fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
+    fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
         for (name, scale, offset, into) in &self.readings {
             let Some(Value::Number(v)) = e.readings.get(name.as_str()) else {
                 continue;
@@ -229,7 +229,7 @@ impl Stage for Convert {
                 None => e.readings.insert(name.as_str().into(), out),
             };
         }
-        Verdict::Keep(e)
+        Verdict::Keep
     }
 }
 
@@ -250,7 +250,7 @@ impl Rename {
 }
 
 impl Stage for Rename {
-    fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
+    fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
         for (from, to) in &self.readings {
             if let Some(v) = e.readings.remove(from.as_str()) {
                 e.readings.insert(to.as_str().into(), v);
@@ -261,7 +261,7 @@ impl Stage for Rename {
                 e.tags.insert(to.as_str().into(), v);
             }
         }
-        Verdict::Keep(e)
+        Verdict::Keep
     }
 }
 
@@ -284,7 +284,7 @@ impl Remove {
 }
 
 impl Stage for Remove {
-    fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
+    fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
         for r in &self.readings {
             e.readings.remove(r.as_str());
         }
@@ -294,13 +294,13 @@ impl Stage for Remove {
         if self.location {
             e.location = None;
         }
-        Verdict::Keep(e)
+        Verdict::Keep
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{event, parse};
+    use super::super::tests::{event, parse, Applied, ApplyOwned};
     use super::*;
 
     fn num(e: &Event, name: &str) -> f64 {
@@ -310,9 +310,9 @@ mod tests {
         }
     }
 
-    fn kept(v: Verdict) -> Event {
+    fn kept(v: Applied) -> Event {
         match v {
-            Verdict::Keep(e) => e,
+            Applied::Keep(e) => e,
             other => panic!("{other:?}"),
         }
     }
@@ -350,7 +350,7 @@ mod tests {
             let e = kept(
                 Enrich::new(&c)
                     .expect("loads")
-                    .apply(event(device, "t", 1.0), &mut Vec::new()),
+                    .apply_owned(event(device, "t", 1.0), &mut Vec::new()),
             );
             for (k, v) in want {
                 assert_eq!(e.tags.get(k).map(|v| v.as_str()), Some(v), "{device} {k}");
@@ -377,14 +377,14 @@ mod tests {
         let s = Calibrate::new(&c);
         assert_eq!(
             num(
-                &kept(s.apply(event("d1", "t", 10.0), &mut Vec::new())),
+                &kept(s.apply_owned(event("d1", "t", 10.0), &mut Vec::new())),
                 "temperature"
             ),
             21.0
         );
         assert_eq!(
             num(
-                &kept(s.apply(event("d2", "t", 10.0), &mut Vec::new())),
+                &kept(s.apply_owned(event("d2", "t", 10.0), &mut Vec::new())),
                 "temperature"
             ),
             9.5
@@ -401,7 +401,7 @@ mod tests {
         let e = kept(
             Convert::new(&c)
                 .expect("units")
-                .apply(event("d", "t", 212.0), &mut Vec::new()),
+                .apply_owned(event("d", "t", 212.0), &mut Vec::new()),
         );
         assert!((num(&e, "temperature_c") - 100.0).abs() < 1e-9);
         assert_eq!(num(&e, "temperature"), 212.0);
@@ -418,7 +418,7 @@ mod tests {
             let e = kept(
                 Convert::new(&c)
                     .expect("units")
-                    .apply(event("d", "t", v), &mut Vec::new()),
+                    .apply_owned(event("d", "t", v), &mut Vec::new()),
             );
             assert!((num(&e, "temperature") - want).abs() < 1e-3, "{from}->{to}");
         }
@@ -442,7 +442,7 @@ mod tests {
         };
         let mut e = event("d", "t", 1.0);
         e.tags.insert("a".into(), "x".into());
-        let e = kept(Rename::new(&c).apply(e, &mut Vec::new()));
+        let e = kept(Rename::new(&c).apply_owned(e, &mut Vec::new()));
         assert_eq!(num(&e, "temp"), 1.0);
         assert_eq!(e.tags["b"], "x");
         let gateway_config::Stage::Remove(c) =
@@ -450,7 +450,7 @@ mod tests {
         else {
             panic!()
         };
-        let e = kept(Remove::new(&c).apply(e, &mut Vec::new()));
+        let e = kept(Remove::new(&c).apply_owned(e, &mut Vec::new()));
         assert!(e.readings.is_empty() && e.tags.is_empty() && e.location.is_none());
     }
 }

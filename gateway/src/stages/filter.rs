@@ -27,11 +27,11 @@ impl Filter {
 }
 
 impl Stage for Filter {
-    fn apply(&self, e: Event, _made: &mut Vec<Event>) -> Verdict {
-        match self.expr.test(&e) {
-            Ok(t) if t == self.keep_if => Verdict::Keep(e),
+    fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
+        match self.expr.test(e) {
+            Ok(t) if t == self.keep_if => Verdict::Keep,
             Ok(_) => Verdict::Drop("filtered"),
-            Err(_) if self.on_error == FilterOnError::Keep => Verdict::Keep(e),
+            Err(_) if self.on_error == FilterOnError::Keep => Verdict::Keep,
             Err(_) => Verdict::Drop("filter_error"),
         }
     }
@@ -74,17 +74,17 @@ impl Router {
 }
 
 impl Stage for Router {
-    fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
+    fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
         // A condition that cannot be evaluated for this event does not hold.
         let rule = self
             .rules
             .iter()
-            .find(|r| r.when.as_ref().is_none_or(|w| w.test(&e) == Ok(true)));
+            .find(|r| r.when.as_ref().is_none_or(|w| w.test(e) == Ok(true)));
         if let Some(r) = rule {
-            let topic = r.topic.as_deref().map(|t| render(t, &e));
-            let key = r.key.as_deref().map(|k| render_raw(k, &e));
+            let topic = r.topic.as_deref().map(|t| render(t, e));
+            let key = r.key.as_deref().map(|k| render_raw(k, e));
             e.route = Some(Box::new(Route { topic, key }));
         }
-        Verdict::Keep(e)
+        Verdict::Keep
     }
 }

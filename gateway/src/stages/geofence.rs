@@ -197,9 +197,9 @@ impl Geofence {
 }
 
 impl Stage for Geofence {
-    fn apply(&self, mut e: Event, made: &mut Vec<Event>) -> Verdict {
+    fn apply(&self, e: &mut Event, made: &mut Vec<Event>) -> Verdict {
         let Some(loc) = e.location else {
-            return Verdict::Keep(e);
+            return Verdict::Keep;
         };
         let hits = self.locate(loc.lon, loc.lat);
         if !hits.is_empty() {
@@ -209,15 +209,15 @@ impl Stage for Geofence {
                 .insert(self.tag.as_str().into(), names.join(",").into());
         }
         if self.transitions {
-            self.track(&e, &hits, made);
+            self.track(e, &hits, made);
         }
-        Verdict::Keep(e)
+        Verdict::Keep
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{event, parse};
+    use super::super::tests::{event, parse, Applied, ApplyOwned};
     use super::*;
     use crate::event::Location;
 
@@ -251,7 +251,7 @@ mod tests {
 
     fn run(g: &Geofence, e: Event) -> (Option<String>, Vec<String>) {
         let mut made = Vec::new();
-        let Verdict::Keep(e) = g.apply(e, &mut made) else {
+        let Applied::Keep(e) = g.apply_owned(e, &mut made) else {
             panic!("kept")
         };
         let made = made

@@ -40,9 +40,9 @@ impl GpsSanity {
 }
 
 impl Stage for GpsSanity {
-    fn apply(&self, mut e: Event, _made: &mut Vec<Event>) -> Verdict {
+    fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
         let Some(loc) = e.location else {
-            return Verdict::Keep(e);
+            return Verdict::Keep;
         };
         let (lat, lon) = (loc.lat, loc.lon);
         if !(lat.is_finite() && lon.is_finite()) || lat.abs() > 90.0 || lon.abs() > 180.0 {
@@ -83,7 +83,7 @@ impl Stage for GpsSanity {
             } else if (-CLOCK_RESET_NS..0).contains(&gap) {
                 // An older fix arriving late: kept, compared with nothing.
                 drop(last);
-                return Verdict::Keep(e);
+                return Verdict::Keep;
             }
             // (More than an hour back: the clock was reset; start over from this fix.)
         }
@@ -100,13 +100,13 @@ impl Stage for GpsSanity {
                 }
             }
         }
-        Verdict::Keep(e)
+        Verdict::Keep
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{event, parse};
+    use super::super::tests::{event, parse, Applied, ApplyOwned};
     use super::*;
     use crate::event::Location;
 
@@ -131,9 +131,9 @@ mod tests {
         e
     }
 
-    fn reading(v: &Verdict, name: &str) -> Option<f64> {
+    fn reading(v: &Applied, name: &str) -> Option<f64> {
         match v {
-            Verdict::Keep(e) => match e.readings.get(name) {
+            Applied::Keep(e) => match e.readings.get(name) {
                 Some(Value::Number(n)) => Some(*n),
                 _ => None,
             },
@@ -146,39 +146,39 @@ mod tests {
         let g = stage();
         let mut m = Vec::new();
         assert_eq!(
-            g.apply(fix(0.0, 0.0, 0, None), &mut m),
-            Verdict::Drop("null_island")
+            g.apply_owned(fix(0.0, 0.0, 0, None), &mut m),
+            Applied::Drop("null_island")
         );
         assert_eq!(
-            g.apply(fix(91.0, 0.0, 0, None), &mut m),
-            Verdict::Drop("bad_fix")
+            g.apply_owned(fix(91.0, 0.0, 0, None), &mut m),
+            Applied::Drop("bad_fix")
         );
         assert_eq!(
-            g.apply(fix(52.0, 13.0, 0, Some(80.0)), &mut m),
-            Verdict::Drop("inaccurate_fix")
+            g.apply_owned(fix(52.0, 13.0, 0, Some(80.0)), &mut m),
+            Applied::Drop("inaccurate_fix")
         );
         assert!(matches!(
-            g.apply(fix(52.0, 13.0, 0, None), &mut m),
-            Verdict::Keep(_)
+            g.apply_owned(fix(52.0, 13.0, 0, None), &mut m),
+            Applied::Keep(_)
         ));
         // 0.01 degrees of latitude is about 1.1 km: in 10 s that is 111 m/s.
         assert_eq!(
-            g.apply(fix(52.01, 13.0, 10, None), &mut m),
-            Verdict::Drop("impossible_speed")
+            g.apply_owned(fix(52.01, 13.0, 10, None), &mut m),
+            Applied::Drop("impossible_speed")
         );
         // The first fix was the wrong one: after three refusals in a row the device's
         // position moves to where its fixes agree.
         assert_eq!(
-            g.apply(fix(52.01, 13.0, 11, None), &mut m),
-            Verdict::Drop("impossible_speed")
+            g.apply_owned(fix(52.01, 13.0, 11, None), &mut m),
+            Applied::Drop("impossible_speed")
         );
         assert!(matches!(
-            g.apply(fix(52.01, 13.0, 12, None), &mut m),
-            Verdict::Keep(_)
+            g.apply_owned(fix(52.01, 13.0, 12, None), &mut m),
+            Applied::Keep(_)
         ));
         assert!(matches!(
-            g.apply(fix(52.0101, 13.0, 22, None), &mut m),
-            Verdict::Keep(_)
+            g.apply_owned(fix(52.0101, 13.0, 22, None), &mut m),
+            Applied::Keep(_)
         ));
     }
 
@@ -194,7 +194,7 @@ mod tests {
             let mut t = 0;
             for (lat, lon, step) in fixes {
                 t += step;
-                if let Verdict::Keep(e) = g.apply(fix(lat, lon, t, None), &mut Vec::new()) {
+                if let Applied::Keep(e) = g.apply_owned(fix(lat, lon, t, None), &mut Vec::new()) {
                     proptest::prop_assert!(lat.abs() <= 90.0 && lon.abs() <= 180.0);
                     proptest::prop_assert!(lat != 0.0 || lon != 0.0);
                     if let Some(Value::Number(speed)) = e.readings.get("speed_mps") {
@@ -209,14 +209,14 @@ mod tests {
     fn speed_heading_and_distance_are_derived() {
         let g = stage();
         let mut m = Vec::new();
-        let first = g.apply(fix(52.0, 13.0, 0, None), &mut m);
+        let first = g.apply_owned(fix(52.0, 13.0, 0, None), &mut m);
         assert_eq!(
             reading(&first, "speed_mps"),
             None,
             "nothing to compare with"
         );
         // Due north, 0.001 degrees (111 m) in 10 s.
-        let v = g.apply(fix(52.001, 13.0, 10, None), &mut m);
+        let v = g.apply_owned(fix(52.001, 13.0, 10, None), &mut m);
         let metres = reading(&v, "distance_m").expect("distance");
         assert!((metres - 111.2).abs() < 0.5, "{metres}");
         let speed = reading(&v, "speed_mps").expect("speed");

@@ -32,24 +32,24 @@ impl Throttle {
 }
 
 impl Stage for Throttle {
-    fn apply(&self, e: Event, _made: &mut Vec<Event>) -> Verdict {
+    fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         match last.get_mut(&e.device) {
             // The device's clock went back by more than an hour: start over.
             Some(t) if e.time_ns < t.saturating_sub(CLOCK_RESET_NS) => {
                 *t = e.time_ns;
-                Verdict::Keep(e)
+                Verdict::Keep
             }
             Some(t) if e.time_ns.saturating_sub(*t) < self.interval_ns => {
                 Verdict::Drop("throttled")
             }
             Some(t) => {
                 *t = e.time_ns;
-                Verdict::Keep(e)
+                Verdict::Keep
             }
             None => {
                 *last.entry(&e.device, || 0) = e.time_ns;
-                Verdict::Keep(e)
+                Verdict::Keep
             }
         }
     }
@@ -86,9 +86,9 @@ impl Deadband {
 }
 
 impl Stage for Deadband {
-    fn apply(&self, e: Event, _made: &mut Vec<Event>) -> Verdict {
-        if self.watched(&e).next().is_none() {
-            return Verdict::Keep(e); // nothing it watches: not its business
+    fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
+        if self.watched(e).next().is_none() {
+            return Verdict::Keep; // nothing it watches: not its business
         }
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let moved = match last.get_mut(&e.device) {
@@ -96,7 +96,7 @@ impl Stage for Deadband {
             Some(s) => {
                 self.max_interval_ns
                     .is_some_and(|m| e.time_ns.saturating_sub(s.at_ns) >= m)
-                    || self.watched(&e).any(|(k, v)| {
+                    || self.watched(e).any(|(k, v)| {
                         s.values
                             .get(k)
                             .is_none_or(|old| (v - old).abs() > self.threshold)
@@ -111,17 +111,17 @@ impl Stage for Deadband {
             at_ns: 0,
         });
         s.at_ns = e.time_ns;
-        for (k, v) in self.watched(&e) {
+        for (k, v) in self.watched(e) {
             s.values.insert(k.to_string(), v);
         }
         drop(last);
-        Verdict::Keep(e)
+        Verdict::Keep
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{event, parse};
+    use super::super::tests::{event, parse, Applied, ApplyOwned};
     use super::*;
     use proptest::prelude::*;
 
@@ -132,7 +132,7 @@ mod tests {
     }
 
     fn kept(stage: &dyn Stage, e: Event) -> bool {
-        matches!(stage.apply(e, &mut Vec::new()), Verdict::Keep(_))
+        matches!(stage.apply_owned(e, &mut Vec::new()), Applied::Keep(_))
     }
 
     #[test]

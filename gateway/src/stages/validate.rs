@@ -94,15 +94,11 @@ impl Validate {
 }
 
 impl Stage for Validate {
-    fn apply(&self, e: Event, _made: &mut Vec<Event>) -> Verdict {
-        match self.check(&e) {
-            Ok(()) => Verdict::Keep(e),
+    fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
+        match self.check(e) {
+            Ok(()) => Verdict::Keep,
             Err((reason, _)) if self.action == RejectAction::Drop => Verdict::Drop(reason),
-            Err((reason, detail)) => Verdict::Reject {
-                reason,
-                detail,
-                event: Box::new(e),
-            },
+            Err((reason, detail)) => Verdict::Reject { reason, detail },
         }
     }
 }
@@ -137,7 +133,7 @@ impl Dedup {
 }
 
 impl Stage for Dedup {
-    fn apply(&self, e: Event, _made: &mut Vec<Event>) -> Verdict {
+    fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
         let h = xxhash_rust::xxh3::xxh3_64(e.id.as_bytes());
         let now = e.received_ns;
         let mut s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -170,13 +166,13 @@ impl Stage for Dedup {
         at.insert(h, now);
         order.push_back((now, h));
         drop(s);
-        Verdict::Keep(e)
+        Verdict::Keep
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{event, parse};
+    use super::super::tests::{event, parse, Applied, ApplyOwned};
     use super::*;
     use proptest::prelude::*;
 
@@ -229,8 +225,8 @@ mod tests {
         );
         let mut e = event("d", "t", 20.0);
         e.time_ns = now_ns();
-        match v.apply(e, &mut Vec::new()) {
-            Verdict::Reject { reason, detail, .. } => {
+        match v.apply_owned(e, &mut Vec::new()) {
+            Applied::Reject { reason, detail, .. } => {
                 assert_eq!(reason, "missing_field");
                 assert!(detail.contains("tags.site"), "{detail}");
             }
@@ -252,7 +248,7 @@ mod tests {
         let mut e = event("d", "t", 1.0);
         e.id = id.into();
         e.received_ns = at_s * 1_000_000_000;
-        matches!(d.apply(e, &mut Vec::new()), Verdict::Drop("dedup"))
+        matches!(d.apply_owned(e, &mut Vec::new()), Applied::Drop("dedup"))
     }
 
     #[test]

@@ -171,9 +171,9 @@ impl Window {
 }
 
 impl Stage for Window {
-    fn apply(&self, e: Event, made: &mut Vec<Event>) -> Verdict {
-        if self.watched(&e).next().is_none() {
-            return Verdict::Keep(e); // nothing to summarise: not its business
+    fn apply(&self, e: &mut Event, made: &mut Vec<Event>) -> Verdict {
+        if self.watched(e).next().is_none() {
+            return Verdict::Keep; // nothing to summarise: not its business
         }
         // The window's start: the event time rounded down to a multiple of the size (no
         // overflow, whatever time a device sends).
@@ -207,7 +207,7 @@ impl Stage for Window {
         if start.saturating_add(self.size_ns) <= watermark || start < d.closed_until {
             drop(devices);
             return if self.keep_events {
-                Verdict::Keep(e)
+                Verdict::Keep
             } else {
                 Verdict::Drop("late")
             };
@@ -218,7 +218,7 @@ impl Stage for Window {
             events: 0,
         });
         w.events += 1;
-        for (k, v) in self.watched(&e) {
+        for (k, v) in self.watched(e) {
             match w.readings.get_mut(k) {
                 Some(a) => a.add(e.time_ns, v),
                 None => {
@@ -236,7 +236,7 @@ impl Stage for Window {
         self.close(&e.device, d, watermark, made);
         drop(devices);
         if self.keep_events {
-            Verdict::Keep(e)
+            Verdict::Keep
         } else {
             Verdict::Drop("windowed")
         }
@@ -259,7 +259,7 @@ impl Stage for Window {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{event, parse};
+    use super::super::tests::{event, parse, Applied, ApplyOwned};
     use super::*;
     use proptest::prelude::*;
 
@@ -279,7 +279,7 @@ mod tests {
 
     fn feed(w: &Window, e: Event) -> Vec<Event> {
         let mut made = Vec::new();
-        let _ = w.apply(e, &mut made);
+        let _ = w.apply_owned(e, &mut made);
         made
     }
 
@@ -317,8 +317,8 @@ mod tests {
         assert_eq!(reading(s, "temperature_last"), 8.0);
         assert_eq!(s.tags["window"], "10s");
         assert_eq!(
-            w.apply(at("a", 4_000, 1.0), &mut Vec::new()),
-            Verdict::Drop("late")
+            w.apply_owned(at("a", 4_000, 1.0), &mut Vec::new()),
+            Applied::Drop("late")
         );
     }
 
@@ -333,8 +333,8 @@ mod tests {
         w.tick(now_ns() + 6_000_000_000, false, &mut made);
         assert_eq!(made.len(), 2);
         assert_eq!(
-            w.apply(at("a", 2_000, 1.0), &mut Vec::new()),
-            Verdict::Drop("late"),
+            w.apply_owned(at("a", 2_000, 1.0), &mut Vec::new()),
+            Applied::Drop("late"),
             "its window was emitted already"
         );
         feed(&w, at("a", 61_000, 1.0));
@@ -364,7 +364,7 @@ mod tests {
             let (w, _) = window("type='window'\nsize='7s'\nallowed_lateness='200s'\naggregates=['count','min','max']");
             let mut made = Vec::new();
             for (i, t) in times.iter().enumerate() {
-                let _ = w.apply(at("a", *t, i as f64), &mut made);
+                let _ = w.apply_owned(at("a", *t, i as f64), &mut made);
             }
             w.tick(0, true, &mut made);
             let total: f64 = made.iter().map(|s| reading(s, "temperature_count")).sum();
