@@ -248,20 +248,25 @@ pub fn rfc3339(ns: i64) -> String {
 /// `time` crate writes it; a property test compares the two). Every `i64` is a year
 /// between 1677 and 2262, so the year always has four digits.
 ///
-/// The router writes two timestamps per event, nearly always of the same day: the date
-/// text is kept per thread for the last day written, and the digits go out in pairs.
+/// The router writes two timestamps per event, the event time and the receipt time: the
+/// date text is kept per thread for the last two days written (a device clock may be on
+/// another day than the gateway's), and the digits go out in pairs.
 pub fn write_rfc3339(ns: i64, out: &mut Vec<u8>) {
     let secs = ns.div_euclid(1_000_000_000);
     let nanos = ns.rem_euclid(1_000_000_000) as u32;
     let days = secs.div_euclid(86_400);
     let of_day = secs.rem_euclid(86_400) as u32;
-    let date = LAST_DATE.with(|last| {
-        let (day, text) = last.get();
-        if day == days {
-            return text;
+    let date = DATES.with(|dates| {
+        let [newer, older] = dates.get();
+        if newer.0 == days {
+            return newer.1;
+        }
+        if older.0 == days {
+            dates.set([older, newer]);
+            return older.1;
         }
         let text = civil_date(days);
-        last.set((days, text));
+        dates.set([(days, text), newer]);
         text
     });
     let [h1, h2] = pair(of_day / 3600);
@@ -295,10 +300,10 @@ pub fn write_rfc3339(ns: i64, out: &mut Vec<u8>) {
 }
 
 thread_local! {
-    /// The day (since the epoch) [`write_rfc3339`] wrote last on this thread, and its
-    /// `YYYY-MM-DD`.
-    static LAST_DATE: std::cell::Cell<(i64, [u8; 10])> =
-        const { std::cell::Cell::new((i64::MIN, [0; 10])) };
+    /// The last two days (since the epoch) [`write_rfc3339`] wrote on this thread, the
+    /// latest first, each with its `YYYY-MM-DD`.
+    static DATES: std::cell::Cell<[(i64, [u8; 10]); 2]> =
+        const { std::cell::Cell::new([(i64::MIN, [0; 10]); 2]) };
 }
 
 /// The two ASCII digits of `v` (below 100).
@@ -490,22 +495,25 @@ mod tests {
             proptest::prop_assert_eq!(rfc3339(ns), expected);
         }
 
-        /// Runs of timestamps within a day or two, as the router writes them, reuse the
-        /// cached date and still match the `time` crate (across midnight too).
+        /// Two interleaved runs of timestamps, as the router writes them, reuse the
+        /// cached dates and still match the `time` crate (across midnight too).
         #[test]
         fn rfc3339_of_nearby_times_matches_the_time_crate(
             base in -5_000_000_000_000_000_000i64..5_000_000_000_000_000_000,
+            other in 0i64..400_000_000_000_000,
             steps in proptest::collection::vec(0i64..40_000_000_000_000, 1..20),
         ) {
-            let mut ns = base;
+            // Two clocks, as an event's time and its receipt time, possibly days apart.
+            let mut ns = [base, base.saturating_add(other)];
             for step in steps {
-                ns = ns.saturating_add(step);
-                let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
-                    .expect("in range");
-                let expected = t
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .expect("formats");
-                proptest::prop_assert_eq!(rfc3339(ns), expected);
+                for t in &mut ns {
+                    *t = t.saturating_add(step);
+                    let expected = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(*t))
+                        .expect("in range")
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .expect("formats");
+                    proptest::prop_assert_eq!(rfc3339(*t), expected);
+                }
             }
         }
     }
