@@ -421,6 +421,7 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
+                input.clock.expire();
                 m.connected.set(0);
                 m.reconnects.inc();
                 // Packet ids of the old connection mean nothing on the next one.
@@ -489,8 +490,9 @@ struct Input<'a> {
 
 /// The receipt time of messages taken in one burst (what the event loop had at hand
 /// without waiting): the clock is read for every [`BurstClock::READS`]th message, and
-/// again after every wait. Reading it per message was 4% of the input thread; a burst
-/// takes about a microsecond per message, so a receipt time is at most some 16 us early.
+/// again after every wait (for the broker, for room in the router's channel, for a
+/// reconnect). Reading it per message was 4% of the input thread; a burst takes about a
+/// microsecond per message, so a receipt time is at most some 16 us early.
 struct BurstClock {
     // Atomics only to keep the input's future `Send`: one task uses them.
     now: AtomicI64,
@@ -560,13 +562,19 @@ impl Input<'_> {
                 let mut events = events.into_iter();
                 while self.emit.gather_events(&mut events, &ack) {
                     self.emit.flush().await?;
+                    // The router may have held the batch back (backpressure).
+                    self.clock.expire();
                 }
                 Ok(())
             }
             Err(bad) => {
-                self.emit
+                let sent = self
+                    .emit
                     .malformed(bad, &topic, received_ns, payload, ack)
-                    .await
+                    .await;
+                // A dead letter may have filled the batch and waited for the router.
+                self.clock.expire();
+                sent
             }
         }
     }
