@@ -483,16 +483,19 @@ mod tests {
         assert_eq!(rfc3339(i64::MAX), "2262-04-11T23:47:16.854775807Z");
     }
 
+    /// What the `time` crate writes for `ns`: the reference for [`rfc3339`].
+    fn time_crate_rfc3339(ns: i64) -> String {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+            .expect("in range")
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("formats")
+    }
+
     proptest::proptest! {
         /// The hand-written formatter writes what the `time` crate writes.
         #[test]
         fn rfc3339_matches_the_time_crate(ns in proptest::prelude::any::<i64>()) {
-            let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
-                .expect("in range");
-            let expected = t
-                .format(&time::format_description::well_known::Rfc3339)
-                .expect("formats");
-            proptest::prop_assert_eq!(rfc3339(ns), expected);
+            proptest::prop_assert_eq!(rfc3339(ns), time_crate_rfc3339(ns));
         }
 
         /// Two interleaved runs of timestamps, as the router writes them, reuse the
@@ -508,11 +511,7 @@ mod tests {
             for step in steps {
                 for t in &mut ns {
                     *t = t.saturating_add(step);
-                    let expected = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(*t))
-                        .expect("in range")
-                        .format(&time::format_description::well_known::Rfc3339)
-                        .expect("formats");
-                    proptest::prop_assert_eq!(rfc3339(*t), expected);
+                    proptest::prop_assert_eq!(rfc3339(*t), time_crate_rfc3339(*t));
                 }
             }
         }
