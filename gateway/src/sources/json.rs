@@ -86,8 +86,8 @@ impl Serialize for Json<'_> {
     }
 }
 
-/// A string that borrows where the deserializer allows it.
-struct Text<'a>(Cow<'a, str>);
+/// A string that borrows where the deserializer allows it (an object's key).
+pub(crate) struct Text<'a>(pub(crate) Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Text<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -21,7 +21,7 @@ use rumqttc::{
 };
 use tokio::sync::watch;
 
-use super::payload::{decode, Origin};
+use super::payload::{Decoder, Origin};
 use super::{jittered, sleep_unless_stopped, Closed, Emitter, SourceContext, SourceState};
 use crate::ack::{Ack, AckQueue};
 use crate::event::now_ns;
@@ -339,6 +339,7 @@ pub async fn run(
     let input = Input {
         cfg: &cfg,
         templates: &templates,
+        decoder: Decoder::new(cfg.format, &cfg.json),
         emit: Emitter::new(&ctx, &m, until_delivered),
         clock: BurstClock::new(),
     };
@@ -484,6 +485,7 @@ async fn pause_unless_stopped(state: &mut watch::Receiver<SourceState>) -> bool 
 struct Input<'a> {
     cfg: &'a MqttInput,
     templates: &'a [TopicTemplate],
+    decoder: Decoder,
     emit: Emitter<'a>,
     clock: BurstClock,
 }
@@ -554,7 +556,7 @@ impl Input<'_> {
                 ),
             })
         } else {
-            decode(self.cfg.format, &self.cfg.json, &origin, payload)
+            self.decoder.decode(&origin, payload)
         };
         match decoded {
             Ok(events) => {

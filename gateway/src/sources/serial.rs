@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_serial::SerialPortBuilderExt;
 
-use super::payload::{decode, location, Origin};
+use super::payload::{self, location, Origin};
 use super::{jittered, sleep_unless_stopped, Closed, Emitter, SourceContext, SourceState};
 use crate::ack::{Ack, AckQueue};
 use crate::event::{now_ns, ClockQuality, Event, Value};
@@ -299,6 +299,8 @@ struct Session<'a> {
     emit: &'a Emitter<'a>,
     m: &'a InputMetrics,
     origin: String,
+    /// Decodes `json-lines` lines.
+    decoder: payload::Decoder,
     track: Arc<Mutex<Track>>,
     no_hello_seen: u64,
     /// The last `Resend` asked for the oldest gap, and when.
@@ -312,6 +314,7 @@ impl<'a> Session<'a> {
             emit,
             m,
             origin: cfg.path.display().to_string(),
+            decoder: payload::Decoder::new(PayloadFormat::Json, &cfg.json),
             track: Arc::new(Mutex::new(Track::default())),
             no_hello_seen: 0,
             asked: None,
@@ -687,7 +690,7 @@ impl<'a> Session<'a> {
                     .and_then(|line| super::nmea::decode(&origin, device, line.trim()))
                     .map(|e| smallvec::smallvec![e])
             } else {
-                decode(PayloadFormat::Json, &self.cfg.json, &origin, text)
+                self.decoder.decode(&origin, text)
             };
             match decoded {
                 Ok(events) => self.emit.events(events, &Ack::none()).await?,
