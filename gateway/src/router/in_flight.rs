@@ -104,6 +104,19 @@ impl<T> InFlight<T> {
         self.live = 0;
     }
 
+    /// Reads the entry `seq` would have without gaps, and what `deeper` reads of its
+    /// value, to bring them into the cache (see `Router::touch`); what it returns means
+    /// nothing.
+    pub fn touch(&self, seq: u64, deeper: impl Fn(&T) -> u64) -> u64 {
+        let Some((front, _)) = self.ring.front() else {
+            return 0;
+        };
+        seq.checked_sub(*front)
+            .and_then(|d| usize::try_from(d).ok())
+            .and_then(|i| self.ring.get(i))
+            .map_or(0, |(s, v)| s ^ v.as_ref().map_or(0, &deeper))
+    }
+
     fn position(&self, seq: u64) -> Result<usize, usize> {
         // Seqs in the ring are mostly consecutive (gaps only where records went to the
         // spool instead): try the slot seq would have without gaps before searching, which

@@ -736,11 +736,41 @@ impl Router {
         serve(&self.sink, &mut batch);
         self.now = Instant::now();
         let n = batch.len();
-        for r in batch.drain(..) {
-            self.on_report(r);
+        let mut reports = batch.drain(..);
+        while !reports.as_slice().is_empty() {
+            let ahead = reports.as_slice().len().min(Self::TOUCH_AHEAD);
+            self.touch(&reports.as_slice()[..ahead]);
+            for r in reports.by_ref().take(ahead) {
+                self.on_report(r);
+            }
         }
+        drop(reports);
         self.reports = batch;
         n
+    }
+
+    /// Reports handled after their records' in-flight entries were loaded together.
+    const TOUCH_AHEAD: usize = 32;
+
+    /// Loads the in-flight entries of `reports` before they are handled, all at once: a
+    /// report's entry was sent some thousands of records ago and is no longer in the
+    /// cache, and a miss per report, one after the other, was three quarters of the time
+    /// `on_report` spent in the table (perf, `--direct 3`). Independent loads overlap.
+    fn touch(&self, reports: &[Report]) {
+        let direct = self.direct.first_key_value().map(|(s, _)| *s);
+        let drained = self.drain_inflight.first_key_value().map(|(s, _)| *s);
+        let mut sum = 0u64;
+        for r in reports {
+            sum = sum.wrapping_add(match (r.tag.from_spool(), direct, drained) {
+                // The spool bytes too: they are freed on success.
+                (false, Some(lowest), _) => self.direct.touch(r.tag.seq(lowest), |d| {
+                    d.data.first().copied().map_or(0, u64::from)
+                }),
+                (true, _, Some(lowest)) => self.drain_inflight.touch(r.tag.seq(lowest), |_| 0),
+                _ => 0,
+            });
+        }
+        std::hint::black_box(sum);
     }
 
     fn on_report(&mut self, r: Report) {
