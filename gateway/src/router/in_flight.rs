@@ -159,6 +159,8 @@ mod tests {
         Insert(u64),
         Remove(u64),
         Get(u64),
+        /// Reads only: any seq, in the table or not, changes nothing.
+        Touch(u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -166,6 +168,7 @@ mod tests {
             3 => (0u64..400).prop_map(Op::Insert),
             3 => (0u64..400).prop_map(Op::Remove),
             1 => (0u64..400).prop_map(Op::Get),
+            1 => (0u64..400).prop_map(Op::Touch),
         ]
     }
 
@@ -183,6 +186,9 @@ mod tests {
                     }
                     Op::Remove(s) => prop_assert_eq!(ours.remove(&s), model.remove(&s)),
                     Op::Get(s) => prop_assert_eq!(ours.get_mut(&s).copied(), model.get(&s).copied()),
+                    Op::Touch(s) => {
+                        std::hint::black_box(ours.touch(s, |v| *v as u64));
+                    }
                 }
                 prop_assert_eq!(ours.len(), model.len());
                 prop_assert_eq!(ours.first_key_value(), model.first_key_value());
