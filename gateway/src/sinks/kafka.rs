@@ -87,8 +87,10 @@ pub struct Report {
 /// The producer context: collects delivery reports while the router polls, flags fatal
 /// errors.
 pub struct Context {
-    /// Filled by `delivery` during [`KafkaSink::poll`], emptied by it (only the router
-    /// thread touches it: the lock is never contended).
+    /// Filled by `delivery` while rdkafka's own poll runs ([`KafkaSink::poll_for`],
+    /// [`KafkaSink::flush`]), emptied by [`KafkaSink::poll`], which reads other delivery
+    /// reports off the queue itself (only the router thread touches it: the lock is
+    /// never contended).
     reports: Mutex<Vec<Report>>,
     fatal: Arc<AtomicBool>,
     /// The last error handled, and when (see [`Context::repeated`]).
@@ -224,12 +226,15 @@ impl EventQueue {
             _kick: kick_box,
         }
     }
+}
 
-    /// Events waiting to be served.
+impl EventQueue {
+    /// The next event, without waiting.
     #[allow(unsafe_code)]
-    fn len(&self) -> usize {
-        // SAFETY: the handle is valid until `drop`.
-        unsafe { rdkafka::bindings::rd_kafka_queue_length(self.queue) }
+    fn next(&self) -> Option<QueueEvent> {
+        // SAFETY: the queue handle is valid until `drop`; a non-null event is ours to
+        // destroy, which `QueueEvent`'s drop does once.
+        NonNull::new(unsafe { rd::rd_kafka_queue_poll(self.queue, 0) }).map(QueueEvent)
     }
 }
 
@@ -246,6 +251,64 @@ impl Drop for EventQueue {
                 std::ptr::null_mut(),
             );
             rdkafka::bindings::rd_kafka_queue_destroy(self.queue);
+        }
+    }
+}
+
+/// An event taken from librdkafka's queue, destroyed on drop.
+struct QueueEvent(NonNull<rd::rd_kafka_event_t>);
+
+impl Drop for QueueEvent {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: the event came from `rd_kafka_queue_poll` and is destroyed once, here;
+        // nothing borrowed from it (its messages) outlives it.
+        unsafe { rd::rd_kafka_event_destroy(self.0.as_ptr()) }
+    }
+}
+
+/// librdkafka's syslog level as rdkafka's enum (its own conversion is private).
+fn log_level(level: i32) -> rdkafka::config::RDKafkaLogLevel {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    match level {
+        i32::MIN..=0 => L::Emerg,
+        1 => L::Alert,
+        2 => L::Critical,
+        3 => L::Error,
+        4 => L::Warning,
+        5 => L::Notice,
+        6 => L::Info,
+        _ => L::Debug,
+    }
+}
+
+/// Appends a [`Report`] per message of a delivery-report event.
+///
+/// # Safety
+/// `event` must be a live `RD_KAFKA_EVENT_DR` event.
+#[allow(unsafe_code)]
+unsafe fn reports_of(event: &QueueEvent, out: &mut Vec<Report>) {
+    const CHUNK: usize = 256;
+    let mut messages: [*const rd::rd_kafka_message_t; CHUNK] = [std::ptr::null(); CHUNK];
+    loop {
+        // SAFETY: the array has room for CHUNK pointers; each next call continues where
+        // the last stopped, and the messages live as long as the event.
+        let n = unsafe {
+            rd::rd_kafka_event_message_array(event.0.as_ptr(), messages.as_mut_ptr(), CHUNK)
+        };
+        out.reserve(n);
+        for &m in &messages[..n.min(CHUNK)] {
+            // SAFETY: `m` is one of the event's messages.
+            let (err, opaque) = unsafe { ((*m).err, (*m)._private) };
+            out.push(Report {
+                tag: Tag(opaque as usize),
+                // As rdkafka's `DeliveryResult` makes it.
+                error: (err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR)
+                    .then(|| KafkaError::MessageProduction(err.into())),
+            });
+        }
+        if n < CHUNK {
+            break;
         }
     }
 }
@@ -537,12 +600,69 @@ impl KafkaSink {
 
     /// Serves librdkafka's event queue until it is empty: delivery reports are appended
     /// to `out`, errors and logs go to the context. Call it on every kick.
+    ///
+    /// The events are taken here rather than through rdkafka's `poll`, which made a
+    /// `BorrowedMessage` (an `Arc` clone) per report and called [`Context::delivery`]
+    /// (a lock) per report: a delivery-report event's messages are read in one loop,
+    /// whose loads (each message is thousands of records old and out of the cache)
+    /// overlap, and are warm again when the event is destroyed.
+    #[allow(unsafe_code)]
     pub fn poll(&self, out: &mut Vec<Report>) {
-        // One event per call of `poll(0)`; a delivery-report event holds many reports.
-        while self.events.len() > 0 {
-            self.producer.poll(Duration::ZERO);
-        }
+        // Reports rdkafka's own poll collected (`poll_for`, `flush`) came first.
         self.take_reports(out);
+        while let Some(event) = self.events.next() {
+            // SAFETY (each call below): `event` is a live event of the kind its type says.
+            match unsafe { rd::rd_kafka_event_type(event.0.as_ptr()) } {
+                rd::RD_KAFKA_EVENT_DR => unsafe { reports_of(&event, out) },
+                rd::RD_KAFKA_EVENT_ERROR => {
+                    let (code, fatal, reason) = unsafe {
+                        let reason = rd::rd_kafka_event_error_string(event.0.as_ptr());
+                        (
+                            RDKafkaErrorCode::from(rd::rd_kafka_event_error(event.0.as_ptr())),
+                            rd::rd_kafka_event_error_is_fatal(event.0.as_ptr()) != 0,
+                            if reason.is_null() {
+                                String::new()
+                            } else {
+                                CStr::from_ptr(reason).to_string_lossy().into_owned()
+                            },
+                        )
+                    };
+                    // A fatal error arrives with the code that caused it (an idempotence
+                    // violation, say), not `Fatal`, and only this flag says so.
+                    let (error, reason) = if fatal {
+                        (
+                            KafkaError::Global(RDKafkaErrorCode::Fatal),
+                            format!("{code}: {}", reason.trim()),
+                        )
+                    } else {
+                        (KafkaError::Global(code), reason.trim().to_string())
+                    };
+                    self.producer.context().error(error, &reason);
+                }
+                rd::RD_KAFKA_EVENT_LOG => {
+                    let mut fac: *const std::ffi::c_char = std::ptr::null();
+                    let mut text: *const std::ffi::c_char = std::ptr::null();
+                    let mut level: i32 = 0;
+                    let got = unsafe {
+                        rd::rd_kafka_event_log(event.0.as_ptr(), &mut fac, &mut text, &mut level)
+                    };
+                    if got == 0 && !fac.is_null() && !text.is_null() {
+                        let (fac, text) = unsafe {
+                            (
+                                CStr::from_ptr(fac).to_string_lossy(),
+                                CStr::from_ptr(text).to_string_lossy(),
+                            )
+                        };
+                        self.producer
+                            .context()
+                            .log(log_level(level), fac.trim(), text.trim());
+                    }
+                }
+                // Statistics and OAUTHBEARER refreshes are not asked for (rdkafka's own
+                // poll drops them too for this context).
+                _ => {}
+            }
+        }
     }
 
     /// Serves the event queue for `timeout` (for shutdown and replacement, where the
@@ -563,9 +683,24 @@ impl KafkaSink {
         self.producer.in_flight_count()
     }
 
-    /// True once librdkafka reported a fatal error (the producer must be recreated).
+    /// True once librdkafka raised a fatal error (the producer must be recreated).
+    ///
+    /// Asked of librdkafka too, not only of the error events: rdkafka's own poll
+    /// (`poll_for`, `flush`) hands a fatal error's event to the context with the code
+    /// that caused it, which does not say it was fatal.
+    #[allow(unsafe_code)]
     pub fn is_fatal(&self) -> bool {
-        self.fatal.load(Ordering::SeqCst)
+        self.fatal.load(Ordering::SeqCst) || {
+            // SAFETY: a live producer; no error string is asked for (NULL, size 0).
+            let code = unsafe {
+                rd::rd_kafka_fatal_error(
+                    self.producer.client().native_ptr(),
+                    std::ptr::null_mut(),
+                    0,
+                )
+            };
+            code != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        }
     }
 
     /// Waits up to `timeout` for outstanding deliveries; their reports are appended to
@@ -912,6 +1047,70 @@ mod tests {
             !KafkaSink::new(&by_device, "g", tx)
                 .expect("sink")
                 .topic_by_source
+        );
+    }
+
+    /// The router's poll (`KafkaSink::poll`, woken by the kick) reads delivery reports
+    /// and error events off librdkafka's queue itself: reports with their tags and
+    /// errors, and a fatal error that flags the producer for replacement.
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_router_s_poll_reads_reports_and_a_fatal_error() {
+        let cfg: KafkaOutput =
+            toml::from_str("brokers = \"127.0.0.1:1\"\nmessage_timeout = \"1s\"").expect("cfg");
+        let (tx, kicks) = flume::bounded(1);
+        let mut sink = KafkaSink::new(&cfg, "g", tx).expect("sink");
+        for seq in 0..3 {
+            sink.send(&Record::Event(event()), Tag::new(seq, false))
+                .expect("queued");
+        }
+        // No broker: purged, each comes back with the purge error.
+        sink.purge();
+        let mut reports = Vec::new();
+        let start = Instant::now();
+        while reports.len() < 3 && start.elapsed() < Duration::from_secs(10) {
+            let _ = kicks.recv_timeout(Duration::from_millis(100));
+            sink.poll(&mut reports);
+        }
+        let got: Vec<(Tag, Option<RDKafkaErrorCode>)> = reports
+            .iter()
+            .map(|r| {
+                (
+                    r.tag,
+                    r.error.as_ref().and_then(KafkaError::rdkafka_error_code),
+                )
+            })
+            .collect();
+        let purged = Some(RDKafkaErrorCode::PurgeQueue);
+        assert_eq!(
+            got,
+            [
+                (Tag::new(0, false), purged),
+                (Tag::new(1, false), purged),
+                (Tag::new(2, false), purged)
+            ]
+        );
+        assert!(!sink.is_fatal());
+        // SAFETY: a live producer; the reason is a C string.
+        let raised = unsafe {
+            rd::rd_kafka_test_fatal_error(
+                sink.producer.client().native_ptr(),
+                rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                c"a test".as_ptr(),
+            )
+        };
+        assert_eq!(raised, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+        // librdkafka says so at once; the error event (with the code that caused it,
+        // not `Fatal`) reaches the context through the poll.
+        assert!(sink.is_fatal());
+        let start = Instant::now();
+        while !sink.fatal.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(10) {
+            let _ = kicks.recv_timeout(Duration::from_millis(100));
+            sink.poll(&mut reports);
+        }
+        assert!(
+            sink.fatal.load(Ordering::SeqCst),
+            "the fatal error event was served"
         );
     }
 

@@ -7,10 +7,10 @@
 use std::borrow::Cow;
 
 use super::json::{Json, Text};
-use serde::de::{Deserialize, IgnoredAny};
 use crate::event::{content_id, sequence_id, ClockQuality, Event, Fields, Location, Value};
 use compact_str::{CompactString, ToCompactString};
 use gateway_config::{JsonMapping, PayloadFormat, TimeUnit};
+use serde::de::{Deserialize, IgnoredAny};
 use smallvec::{smallvec, SmallVec};
 
 /// The events decoded from one payload: one (the usual case) without an allocation.
@@ -639,11 +639,17 @@ impl<'de> Deserialize<'de> for Reading {
             fn visit_unit<E>(self) -> Result<Reading, E> {
                 Ok(Reading(None))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Reading, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Reading, A::Error> {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
                 Ok(Reading(None))
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Reading, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Reading, A::Error> {
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                 Ok(Reading(None))
             }
@@ -667,14 +673,12 @@ fn finish(
     } = found;
     let device = match o.capture("device") {
         Some(d) => CompactString::from(d),
-        None => fields[Named::DEVICE]
-            .and_then(json_device)
-            .ok_or_else(|| {
-                bad(
-                    "missing_device",
-                    format!("no device id in field {:?} or the topic", m.device),
-                )
-            })?,
+        None => fields[Named::DEVICE].and_then(json_device).ok_or_else(|| {
+            bad(
+                "missing_device",
+                format!("no device id in field {:?} or the topic", m.device),
+            )
+        })?,
     };
     let (time_ns, clock) = match fields[Named::TIME] {
         Some(v) if *v != Json::Null => (parse_time(v, m.time_unit)?, ClockQuality::Device),
@@ -1122,11 +1126,12 @@ mod tests {
             prop_oneof![
                 proptest::collection::vec(inner.clone(), 0..3)
                     .prop_map(|v| format!("[{}]", v.join(","))),
-                proptest::collection::vec((proptest::sample::select(keys), inner), 0..3)
-                    .prop_map(|m| {
+                proptest::collection::vec((proptest::sample::select(keys), inner), 0..3).prop_map(
+                    |m| {
                         let m: Vec<String> = m.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
                         format!("{{{}}}", m.join(","))
-                    }),
+                    }
+                ),
             ]
         });
         proptest::collection::vec((proptest::sample::select(keys), value), 0..9).prop_map(|m| {
@@ -1147,13 +1152,15 @@ mod tests {
             ]
         };
         let names = || proptest::collection::vec(name(), 0..3);
-        let unit = proptest::sample::select(&[
-            TimeUnit::Auto,
-            TimeUnit::S,
-            TimeUnit::Ms,
-            TimeUnit::Ns,
-            TimeUnit::Rfc3339,
-        ][..]);
+        let unit = proptest::sample::select(
+            &[
+                TimeUnit::Auto,
+                TimeUnit::S,
+                TimeUnit::Ms,
+                TimeUnit::Ns,
+                TimeUnit::Rfc3339,
+            ][..],
+        );
         (
             (name(), name(), name(), name()),
             (name(), name(), name()),
@@ -1161,20 +1168,22 @@ mod tests {
             names(),
             names(),
         )
-            .prop_map(|((device, time, seq, lat), (lon, alt, accuracy), time_unit, readings, tags)| {
-                JsonMapping {
-                    device,
-                    time,
-                    time_unit,
-                    seq,
-                    lat,
-                    lon,
-                    alt,
-                    accuracy,
-                    readings,
-                    tags,
-                }
-            })
+            .prop_map(
+                |((device, time, seq, lat), (lon, alt, accuracy), time_unit, readings, tags)| {
+                    JsonMapping {
+                        device,
+                        time,
+                        time_unit,
+                        seq,
+                        lat,
+                        lon,
+                        alt,
+                        accuracy,
+                        readings,
+                        tags,
+                    }
+                },
+            )
     }
 
     const KEYS: &[&str] = &[
@@ -1229,10 +1238,7 @@ mod timing {
         let t = std::time::Instant::now();
         let mut k = 0;
         for _ in 0..n {
-            k += d
-                .decode(&origin, payload)
-                .map(|v| v.len())
-                .unwrap_or(0);
+            k += d.decode(&origin, payload).map(|v| v.len()).unwrap_or(0);
         }
         let per = t.elapsed().as_nanos() as f64 / n as f64;
         // Parsing alone, into the borrowed document the decoder uses and into
@@ -1252,10 +1258,7 @@ mod timing {
                 .unwrap_or(0)
         });
         println!("parse only: borrowed {borrowed:.0} ns, serde_json::Value {value:.0} ns");
-        let e = d
-            .decode(&origin, payload)
-            .unwrap()
-            .remove(0);
+        let e = d.decode(&origin, payload).unwrap().remove(0);
         let t = std::time::Instant::now();
         let mut b = 0;
         for _ in 0..n {
