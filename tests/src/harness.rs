@@ -210,6 +210,12 @@ impl Kafka {
         self.cluster.up();
     }
 
+    /// Fails the next `errors.len()` requests of the Kafka protocol API `api_key` (22:
+    /// InitProducerId) with `errors`, in order.
+    pub fn push_request_errors(&self, api_key: i16, errors: &[rdkafka::types::RDKafkaRespErr]) {
+        self.cluster.push_request_errors(api_key, errors);
+    }
+
     /// Delays every broker's responses by `rtt` (a long uplink).
     pub fn set_rtt(&self, rtt: Duration) {
         self.cluster.set_rtt(rtt).expect("mock broker rtt");

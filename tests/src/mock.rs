@@ -119,6 +119,20 @@ impl ProxiedCluster {
         Ok(())
     }
 
+    /// Fails the next `errors.len()` requests of the protocol API `api_key` with
+    /// `errors`, in order (whichever client sends them).
+    pub fn push_request_errors(&self, api_key: i16, errors: &[sys::rd_kafka_resp_err_t]) {
+        // SAFETY: a valid cluster; librdkafka copies the array during the call.
+        unsafe {
+            sys::rd_kafka_mock_push_request_errors_array(
+                self.cluster,
+                api_key,
+                errors.len(),
+                errors.as_ptr(),
+            );
+        }
+    }
+
     /// Cuts every broker off: open connections are closed, new ones closed on accept.
     pub fn down(&self) {
         for p in &self.proxies {

@@ -644,6 +644,35 @@ fn a_record_kafka_rejects_for_good_is_counted_and_does_not_block_the_spool() {
     });
 }
 
+#[test]
+fn after_a_fatal_producer_error_the_producer_is_recreated_and_nothing_is_lost() {
+    // The first InitProducerId is refused with an error librdkafka's idempotent producer
+    // cannot recover from (a fatal error); a new producer asks again and is let in.
+    let (_dir, mqtt, kafka, gw) = rig(&[TOPIC], Uplink::Down, "", "", "");
+    kafka.push_request_errors(
+        22,
+        &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED],
+    );
+    kafka.up();
+    assert_eq!(publish(mqtt.port, 1, 300, None, None), 300);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= 300
+    });
+    check_complete_and_ordered(&records, 1, 300);
+    let log = gw.log_text();
+    assert!(
+        log.contains("fatal Kafka producer error"),
+        "the fatal error was noticed:\n{log}"
+    );
+    assert!(
+        log.contains("Kafka output replaced"),
+        "the producer was recreated:\n{log}"
+    );
+    wait_for("every event delivered", Duration::from_secs(20), || {
+        gw.metric("gateway_events_delivered_total{input=\"site\"}") == 300.0
+    });
+}
+
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with the
 /// openssl command.
 fn make_certs(dir: &std::path::Path) {
