@@ -671,6 +671,7 @@ fn after_a_fatal_producer_error_the_producer_is_recreated_and_nothing_is_lost() 
     wait_for("every event delivered", Duration::from_secs(20), || {
         gw.metric("gateway_events_delivered_total{input=\"site\"}") == 300.0
     });
+    assert_eq!(gw.metric("gateway_kafka_errors_total{kind=\"fatal\"}"), 1.0);
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with the

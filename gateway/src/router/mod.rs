@@ -907,8 +907,10 @@ impl Router {
         }
         if self.sink.is_fatal() && self.direct.is_empty() && self.drain_inflight.is_empty() {
             let cfg = self.sink.config().clone();
-            if let Err(e) = self.replace_sink(&cfg) {
-                tracing::error!(error = %e, "cannot recreate the Kafka producer");
+            match self.replace_sink(&cfg) {
+                // Counted once per producer given up (the new one starts clean).
+                Ok(()) => self.metrics.kafka_error("fatal"),
+                Err(e) => tracing::error!(error = %e, "cannot recreate the Kafka producer"),
             }
         }
         let commit_due = self.pending.len() >= self.cfg.commit_rows
