@@ -226,9 +226,7 @@ impl EventQueue {
             _kick: kick_box,
         }
     }
-}
 
-impl EventQueue {
     /// The next event, without waiting.
     #[allow(unsafe_code)]
     fn next(&self) -> Option<QueueEvent> {

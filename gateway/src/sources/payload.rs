@@ -155,7 +155,8 @@ impl Role {
     }
 
     /// The role of the member `key`, if a name names it: lengths and first bytes are
-    /// compared before the names themselves (string compares were 8% of the decoder).
+    /// compared before the names themselves (a `memcmp` call for every key and name of
+    /// the same length was 8% of the decoder).
     fn find<'r>(roles: &'r [Role], key: &str) -> Option<&'r Role> {
         let k = key.as_bytes();
         roles.iter().find(|r| {
