@@ -282,6 +282,7 @@ pub fn start(
         healthy: true,
         next_probe: Instant::now(),
         write_retry_at: None,
+        recreate_at: None,
         shutting_down: false,
         last_progress_log: Instant::now(),
         now: Instant::now(),
@@ -384,6 +385,8 @@ struct Router {
     next_probe: Instant,
     /// Set after a failed spool write: inputs are held back until the retry succeeds.
     write_retry_at: Option<Instant>,
+    /// After a failed attempt to recreate a fatally failed producer: when to try again.
+    recreate_at: Option<Instant>,
     shutting_down: bool,
     last_progress_log: Instant,
     /// The clock, read once per batch of work rather than once per record (send times
@@ -479,6 +482,9 @@ fn error_kind(e: &KafkaError) -> &'static str {
 /// Errors that no retry can fix for this record (it is too large, the broker calls it
 /// invalid, or its topic name is one librdkafka refuses): the record is quarantined and
 /// counted instead of blocking the spool forever.
+/// How long the router waits before it tries again to recreate a producer it could not.
+const RECREATE_RETRY: Duration = Duration::from_secs(5);
+
 fn permanent(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
@@ -905,12 +911,23 @@ impl Router {
                 self.spool_direct_copies();
             }
         }
-        if self.sink.is_fatal() && self.direct.is_empty() && self.drain_inflight.is_empty() {
+        if self.sink.is_fatal()
+            && self.direct.is_empty()
+            && self.drain_inflight.is_empty()
+            && self.recreate_at.is_none_or(|t| Instant::now() >= t)
+        {
             let cfg = self.sink.config().clone();
             match self.replace_sink(&cfg) {
                 // Counted once per producer given up (the new one starts clean).
-                Ok(()) => self.metrics.kafka_error("fatal"),
-                Err(e) => tracing::error!(error = %e, "cannot recreate the Kafka producer"),
+                Ok(()) => {
+                    self.recreate_at = None;
+                    self.metrics.kafka_error("fatal");
+                }
+                // Not on every tick: the same error would flood the log.
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?RECREATE_RETRY, "cannot recreate the Kafka producer");
+                    self.recreate_at = Some(Instant::now() + RECREATE_RETRY);
+                }
             }
         }
         let commit_due = self.pending.len() >= self.cfg.commit_rows
