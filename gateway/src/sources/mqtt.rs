@@ -218,37 +218,23 @@ impl Link {
 
     async fn poll(&mut self) -> Result<Polled, String> {
         match self {
-            Link::V4(_, ev) => match ev.poll().await.map_err(|e| e.to_string())? {
-                Event::Incoming(Packet::ConnAck(ca)) => Ok(Polled::Connected {
-                    session_present: ca.session_present,
-                }),
-                Event::Incoming(Packet::SubAck(s)) => Ok(Polled::SubAck {
-                    refused: s
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure)),
-                }),
-                Event::Incoming(Packet::Publish(p)) => Ok(Polled::Publish(Msg::V4(p))),
-                Event::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(Polled::Disconnected),
-                _ => Ok(Polled::Other),
-            },
-            Link::V5(_, ev) => {
-                use rumqttc::v5::Event as E5;
-                match ev.poll().await.map_err(|e| e.to_string())? {
-                    E5::Incoming(m5::Packet::ConnAck(ca)) => Ok(Polled::Connected {
-                        session_present: ca.session_present,
-                    }),
-                    E5::Incoming(m5::Packet::SubAck(s)) => Ok(Polled::SubAck {
-                        refused: s
-                            .return_codes
-                            .iter()
-                            .any(|c| !matches!(c, m5::SubscribeReasonCode::Success(_))),
-                    }),
-                    E5::Incoming(m5::Packet::Publish(p)) => Ok(Polled::Publish(Msg::V5(p))),
-                    E5::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(Polled::Disconnected),
-                    _ => Ok(Polled::Other),
-                }
-            }
+            Link::V4(_, ev) => ev.poll().await.map(polled_v4).map_err(|e| e.to_string()),
+            Link::V5(_, ev) => ev.poll().await.map(polled_v5).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The next event the event loop has already parsed, if any, without a poll.
+    ///
+    /// One read of the socket parses every packet in it into the event loop's queue, and
+    /// its `poll` hands them out one per call. Each call built rumqttc's poll future and
+    /// moved the event through it several times (`memcpy` was a tenth of the input
+    /// thread); the queue is public, so the input takes what it holds directly and polls
+    /// only when it is empty. `poll` itself returns the same queue's front first, so the
+    /// order is the same.
+    fn next_parsed(&mut self) -> Option<Polled> {
+        match self {
+            Link::V4(_, ev) => ev.state.events.pop_front().map(polled_v4),
+            Link::V5(_, ev) => ev.state.events.pop_front().map(polled_v5),
         }
     }
 
@@ -285,6 +271,43 @@ impl Link {
                 let _ = c.try_disconnect();
             }
         }
+    }
+}
+
+/// What an MQTT 3.1.1 event amounts to here.
+fn polled_v4(event: Event) -> Polled {
+    match event {
+        Event::Incoming(Packet::ConnAck(ca)) => Polled::Connected {
+            session_present: ca.session_present,
+        },
+        Event::Incoming(Packet::SubAck(s)) => Polled::SubAck {
+            refused: s
+                .return_codes
+                .iter()
+                .any(|c| matches!(c, SubscribeReasonCode::Failure)),
+        },
+        Event::Incoming(Packet::Publish(p)) => Polled::Publish(Msg::V4(p)),
+        Event::Outgoing(rumqttc::Outgoing::Disconnect) => Polled::Disconnected,
+        _ => Polled::Other,
+    }
+}
+
+/// What an MQTT 5 event amounts to here.
+fn polled_v5(event: rumqttc::v5::Event) -> Polled {
+    use rumqttc::v5::Event as E5;
+    match event {
+        E5::Incoming(m5::Packet::ConnAck(ca)) => Polled::Connected {
+            session_present: ca.session_present,
+        },
+        E5::Incoming(m5::Packet::SubAck(s)) => Polled::SubAck {
+            refused: s
+                .return_codes
+                .iter()
+                .any(|c| !matches!(c, m5::SubscribeReasonCode::Success(_))),
+        },
+        E5::Incoming(m5::Packet::Publish(p)) => Polled::Publish(Msg::V5(p)),
+        E5::Outgoing(rumqttc::Outgoing::Disconnect) => Polled::Disconnected,
+        _ => Polled::Other,
     }
 }
 
@@ -353,7 +376,9 @@ pub async fn run(
         // millisecond of latency, and only when there is no backlog. The poll is not
         // dropped for the pause but resumed after it: rumqttc's poll is not cancel-safe
         // once it writes (an ack, a ping).
-        let polled = {
+        let polled = if let Some(parsed) = link.next_parsed() {
+            Ok(parsed)
+        } else {
             let mut poll = std::pin::pin!(link.poll());
             let first = {
                 let mut noop = std::task::Context::from_waker(std::task::Waker::noop());
@@ -411,18 +436,25 @@ pub async fn run(
                     // Quiescing: not taken, not acknowledged; the broker redelivers it.
                     continue;
                 }
-                let ack = if manual && p.qos1() {
-                    acks.push((epoch.load(Ordering::SeqCst), p.clone()))
-                } else {
-                    Ack::none()
-                };
-                if input.handle(&p, ack).await.is_err() {
+                if input.take(&p, &acks, &epoch, manual).await.is_err() {
                     break; // the router is gone
                 }
             }
             Ok(_) => {}
             Err(e) => {
                 input.clock.expire();
+                // Packets parsed before the connection broke are taken as usual. Their
+                // acks would name packet ids of the old connection, so the reset below
+                // forgets them, and the broker sends those messages again.
+                while let Some(parsed) = link.next_parsed() {
+                    if let Polled::Publish(p) = parsed {
+                        if *state.borrow() == SourceState::Run
+                            && input.take(&p, &acks, &epoch, manual).await.is_err()
+                        {
+                            break 'input;
+                        }
+                    }
+                }
                 m.connected.set(0);
                 m.reconnects.inc();
                 // Packet ids of the old connection mean nothing on the next one.
@@ -531,6 +563,23 @@ impl BurstClock {
 }
 
 impl Input<'_> {
+    /// Takes one publish: queues its ack when the gateway acknowledges by hand, then
+    /// decodes it and hands its events on.
+    async fn take(
+        &self,
+        p: &Msg,
+        acks: &std::sync::Arc<AckQueue<(u64, Msg)>>,
+        epoch: &AtomicU64,
+        manual: bool,
+    ) -> Result<(), Closed> {
+        let ack = if manual && p.qos1() {
+            acks.push((epoch.load(Ordering::SeqCst), p.clone()))
+        } else {
+            Ack::none()
+        };
+        self.handle(p, ack).await
+    }
+
     async fn handle(&self, p: &Msg, ack: Ack) -> Result<(), Closed> {
         let received_ns = self.clock.now();
         let topic = p.topic();
