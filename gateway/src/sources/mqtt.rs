@@ -143,32 +143,48 @@ fn connect(cfg: &MqttInput, gateway_id: &str) -> Result<Link, String> {
     }
 }
 
-/// A received publish of either protocol version (what the ack queue holds).
-#[derive(Debug, Clone)]
-enum Msg {
-    V4(Publish),
-    V5(m5::Publish),
+/// A received publish of either protocol version, reduced to what the input uses.
+///
+/// It is moved a few times per message (out of the event loop's queue, through the
+/// match), so it holds no more than that: rumqttc's MQTT 5 publish with its properties is
+/// 216 bytes, this is 80.
+struct Msg {
+    /// MQTT 3.1.1 gives the topic as text, MQTT 5 as bytes.
+    topic: Topic,
+    payload: bytes::Bytes,
+    /// The packet id, for the ack.
+    pkid: u16,
+    qos1: bool,
+}
+
+enum Topic {
+    Text(String),
+    Bytes(bytes::Bytes),
 }
 
 impl Msg {
+    fn v4(p: Publish) -> Msg {
+        Msg {
+            qos1: p.qos == QoS::AtLeastOnce,
+            pkid: p.pkid,
+            topic: Topic::Text(p.topic),
+            payload: p.payload,
+        }
+    }
+
+    fn v5(p: m5::Publish) -> Msg {
+        Msg {
+            qos1: p.qos == rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            pkid: p.pkid,
+            topic: Topic::Bytes(p.topic),
+            payload: p.payload,
+        }
+    }
+
     fn topic(&self) -> Cow<'_, str> {
-        match self {
-            Msg::V4(p) => Cow::Borrowed(&p.topic),
-            Msg::V5(p) => String::from_utf8_lossy(&p.topic),
-        }
-    }
-
-    fn payload(&self) -> &[u8] {
-        match self {
-            Msg::V4(p) => &p.payload,
-            Msg::V5(p) => &p.payload,
-        }
-    }
-
-    fn qos1(&self) -> bool {
-        match self {
-            Msg::V4(p) => p.qos == QoS::AtLeastOnce,
-            Msg::V5(p) => p.qos == rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        match &self.topic {
+            Topic::Text(t) => Cow::Borrowed(t),
+            Topic::Bytes(t) => String::from_utf8_lossy(t),
         }
     }
 }
@@ -199,11 +215,25 @@ enum Acker {
 }
 
 impl Acker {
-    async fn ack(&self, m: &Msg) -> Result<(), String> {
-        match (self, m) {
-            (Acker::V4(c), Msg::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-            (Acker::V5(c), Msg::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-            _ => Ok(()),
+    /// Acknowledges the QoS 1 publish with packet id `pkid`. rumqttc builds the ack from
+    /// a publish's QoS and packet id alone, so the ack queue keeps only the id.
+    async fn ack(&self, pkid: u16) -> Result<(), String> {
+        match self {
+            Acker::V4(c) => {
+                let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+            Acker::V5(c) => {
+                let mut p = m5::Publish::new(
+                    "",
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    Vec::new(),
+                    None,
+                );
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
         }
     }
 }
@@ -286,7 +316,7 @@ fn polled_v4(event: Event) -> Polled {
                 .iter()
                 .any(|c| matches!(c, SubscribeReasonCode::Failure)),
         },
-        Event::Incoming(Packet::Publish(p)) => Polled::Publish(Msg::V4(p)),
+        Event::Incoming(Packet::Publish(p)) => Polled::Publish(Msg::v4(p)),
         Event::Outgoing(rumqttc::Outgoing::Disconnect) => Polled::Disconnected,
         _ => Polled::Other,
     }
@@ -305,7 +335,7 @@ fn polled_v5(event: rumqttc::v5::Event) -> Polled {
                 .iter()
                 .any(|c| !matches!(c, m5::SubscribeReasonCode::Success(_))),
         },
-        E5::Incoming(m5::Packet::Publish(p)) => Polled::Publish(Msg::V5(p)),
+        E5::Incoming(m5::Packet::Publish(p)) => Polled::Publish(Msg::v5(p)),
         E5::Outgoing(rumqttc::Outgoing::Disconnect) => Polled::Disconnected,
         _ => Polled::Other,
     }
@@ -335,8 +365,8 @@ pub async fn run(
     // Each message carries the connection epoch it arrived on: an ack released after a
     // reconnect would name a packet id of the old connection, so it is not sent.
     let epoch = std::sync::Arc::new(AtomicU64::new(0));
-    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Msg)>();
-    let acks = AckQueue::new(move |p: (u64, Msg)| {
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u16)>();
+    let acks = AckQueue::new(move |p: (u64, u16)| {
         let _ = ack_tx.send(p);
     });
     let acker = {
@@ -348,7 +378,7 @@ pub async fn run(
                 if e != epoch.load(Ordering::SeqCst) {
                     continue;
                 }
-                match client.ack(&p).await {
+                match client.ack(p).await {
                     Ok(()) => {
                         m.acks.inc();
                     }
@@ -568,12 +598,12 @@ impl Input<'_> {
     async fn take(
         &self,
         p: &Msg,
-        acks: &std::sync::Arc<AckQueue<(u64, Msg)>>,
+        acks: &std::sync::Arc<AckQueue<(u64, u16)>>,
         epoch: &AtomicU64,
         manual: bool,
     ) -> Result<(), Closed> {
-        let ack = if manual && p.qos1() {
-            acks.push((epoch.load(Ordering::SeqCst), p.clone()))
+        let ack = if manual && p.qos1 {
+            acks.push((epoch.load(Ordering::SeqCst), p.pkid))
         } else {
             Ack::none()
         };
@@ -583,7 +613,7 @@ impl Input<'_> {
     async fn handle(&self, p: &Msg, ack: Ack) -> Result<(), Closed> {
         let received_ns = self.clock.now();
         let topic = p.topic();
-        let payload = p.payload();
+        let payload = &p.payload[..];
         let captures = self
             .templates
             .iter()
