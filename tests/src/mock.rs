@@ -156,9 +156,11 @@ impl Drop for ProxiedCluster {
     }
 }
 
-/// A TCP proxy in front of one broker that can refuse service.
-struct Proxy {
-    port: u16,
+/// A TCP proxy in front of one broker (a Kafka mock broker, or Mosquitto in the MQTT
+/// connection tests) that can cut its connections and refuse service.
+pub struct Proxy {
+    /// The port it listens on, on 127.0.0.1.
+    pub port: u16,
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
 }
@@ -185,7 +187,8 @@ impl Shared {
 }
 
 impl Proxy {
-    fn start(target: &str) -> anyhow::Result<Proxy> {
+    /// A proxy to `target` (`host:port`) on a free port.
+    pub fn start(target: &str) -> anyhow::Result<Proxy> {
         // `free_port` checked the port and let it go; another process may take it before
         // the bind here, so try a few.
         let mut tries = 0;
@@ -202,7 +205,7 @@ impl Proxy {
         let accept = {
             let shared = shared.clone();
             std::thread::Builder::new()
-                .name(format!("kafka-proxy-{port}"))
+                .name(format!("proxy-{port}"))
                 .spawn(move || accept_loop(&listener, &target, &shared))?
         };
         Ok(Proxy {
@@ -210,6 +213,13 @@ impl Proxy {
             shared,
             accept: Some(accept),
         })
+    }
+
+    /// Closes every connection open through it; new ones go through as before. What
+    /// a client sees when a network path drops for a moment.
+    pub fn cut(&self) {
+        self.set_down(true);
+        self.set_down(false);
     }
 
     fn set_down(&self, down: bool) {
@@ -304,7 +314,7 @@ fn pump(
     shared: Arc<Shared>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
-        .name("kafka-proxy-pump".into())
+        .name("proxy-pump".into())
         .spawn(move || {
             let _ = std::io::copy(&mut from, &mut to);
             let _ = from.shutdown(Shutdown::Both);

@@ -8,7 +8,8 @@
 //! bounds how many publishes wait for their acks, and so QoS 1 throughput: see README.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use std::borrow::Cow;
@@ -215,14 +216,15 @@ enum Acker {
 }
 
 impl Acker {
-    /// Acknowledges the QoS 1 publish with packet id `pkid`. rumqttc builds the ack from
-    /// a publish's QoS and packet id alone, so the ack queue keeps only the id.
-    async fn ack(&self, pkid: u16) -> Result<(), String> {
+    /// Hands the client the ack of the QoS 1 publish with packet id `pkid`, without
+    /// waiting. rumqttc builds an ack from a publish's QoS and packet id alone, so the
+    /// ack queue keeps only the id.
+    fn try_ack(&self, pkid: u16) -> Result<(), String> {
         match self {
             Acker::V4(c) => {
                 let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
                 p.pkid = pkid;
-                c.ack(&p).await.map_err(|e| e.to_string())
+                c.try_ack(&p).map_err(|e| e.to_string())
             }
             Acker::V5(c) => {
                 let mut p = m5::Publish::new(
@@ -232,7 +234,7 @@ impl Acker {
                     None,
                 );
                 p.pkid = pkid;
-                c.ack(&p).await.map_err(|e| e.to_string())
+                c.try_ack(&p).map_err(|e| e.to_string())
             }
         }
     }
@@ -265,6 +267,15 @@ impl Link {
         match self {
             Link::V4(_, ev) => ev.state.events.pop_front().map(polled_v4),
             Link::V5(_, ev) => ev.state.events.pop_front().map(polled_v5),
+        }
+    }
+
+    /// Forgets the broken connection's state: rumqttc's `clean`, which also drops the
+    /// acks waiting in the request queue (the broker sends their messages again).
+    fn clean(&mut self) {
+        match self {
+            Link::V4(_, ev) => ev.clean(),
+            Link::V5(_, ev) => ev.clean(),
         }
     }
 
@@ -360,11 +371,14 @@ pub async fn run(
     let until_delivered = cfg.ack_policy == AckPolicy::OnDelivery;
     let m = ctx.metrics.input(&cfg.name);
     // Released acks go through an unbounded queue to a task that hands them to the
-    // client, waiting for room in its request channel: an ack is never thrown away.
-    // The queue is bounded in practice by the broker's in-flight window.
+    // client: an ack is never thrown away. The queue is bounded in practice by the
+    // broker's in-flight window.
     // Each message carries the connection epoch it arrived on: an ack released after a
-    // reconnect would name a packet id of the old connection, so it is not sent.
-    let epoch = std::sync::Arc::new(AtomicU64::new(0));
+    // reconnect would name a packet id of the old connection, so it is not sent. The
+    // acker compares epochs and hands the ack to the client under the epoch's lock, so
+    // once the epoch is bumped no ack of the old connection can enter the client's
+    // request queue; the bump then clears that queue of the ones already in it.
+    let epoch = std::sync::Arc::new(Mutex::new(0u64));
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u16)>();
     let acks = AckQueue::new(move |p: (u64, u16)| {
         let _ = ack_tx.send(p);
@@ -374,15 +388,22 @@ pub async fn run(
         let m = m.clone();
         let epoch = epoch.clone();
         tokio::spawn(async move {
-            while let Some((e, p)) = ack_rx.recv().await {
-                if e != epoch.load(Ordering::SeqCst) {
-                    continue;
-                }
-                match client.ack(p).await {
-                    Ok(()) => {
+            while let Some((e, pkid)) = ack_rx.recv().await {
+                loop {
+                    let handed = {
+                        let current = lock(&epoch);
+                        if *current != e {
+                            break;
+                        }
+                        client.try_ack(pkid)
+                    };
+                    if handed.is_ok() {
                         m.acks.inc();
+                        break;
                     }
-                    Err(_) => break, // the event loop is gone
+                    // The request queue is full (it holds 65,536 requests), or the
+                    // event loop is gone and this task is about to be aborted.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
         })
@@ -473,13 +494,21 @@ pub async fn run(
             Ok(_) => {}
             Err(e) => {
                 input.clock.expire();
-                // Packets parsed before the connection broke are taken as usual. Their
-                // acks would name packet ids of the old connection, so the reset below
-                // forgets them, and the broker sends those messages again.
+                {
+                    // Packet ids of the old connection mean nothing on the next one.
+                    // rumqttc cleared its request queue of acks when the connection
+                    // broke, but the acker may have handed it more since: they go too.
+                    let mut current = lock(&epoch);
+                    *current += 1;
+                    acks.reset();
+                    link.clean();
+                }
+                // Packets parsed before the connection broke are taken without acks:
+                // the broker sends those again (a duplicate with the same event id).
                 while let Some(parsed) = link.next_parsed() {
                     if let Polled::Publish(p) = parsed {
                         if *state.borrow() == SourceState::Run
-                            && input.take(&p, &acks, &epoch, manual).await.is_err()
+                            && input.handle(&p, Ack::none()).await.is_err()
                         {
                             break 'input;
                         }
@@ -487,9 +516,6 @@ pub async fn run(
                 }
                 m.connected.set(0);
                 m.reconnects.inc();
-                // Packet ids of the old connection mean nothing on the next one.
-                epoch.fetch_add(1, Ordering::SeqCst);
-                acks.reset();
                 if input.emit.flush().await.is_err() {
                     break;
                 }
@@ -531,6 +557,11 @@ pub async fn run(
     m.connected.set(0);
     tracing::info!(input = %cfg.name, "MQTT input stopped");
     Ok(())
+}
+
+/// The connection epoch, poisoned or not (nothing is left half-done under it).
+fn lock(epoch: &Mutex<u64>) -> std::sync::MutexGuard<'_, u64> {
+    epoch.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How long the input lets the socket fill once it has caught up.
@@ -599,11 +630,11 @@ impl Input<'_> {
         &self,
         p: &Msg,
         acks: &std::sync::Arc<AckQueue<(u64, u16)>>,
-        epoch: &AtomicU64,
+        epoch: &Mutex<u64>,
         manual: bool,
     ) -> Result<(), Closed> {
         let ack = if manual && p.qos1 {
-            acks.push((epoch.load(Ordering::SeqCst), p.pkid))
+            acks.push((*lock(epoch), p.pkid))
         } else {
             Ack::none()
         };
