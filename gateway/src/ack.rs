@@ -33,7 +33,8 @@ pub struct AckQueue<T> {
 }
 
 impl<T: Send + 'static> AckQueue<T> {
-    /// A queue that hands each released message to `release`, in order.
+    /// A queue that hands each released message to `release`, in order. `release` runs
+    /// under the queue's lock, so it must be quick and must not use the queue.
     pub fn new(release: impl Fn(T) + Send + Sync + 'static) -> Arc<Self> {
         Arc::new(AckQueue {
             state: Mutex::new(State {
@@ -82,25 +83,21 @@ trait Complete: Send + Sync {
 
 impl<T: Send> Complete for AckQueue<T> {
     fn complete(&self, idx: u64) {
-        let mut ready = Vec::new();
-        {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if idx < st.base {
-                return; // from before a reset
-            }
-            let pos = (idx - st.base) as usize;
-            if let Some(slot) = st.slots.get_mut(pos) {
-                slot.0 = true;
-            }
-            while st.slots.front().is_some_and(|s| s.0) {
-                if let Some((_, Some(m))) = st.slots.pop_front() {
-                    ready.push(m);
-                }
-                st.base += 1;
-            }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if idx < st.base {
+            return; // from before a reset
         }
-        for m in ready {
-            (self.release)(m);
+        let pos = (idx - st.base) as usize;
+        if let Some(slot) = st.slots.get_mut(pos) {
+            slot.0 = true;
+        }
+        // Released under the lock: released after it, a message popped here could be
+        // overtaken by a later one that another thread completed and popped meanwhile.
+        while st.slots.front().is_some_and(|s| s.0) {
+            if let Some((_, Some(m))) = st.slots.pop_front() {
+                (self.release)(m);
+            }
+            st.base += 1;
         }
     }
 }
@@ -211,6 +208,46 @@ mod tests {
         assert!(released(&out).is_empty());
         drop(new);
         assert_eq!(released(&out), [2]);
+    }
+
+    #[test]
+    fn threads_completing_at_once_still_release_in_order() {
+        // The router completes some messages while an input drops its share of others:
+        // a message popped by one thread must not be overtaken by a later one popped by
+        // another before the first was handed to `release`.
+        const N: u32 = 20_000;
+        const THREADS: u32 = 4;
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let q = {
+            let out = out.clone();
+            // A release that takes a moment (a channel send can), so that a later
+            // message completed on another thread has the time to overtake it.
+            AckQueue::new(move |m| {
+                std::thread::yield_now();
+                out.lock().expect("lock").push(m);
+            })
+        };
+        let mut tokens: Vec<Vec<Ack>> = (0..THREADS).map(|_| Vec::new()).collect();
+        for i in 0..N {
+            tokens[(i % THREADS) as usize].push(q.push(i));
+        }
+        let start = Arc::new(std::sync::Barrier::new(THREADS as usize));
+        let threads: Vec<_> = tokens
+            .into_iter()
+            .map(|mine| {
+                let start = start.clone();
+                std::thread::spawn(move || {
+                    start.wait();
+                    for t in mine {
+                        drop(t);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(released(&out), (0..N).collect::<Vec<_>>());
     }
 
     use proptest::prelude::*;
