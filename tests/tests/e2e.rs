@@ -642,8 +642,19 @@ fn spool_stats_and_export_read_what_sigterm_left() {
 
 #[test]
 fn a_record_kafka_rejects_for_good_is_counted_and_does_not_block_the_spool() {
+    rejected_for_good(false);
+}
+
+/// The same with the quarantine table refusing rows (as on a full disk): a rejected
+/// spool row is deleted instead, counted once, and the spool empties.
+#[test]
+fn a_rejected_row_that_cannot_be_quarantined_is_deleted_and_counted_once() {
+    rejected_for_good(true);
+}
+
+fn rejected_for_good(quarantine_fails: bool) {
     // Records above 4000 bytes are refused by the producer (as a broker's limit would).
-    let (_dir, mqtt, kafka, gw) = rig(
+    let (dir, mqtt, kafka, gw) = rig(
         &[TOPIC],
         Uplink::Up,
         "",
@@ -672,25 +683,60 @@ fn a_record_kafka_rejects_for_good_is_counted_and_does_not_block_the_spool() {
         gw.metric("gateway_events_delivered_total{input=\"site\"}") == 200.0
     });
     kafka.down();
-    let mut second: Vec<_> = (200..300).map(event).collect();
-    second.push(poison());
+    publish_raw(mqtt.port, (200..300).map(event).collect());
+    // The second poison record only once the router spools: it is refused as a spool
+    // row, when the drain sends it.
+    wait_for("spooling", Duration::from_secs(20), || {
+        gw.metric("gateway_spooling") == 1.0
+    });
+    let mut second = vec![poison()];
     second.extend((300..400).map(event));
     publish_raw(mqtt.port, second);
     wait_for("spooled", Duration::from_secs(20), || {
-        gw.metric("gateway_spool_rows") > 0.0
+        gw.metric("gateway_spool_rows") >= 200.0
     });
-    std::thread::sleep(Duration::from_secs(3));
+    if quarantine_fails {
+        // Another connection to the running gateway's spool adds a trigger that fails
+        // every insert into the quarantine table.
+        let spool = rusqlite::Connection::open(dir.path().join("state/spool.sqlite"))
+            .expect("open the spool");
+        spool
+            .execute_batch(
+                "CREATE TRIGGER no_room BEFORE INSERT ON quarantine \
+                 BEGIN SELECT RAISE(FAIL, 'no room (test)'); END;",
+            )
+            .expect("trigger");
+    }
     kafka.up();
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
         unique_ids(r) >= 400
     });
     check_complete_and_ordered(&records, 1, 400);
+    let rejected = "gateway_events_dropped_total{input=\"site\",reason=\"kafka_rejected\"}";
     wait_for("both rejects counted", Duration::from_secs(20), || {
-        gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"kafka_rejected\"}") == 2.0
+        gw.metric(rejected) == 2.0
     });
     wait_for("the spool empty", Duration::from_secs(20), || {
         gw.metric("gateway_spool_rows") == 0.0
     });
+    let quarantined: i64 = rusqlite::Connection::open(dir.path().join("state/spool.sqlite"))
+        .and_then(|c| c.query_row("SELECT count(*) FROM quarantine", [], |r| r.get(0)))
+        .expect("count the quarantine table");
+    if !quarantine_fails {
+        assert_eq!(quarantined, 1, "the spooled poison record set aside");
+    } else {
+        assert_eq!(quarantined, 0);
+        assert!(
+            gw.log_text()
+                .contains("cannot quarantine a spool row; deleting it"),
+            "{}",
+            gw.log_text()
+        );
+        // Not sent, refused and counted again by later drains.
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(gw.metric(rejected), 2.0);
+        assert_eq!(gw.metric("gateway_spooling"), 0.0, "back in direct mode");
+    }
 }
 
 #[test]

@@ -885,11 +885,20 @@ impl Router {
         tracing::error!(input = %name, seq, error = %e, "Kafka rejected a record for good; dropped (reason kafka_rejected)");
         self.metrics.dropped(&name, "kafka_rejected", 1);
         if let Some(row) = spooled_row {
-            // Drained rows are committed rows: move it aside as it is (no commit here,
-            // which could run the overflow policy in the middle of a drain batch).
-            if let Err(q) = self.spool.quarantine_row(row, &e.to_string()) {
-                tracing::error!(error = %q, "cannot quarantine a rejected spool row");
-            }
+            self.set_aside(row, &e.to_string());
+        }
+    }
+
+    /// Moves spool row `seq`, already counted as dropped, to the quarantine table. Drained
+    /// rows are committed rows: it goes as it is (no commit here, which could run the
+    /// overflow policy in the middle of a drain batch). If that fails (a full disk, say),
+    /// the row is deleted with the delivered ones instead: left in the spool, it would be
+    /// sent, refused and counted again at every drain, and keep the router from
+    /// direct mode for good.
+    fn set_aside(&mut self, seq: u64, reason: &str) {
+        if let Err(e) = self.spool.quarantine_row(seq, reason) {
+            tracing::error!(seq, error = %e, "cannot quarantine a spool row; deleting it (it is counted as dropped)");
+            self.delete_row(seq);
         }
     }
 
@@ -1168,11 +1177,7 @@ impl Router {
                         tracing::error!(seq = row.seq, error = %e, "undecodable spool row moved to quarantine");
                         self.metrics.dropped(&row.source, "corrupt_record", 1);
                         self.delivery_acks.remove(&row.seq);
-                        if let Err(e) = self.spool.quarantine_row(row.seq, &e.to_string()) {
-                            tracing::error!(error = %e, "cannot quarantine a spool row; will retry");
-                            self.drain_failed_min = Some(row.seq);
-                            return;
-                        }
+                        self.set_aside(row.seq, &e.to_string());
                         self.drain_cursor = row.seq;
                         continue;
                     }
