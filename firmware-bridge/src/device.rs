@@ -34,8 +34,11 @@
 //!    [`Heartbeat`].
 //!
 //! Sequence numbers are consecutive within a boot (a sample the board cannot take uses
-//! none), so the gateway sees a gap only where the device dropped readings. They are not
-//! expected to wrap within one boot (2^32 readings).
+//! none), so the gateway sees a gap only where the device dropped readings. They never
+//! wrap within a boot: once `u32::MAX` is used, the device takes no more samples until it
+//! boots again (counted in [`Stats::unsequenced`]). A wrapped `seq` would read as old to
+//! the gateway, whose cumulative ack would then cover (and make the device forget) every
+//! reading held.
 //!
 //! ```
 //! use firmware_bridge::device::{Board, Device, Identity, Sample, Settings};
@@ -128,7 +131,9 @@ pub struct Identity {
     /// Changes at every reboot (a counter in flash, or a random number).
     pub boot: u32,
     /// The first sequence number of this boot: 0, or where the last boot stopped for a
-    /// device with [`Capabilities::PERSISTENT_SEQ`].
+    /// device with [`Capabilities::PERSISTENT_SEQ`]. Start a boot at 0 when the kept value
+    /// nears `u32::MAX` (erased flash reads `0xFFFF_FFFF`): a boot takes no samples past
+    /// `seq` `u32::MAX`.
     pub first_seq: u32,
 }
 
@@ -176,6 +181,9 @@ pub struct Stats {
     pub rx_errors: u32,
     /// Times the link came up (the first poll after boot included).
     pub connects: u32,
+    /// Samples not taken because this boot used `seq` `u32::MAX` (see
+    /// [`Identity::first_seq`]).
+    pub unsequenced: u32,
 }
 
 /// The device's protocol logic, keeping up to `N` unacknowledged readings.
@@ -188,6 +196,8 @@ pub struct Device<const N: usize> {
     hello: Hello,
     settings: Settings,
     next_seq: u32,
+    /// This boot used `seq` `u32::MAX`: no more readings until the next boot.
+    seq_used_up: bool,
     /// Unacknowledged readings, oldest first, with consecutive `seq`.
     unacked: Deque<Reading, N>,
     /// Index in `unacked` of the next reading to send; those before it were sent.
@@ -232,6 +242,7 @@ impl<const N: usize> Device<N> {
             },
             settings,
             next_seq: identity.first_seq,
+            seq_used_up: false,
             unacked: Deque::new(),
             next_send: 0,
             never_sent: 0,
@@ -410,6 +421,10 @@ impl<const N: usize> Device<N> {
             self.next_sample_ms = now.saturating_add(interval);
         }
         self.last_sample_ms = Some(now);
+        if self.seq_used_up {
+            self.stats.unsequenced = self.stats.unsequenced.wrapping_add(1);
+            return;
+        }
         let Some(sample) = board.sample() else {
             return;
         };
@@ -423,7 +438,10 @@ impl<const N: usize> Device<N> {
             fix: sample.fix,
             channels: sample.channels,
         };
-        self.next_seq = self.next_seq.wrapping_add(1);
+        match self.next_seq.checked_add(1) {
+            Some(next) => self.next_seq = next,
+            None => self.seq_used_up = true,
+        }
         self.stats.sampled = self.stats.sampled.wrapping_add(1);
         if self.unacked.is_full() {
             self.forget_oldest();

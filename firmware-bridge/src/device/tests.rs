@@ -382,6 +382,45 @@ fn without_an_ack_readings_are_resent_after_the_timeout() {
 }
 
 #[test]
+fn a_boot_takes_no_samples_past_seq_u32_max() {
+    let settings = Settings {
+        sample_interval_ms: 100,
+        ..Settings::default()
+    };
+    let mut device = Device::<8>::new(
+        Identity {
+            first_seq: u32::MAX - 1,
+            ..identity(BOOT)
+        },
+        settings,
+    );
+    let mut link = Link::new();
+    let mut gateway = Decoder::new();
+    let mut sent = StdVec::new();
+    for _ in 0..10 {
+        device.poll(&mut link);
+        let bytes = std::mem::take(&mut link.to_gateway);
+        gateway.feed(&bytes, |r: Decoded<DeviceMessage>| sent.push(r.unwrap()));
+        link.now += TICK;
+    }
+    // No seq 0 after u32::MAX: the gateway would take it for an old reading and its ack
+    // of u32::MAX would make the device forget everything it holds.
+    assert_eq!(seqs(&sent), [u32::MAX - 1, u32::MAX]);
+    assert_eq!(device.stats().sampled, 2);
+    assert_eq!(device.stats().unsequenced, 8);
+    // The two are still held until acknowledged, and then forgotten.
+    Gateway::send(
+        &mut link,
+        &GatewayMessage::Ack {
+            boot: BOOT,
+            up_to: u32::MAX,
+        },
+    );
+    device.poll(&mut link);
+    assert_eq!(device.stats().acked, 2);
+}
+
+#[test]
 fn an_ack_that_makes_progress_restarts_the_timeout() {
     let settings = Settings {
         resend_after_ms: 3_000,

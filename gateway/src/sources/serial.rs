@@ -160,6 +160,9 @@ pub(crate) struct Track {
     max_seen: Option<u32>,
     /// The last cumulative ack sent for this boot.
     acked: Option<u32>,
+    /// `seq` `u32::MAX` was forwarded, so `next` cannot go past it: every reading of this
+    /// boot is a duplicate now (a device never wraps `seq` within a boot).
+    past_max: bool,
     /// Changes with every new device or boot, so that acks released for readings of
     /// an earlier one (still in the pipeline) are never sent to this one.
     generation: u64,
@@ -230,7 +233,7 @@ impl Track {
             return Take::NoHello;
         }
         let seq = r.seq;
-        if seq < self.next || self.ahead.contains_key(&seq) {
+        if seq < self.next || self.past_max || self.ahead.contains_key(&seq) {
             return Take::Duplicate(self.acked);
         }
         if seq > self.next && self.ahead.len() >= MAX_AHEAD {
@@ -282,7 +285,10 @@ impl Track {
             out.push(r);
             match self.next.checked_add(1) {
                 Some(n) => self.next = n,
-                None => break,
+                None => {
+                    self.past_max = true;
+                    break;
+                }
             }
         }
         out
@@ -327,47 +333,30 @@ impl<'a> Session<'a> {
         state: &mut watch::Receiver<SourceState>,
     ) -> End {
         let (mut rd, mut wr) = tokio::io::split(port);
-        let (out, mut out_rx) = mpsc::unbounded_channel::<GatewayMessage>();
-        let writer = tokio::spawn(async move {
-            let mut buf = [0u8; MAX_FRAME];
-            // The highest ack written per boot: releases from different threads can reach
-            // the queue out of order, and a lower cumulative ack after a higher one would
-            // make the device keep (and later resend) what is already safe.
-            let mut written: Option<(u32, u32)> = None;
-            while let Some(first) = out_rx.recv().await {
-                let mut batch = vec![first];
-                while let Ok(next) = out_rx.try_recv() {
-                    // Acks of one boot in a row: the highest stands for all of them.
-                    if let (
-                        Some(GatewayMessage::Ack { boot: a, up_to: x }),
-                        GatewayMessage::Ack { boot: b, up_to: y },
-                    ) = (batch.last(), &next)
-                    {
-                        if a == b {
-                            let (boot, up_to) = (*a, (*x).max(*y));
-                            batch.pop();
-                            batch.push(GatewayMessage::Ack { boot, up_to });
+        let (bell, mut rung) = mpsc::channel::<()>(1);
+        let out = Out {
+            outbox: Arc::new(Mutex::new(Outbox::default())),
+            bell,
+        };
+        let writer = {
+            let outbox = out.outbox.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; MAX_FRAME];
+                let mut written = None;
+                // Ends once every `Out` is gone (the session's and the ack queue's).
+                while rung.recv().await.is_some() {
+                    let due = std::mem::take(&mut *lock_outbox(&outbox)).messages(&mut written);
+                    for msg in due {
+                        let Ok(n) = firmware_bridge::encode(&msg, &mut buf) else {
                             continue;
+                        };
+                        if wr.write_all(&buf[..n]).await.is_err() {
+                            return;
                         }
                     }
-                    batch.push(next);
                 }
-                for msg in batch {
-                    if let GatewayMessage::Ack { boot, up_to } = msg {
-                        match written {
-                            Some((b, u)) if b == boot && u >= up_to => continue,
-                            _ => written = Some((boot, up_to)),
-                        }
-                    }
-                    let Ok(n) = firmware_bridge::encode(&msg, &mut buf) else {
-                        continue;
-                    };
-                    if wr.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
+            })
+        };
         // Readings are forwarded in `seq` order, so the queue releases them in order and
         // each release is a cumulative ack.
         let acks = {
@@ -377,7 +366,7 @@ impl<'a> Session<'a> {
             AckQueue::new(move |(generation, boot, up_to): (u64, u32, u32)| {
                 if lock(&track).acked(generation, up_to) {
                     acked.inc();
-                    let _ = out.send(GatewayMessage::Ack { boot, up_to });
+                    out.ack(generation, boot, up_to);
                 }
             })
         };
@@ -445,9 +434,7 @@ impl<'a> Session<'a> {
                     }
                     silent_at = Instant::now() + silence;
                 }
-                _ = sync.tick(), if bridge => {
-                    let _ = out.send(time_sync());
-                }
+                _ = sync.tick(), if bridge => out.time_sync(),
             }
         };
         // Hand over what was taken in (if the router is gone, dropping the unsent `Batch`
@@ -468,7 +455,7 @@ impl<'a> Session<'a> {
         &mut self,
         frames: Vec<Result<DeviceMessage, FrameError>>,
         acks: &Acks,
-        out: &mpsc::UnboundedSender<GatewayMessage>,
+        out: &Out,
         received_ns: i64,
     ) -> Result<(), Closed> {
         for f in frames {
@@ -515,23 +502,15 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    async fn hello(
-        &mut self,
-        h: Hello,
-        acks: &Acks,
-        out: &mpsc::UnboundedSender<GatewayMessage>,
-    ) -> Result<(), Closed> {
+    async fn hello(&mut self, h: Hello, acks: &Acks, out: &Out) -> Result<(), Closed> {
         tracing::info!(input = %self.cfg.name, device = %h.device_id, boot = h.boot, resume_from = h.resume_from, firmware = %h.firmware, protocol = h.protocol, "device hello");
         let (ready, ack, lost) = lock(&self.track).hello(&h.device_id, h.boot, h.resume_from);
         if lost > 0 {
             tracing::warn!(input = %self.cfg.name, device = %h.device_id, readings = lost, "the device dropped readings it could not keep until acknowledged");
         }
-        let _ = out.send(time_sync());
+        out.time_sync();
         if let Some(up_to) = ack {
-            let _ = out.send(GatewayMessage::Ack {
-                boot: h.boot,
-                up_to,
-            });
+            out.ack(lock(&self.track).generation(), h.boot, up_to);
         }
         self.forward(ready, h.device_id.as_str(), h.boot, acks, out)
             .await
@@ -541,7 +520,7 @@ impl<'a> Session<'a> {
         &mut self,
         r: Reading,
         acks: &Acks,
-        out: &mpsc::UnboundedSender<GatewayMessage>,
+        out: &Out,
         received_ns: i64,
     ) -> Result<(), Closed> {
         let (take, device, gap) = {
@@ -555,7 +534,7 @@ impl<'a> Session<'a> {
                 self.m.received.inc();
                 self.m.dropped("duplicate", 1);
                 if let Some(up_to) = ack {
-                    let _ = out.send(GatewayMessage::Ack { boot, up_to });
+                    out.ack(lock(&self.track).generation(), boot, up_to);
                 }
                 return Ok(());
             }
@@ -580,7 +559,7 @@ impl<'a> Session<'a> {
         // the rest back) again every RESEND_AGAIN while readings keep coming.
         let now = Instant::now();
         if let Some((from, count)) = resend {
-            let _ = out.send(GatewayMessage::Resend { boot, from, count });
+            out.resend(boot, from, count);
             if gap.is_some_and(|(f, _)| f == from) {
                 self.asked = Some((from, now));
             }
@@ -592,7 +571,7 @@ impl<'a> Session<'a> {
             };
             if due {
                 self.asked = Some((from, now));
-                let _ = out.send(GatewayMessage::Resend { boot, from, count });
+                out.resend(boot, from, count);
             }
         }
         self.forward(ready, &id, boot, acks, out).await
@@ -605,7 +584,7 @@ impl<'a> Session<'a> {
         id: &str,
         boot: u32,
         acks: &Acks,
-        out: &mpsc::UnboundedSender<GatewayMessage>,
+        out: &Out,
     ) -> Result<(), Closed> {
         for (r, received_ns) in ready {
             let ack = self.ack(acks, out, boot, r.seq);
@@ -624,18 +603,12 @@ impl<'a> Session<'a> {
     }
 
     /// The acknowledgement share for reading `seq` under the ack policy.
-    fn ack(
-        &self,
-        acks: &Acks,
-        out: &mpsc::UnboundedSender<GatewayMessage>,
-        boot: u32,
-        seq: u32,
-    ) -> Ack {
+    fn ack(&self, acks: &Acks, out: &Out, boot: u32, seq: u32) -> Ack {
         let generation = lock(&self.track).generation();
         if self.cfg.ack_policy == AckPolicy::OnReceive {
             if lock(&self.track).acked(generation, seq) {
                 self.m.acks.inc();
-                let _ = out.send(GatewayMessage::Ack { boot, up_to: seq });
+                out.ack(generation, boot, seq);
             }
             Ack::none()
         } else {
@@ -706,6 +679,84 @@ impl<'a> Session<'a> {
         }
         Ok(())
     }
+}
+
+/// What the gateway has yet to tell the device, for the port's writer.
+///
+/// Bounded by construction, where a queue of messages grew with every frame received
+/// while the port could not be written (hardware flow control holding it): acks are
+/// cumulative, so the highest stands for the rest; a time sync is written with the time
+/// of writing; a resend request replaces the one before (the gateway asks for what holds
+/// the others back).
+#[derive(Default)]
+struct Outbox {
+    /// `(generation, boot, up_to)`: the generation is the [`Track`]'s, which changes with
+    /// the device or its boot.
+    ack: Option<(u64, u32, u32)>,
+    time_sync: bool,
+    /// `(boot, from, count)`.
+    resend: Option<(u32, u32, u16)>,
+}
+
+impl Outbox {
+    fn ack(&mut self, generation: u64, boot: u32, up_to: u32) {
+        match self.ack {
+            Some((g, _, u)) if g == generation && u >= up_to => {}
+            _ => self.ack = Some((generation, boot, up_to)),
+        }
+    }
+
+    /// The messages to write, in order: time sync, ack, resend. `written` is the last
+    /// ack written, `(generation, up_to)`: an ack below it for the same generation is
+    /// left out (releases from different threads can arrive out of order, and a lower
+    /// cumulative ack would make the device resend what is already safe). The same ack
+    /// again is written again: that is how a device whose ack was lost on the line, and
+    /// which sent its readings again, learns they are safe.
+    fn messages(self, written: &mut Option<(u64, u32)>) -> Vec<GatewayMessage> {
+        let mut due = Vec::with_capacity(3);
+        if self.time_sync {
+            due.push(time_sync());
+        }
+        if let Some((generation, boot, up_to)) = self.ack {
+            if !matches!(*written, Some((g, u)) if g == generation && u > up_to) {
+                *written = Some((generation, up_to));
+                due.push(GatewayMessage::Ack { boot, up_to });
+            }
+        }
+        if let Some((boot, from, count)) = self.resend {
+            due.push(GatewayMessage::Resend { boot, from, count });
+        }
+        due
+    }
+}
+
+/// A session's way to the port's writer: the [`Outbox`] and a bell that wakes the
+/// writer (one ring pending is enough).
+#[derive(Clone)]
+struct Out {
+    outbox: Arc<Mutex<Outbox>>,
+    bell: mpsc::Sender<()>,
+}
+
+impl Out {
+    fn ack(&self, generation: u64, boot: u32, up_to: u32) {
+        lock_outbox(&self.outbox).ack(generation, boot, up_to);
+        let _ = self.bell.try_send(());
+    }
+
+    fn time_sync(&self) {
+        lock_outbox(&self.outbox).time_sync = true;
+        let _ = self.bell.try_send(());
+    }
+
+    fn resend(&self, boot: u32, from: u32, count: u16) {
+        lock_outbox(&self.outbox).resend = Some((boot, from, count));
+        let _ = self.bell.try_send(());
+    }
+}
+
+fn lock_outbox(o: &Mutex<Outbox>) -> MutexGuard<'_, Outbox> {
+    o.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn lock(t: &Mutex<Track>) -> MutexGuard<'_, Track> {
@@ -846,6 +897,69 @@ mod tests {
         // A reboot: seq restarts.
         assert_eq!(t.hello("d", 2, 0).0.len(), 0);
         assert_eq!(fwd(t.take(r(0), 0)).0, vec![0]);
+    }
+
+    #[test]
+    fn seq_u32_max_is_forwarded_once() {
+        let mut t = Track::default();
+        t.hello("d", 1, u32::MAX - 1);
+        assert_eq!(
+            fwd(t.take(r(u32::MAX), 0)),
+            (vec![], Some((u32::MAX - 1, 1)))
+        );
+        assert_eq!(
+            fwd(t.take(r(u32::MAX - 1), 0)).0,
+            vec![u32::MAX - 1, u32::MAX]
+        );
+        assert!(t.acked(t.generation(), u32::MAX));
+        assert_eq!(t.take(r(u32::MAX), 0), Take::Duplicate(Some(u32::MAX)));
+        assert_eq!(t.take(r(0), 0), Take::Duplicate(Some(u32::MAX)));
+        // A new boot starts over.
+        t.hello("d", 2, 0);
+        assert_eq!(fwd(t.take(r(0), 0)).0, vec![0]);
+    }
+
+    #[test]
+    fn the_writer_repeats_an_ack_and_leaves_out_a_lower_one() {
+        let ack = |g, up_to| {
+            let mut o = Outbox::default();
+            o.ack(g, 7, up_to);
+            o
+        };
+        let mut written = None;
+        let acks = |o: Outbox, written: &mut Option<(u64, u32)>| -> Vec<u32> {
+            o.messages(written)
+                .into_iter()
+                .filter_map(|m| match m {
+                    GatewayMessage::Ack { up_to, .. } => Some(up_to),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(acks(ack(1, 13), &mut written), [13]);
+        // The same ack again (a device whose ack was lost resent 12 and 13): written.
+        assert_eq!(acks(ack(1, 13), &mut written), [13]);
+        // A release that arrived late, below what was written: left out.
+        assert_eq!(acks(ack(1, 12), &mut written), Vec::<u32>::new());
+        // Another device or boot (a new generation) starts low: written.
+        assert_eq!(acks(ack(2, 3), &mut written), [3]);
+        // Acks waiting together: the highest of the generation stands for them.
+        let mut o = ack(2, 9);
+        o.ack(2, 7, 5);
+        o.time_sync = true;
+        o.resend = Some((7, 10, 2));
+        let due = o.messages(&mut written);
+        assert_eq!(due.len(), 3);
+        assert!(matches!(due[0], GatewayMessage::TimeSync { .. }));
+        assert_eq!(due[1], GatewayMessage::Ack { boot: 7, up_to: 9 });
+        assert_eq!(
+            due[2],
+            GatewayMessage::Resend {
+                boot: 7,
+                from: 10,
+                count: 2
+            }
+        );
     }
 
     #[test]
