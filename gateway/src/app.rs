@@ -288,6 +288,10 @@ pub struct Reload {
     pub done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
+/// How long the gateway waits before it tries again to open a spool it could not open
+/// for a reason that may pass (a full disk).
+const SPOOL_OPEN_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Where reload requests come from (SIGHUP, remote configuration).
 pub type ReloadRequests = mpsc::Receiver<Reload>;
 
@@ -307,8 +311,33 @@ pub async fn run(
         tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
     }
     let path = config.spool_path();
-    let (spool, report) = Spool::open(&path, config.spool.synchronous)
-        .with_context(|| format!("cannot open the spool at {}", path.display()))?;
+    tokio::pin!(shutdown);
+    // A spool that cannot be opened for a reason that may pass (a full disk) is tried
+    // again here: exiting would make the service manager restart the gateway in a loop,
+    // and nothing would ever drain the backlog that fills the disk. Inputs wait; /health
+    // says down meanwhile.
+    let (spool, report) = loop {
+        match Spool::open(&path, config.spool.synchronous) {
+            Ok(opened) => break opened,
+            Err(e) if e.may_pass() => {
+                metrics.spool_error(if matches!(e, crate::spool::SpoolError::DiskFull(_)) {
+                    "disk_full"
+                } else {
+                    "io"
+                });
+                tracing::error!(spool = %path.display(), error = %e, retry_in = ?SPOOL_OPEN_RETRY,
+                    "cannot open the spool (is the disk full?); inputs wait until it opens");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(SPOOL_OPEN_RETRY) => {}
+                }
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot open the spool at {}", path.display()))
+            }
+        }
+    };
     if report.quarantined.is_some() {
         metrics.spool_quarantined();
     }
@@ -325,7 +354,6 @@ pub async fn run(
     let mut inputs = prepare(&current.pipeline(), &current.gateway.id, &router, &metrics)
         .map_err(anyhow::Error::msg)?
         .start();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,

@@ -409,7 +409,7 @@ impl Gateway {
             )
             .expect("write config");
             let logged = g.log_text().len();
-            if g.launch() {
+            if g.launch(true) {
                 return g;
             }
             let log = g.log_text();
@@ -433,7 +433,7 @@ impl Gateway {
 
     /// Starts the process again with the same config (after a kill).
     pub fn restart(&mut self) {
-        if !self.launch() {
+        if !self.launch(true) {
             panic!(
                 "the gateway exited while starting; its log:\n{}",
                 self.log_text()
@@ -441,9 +441,20 @@ impl Gateway {
         }
     }
 
-    /// Starts the process; true once it serves `/health` on a metrics port it holds
-    /// itself, false if it exited first.
-    fn launch(&mut self) -> bool {
+    /// [`Gateway::restart`], returning once the gateway listens on its metrics port,
+    /// without waiting for `/health` to say it runs (a gateway that waits for its spool).
+    pub fn restart_unready(&mut self) {
+        if !self.launch(false) {
+            panic!(
+                "the gateway exited while starting; its log:\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    /// Starts the process; true once it serves `/health` (or, without `ready`, listens)
+    /// on a metrics port it holds itself, false if it exited first.
+    fn launch(&mut self, ready: bool) -> bool {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -469,6 +480,9 @@ impl Gateway {
         }
         // Held from here on: a panic below kills it (and prints its log) on drop.
         self.child = Some(child);
+        if !ready {
+            return true;
+        }
         wait_for(
             "the gateway's /health",
             limit.saturating_sub(start.elapsed()),

@@ -570,6 +570,56 @@ fn a_full_disk_holds_inputs_back_and_recovers_when_space_returns() {
     drop(gw);
 }
 
+/// The spool's disk is full when the gateway starts (it stopped cleanly, so SQLite has
+/// to create the WAL's shared-memory file again, and cannot). The gateway waits for room
+/// instead of exiting, which under a service manager is a restart loop that never
+/// drains the backlog, and opens the spool once space returns.
+#[test]
+fn a_full_disk_at_start_is_waited_out() {
+    let (devices, n) = (5, 100);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let Some(_disk) = Tmpfs::mount(&state, "1m") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to mount a tmpfs for this test (run as root)"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
+        return;
+    };
+    let (_dir, mqtt, kafka, mut gw) = rig_in(dir, &[TOPIC], Uplink::Down, "", "", "");
+    publish(mqtt.port, devices, n, None, None);
+    wait_for("spooled", Duration::from_secs(30), || {
+        gw.metric("gateway_spool_rows") == (devices * n) as f64
+    });
+    assert!(gw.terminate().success());
+    let filler = state.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        while f.write_all(&[0u8; 4096]).and_then(|()| f.flush()).is_ok() {}
+    }
+    gw.restart_unready();
+    wait_for("the spool tried again", Duration::from_secs(20), || {
+        gw.log_text()
+            .contains("cannot open the spool (is the disk full?)")
+            && gw.metric("gateway_spool_errors_total{kind=\"io\"}") >= 2.0
+    });
+    assert!(
+        http_get(gw.metrics_port, "/health").is_none(),
+        "not healthy without a spool"
+    );
+    std::fs::remove_file(&filler).expect("free the space");
+    wait_for("the spool open", Duration::from_secs(20), || {
+        http_get(gw.metrics_port, "/health").is_some()
+    });
+    kafka.up();
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= devices * n
+    });
+    check_complete_and_ordered(&records, devices, n);
+}
+
 fn cli(args: &[&str]) -> std::process::Output {
     gateway_command()
         .args(args)

@@ -56,6 +56,20 @@ pub enum SpoolError {
     Io(#[from] std::io::Error),
 }
 
+impl SpoolError {
+    /// Whether the same operation may succeed later without anyone changing the config:
+    /// a full disk, or an I/O error (opening a spool on a full disk fails with one:
+    /// SQLite cannot size the WAL's shared-memory file).
+    pub fn may_pass(&self) -> bool {
+        match self {
+            SpoolError::DiskFull(_) => true,
+            SpoolError::Sqlite(e) => e.sqlite_error_code() == Some(ErrorCode::SystemIoFailure),
+            SpoolError::Io(e) => e.kind() == std::io::ErrorKind::StorageFull,
+            SpoolError::Corrupt(_) | SpoolError::TooNew(..) => false,
+        }
+    }
+}
+
 impl From<rusqlite::Error> for SpoolError {
     fn from(e: rusqlite::Error) -> Self {
         match e.sqlite_error_code() {
