@@ -142,6 +142,22 @@ impl Store {
     pub fn set_last_good(&self, a: &Applied) -> std::io::Result<()> {
         self.write("last-good.json", a)
     }
+
+    /// Makes the last good pipeline the applied one if that one was kept; true if it
+    /// was not already. A kept config is recorded as applied first, then as last good: a
+    /// crash in between (or a failed write) left the one before as last good, and a
+    /// later rollback would have gone back to it instead of to the one kept.
+    pub fn settle_last_good(&self) -> Result<bool, String> {
+        let Some(applied) = self.applied()?.filter(|a| a.kept) else {
+            return Ok(false);
+        };
+        if self.last_good()?.as_ref() == Some(&applied) {
+            return Ok(false);
+        }
+        self.set_last_good(&applied)
+            .map_err(|e| format!("{}: {e}", self.dir.join("last-good.json").display()))?;
+        Ok(true)
+    }
 }
 
 /// The configuration to run: `local`'s bootstrap with the remotely applied pipeline.
@@ -455,7 +471,7 @@ mod control {
 
         fn report(&mut self, version: u64, state: &str, reason: Option<String>) {
             let (running, hash) = self.running();
-            if state == "rejected" || state == "rolled_back" {
+            if matches!(state, "rejected" | "rolled_back" | "rollback_failed") {
                 self.last_error = reason.clone();
             }
             let r = Report {
@@ -468,7 +484,7 @@ mod control {
                 at: rfc3339(std::time::SystemTime::now()),
             };
             match state {
-                "rejected" | "rolled_back" => {
+                "rejected" | "rolled_back" | "rollback_failed" => {
                     tracing::warn!(
                         version,
                         state,
@@ -551,6 +567,13 @@ mod control {
                 return;
             };
             if a.kept {
+                match self.store.settle_last_good() {
+                    Ok(true) => {
+                        tracing::warn!(version = a.version, "the kept remote config was not recorded as the last good one; recorded it now");
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot record the last good config"),
+                }
                 return;
             }
             let result = match self.store.last_good() {
@@ -782,10 +805,19 @@ mod control {
                 Some(g) => self.store.set_applied(g),
                 None => self.store.clear_applied(),
             };
-            if let Err(e) = self.reload(config).await {
-                tracing::error!(error = %e, "rollback failed");
+            match self.reload(config).await {
+                Ok(()) => self.report(trial.applied.version, "rolled_back", Some(reason)),
+                Err(e) => {
+                    // The unhealthy pipeline still runs: say so, and name it as running.
+                    // Not kept, so a restart runs the last good one.
+                    tracing::error!(error = %e, "rollback failed");
+                    if let Err(e) = self.store.set_applied(&trial.applied) {
+                        tracing::error!(error = %e, "cannot record the running config");
+                    }
+                    let reason = format!("{reason}; the rollback failed too: {e}");
+                    self.report(trial.applied.version, "rollback_failed", Some(reason));
+                }
             }
-            self.report(trial.applied.version, "rolled_back", Some(reason));
             self.publish_applied();
         }
     }
@@ -794,4 +826,39 @@ mod control {
 /// `local`'s bootstrap with `a`'s pipeline (`local` itself if that no longer validates).
 pub fn effective_with(local: &Config, a: &Applied) -> Config {
     gateway_config::remote::pipeline_config(local, &a.config).unwrap_or_else(|_| local.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied(version: u64, kept: bool) -> Applied {
+        Applied {
+            version,
+            source: "own".into(),
+            hash: format!("h{version}"),
+            config: format!("# v{version}"),
+            kept,
+        }
+    }
+
+    #[test]
+    fn a_kept_config_missing_as_last_good_is_recorded_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store {
+            dir: dir.path().to_path_buf(),
+        };
+        std::fs::create_dir_all(&store.dir).expect("dir");
+        assert_eq!(store.settle_last_good(), Ok(false), "nothing applied");
+        // v2 kept, the crash before last-good was written: last-good is still v1.
+        store.set_last_good(&applied(1, true)).expect("write");
+        store.set_applied(&applied(2, true)).expect("write");
+        assert_eq!(store.settle_last_good(), Ok(true));
+        assert_eq!(store.last_good(), Ok(Some(applied(2, true))));
+        assert_eq!(store.settle_last_good(), Ok(false), "settled");
+        // A config still in its health window is not last good.
+        store.set_applied(&applied(3, false)).expect("write");
+        assert_eq!(store.settle_last_good(), Ok(false));
+        assert_eq!(store.last_good(), Ok(Some(applied(2, true))));
+    }
 }

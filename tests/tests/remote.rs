@@ -428,6 +428,42 @@ fn every_rejection_names_its_reason_and_the_old_config_keeps_running() {
     );
 }
 
+/// The health window ends unhealthy, but the last good pipeline cannot be built again
+/// (a zones file it names is gone): the report says so, and names the pipeline that
+/// keeps running.
+#[test]
+fn a_rollback_that_cannot_rebuild_the_old_pipeline_says_so() {
+    let mut rig = Rig::start("4s");
+    let bootstrap = rig.kafka.bootstrap.clone();
+    let zones = rig.dir.path().join("zones.geojson");
+    std::fs::write(
+        &zones,
+        r#"{"type":"Polygon","coordinates":[[[13.0,52.0],[14.0,52.0],[14.0,53.0],[13.0,53.0],[13.0,52.0]]]}"#,
+    )
+    .expect("zones");
+    let v1 = format!(
+        "{}\n[[stages]]\ntype = \"geofence\"\nfile = \"{}\"\n",
+        rig.pipeline("v1", &bootstrap),
+        zones.display()
+    );
+    let env = rig.sign("ops", 1, "gw-test", Some(&v1), &[]);
+    rig.push(&env);
+    rig.status(1, "applied", Duration::from_secs(10));
+    let dead = format!("127.0.0.1:{}", free_port());
+    let env = rig.sign("ops", 2, "gw-test", Some(&rig.pipeline("v2", &dead)), &[]);
+    rig.push(&env);
+    rig.status(2, "applying", Duration::from_secs(5));
+    std::fs::remove_file(&zones).expect("remove the zones file");
+    traffic(rig.mqtt.port, "window-0", 20);
+    let r = rig.status(2, "rollback_failed", Duration::from_secs(20));
+    let reason = r["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("Kafka") && reason.contains("the rollback failed too"),
+        "{r}"
+    );
+    assert_eq!(r["running"], 2, "the unhealthy pipeline still runs");
+}
+
 #[test]
 fn an_unhealthy_config_is_rolled_back_after_its_health_window() {
     let mut rig = Rig::start("4s");
