@@ -51,8 +51,15 @@ impl Inputs {
 /// last round that releases everything when told to finish.
 struct Ticker {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Set when the router took nothing for [`HAND_OVER_LIMIT`]: what the stages still
+    /// hand over is counted as dropped instead.
+    give_up: tokio::sync::watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
+
+/// How long the last round of the stages' timers may wait for the router (a full spool
+/// with `block`) before a reload or a shutdown goes on without it.
+const HAND_OVER_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What a tick round needs.
 struct Timers {
@@ -63,8 +70,10 @@ struct Timers {
 
 impl Timers {
     /// One round (`flush`: release everything); what comes out goes to the router,
-    /// acknowledged by nobody (its inputs' messages were acknowledged already).
-    async fn run(&self, flush: bool) {
+    /// acknowledged by nobody (its inputs' messages were acknowledged already). Once
+    /// `give_up` is set, what is not handed over yet is counted as dropped (reason
+    /// `stage_flush_timeout`): these events were counted as generated.
+    async fn run(&self, flush: bool, give_up: &mut tokio::sync::watch::Receiver<bool>) {
         let now_ns = crate::event::now_ns();
         let mut out = Vec::new();
         for i in &self.inputs {
@@ -78,10 +87,25 @@ impl Timers {
             .collect();
         let mut items = items.into_iter().peekable();
         while items.peek().is_some() {
-            let batch: crate::router::Batch =
-                items.by_ref().take(crate::router::MAX_BATCH).collect();
-            if self.ctx.items.send(batch).await.is_err() {
-                return;
+            let batch: Vec<_> = items.by_ref().take(crate::router::MAX_BATCH).collect();
+            // Counted before the batch goes into the send, which giving up drops.
+            let sources: Vec<String> = batch.iter().map(|i| i.record.source().into()).collect();
+            tokio::select! {
+                sent = self.ctx.items.send(batch.into_iter().collect()) => {
+                    if sent.is_err() {
+                        return; // the router is gone
+                    }
+                }
+                // (A ticker dropped without `finish` closes the channel: no give-up.)
+                Ok(_) = give_up.wait_for(|g| *g) => {
+                    let rest = sources
+                        .into_iter()
+                        .chain(items.map(|i| i.record.source().to_string()));
+                    for source in rest {
+                        self.ctx.metrics.dropped(&source, "stage_flush_timeout", 1);
+                    }
+                    return;
+                }
             }
         }
     }
@@ -90,37 +114,47 @@ impl Timers {
 impl Ticker {
     fn start(timers: Timers) -> Ticker {
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let (give_up, mut given_up) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = every.tick() => timers.run(false).await,
+                    _ = every.tick() => timers.run(false, &mut given_up).await,
                     _ = &mut stopped => break,
                 }
             }
-            timers.run(true).await;
+            timers.run(true, &mut given_up).await;
         });
         Ticker {
             stop: Some(stop),
+            give_up,
             task: Some(task),
         }
     }
 
     /// Runs the last round (everything held goes to the router) and ends the ticker. A
-    /// router that takes nothing for 5 s (a full spool with `block`) does not hold the
-    /// reload or the shutdown: what was left is logged as lost.
+    /// router that takes nothing for [`HAND_OVER_LIMIT`] (a full spool with `block`)
+    /// does not hold the reload or the shutdown: what was left is counted as dropped.
     async fn finish(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(mut task) = self.task.take() {
-            if tokio::time::timeout(std::time::Duration::from_secs(5), &mut task)
+            if tokio::time::timeout(HAND_OVER_LIMIT, &mut task)
                 .await
                 .is_err()
             {
-                task.abort();
-                tracing::warn!("stages could not hand over what they held (open windows) within 5 s; it is lost");
+                tracing::warn!(
+                    "stages could not hand over what they held (open windows) within {HAND_OVER_LIMIT:?}; dropped (reason stage_flush_timeout)"
+                );
+                let _ = self.give_up.send(true);
+                if tokio::time::timeout(std::time::Duration::from_secs(1), &mut task)
+                    .await
+                    .is_err()
+                {
+                    task.abort();
+                }
             }
         }
     }
