@@ -286,6 +286,79 @@ fn a_full_spool_with_block_holds_back_and_drops_nothing() {
     assert_eq!(gw.dropped_total(), 0.0, "nothing dropped");
 }
 
+/// A reload while the router takes nothing (a full spool with `block`, Kafka down, its
+/// channel full): the input stops without waiting for room, counting what it held as
+/// dropped (`input_stopped`), and the stages' open windows are handed over or, when
+/// there is no room for them either, counted as dropped after 5 s
+/// (`stage_flush_timeout`). The reload does not wait for Kafka to come back.
+#[test]
+fn a_reload_while_the_spool_is_full_does_not_wait_for_kafka() {
+    let devices = 10;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    kafka.down();
+    // QoS 0, so the broker's in-flight window does not stop the flow before the
+    // router's channel is full.
+    let cfg = config(
+        dir.path(),
+        mqtt.port,
+        &kafka.bootstrap,
+        "max_bytes = 65536\noverflow = \"block\"",
+        "",
+        "\n[[stages]]\ntype = \"window\"\nsize = \"1h\"\nreadings = [\"temperature\"]\naggregates = [\"count\"]\nkeep_events = true\n",
+    )
+    .replace("qos = 1", "qos = 0");
+    let gw = Gateway::start(dir.path(), &cfg);
+    gw.wait_connected();
+    let messages: Vec<_> = (0..20_000)
+        .map(|i| {
+            let d = i % devices;
+            (
+                format!("sensors/dev-{d}/telemetry"),
+                format!(r#"{{"device":"dev-{d}","temperature":20.5}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    send_all(mqtt.port, rumqttc::QoS::AtMostOnce, None, messages);
+    wait_for("backpressure", Duration::from_secs(30), || {
+        gw.metric("gateway_spool_blocked") == 1.0
+    });
+    // The router's channel full and the input waiting for room: nothing more comes in.
+    let mut last = -1.0;
+    wait_for("the input held back", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(1000));
+        let now = gw.metric("gateway_events_received_total{input=\"site\"}");
+        std::mem::replace(&mut last, now) == now
+    });
+    // A changed pipeline (the same config is not rebuilt).
+    let file = dir.path().join("gateway.toml");
+    let text = std::fs::read_to_string(&file).expect("config");
+    std::fs::write(&file, text.replace("size = \"1h\"", "size = \"2h\"")).expect("config");
+    gw.hup();
+    wait_for("the reload", Duration::from_secs(30), || {
+        gw.log_text().contains("pipeline reloaded")
+    });
+    let dropped = |reason: &str| {
+        gw.metric(&format!(
+            "gateway_events_dropped_total{{input=\"site\",reason=\"{reason}\"}}"
+        ))
+    };
+    assert!(dropped("input_stopped") > 0.0, "the input's waiting batch");
+    assert!(gw
+        .log_text()
+        .contains("stopped while the router had no room"));
+    // One window per device: handed over whole, or counted whole (whether the channel
+    // had room for them when the input let go of its batch varies).
+    assert_eq!(
+        gw.metric("gateway_events_generated_total{input=\"site\"}"),
+        devices as f64
+    );
+    let flushed = dropped("stage_flush_timeout");
+    assert!(flushed == 0.0 || flushed == devices as f64, "{flushed}");
+    assert!(http_get(gw.metrics_port, "/health").is_some());
+}
+
 #[test]
 fn a_full_spool_with_drop_oldest_counts_every_drop() {
     let (devices, n) = (10, 300);

@@ -164,7 +164,13 @@ pub(crate) struct Emitter<'a> {
     /// Items not sent yet, and scratch space for the stages (only the input's own task
     /// touches it: never contended).
     pending: Mutex<Pending>,
+    /// The input's state, when a flush should give up on `Stop` (see [`Emitter::flush`]).
+    state: Option<tokio::sync::watch::Receiver<SourceState>>,
 }
+
+/// How long a flush told to stop still waits for room in the router's channel before it
+/// drops its batch.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Default)]
 struct Pending {
@@ -181,7 +187,14 @@ impl<'a> Emitter<'a> {
             until_delivered,
             malformed_seen: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
+            state: None,
         }
+    }
+
+    /// Lets [`Emitter::flush`] give up when `state` turns [`SourceState::Stop`].
+    pub fn stopped_by(mut self, state: tokio::sync::watch::Receiver<SourceState>) -> Self {
+        self.state = Some(state);
+        self
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -214,7 +227,33 @@ impl<'a> Emitter<'a> {
         batch.fit();
         // A batch the router does not take (it is gone, or this future is dropped while
         // it waits for room) disarms its acks when it is dropped: see `Batch`.
-        self.ctx.items.send(batch).await.map_err(|_| Closed)
+        let Some(mut state) = self.state.clone() else {
+            return self.ctx.items.send(batch).await.map_err(|_| Closed);
+        };
+        // Told to stop while the router has no room (a full spool with `block`): after
+        // a grace period the batch is dropped with the send, so that a reload or a
+        // shutdown does not wait for Kafka to come back. Its messages' acks are disarmed
+        // (a QoS 1 broker sends them again); its events are counted as dropped
+        // (`input_stopped`), and received again if they come again.
+        let events = batch
+            .iter()
+            .filter(|i| matches!(i.record, Record::Event(_)))
+            .count() as u64;
+        let stopped = async {
+            if state.wait_for(|s| *s == SourceState::Stop).await.is_err() {
+                return std::future::pending().await;
+            }
+            tokio::time::sleep(STOP_GRACE).await;
+        };
+        tokio::select! {
+            biased;
+            sent = self.ctx.items.send(batch) => sent.map_err(|_| Closed),
+            () = stopped => {
+                self.m.dropped("input_stopped", events);
+                tracing::warn!(input = %self.m.name, events, "stopped while the router had no room (a full spool?): dropped what was waiting to go in; QoS 1 messages come again");
+                Err(Closed)
+            }
+        }
     }
 
     /// Counts `events` as received and runs them through the stages to the router; each

@@ -414,7 +414,7 @@ pub async fn run(
         cfg: &cfg,
         templates: &templates,
         decoder: Decoder::new(cfg.format, &cfg.json),
-        emit: Emitter::new(&ctx, &m, until_delivered),
+        emit: Emitter::new(&ctx, &m, until_delivered).stopped_by(state.clone()),
         clock: BurstClock::new(),
     };
     tracing::info!(input = %cfg.name, host = %cfg.host, protocol = ?cfg.protocol, ?filters, "MQTT input starting");

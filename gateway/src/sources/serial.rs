@@ -51,7 +51,7 @@ pub async fn run(
 ) -> Result<(), String> {
     let m = ctx.metrics.input(&cfg.name);
     let until_delivered = cfg.ack_policy == AckPolicy::OnDelivery;
-    let emit = Emitter::new(&ctx, &m, until_delivered);
+    let emit = Emitter::new(&ctx, &m, until_delivered).stopped_by(state.clone());
     let mut delay = cfg.reconnect.min;
     let mut failures: u64 = 0;
     tracing::info!(input = %cfg.name, path = %cfg.path.display(), framing = ?cfg.framing, "serial input starting");
