@@ -479,12 +479,12 @@ fn error_kind(e: &KafkaError) -> &'static str {
     }
 }
 
-/// Errors that no retry can fix for this record (it is too large, the broker calls it
-/// invalid, or its topic name is one librdkafka refuses): the record is quarantined and
-/// counted instead of blocking the spool forever.
 /// How long the router waits before it tries again to recreate a producer it could not.
 const RECREATE_RETRY: Duration = Duration::from_secs(5);
 
+/// Errors that no retry can fix for this record (it is too large, the broker calls it
+/// invalid, or its topic name is one librdkafka refuses): the record is quarantined and
+/// counted instead of blocking the spool forever.
 fn permanent(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
