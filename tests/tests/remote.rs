@@ -428,6 +428,18 @@ fn every_rejection_names_its_reason_and_the_old_config_keeps_running() {
     );
 }
 
+/// Applies `v1` as version 1, then version 2 with Kafka at an address nothing listens
+/// on, where the old one worked; returns once version 2 is in its health window.
+fn apply_then_try_a_dead_kafka(rig: &mut Rig, v1: &str) {
+    let env = rig.sign("ops", 1, "gw-test", Some(v1), &[]);
+    rig.push(&env);
+    rig.status(1, "applied", Duration::from_secs(10));
+    let dead = format!("127.0.0.1:{}", free_port());
+    let env = rig.sign("ops", 2, "gw-test", Some(&rig.pipeline("v2", &dead)), &[]);
+    rig.push(&env);
+    rig.status(2, "applying", Duration::from_secs(5));
+}
+
 /// The health window ends unhealthy, but the last good pipeline cannot be built again
 /// (a zones file it names is gone): the report says so, and names the pipeline that
 /// keeps running.
@@ -446,13 +458,7 @@ fn a_rollback_that_cannot_rebuild_the_old_pipeline_says_so() {
         rig.pipeline("v1", &bootstrap),
         zones.display()
     );
-    let env = rig.sign("ops", 1, "gw-test", Some(&v1), &[]);
-    rig.push(&env);
-    rig.status(1, "applied", Duration::from_secs(10));
-    let dead = format!("127.0.0.1:{}", free_port());
-    let env = rig.sign("ops", 2, "gw-test", Some(&rig.pipeline("v2", &dead)), &[]);
-    rig.push(&env);
-    rig.status(2, "applying", Duration::from_secs(5));
+    apply_then_try_a_dead_kafka(&mut rig, &v1);
     std::fs::remove_file(&zones).expect("remove the zones file");
     traffic(rig.mqtt.port, "window-0", 20);
     let r = rig.status(2, "rollback_failed", Duration::from_secs(20));
@@ -468,20 +474,8 @@ fn a_rollback_that_cannot_rebuild_the_old_pipeline_says_so() {
 fn an_unhealthy_config_is_rolled_back_after_its_health_window() {
     let mut rig = Rig::start("4s");
     let bootstrap = rig.kafka.bootstrap.clone();
-    let env = rig.sign(
-        "ops",
-        1,
-        "gw-test",
-        Some(&rig.pipeline("v1", &bootstrap)),
-        &[],
-    );
-    rig.push(&env);
-    rig.status(1, "applied", Duration::from_secs(10));
-    // Kafka at an address nothing listens on, where the old one worked.
-    let dead = format!("127.0.0.1:{}", free_port());
-    let env = rig.sign("ops", 2, "gw-test", Some(&rig.pipeline("v2", &dead)), &[]);
-    rig.push(&env);
-    rig.status(2, "applying", Duration::from_secs(5));
+    let v1 = rig.pipeline("v1", &bootstrap);
+    apply_then_try_a_dead_kafka(&mut rig, &v1);
     // Traffic during the health window: nothing is confirmed, records wait, the router
     // turns to the spool (Kafka down) and the window ends unhealthy.
     traffic(rig.mqtt.port, "window-0", 20);
