@@ -21,6 +21,7 @@ fn reading(seq: u32) -> DeviceMessage {
         time: Timestamp::UnixMs(1_800_000_000_000 + u64::from(seq)),
         fix: None,
         channels,
+        boot: Some(7),
     })
 }
 

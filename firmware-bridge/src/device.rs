@@ -437,6 +437,7 @@ impl<const N: usize> Device<N> {
             time,
             fix: sample.fix,
             channels: sample.channels,
+            boot: Some(self.hello.boot),
         };
         match self.next_seq.checked_add(1) {
             Some(next) => self.next_seq = next,

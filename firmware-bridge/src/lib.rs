@@ -29,5 +29,6 @@ pub use message::{
     Hello, Level, Log, Reading, Timestamp, MAX_CHANNELS, MAX_DEVICE_ID, MAX_TEXT, MAX_VERSION,
 };
 
-/// The protocol version this crate speaks; a device sends its own in [`Hello`].
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this crate speaks; a device sends its own in [`Hello`]. Version 2
+/// added [`Reading::boot`]; this crate reads version 1 messages too.
+pub const PROTOCOL_VERSION: u16 = 2;

@@ -154,7 +154,11 @@ pub struct Channel {
 }
 
 /// One sample.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// On the wire its fields follow in this order; [`Reading::boot`] (protocol version 2) is
+/// written only when set, as a bare varint after the channels, and read as `None` when a
+/// version 1 device's message ends before it (see `WIRE-FORMAT.md`, "Versioning").
+#[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
     /// Only grows within a boot (and across boots where the device can keep it).
     pub seq: u32,
@@ -164,6 +168,64 @@ pub struct Reading {
     pub fix: Option<Fix>,
     /// The values.
     pub channels: Vec<Channel, MAX_CHANNELS>,
+    /// The boot it was taken in ([`Hello::boot`]); protocol version 2, `None` from a
+    /// version 1 device. With it the gateway knows a reading of a boot whose `Hello` it
+    /// missed, and does not take it for one of the boot before.
+    pub boot: Option<u32>,
+}
+
+impl Serialize for Reading {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Reading", 4 + usize::from(self.boot.is_some()))?;
+        st.serialize_field("seq", &self.seq)?;
+        st.serialize_field("time", &self.time)?;
+        st.serialize_field("fix", &self.fix)?;
+        st.serialize_field("channels", &self.channels)?;
+        if let Some(boot) = self.boot {
+            st.serialize_field("boot", &boot)?;
+        }
+        st.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Reading {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Reading, D::Error> {
+        use serde::de::{Error, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Reading;
+            fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str("a firmware-bridge reading")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Reading, A::Error> {
+                let seq = a
+                    .next_element()?
+                    .ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                let time = a
+                    .next_element()?
+                    .ok_or_else(|| A::Error::invalid_length(1, &self))?;
+                let fix = a
+                    .next_element()?
+                    .ok_or_else(|| A::Error::invalid_length(2, &self))?;
+                let channels = a
+                    .next_element()?
+                    .ok_or_else(|| A::Error::invalid_length(3, &self))?;
+                // Version 2's field. A version 1 message ends here: postcard then reports
+                // the end of its input, which is how an absent trailing field reads (the
+                // frame's CRC already ruled out a body cut short on the line).
+                let boot = a.next_element().unwrap_or(None);
+                Ok(Reading {
+                    seq,
+                    time,
+                    fix,
+                    channels,
+                    boot,
+                })
+            }
+        }
+        d.deserialize_struct("Reading", &["seq", "time", "fix", "channels", "boot"], V)
+    }
 }
 
 /// Alive, and how far behind.

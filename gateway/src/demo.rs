@@ -203,6 +203,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             corrupt: PUMP_CORRUPT,
             garbage: 0.0,
             reboot_every: 0,
+            persistent_seq: false,
+            lose_hello: false,
             unplug_every: 0.0,
             unplug_for: 1.0,
             resend_after: 1.0,

@@ -8,7 +8,8 @@
 //! link like any serial port. With `--framing json-lines` it writes made-up JSON lines, with
 //! `--framing nmea --replay LOG` the sentences of a GPS receiver's log. Knobs: rate, byte
 //! corruption, garbage between frames,
-//! reboots (a new boot, `seq` from 0, unacknowledged readings lost as on a real reboot)
+//! reboots (a new boot, `seq` from 0 or kept with `--persistent-seq`, unacknowledged
+//! readings lost as on a real reboot, the new boot's `Hello` lost with `--lose-hello`)
 //! and unplugs (the pty goes away and comes back as a new one behind the same link).
 //!
 //! At the end it prints a JSON report: per boot the readings taken and the highest one the
@@ -19,7 +20,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use firmware_bridge::device::{Board, Device, Identity, Sample, Settings};
-use firmware_bridge::{Capabilities, Channel, Decoder, Fix, FixQuality, GatewayMessage};
+use firmware_bridge::{
+    Capabilities, Channel, Decoder, DeviceMessage, Fix, FixQuality, GatewayMessage,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -66,6 +69,14 @@ pub struct SerialSim {
     /// Reboot after this many readings of a boot (0: never).
     #[arg(long, default_value_t = 0)]
     pub reboot_every: u64,
+    /// Keep `seq` across reboots (capability `PERSISTENT_SEQ`): a new boot goes on from
+    /// where the last one stopped instead of from 0.
+    #[arg(long)]
+    pub persistent_seq: bool,
+    /// Lose the `Hello` that starts each boot after a reboot on the line, as a frame lost
+    /// to noise would be; the device sends another when no ack comes.
+    #[arg(long)]
+    pub lose_hello: bool,
     /// Unplug every this many seconds (0: never).
     #[arg(long, default_value_t = 0.0)]
     pub unplug_every: f64,
@@ -98,7 +109,9 @@ pub struct SerialSim {
 pub struct BootReport {
     /// The boot id.
     pub boot: u32,
-    /// Readings taken (`seq` 0 up to this, exclusive).
+    /// The boot's first `seq` (0, or where the last boot stopped with `--persistent-seq`).
+    pub first_seq: u32,
+    /// Readings taken (`seq` `first_seq` up to this, exclusive).
     pub sampled: u32,
     /// The highest `seq` the gateway acknowledged, if any.
     pub acked_up_to: Option<u32>,
@@ -127,6 +140,8 @@ pub struct SimReport {
     pub garbage: u64,
     /// Unplugs.
     pub unplugs: u64,
+    /// `Hello`s lost on purpose (`--lose-hello`).
+    pub lost_hellos: u64,
 }
 
 /// Ring buffer size of the simulated device (readings kept until acknowledged): about
@@ -241,7 +256,12 @@ async fn wait_reader(slave: &mut SerialStream, within: Duration) -> anyhow::Resu
     Ok(())
 }
 
-fn new_device(sim: &SerialSim, boot: u32) -> anyhow::Result<Box<Device<RING>>> {
+fn new_device(sim: &SerialSim, boot: u32, first_seq: u32) -> anyhow::Result<Box<Device<RING>>> {
+    let capabilities = if sim.persistent_seq {
+        Capabilities::GNSS | Capabilities::PERSISTENT_SEQ
+    } else {
+        Capabilities::GNSS
+    };
     let identity = Identity {
         device_id: sim
             .device
@@ -251,9 +271,9 @@ fn new_device(sim: &SerialSim, boot: u32) -> anyhow::Result<Box<Device<RING>>> {
         firmware: "sim-1.0"
             .try_into()
             .map_err(|()| anyhow::anyhow!("firmware"))?,
-        capabilities: Capabilities(Capabilities::GNSS),
+        capabilities: Capabilities(capabilities),
         boot,
-        first_seq: 0,
+        first_seq,
     };
     let interval = (1000.0 / sim.rate.max(0.001)).round().max(1.0) as u32;
     Ok(Box::new(Device::new(
@@ -314,7 +334,10 @@ pub async fn serial(
         return lines(sim, port, rng, report, stop).await;
     }
     let mut boot: u32 = rng.random_range(1..1_000_000);
-    let mut device = new_device(&sim, boot)?;
+    let mut first_seq = 0;
+    let mut device = new_device(&sim, boot, first_seq)?;
+    // Set at a reboot with --lose-hello: the next Hello written is dropped.
+    let mut lose_hello = false;
     let mut acked: Option<u32> = None;
     let mut board = SimBoard {
         start: Instant::now(),
@@ -360,6 +383,10 @@ pub async fn serial(
         device.poll(&mut board);
         let mut out = std::mem::take(&mut board.tx);
         if let Some((master, _)) = port.as_mut() {
+            if lose_hello && drop_hello(&mut out) {
+                lose_hello = false;
+                report.lost_hellos += 1;
+            }
             if !out.is_empty() {
                 damage(&sim, &mut rng, &mut out, &mut report);
                 // Nobody reading for a while: the bytes are lost, as on a real line.
@@ -370,9 +397,13 @@ pub async fn serial(
         // Reboot: a new boot, seq from 0; what was not acknowledged is gone with the RAM.
         let taken_this_boot = board.taken - boot_first_taken;
         if sim.reboot_every > 0 && taken_this_boot >= sim.reboot_every {
-            finish_boot(&mut report, &device, acked);
+            finish_boot(&mut report, &device, acked, first_seq);
             boot = boot.wrapping_add(1);
-            device = new_device(&sim, boot)?;
+            if sim.persistent_seq {
+                first_seq = device.next_seq();
+            }
+            device = new_device(&sim, boot, first_seq)?;
+            lose_hello = sim.lose_hello;
             acked = None;
             boot_first_taken = board.taken;
             sniff.reset();
@@ -400,20 +431,36 @@ pub async fn serial(
             }
         }
     }
-    finish_boot(&mut report, &device, acked);
+    finish_boot(&mut report, &device, acked, first_seq);
     Ok(report)
 }
 
-fn finish_boot(report: &mut SimReport, device: &Device<RING>, acked: Option<u32>) {
+fn finish_boot(report: &mut SimReport, device: &Device<RING>, acked: Option<u32>, first_seq: u32) {
     let s = device.stats();
     report.resent += u64::from(s.resent);
     report.dropped += u64::from(s.dropped);
     report.boots.push(BootReport {
         boot: device.boot(),
+        first_seq,
         sampled: device.next_seq(),
         acked_up_to: acked,
         unacked: u32::try_from(device.unacked()).unwrap_or(u32::MAX),
     });
+}
+
+/// Takes the first `Hello` frame out of `out`, if there is one; true if it did.
+fn drop_hello(out: &mut Vec<u8>) -> bool {
+    let mut start = 0;
+    while let Some(len) = out[start..].iter().position(|&b| b == 0) {
+        let end = start + len + 1;
+        let mut frame = out[start..end - 1].to_vec();
+        if let Ok(DeviceMessage::Hello(_)) = firmware_bridge::decode_frame(&mut frame) {
+            out.drain(start..end);
+            return true;
+        }
+        start = end;
+    }
+    false
 }
 
 /// Flips bits, inserts garbage, cuts frames short, as `--corrupt` and `--garbage` ask.

@@ -724,6 +724,7 @@ fn the_largest_reading_fits_a_frame() {
         time: Timestamp::UnixMs(u64::MAX),
         fix: sample.fix,
         channels: sample.channels,
+        boot: Some(u32::MAX),
     });
     assert!(encode(&r, &mut [0u8; MAX_FRAME]).is_ok());
 }

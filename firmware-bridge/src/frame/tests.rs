@@ -64,7 +64,16 @@ fn reading() -> DeviceMessage {
             quality: FixQuality::Fix3d,
         }),
         channels,
+        boot: Some(42),
     })
+}
+
+/// [`reading`] as a version 1 device sends it: without `boot`.
+fn reading_v1() -> DeviceMessage {
+    match reading() {
+        DeviceMessage::Reading(r) => DeviceMessage::Reading(Reading { boot: None, ..r }),
+        _ => unreachable!(),
+    }
 }
 
 #[test]
@@ -73,13 +82,27 @@ fn golden_device_messages() {
         hello(),
         "01 17 06 70 75 6d 70 2d 37 05 31 2e 34 2e 32 01 03 2a a7 02 7e 6e 6e b4 00",
     );
-    check(reading(), "04 01 ac 02 17 fb a0 f1 c2 b1 34 01 84 ab ef f4 03 88 bc eb 7f 01 90 35 01 fa 01 04 02 02 01 01 04 ac 41 02 01 07 80 be c4 4b 20 27 00");
+    // Protocol version 2: `boot` (42) after the channels.
+    check(reading(), "04 01 ac 02 17 fb a0 f1 c2 b1 34 01 84 ab ef f4 03 88 bc eb 7f 01 90 35 01 fa 01 04 02 02 01 01 04 ac 41 02 01 08 80 be 2a 27 64 12 1d 00");
     check(
         DeviceMessage::Reading(Reading {
             seq: 0,
             time: Timestamp::UptimeMs(5_000),
             fix: None,
             channels: heapless::Vec::new(),
+            boot: Some(42),
+        }),
+        "02 01 04 01 88 27 01 06 2a de 70 9b 04 00",
+    );
+    // Version 1: the same readings without `boot`, byte for byte what version 1 wrote.
+    check(reading_v1(), "04 01 ac 02 17 fb a0 f1 c2 b1 34 01 84 ab ef f4 03 88 bc eb 7f 01 90 35 01 fa 01 04 02 02 01 01 04 ac 41 02 01 07 80 be c4 4b 20 27 00");
+    check(
+        DeviceMessage::Reading(Reading {
+            seq: 0,
+            time: Timestamp::UptimeMs(5_000),
+            fix: None,
+            channels: heapless::Vec::new(),
+            boot: None,
         }),
         "02 01 04 01 88 27 01 05 ad 1c 7c da 00",
     );
@@ -194,6 +217,63 @@ fn fields_appended_by_a_newer_sender_are_ignored() {
     assert_eq!(decode_frame::<DeviceMessage>(&mut f[..n]), Ok(hello()));
 }
 
+/// A frame around `body` with `extra` appended (fields of a newer sender).
+fn with_appended(m: &DeviceMessage, extra: &[u8]) -> std::vec::Vec<u8> {
+    let mut raw = [0u8; MAX_PAYLOAD];
+    let mut body = postcard::to_slice(m, &mut raw).unwrap().to_vec();
+    body.extend(extra);
+    let mut r = body.clone();
+    r.extend(CRC.checksum(&body).to_le_bytes());
+    let mut f = [0u8; MAX_FRAME];
+    let n = cobs::encode(&r, &mut f);
+    f[n] = 0;
+    f[..=n].to_vec()
+}
+
+#[test]
+fn a_version_2_reading_reads_with_fields_a_later_version_appends() {
+    let f = with_appended(&reading(), &[0x05, 0x06]);
+    assert_eq!(decode_all::<DeviceMessage>(&f), [Ok(reading())]);
+    // A version 1 reading with nothing appended reads without `boot` (the golden test
+    // above has its bytes).
+    assert_eq!(
+        decode_all::<DeviceMessage>(&frame(&reading_v1())),
+        [Ok(reading_v1())]
+    );
+}
+
+#[test]
+fn a_version_1_receiver_reads_a_version_2_reading() {
+    // Version 1's `Reading`, as a gateway built before version 2 decodes it.
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct ReadingV1 {
+        seq: u32,
+        time: Timestamp,
+        fix: Option<Fix>,
+        channels: heapless::Vec<Channel, MAX_CHANNELS>,
+    }
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    enum DeviceMessageV1 {
+        Hello(Hello),
+        Reading(ReadingV1),
+    }
+    let DeviceMessage::Reading(r) = reading() else {
+        unreachable!()
+    };
+    let mut raw = [0u8; MAX_PAYLOAD];
+    let body = postcard::to_slice(&reading(), &mut raw).unwrap();
+    let old: DeviceMessageV1 = postcard::from_bytes(body).unwrap();
+    assert_eq!(
+        old,
+        DeviceMessageV1::Reading(ReadingV1 {
+            seq: r.seq,
+            time: r.time,
+            fix: r.fix,
+            channels: r.channels,
+        })
+    );
+}
+
 #[test]
 fn an_endless_frame_is_dropped_as_oversize() {
     let mut bytes = std::vec![0x41u8; MAX_FRAME * 3];
@@ -228,6 +308,7 @@ fn the_largest_message_fits() {
             quality: FixQuality::RtkFloat,
         }),
         channels,
+        boot: Some(u32::MAX),
     });
     assert_eq!(decode_all::<DeviceMessage>(&frame(&m)), [Ok(m)]);
     let log = DeviceMessage::Log(Log {
@@ -274,8 +355,9 @@ fn arb_device_message() -> impl Strategy<Value = DeviceMessage> {
         any::<u64>(),
         proptest::option::of(arb_fix()),
         proptest::collection::vec((any::<u16>(), any::<f32>()), 0..=MAX_CHANNELS),
+        any::<Option<u32>>(),
     )
-        .prop_map(|(seq, unix, t, fix, ch)| {
+        .prop_map(|(seq, unix, t, fix, ch, boot)| {
             DeviceMessage::Reading(Reading {
                 seq,
                 time: if unix {
@@ -288,6 +370,7 @@ fn arb_device_message() -> impl Strategy<Value = DeviceMessage> {
                     .into_iter()
                     .map(|(id, value)| Channel { id, value })
                     .collect(),
+                boot,
             })
         });
     let hello = (

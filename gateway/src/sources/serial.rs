@@ -185,6 +185,22 @@ pub(crate) enum Take {
     OutOfSequence,
     /// No `Hello` yet.
     NoHello,
+    /// A reading of another boot than the last `Hello`'s (protocol version 2 says which):
+    /// the device rebooted and its `Hello` was lost. Refused unacknowledged; the device
+    /// sends `Hello` and the reading again when no ack comes.
+    OtherBoot(u32),
+}
+
+/// A device's boot, ended by a `Hello` of another boot or device.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Ended {
+    /// Its device id and boot.
+    pub(crate) device: (String, u32),
+    /// Readings that had arrived behind a gap: the device no longer has what is missing
+    /// (unacknowledged readings do not survive its reboot), so they go on now, in order.
+    pub(crate) held: Vec<(Reading, i64)>,
+    /// Readings in the gaps before them, never received.
+    pub(crate) missing: u32,
 }
 
 impl Track {
@@ -227,10 +243,33 @@ impl Track {
         (ready, self.acked, lost)
     }
 
+    /// Ends the current boot if a `Hello` from `id` and `boot` starts another one; returns
+    /// what it still held. Call before [`Track::hello`].
+    pub(crate) fn end_boot(&mut self, id: &str, boot: u32) -> Option<Ended> {
+        let (d, b) = self.device.as_ref()?;
+        if d == id && *b == boot {
+            return None;
+        }
+        let held: Vec<_> = std::mem::take(&mut self.ahead).into_values().collect();
+        // Every held seq is above `next` and below or at the last: `last - next + 1`
+        // seqs, of which `held.len()` arrived.
+        let missing = held
+            .last()
+            .map_or(0, |(r, _)| (r.seq - self.next) - (held.len() as u32 - 1));
+        Some(Ended {
+            device: (d.clone(), *b),
+            held,
+            missing,
+        })
+    }
+
     /// Takes reading `r` that arrived at `received_ns`.
     pub(crate) fn take(&mut self, r: Reading, received_ns: i64) -> Take {
-        if self.device.is_none() {
+        let Some((_, boot)) = &self.device else {
             return Take::NoHello;
+        };
+        if let Some(b) = r.boot.filter(|b| b != boot) {
+            return Take::OtherBoot(b);
         }
         let seq = r.seq;
         if seq < self.next || self.past_max || self.ahead.contains_key(&seq) {
@@ -309,6 +348,8 @@ struct Session<'a> {
     decoder: payload::Decoder,
     track: Arc<Mutex<Track>>,
     no_hello_seen: u64,
+    /// The last boot whose readings came before its `Hello` (logged once per boot).
+    other_boot_seen: Option<u32>,
     /// The last `Resend` asked for the oldest gap, and when.
     asked: Option<(u32, Instant)>,
 }
@@ -323,6 +364,7 @@ impl<'a> Session<'a> {
             decoder: payload::Decoder::new(PayloadFormat::Json, &cfg.json),
             track: Arc::new(Mutex::new(Track::default())),
             no_hello_seen: 0,
+            other_boot_seen: None,
             asked: None,
         }
     }
@@ -504,6 +546,17 @@ impl<'a> Session<'a> {
 
     async fn hello(&mut self, h: Hello, acks: &Acks, out: &Out) -> Result<(), Closed> {
         tracing::info!(input = %self.cfg.name, device = %h.device_id, boot = h.boot, resume_from = h.resume_from, firmware = %h.firmware, protocol = h.protocol, "device hello");
+        let ended = lock(&self.track).end_boot(&h.device_id, h.boot);
+        if let Some(Ended {
+            device: (id, boot),
+            held,
+            missing,
+        }) = ended.filter(|e| !e.held.is_empty())
+        {
+            // Their acks belong to the ended boot's generation and are not sent.
+            tracing::warn!(input = %self.cfg.name, device = %id, boot, readings = held.len(), missing, "a new boot: forwarding the previous boot's readings that waited behind a gap; the device no longer has the missing ones");
+            self.forward(held, &id, boot, acks, out).await?;
+        }
         let (ready, ack, lost) = lock(&self.track).hello(&h.device_id, h.boot, h.resume_from);
         if lost > 0 {
             tracing::warn!(input = %self.cfg.name, device = %h.device_id, readings = lost, "the device dropped readings it could not keep until acknowledged");
@@ -541,6 +594,15 @@ impl<'a> Session<'a> {
             (Take::OutOfSequence, _) => {
                 self.m.received.inc();
                 self.m.dropped("out_of_sequence", 1);
+                return Ok(());
+            }
+            (Take::OtherBoot(b), _) => {
+                self.m.received.inc();
+                self.m.dropped("unknown_boot", 1);
+                if self.other_boot_seen != Some(b) {
+                    self.other_boot_seen = Some(b);
+                    tracing::warn!(input = %self.cfg.name, boot = b, "readings of a boot whose Hello was not received (the device rebooted); waiting for it to introduce itself");
+                }
                 return Ok(());
             }
             _ => {
@@ -840,6 +902,7 @@ mod tests {
             time: Timestamp::UptimeMs(u64::from(seq)),
             fix: None,
             channels: heapless::Vec::new(),
+            boot: None,
         }
     }
 
@@ -897,6 +960,52 @@ mod tests {
         // A reboot: seq restarts.
         assert_eq!(t.hello("d", 2, 0).0.len(), 0);
         assert_eq!(fwd(t.take(r(0), 0)).0, vec![0]);
+    }
+
+    #[test]
+    fn a_reading_of_a_boot_whose_hello_was_lost_is_refused() {
+        let mut t = Track::default();
+        t.hello("d", 1, 0);
+        let of = |seq, boot| Reading {
+            boot: Some(boot),
+            ..r(seq)
+        };
+        assert_eq!(fwd(t.take(of(0, 1), 0)).0, vec![0]);
+        // The device rebooted (seq kept across boots) and its Hello was lost: without
+        // `boot` in the reading this would be forwarded as boot 1's seq 1.
+        assert_eq!(t.take(of(1, 2), 0), Take::OtherBoot(2));
+        // A version 1 reading (no boot) is taken as the last Hello's.
+        assert_eq!(fwd(t.take(r(1), 0)).0, vec![1]);
+        assert_eq!(t.end_boot("d", 2).map(|e| e.device), Some(("d".into(), 1)));
+        t.hello("d", 2, 1);
+        assert_eq!(fwd(t.take(of(1, 2), 0)).0, vec![1]);
+    }
+
+    #[test]
+    fn a_new_boot_hands_over_what_waited_behind_a_gap() {
+        let mut t = Track::default();
+        t.hello("d", 1, 0);
+        assert_eq!(fwd(t.take(r(0), 0)).0, vec![0]);
+        // 1 and 3 lost on the line; 2 and 4 wait.
+        assert_eq!(fwd(t.take(r(2), 0)).0, Vec::<u32>::new());
+        assert_eq!(fwd(t.take(r(4), 0)).0, Vec::<u32>::new());
+        // The same boot ends nothing.
+        assert_eq!(t.end_boot("d", 1), None);
+        // The device rebooted before resending 1 and 3: 2 and 4 go on, 2 never came.
+        let e = t.end_boot("d", 2).expect("ended");
+        assert_eq!(e.device, ("d".to_string(), 1));
+        assert_eq!(
+            e.held.iter().map(|(r, _)| r.seq).collect::<Vec<_>>(),
+            vec![2, 4]
+        );
+        assert_eq!(e.missing, 2);
+        t.hello("d", 2, 0);
+        assert_eq!(fwd(t.take(r(0), 0)).0, vec![0]);
+        // At the top of the range: no overflow.
+        t.hello("d", 3, 0);
+        assert_eq!(fwd(t.take(r(u32::MAX), 0)).0, Vec::<u32>::new());
+        let e = t.end_boot("e", 1).expect("another device");
+        assert_eq!((e.held.len(), e.missing), (1, u32::MAX));
     }
 
     #[test]

@@ -555,6 +555,7 @@ topic = "telemetry.{{source}}"
                     time: Timestamp::UnixMs(1_800_000_000_000 + u64::from(seq)),
                     fix: None,
                     channels,
+                    boot: Some(1),
                 });
                 let n = encode(&r, &mut buf).expect("reading");
                 frame_len = n;
