@@ -950,8 +950,23 @@ fn valid_id(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// `spec` without the spaces around its directives and their `=` (`info , librdkafka =
+/// warn` reads as `info,librdkafka=warn`), which the log filter's parser would take for
+/// part of a target's name.
+pub fn tidy_log_filter(spec: &str) -> String {
+    spec.split(',')
+        .map(|d| match d.split_once('=') {
+            Some((target, level)) => format!("{}={}", target.trim(), level.trim()),
+            None => d.trim().to_string(),
+        })
+        .filter(|d| !d.is_empty())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Whether `spec` is a log filter the gateway understands: comma-separated directives,
-/// each a level or `target=level`.
+/// each a level or `target=level` (spaces around them are allowed, see
+/// [`tidy_log_filter`]).
 fn valid_log_filter(spec: &str) -> bool {
     const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
     let level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l.trim()));
@@ -1097,6 +1112,18 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
         if m.receive_maximum == 0 {
             err(format!("{p}.receive_maximum"), "must be at least 1");
         }
+        // Sent in whole seconds as a u16; MQTT 5 brokers (and rumqttc) want at least 5 s.
+        let ka = m.keep_alive;
+        let ka_ok = match m.protocol {
+            MqttVersion::V311 => ka.is_zero() || (1..=65_535).contains(&ka.as_secs()),
+            MqttVersion::V5 => (5..=65_535).contains(&ka.as_secs()),
+        };
+        if !ka_ok || ka.subsec_nanos() != 0 {
+            err(
+                format!("{p}.keep_alive"),
+                "whole seconds: 0 (off) or 1s to 65535s with MQTT 3.1.1, 5s to 65535s with MQTT 5",
+            );
+        }
         if m.max_payload == 0 {
             err(format!("{p}.max_payload"), "must be at least 1");
         }
@@ -1167,8 +1194,27 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
     if k.brokers.trim().is_empty() {
         err("output.kafka.brokers".into(), "must not be empty");
     }
-    if k.topic.is_empty() {
-        err("output.kafka.topic".into(), "must not be empty");
+    if let Err(e) = check_template(&k.topic, true) {
+        err("output.kafka.topic".into(), &e);
+    }
+    if let Err(e) = check_template(&k.key, false) {
+        err("output.kafka.key".into(), &e);
+    }
+    if let Some(t) = &k.dead_letter_topic {
+        if let Err(e) = check_template(t, true).and_then(|()| {
+            if t.contains('{') {
+                Err("the dead-letter topic is a plain topic name, without fields".into())
+            } else {
+                Ok(())
+            }
+        }) {
+            err("output.kafka.dead_letter_topic".into(), &e);
+        }
+    }
+    for (key, value) in &k.options {
+        if let Some(why) = refused_kafka_option(key, value) {
+            err(format!("output.kafka.options.\"{key}\""), why);
+        }
     }
     if k.queue_max_messages == 0 || k.queue_max_kbytes == 0 {
         err(
@@ -1202,6 +1248,70 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
         }
     }
     errs
+}
+
+/// Checks a topic or key template: its `{...}` fields are `source`, `device` or
+/// `tag.NAME`; a topic's fixed parts are only what Kafka allows in a topic name.
+fn check_template(t: &str, topic: bool) -> Result<(), String> {
+    if t.is_empty() {
+        return Err("must not be empty".into());
+    }
+    let mut rest = t;
+    let mut fixed = String::new();
+    while let Some(open) = rest.find(['{', '}']) {
+        fixed.push_str(&rest[..open]);
+        let close = match rest[open..].find('}') {
+            Some(c) if rest.as_bytes()[open] == b'{' => open + c,
+            _ => return Err(format!("unbalanced braces in {t:?}")),
+        };
+        let field = &rest[open + 1..close];
+        let known = matches!(field, "source" | "device")
+            || field
+                .strip_prefix("tag.")
+                .is_some_and(|n| !n.is_empty() && !n.contains('{'));
+        if !known {
+            return Err(format!(
+                "unknown field {{{field}}} in {t:?}: the fields are {{source}}, {{device}} and {{tag.NAME}}"
+            ));
+        }
+        rest = &rest[close + 1..];
+    }
+    fixed.push_str(rest);
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if topic && !fixed.chars().all(legal) {
+        return Err(format!(
+            "{t:?}: a topic is letters, digits, '.', '_' and '-', with {{device}}, {{source}} or {{tag.NAME}} fields"
+        ));
+    }
+    if topic && fixed.len() > 249 {
+        return Err("Kafka topic names are at most 249 characters".into());
+    }
+    Ok(())
+}
+
+/// Why librdkafka property `key` = `value` may not be passed through `options`, if it
+/// may not: it has a typed field (whose checks it would skip), or it would break what the
+/// gateway promises (an event counts as delivered only once every in-sync replica has
+/// it, every delivery is reported, a device's records share a partition, memory is
+/// bounded).
+pub fn refused_kafka_option(key: &str, value: &str) -> Option<&'static str> {
+    let v = value.trim().to_ascii_lowercase();
+    match key.trim() {
+        "acks" | "request.required.acks" if v != "all" && v != "-1" => Some(
+            "must stay `all`: a record counts as delivered only once every in-sync replica has it",
+        ),
+        "delivery.report.only.error" if v != "false" && v != "0" => Some(
+            "must stay false: the gateway releases acks and deletes spool rows on delivery reports",
+        ),
+        "transactional.id" => Some("the gateway's producer is not transactional"),
+        "partitioner" if v == "random" => {
+            Some("`random` ignores the key, and a device's events would lose their order")
+        }
+        "queue.buffering.max.kbytes" => Some("set `queue_max_kbytes` instead"),
+        "queue.buffering.max.messages" => Some("set `queue_max_messages` instead"),
+        "message.timeout.ms" | "delivery.timeout.ms" => Some("set `message_timeout` instead"),
+        _ => None,
+    }
 }
 
 /// Checks one list of stages; `p` is its path (`stages`, `inputs[0].stages`).
@@ -1314,23 +1424,8 @@ fn validate_stages(stages: &[Stage], p: &str, err: &mut impl FnMut(String, &str)
                 }
                 for (j, rule) in r.rules.iter().enumerate() {
                     let Some(topic) = &rule.topic else { continue };
-                    // Outside `{...}` fields, only what Kafka allows in a topic name.
-                    let mut fixed = String::new();
-                    let mut depth = 0;
-                    for c in topic.chars() {
-                        match c {
-                            '{' => depth += 1,
-                            '}' => depth = (depth - 1).max(0),
-                            c if depth == 0 => fixed.push(c),
-                            _ => {}
-                        }
-                    }
-                    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-                    if topic.is_empty() || !fixed.chars().all(legal) {
-                        err(
-                            at(&format!("rules[{j}].topic")),
-                            "a topic is letters, digits, '.', '_' and '-', with {device}, {source} or {tag.NAME} fields",
-                        );
+                    if let Err(e) = check_template(topic, true) {
+                        err(at(&format!("rules[{j}].topic")), &e);
                     }
                 }
             }
@@ -1406,6 +1501,112 @@ brokers = "k:9092"
         assert!(msg.contains("colour"), "{msg}");
     }
 
+    /// The validation errors of `extra` added to a minimal MQTT config, as `path: message`.
+    fn errors_with(input_extra: &str, kafka_extra: &str) -> Vec<String> {
+        let text = format!(
+            "[gateway]\nid = \"gw\"\nstate_dir = \"/tmp\"\n[[inputs]]\ntype = \"mqtt\"\nname = \"m\"\nhost = \"h\"\ntopics = [\"s/{{device}}\"]\n{input_extra}\n[output.kafka]\nbrokers = \"k:9092\"\n{kafka_extra}\n"
+        );
+        match parse(&text, None) {
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                e.0.iter()
+                    .map(|x| format!("{}: {}", x.path.as_deref().unwrap_or("?"), x.message))
+                    .collect()
+            }
+        }
+    }
+
+    #[test]
+    fn keep_alive_is_what_the_protocol_can_send() {
+        for ok in [
+            "keep_alive = \"0s\"",
+            "keep_alive = \"1s\"",
+            "keep_alive = \"65535s\"",
+        ] {
+            assert_eq!(errors_with(ok, ""), Vec::<String>::new(), "{ok}");
+        }
+        for bad in [
+            "keep_alive = \"500ms\"",
+            "keep_alive = \"1500ms\"",
+            "keep_alive = \"65536s\"",
+        ] {
+            let e = errors_with(bad, "");
+            assert!(
+                e.len() == 1 && e[0].starts_with("inputs[0].keep_alive"),
+                "{bad}: {e:?}"
+            );
+        }
+        let v5 = |ka: &str| errors_with(&format!("protocol = \"v5\"\nkeep_alive = \"{ka}\""), "");
+        assert_eq!(v5("5s"), Vec::<String>::new());
+        assert_eq!(v5("4s").len(), 1);
+        assert_eq!(
+            v5("0s").len(),
+            1,
+            "MQTT 5 keep-alive cannot be off in rumqttc"
+        );
+    }
+
+    #[test]
+    fn topic_and_key_templates_are_checked() {
+        for ok in [
+            "topic = \"telemetry.{source}\"",
+            "topic = \"t.{device}.{tag.site}\"\nkey = \"{tag.site}:{device}\"",
+            "dead_letter_topic = \"dead-letters\"",
+        ] {
+            assert_eq!(errors_with("", ok), Vec::<String>::new(), "{ok}");
+        }
+        for (bad, path) in [
+            ("topic = \"telemetry/{source}\"", "output.kafka.topic"),
+            ("topic = \"telemetry.{sourec}\"", "output.kafka.topic"),
+            ("topic = \"telemetry.{source\"", "output.kafka.topic"),
+            ("topic = \"t}\"", "output.kafka.topic"),
+            ("topic = \"{tag.}\"", "output.kafka.topic"),
+            ("key = \"{id}\"", "output.kafka.key"),
+            (
+                "dead_letter_topic = \"dead letters\"",
+                "output.kafka.dead_letter_topic",
+            ),
+            (
+                "dead_letter_topic = \"dead.{source}\"",
+                "output.kafka.dead_letter_topic",
+            ),
+        ] {
+            let e = errors_with("", bad);
+            assert!(e.len() == 1 && e[0].starts_with(path), "{bad}: {e:?}");
+        }
+        let long = format!("topic = \"{}\"", "t".repeat(250));
+        assert_eq!(errors_with("", &long).len(), 1);
+    }
+
+    #[test]
+    fn options_that_would_break_a_promise_are_refused() {
+        let opts = |kv: &str| errors_with("", &format!("[output.kafka.options]\n{kv}"));
+        for ok in [
+            "\"acks\" = \"all\"",
+            "\"enable.idempotence\" = \"false\"",
+            "\"linger.ms\" = \"50\"",
+            "\"partitioner\" = \"murmur2_random\"",
+            "\"reconnect.backoff.max.ms\" = \"500\"",
+        ] {
+            assert_eq!(opts(ok), Vec::<String>::new(), "{ok}");
+        }
+        for bad in [
+            "\"acks\" = \"1\"",
+            "\"request.required.acks\" = \"0\"",
+            "\"delivery.report.only.error\" = \"true\"",
+            "\"transactional.id\" = \"x\"",
+            "\"partitioner\" = \"random\"",
+            "\"queue.buffering.max.kbytes\" = \"1048576\"",
+            "\"message.timeout.ms\" = \"0\"",
+        ] {
+            let e = opts(bad);
+            assert!(
+                e.len() == 1 && e[0].starts_with("output.kafka.options."),
+                "{bad}: {e:?}"
+            );
+        }
+    }
+
     #[test]
     fn log_filters() {
         for ok in [
@@ -1419,6 +1620,10 @@ brokers = "k:9092"
         for bad in ["", "loud", "info,=warn", "gateway=verbose", "info,"] {
             assert!(!valid_log_filter(bad), "{bad}");
         }
+        assert_eq!(
+            tidy_log_filter(" info , librdkafka = warn,gateway::router=debug"),
+            "info,librdkafka=warn,gateway::router=debug"
+        );
     }
 
     #[test]

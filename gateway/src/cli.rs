@@ -89,7 +89,7 @@ fn init_logs(format: LogFormat, level: &str) {
     let from_env = std::env::var("RUST_LOG")
         .ok()
         .filter(|s| !s.trim().is_empty());
-    let parse = |spec: &str| match spec.parse::<Targets>() {
+    let parse = |spec: &str| match gateway_config::tidy_log_filter(spec).parse::<Targets>() {
         Ok(t) => Some(t),
         Err(e) => {
             eprintln!("warning: ignoring the log filter {spec:?}: {e}");

@@ -863,6 +863,36 @@ fn rejected_for_good(quarantine_fails: bool) {
 }
 
 #[test]
+fn a_batch_the_broker_refuses_as_a_whole_loses_no_record() {
+    // A broker refuses a whole produce request as too large (a topic whose
+    // max.message.bytes is below the batch) or with a bad timestamp (brokers without
+    // per-record errors): the records are sent again one at a time, and only one that
+    // fails alone would be set aside. Here the refusal is the broker's once: nothing is.
+    let (_dir, mqtt, kafka, gw) = rig(&[TOPIC], Uplink::Up, "", "", "");
+    kafka.push_request_errors(
+        0,
+        &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    assert_eq!(publish(mqtt.port, 1, 300, None, None), 300);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= 300
+    });
+    check_complete_and_ordered(&records, 1, 300);
+    wait_for("every event delivered", Duration::from_secs(20), || {
+        gw.metric("gateway_events_delivered_total{input=\"site\"}") == 300.0
+    });
+    let log = gw.log_text();
+    assert!(
+        log.contains("sending them one at a time"),
+        "the refused batch was taken apart:\n{log}"
+    );
+    assert_eq!(
+        gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"kafka_rejected\"}"),
+        0.0
+    );
+}
+
+#[test]
 fn after_a_fatal_producer_error_the_producer_is_recreated_and_nothing_is_lost() {
     // The first InitProducerId is refused with an error librdkafka's idempotent producer
     // cannot recover from (a fatal error); a new producer asks again and is let in.

@@ -279,6 +279,7 @@ pub fn start(
         drain_inflight: InFlight::default(),
         drain_cursor: 0,
         drain_failed_min: None,
+        isolate_until: None,
         healthy: true,
         next_probe: Instant::now(),
         write_retry_at: None,
@@ -332,6 +333,9 @@ struct Drained {
     /// An event (counted as delivered), not a dead letter.
     event: bool,
     sent: Instant,
+    /// Sent with nothing else in flight: an error the broker gives a whole batch is this
+    /// record's own.
+    alone: bool,
 }
 
 enum Wake {
@@ -381,6 +385,10 @@ struct Router {
     drain_inflight: InFlight<Drained>,
     drain_cursor: u64,
     drain_failed_min: Option<u64>,
+    /// Records up to this seq failed with an error a broker may give a whole batch for
+    /// one record in it ([`batch_wide`]): the drain sends them one at a time, so the
+    /// record it is about is found and set aside and the others go through.
+    isolate_until: Option<u64>,
     healthy: bool,
     next_probe: Instant,
     /// Set after a failed spool write: inputs are held back until the retry succeeds.
@@ -482,18 +490,45 @@ fn error_kind(e: &KafkaError) -> &'static str {
 /// How long the router waits before it tries again to recreate a producer it could not.
 const RECREATE_RETRY: Duration = Duration::from_secs(5);
 
-/// Errors that no retry can fix for this record (it is too large, the broker calls it
-/// invalid, or its topic name is one librdkafka refuses): the record is quarantined and
-/// counted instead of blocking the spool forever.
+/// Errors the producer gives when a record is handed to it that no retry can fix for
+/// this record (it is too large, invalid, or its topic name is one Kafka refuses): the
+/// record is quarantined and counted instead of blocking the spool forever.
 fn permanent(e: &KafkaError) -> bool {
+    batch_wide(e)
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::InvalidArgument
+                    | RDKafkaErrorCode::InvalidMessageSize
+                    | RDKafkaErrorCode::InvalidTopic
+            )
+        )
+}
+
+/// The same in a delivery report, where [`batch_wide`] errors count only for a record
+/// that was sent alone.
+fn permanent_report(e: &KafkaError, alone: bool) -> bool {
+    if batch_wide(e) {
+        alone
+    } else {
+        permanent(e)
+    }
+}
+
+/// Errors a broker may give a whole batch for one record in it: a batch over the
+/// topic's `max.message.bytes` (librdkafka's own size check fails the record at once,
+/// so in a report this is the broker's), and on brokers without per-record errors a bad
+/// timestamp or record. With per-record errors the others of the batch come back as
+/// `InvalidDifferentRecord`. None of them may drop a record that was not sent alone.
+fn batch_wide(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
         Some(
-            RDKafkaErrorCode::InvalidArgument
-                | RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidMessage
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidTimestamp
                 | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidDifferentRecord
         )
     )
 }
@@ -803,17 +838,21 @@ impl Router {
                     }
                     // Dropping the ack releases it upstream.
                 }
-                Some(e) if permanent(&e) => {
+                Some(e) if permanent_report(&e, false) => {
                     if d.spooled {
                         self.delete_row(seq);
                     }
                     self.reject(d.input, seq, &e, None);
                 }
                 Some(e) => {
-                    if self.healthy {
-                        tracing::warn!(error = %e, "Kafka delivery failed; spooling until it recovers");
+                    if batch_wide(&e) {
+                        self.isolate(seq, &e);
+                    } else {
+                        if self.healthy {
+                            tracing::warn!(error = %e, "Kafka delivery failed; spooling until it recovers");
+                        }
+                        self.healthy = false;
                     }
-                    self.healthy = false;
                     if d.copy_dropped {
                         self.metrics.dropped(
                             &self.inputs[d.input as usize].name,
@@ -838,7 +877,13 @@ impl Router {
                 return;
             };
             let seq = r.tag.seq(lowest);
-            let Some(Drained { input, event, sent }) = self.drain_inflight.remove(&seq) else {
+            let Some(Drained {
+                input,
+                event,
+                sent,
+                alone,
+            }) = self.drain_inflight.remove(&seq)
+            else {
                 return;
             };
             self.latency(sent);
@@ -857,19 +902,33 @@ impl Router {
                     self.metrics.drained(1);
                     self.delete_row(seq);
                 }
-                Some(e) if permanent(&e) => {
+                Some(e) if permanent_report(&e, alone) => {
                     self.delivery_acks.remove(&seq);
                     self.reject(input, seq, &e, Some(seq));
                 }
                 Some(e) => {
-                    if self.healthy {
-                        tracing::warn!(error = %e, "Kafka delivery failed while draining; retrying");
+                    if batch_wide(&e) {
+                        self.isolate(seq, &e);
+                    } else {
+                        if self.healthy {
+                            tracing::warn!(error = %e, "Kafka delivery failed while draining; retrying");
+                        }
+                        self.healthy = false;
                     }
-                    self.healthy = false;
                     self.drain_failed_min = Some(self.drain_failed_min.map_or(seq, |m| m.min(seq)));
                 }
             }
         }
+    }
+
+    /// Record `seq` failed with a [`batch_wide`] error without having been sent alone:
+    /// the drain will send everything up to it one at a time.
+    fn isolate(&mut self, seq: u64, e: &KafkaError) {
+        if self.isolate_until.is_none() {
+            self.metrics.kafka_error(error_kind(e));
+            tracing::warn!(error = %e, "Kafka refused a batch of records; sending them one at a time to find the one it is about");
+        }
+        self.isolate_until = Some(self.isolate_until.map_or(seq, |u| u.max(seq)));
     }
 
     /// Records the time from a record's send to its report.
@@ -1142,7 +1201,16 @@ impl Router {
             self.drain_cursor = 0;
             return;
         }
-        let budget = if self.healthy {
+        if self
+            .isolate_until
+            .is_some_and(|u| self.drain_cursor >= u && self.drain_inflight.is_empty())
+        {
+            self.isolate_until = None;
+            tracing::info!("the records of the refused batch were sent one at a time; draining in batches again");
+        }
+        let budget = if self.healthy && self.isolate_until.is_some() {
+            usize::from(self.drain_inflight.is_empty())
+        } else if self.healthy {
             self.max_inflight
                 .saturating_sub(self.drain_inflight.len() + self.direct.len())
         } else if self.drain_inflight.is_empty() && Instant::now() >= self.next_probe {
@@ -1189,6 +1257,7 @@ impl Router {
                             input,
                             event: matches!(record, Record::Event(_)),
                             sent: self.now,
+                            alone: budget == 1 && self.drain_inflight.is_empty(),
                         };
                         self.drain_inflight.insert(row.seq, drained);
                         self.drain_cursor = row.seq;
