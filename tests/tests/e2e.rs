@@ -863,6 +863,38 @@ fn rejected_for_good(quarantine_fails: bool) {
 }
 
 #[test]
+fn an_oversized_mqtt_message_is_counted_not_a_reconnect_loop() {
+    // MQTT 3.1.1 cannot tell the broker a size limit. A message far over `max_payload`
+    // used to make rumqttc drop the connection, and with a persistent session the broker
+    // sent it again at every reconnect: the input never got past it.
+    let (_dir, mqtt, kafka, gw) = rig(&[TOPIC], Uplink::Up, "", "max_payload = 1000", "");
+    let event = |seq: usize| {
+        (
+            "sensors/dev-0/telemetry".to_string(),
+            format!(r#"{{"seq":{seq},"v":1}}"#).into_bytes(),
+        )
+    };
+    let mut messages: Vec<_> = (0..50).map(event).collect();
+    messages.push((
+        "sensors/dev-0/telemetry".to_string(),
+        format!(r#"{{"note":"{}"}}"#, "x".repeat(100_000)).into_bytes(),
+    ));
+    messages.extend((50..100).map(event));
+    publish_raw(mqtt.port, messages);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= 100
+    });
+    assert_eq!(unique_ids(&records), 100);
+    wait_for("the large message counted", Duration::from_secs(20), || {
+        gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"too_large\"}") == 1.0
+    });
+    assert_eq!(
+        gw.metric("gateway_input_reconnects_total{input=\"site\"}"),
+        0.0
+    );
+}
+
+#[test]
 fn a_batch_the_broker_refuses_as_a_whole_loses_no_record() {
     // A broker refuses a whole produce request as too large (a topic whose
     // max.message.bytes is below the batch) or with a bad timestamp (brokers without

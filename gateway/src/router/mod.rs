@@ -739,7 +739,7 @@ impl Router {
                 }
                 Err(e) if permanent(&e) => {
                     self.metrics.kafka_error(error_kind(&e));
-                    self.reject(input, seq, &e, None);
+                    self.reject(input, event, seq, &e, None);
                     return; // dropping the ack: the record is accounted as dropped
                 }
                 Err(e) => {
@@ -842,7 +842,7 @@ impl Router {
                     if d.spooled {
                         self.delete_row(seq);
                     }
-                    self.reject(d.input, seq, &e, None);
+                    self.reject(d.input, d.event, seq, &e, None);
                 }
                 Some(e) => {
                     if batch_wide(&e) {
@@ -904,7 +904,7 @@ impl Router {
                 }
                 Some(e) if permanent_report(&e, alone) => {
                     self.delivery_acks.remove(&seq);
-                    self.reject(input, seq, &e, Some(seq));
+                    self.reject(input, event, seq, &e, Some(seq));
                 }
                 Some(e) => {
                     if batch_wide(&e) {
@@ -938,11 +938,24 @@ impl Router {
     }
 
     /// Accounts for a record Kafka will never take; a spooled one moves to the
-    /// quarantine table (`gateway spool stats` counts it) so it can be inspected.
-    fn reject(&mut self, input: u32, seq: u64, e: &KafkaError, spooled_row: Option<u64>) {
+    /// quarantine table (`gateway spool stats` counts it) so it can be inspected. A dead
+    /// letter is not counted again: its payload was counted as dropped when it was
+    /// refused (`malformed_json`, a stage's reason, ...).
+    fn reject(
+        &mut self,
+        input: u32,
+        event: bool,
+        seq: u64,
+        e: &KafkaError,
+        spooled_row: Option<u64>,
+    ) {
         let name = self.inputs[input as usize].name.clone();
-        tracing::error!(input = %name, seq, error = %e, "Kafka rejected a record for good; dropped (reason kafka_rejected)");
-        self.metrics.dropped(&name, "kafka_rejected", 1);
+        if event {
+            tracing::error!(input = %name, seq, error = %e, "Kafka rejected a record for good; dropped (reason kafka_rejected)");
+            self.metrics.dropped(&name, "kafka_rejected", 1);
+        } else {
+            tracing::error!(input = %name, seq, error = %e, "Kafka rejected a dead letter for good (its payload was counted as dropped when it was refused)");
+        }
         if let Some(row) = spooled_row {
             self.set_aside(row, &e.to_string());
         }
@@ -1267,7 +1280,8 @@ impl Router {
                         self.metrics.kafka_error(error_kind(&e));
                         self.drain_cursor = row.seq;
                         self.delivery_acks.remove(&row.seq);
-                        self.reject(input, row.seq, &e, Some(row.seq));
+                        let event = matches!(record, Record::Event(_));
+                        self.reject(input, event, row.seq, &e, Some(row.seq));
                     }
                     Err(e) => {
                         if !matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::QueueFull)) {

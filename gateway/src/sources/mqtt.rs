@@ -99,6 +99,16 @@ pub fn check(cfg: &MqttInput, gateway_id: &str) -> Result<(), String> {
     common(cfg, gateway_id).map(|_| ())
 }
 
+/// The largest packet an MQTT 3.1.1 input reads. MQTT 3.1.1 cannot tell the broker a
+/// limit, and rumqttc drops the connection on a larger packet: with a persistent session
+/// the broker sends that message again at every reconnect and the input never gets past
+/// it. So the limit reads well past `max_payload` (at least 16 MiB, one packet's buffer
+/// at a time), and the gateway's own check counts the message as `too_large` and acks it.
+/// MQTT 5 announces its limit in CONNECT, and the broker does not send larger packets.
+fn v311_max_packet(max_payload: usize) -> usize {
+    (max_payload + max_payload / 4 + 1024).max(16 << 20)
+}
+
 /// Opens the client for the configured protocol version.
 fn connect(cfg: &MqttInput, gateway_id: &str) -> Result<Link, String> {
     let c = common(cfg, gateway_id)?;
@@ -111,7 +121,7 @@ fn connect(cfg: &MqttInput, gateway_id: &str) -> Result<Link, String> {
             o.set_keep_alive(cfg.keep_alive)
                 .set_clean_session(cfg.clean_session)
                 .set_manual_acks(manual_acks(cfg))
-                .set_max_packet_size(cfg.max_payload + cfg.max_payload / 4 + 1024, 64 * 1024);
+                .set_max_packet_size(v311_max_packet(cfg.max_payload), 64 * 1024);
             if let Some((u, p)) = c.credentials {
                 o.set_credentials(u, p);
             }
@@ -521,6 +531,10 @@ pub async fn run(
                 }
                 let wait = jittered(delay);
                 tracing::warn!(input = %cfg.name, error = %e, retry_in = ?wait, "MQTT connection lost");
+                if e.contains("payload size limit exceeded") {
+                    tracing::error!(input = %cfg.name, limit = v311_max_packet(cfg.max_payload),
+                        "the broker sent a message larger than this input reads; with a persistent session it will send it again at every reconnect. Limit message sizes at the broker (Mosquitto: message_size_limit) or use protocol = \"v5\", which tells the broker the limit");
+                }
                 if !sleep_unless_stopped(wait, &mut state).await {
                     break;
                 }
