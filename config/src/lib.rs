@@ -1052,6 +1052,23 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
              `target=level` directives, e.g. \"info,librdkafka=warn\"",
         );
     }
+    // Two clients with one id on one broker take the connection from each other in turns.
+    let mut client_ids = std::collections::BTreeMap::new();
+    for (i, input) in c.inputs.iter().enumerate() {
+        if let Input::Mqtt(m) = input {
+            let id = m
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", c.gateway.id, m.name));
+            let broker = (m.host.to_ascii_lowercase(), m.port);
+            if let Some(first) = client_ids.insert((broker, id), i) {
+                err(
+                    format!("inputs[{i}].client_id"),
+                    &format!("inputs[{first}] has the same client id on the same broker; each needs its own"),
+                );
+            }
+        }
+    }
     let mut names = std::collections::BTreeSet::new();
     for (i, input) in c.inputs.iter().enumerate() {
         let p = format!("inputs[{i}]");
@@ -1096,19 +1113,7 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
                 }
             }
         }
-        if let Some(tls) = &m.tls {
-            if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
-                err(
-                    format!("{p}.tls"),
-                    "client_cert_file and client_key_file go together",
-                );
-            }
-        }
-        if let Some(s) = &m.password {
-            if s.file.is_none() && s.env.is_none() {
-                err(format!("{p}.password"), "give `file` or `env`");
-            }
-        }
+        check_credentials(&m.username, &m.password, &m.tls, &p, &mut err);
         if m.receive_maximum == 0 {
             err(format!("{p}.receive_maximum"), "must be at least 1");
         }
@@ -1141,6 +1146,7 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
         if ctl.host.trim().is_empty() {
             err("control.host".into(), "must not be empty");
         }
+        check_credentials(&ctl.username, &ctl.password, &ctl.tls, "control", &mut err);
         if !topic_part(&ctl.prefix) {
             err(
                 "control.prefix".into(),
@@ -1247,7 +1253,50 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
             );
         }
     }
+    if let Some(s) = &k.security.password {
+        if s.file.is_none() && s.env.is_none() {
+            err(
+                "output.kafka.security.password".into(),
+                "give `file` or `env`",
+            );
+        }
+    }
+    if k.security.client_cert_file.is_some() != k.security.client_key_file.is_some() {
+        err(
+            "output.kafka.security".into(),
+            "client_cert_file and client_key_file go together",
+        );
+    }
     errs
+}
+
+/// Checks an MQTT connection's user, password and TLS settings (`p` is its path).
+fn check_credentials(
+    username: &Option<String>,
+    password: &Option<Secret>,
+    tls: &Option<TlsConfig>,
+    p: &str,
+    err: &mut impl FnMut(String, &str),
+) {
+    if let Some(tls) = tls {
+        if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+            err(
+                format!("{p}.tls"),
+                "client_cert_file and client_key_file go together",
+            );
+        }
+    }
+    if let Some(s) = password {
+        if s.file.is_none() && s.env.is_none() {
+            err(format!("{p}.password"), "give `file` or `env`");
+        }
+        if username.is_none() {
+            err(
+                format!("{p}.password"),
+                "a password goes with a username (MQTT sends no password without one)",
+            );
+        }
+    }
 }
 
 /// Checks a topic or key template: its `{...}` fields are `source`, `device` or
@@ -1605,6 +1654,32 @@ brokers = "k:9092"
                 "{bad}: {e:?}"
             );
         }
+    }
+
+    #[test]
+    fn credentials_and_client_ids_are_checked() {
+        let second = |host: &str, id: &str| {
+            format!("client_id = \"x\"\n[[inputs]]\ntype = \"mqtt\"\nname = \"n\"\nhost = \"{host}\"\nclient_id = \"{id}\"\ntopics = [\"a/{{device}}\"]")
+        };
+        assert_eq!(errors_with(&second("H", "y"), ""), Vec::<String>::new());
+        assert_eq!(errors_with(&second("other", "x"), ""), Vec::<String>::new());
+        let e = errors_with(&second("H", "x"), "");
+        assert!(
+            e.len() == 1 && e[0].starts_with("inputs[1].client_id"),
+            "{e:?}"
+        );
+        let e = errors_with("password = { env = \"P\" }", "");
+        assert!(
+            e.len() == 1 && e[0].contains("goes with a username"),
+            "{e:?}"
+        );
+        let e = errors_with("", "[output.kafka.security]\npassword = {}");
+        assert!(
+            e.len() == 1 && e[0].starts_with("output.kafka.security.password"),
+            "{e:?}"
+        );
+        let e = errors_with("", "[output.kafka.security]\nclient_key_file = \"k.pem\"");
+        assert_eq!(e.len(), 1, "{e:?}");
     }
 
     #[test]

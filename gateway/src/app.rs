@@ -393,8 +393,8 @@ pub async fn run(
             _ = &mut shutdown => break,
             Some(Reload { config: next, done }) = reloads.recv() => {
                 let result: Result<(), String> = 'apply: {
-                    if next.gateway != current.gateway || next.spool != current.spool || next.telemetry != current.telemetry {
-                        tracing::warn!("[gateway], [spool] and [telemetry] changes take effect on restart; applying the pipeline only");
+                    if next.gateway != current.gateway || next.spool != current.spool || next.telemetry != current.telemetry || next.control != current.control {
+                        tracing::warn!("[gateway], [spool], [telemetry] and [control] changes take effect on restart; applying the pipeline only");
                     }
                     let pipeline = next.pipeline();
                     // Zones and lookup tables are read when stages are built: a reload

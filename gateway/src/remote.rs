@@ -511,10 +511,12 @@ mod control {
             let (version, hash, config) = match self.store.applied() {
                 Ok(Some(a)) => (a.version, a.hash, a.config),
                 _ => {
+                    let mut output = self.local.output.clone();
+                    super::redact_options(&mut output.kafka.options);
                     let doc = gateway_config::remote::PipelineDoc {
                         inputs: self.local.inputs.clone(),
                         stages: self.local.stages.clone(),
-                        output: self.local.output.clone(),
+                        output,
                     };
                     (0, String::new(), toml::to_string(&doc).unwrap_or_default())
                 }
@@ -828,9 +830,48 @@ pub fn effective_with(local: &Config, a: &Applied) -> Config {
     gateway_config::remote::pipeline_config(local, &a.config).unwrap_or_else(|_| local.clone())
 }
 
+/// Replaces the values of librdkafka options that hold secrets (`ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, a PEM key, ...) before a local config is published
+/// to the control plane, whose topics other clients may read.
+#[cfg(feature = "mqtt")]
+fn redact_options(options: &mut std::collections::BTreeMap<String, String>) {
+    for (k, v) in options.iter_mut() {
+        let k = k.to_ascii_lowercase();
+        if [
+            "password",
+            "secret",
+            "ssl.key.pem",
+            "oauthbearer.config",
+            "sasl.jaas",
+        ]
+        .iter()
+        .any(|s| k.contains(s))
+        {
+            *v = "(redacted)".into();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "mqtt")]
+    #[test]
+    fn secrets_in_kafka_options_are_not_published() {
+        let mut o: std::collections::BTreeMap<String, String> = [
+            ("ssl.key.password", "hunter2"),
+            ("sasl.oauthbearer.client.secret", "s3"),
+            ("linger.ms", "50"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        redact_options(&mut o);
+        assert_eq!(o["ssl.key.password"], "(redacted)");
+        assert_eq!(o["sasl.oauthbearer.client.secret"], "(redacted)");
+        assert_eq!(o["linger.ms"], "50");
+    }
 
     fn applied(version: u64, kept: bool) -> Applied {
         Applied {

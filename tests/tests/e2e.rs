@@ -246,6 +246,7 @@ fn malformed_payloads_are_counted_and_dead_lettered() {
             Some("malformed_json")
         );
         assert!(d.headers["origin"].starts_with("sensors/dev-"));
+        assert!(d.headers["event-id"].starts_with('h'), "a content-hash id");
     }
     wait_for("counters", Duration::from_secs(10), || {
         gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"malformed_json\"}")

@@ -286,6 +286,7 @@ pub fn start(
         recreate_at: None,
         shutting_down: false,
         last_progress_log: Instant::now(),
+        read_error_logged: None,
         now: Instant::now(),
     };
     router.publish_state();
@@ -397,12 +398,18 @@ struct Router {
     recreate_at: Option<Instant>,
     shutting_down: bool,
     last_progress_log: Instant,
+    /// When a failed spool read was last logged (the drain retries on every tick).
+    read_error_logged: Option<Instant>,
     /// The clock, read once per batch of work rather than once per record (send times
     /// and delivery latencies are accurate to that batch, well under a millisecond).
     now: Instant,
 }
 
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The exit status after the spool turned corrupt while running (`EX_SOFTWARE`): a
+/// failure, so systemd's `Restart=on-failure` starts the gateway again.
+pub const EXIT_SPOOL_CORRUPT: i32 = 70;
 
 /// librdkafka's idempotent producer sends a partition's next request only once fewer
 /// than this many of its records are unconfirmed (`RD_KAFKA_IDEMP_MAX_INFLIGHT`, which
@@ -1163,6 +1170,7 @@ impl Router {
                 self.deletes_since = None;
             }
             Err(e) => {
+                self.exit_if_corrupt(&e);
                 let kind = if matches!(e, SpoolError::DiskFull(_)) {
                     "disk_full"
                 } else {
@@ -1174,6 +1182,20 @@ impl Router {
                 }
                 self.write_retry_at = Some(Instant::now() + WRITE_RETRY);
             }
+        }
+    }
+
+    /// A spool file that turns corrupt while the gateway runs (a bad block on the SD
+    /// card after the start's integrity check passed) fails every write and read from then
+    /// on: retrying would hold inputs back for good. The process exits instead (as a
+    /// crash would: nothing unconfirmed was acknowledged from memory), and the next start
+    /// finds the damage, moves the file aside with its rows (`gateway spool export
+    /// --path` reads what is readable) and starts a fresh spool.
+    fn exit_if_corrupt(&self, e: &SpoolError) {
+        if let SpoolError::Corrupt(why) = e {
+            self.metrics.spool_error("corrupt");
+            tracing::error!(error = %why, "the spool file became corrupt while running; exiting so that the next start moves it aside and starts a fresh spool");
+            std::process::exit(EXIT_SPOOL_CORRUPT);
         }
     }
 
@@ -1242,7 +1264,15 @@ impl Router {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot read the spool");
+                    self.exit_if_corrupt(&e);
+                    self.metrics.spool_error("read");
+                    if self
+                        .read_error_logged
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                    {
+                        self.read_error_logged = Some(Instant::now());
+                        tracing::error!(error = %e, "cannot read the spool; the drain tries again");
+                    }
                     return;
                 }
             };

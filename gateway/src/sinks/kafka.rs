@@ -567,6 +567,8 @@ impl KafkaSink {
                 )
             }
             Record::DeadLetter(d) => {
+                // The same payload again (a redelivery) has the same id.
+                let id = crate::event::content_id(&d.source, &d.origin, &d.payload, 0);
                 let topic = self
                     .cfg
                     .dead_letter_topic
@@ -578,6 +580,7 @@ impl KafkaSink {
                     d.origin.as_bytes(),
                     &d.payload,
                     &[
+                        (c"event-id", &id),
                         (c"dead-letter-reason", &d.reason),
                         (c"dead-letter-detail", &d.detail),
                         (c"source", &d.source),
@@ -728,7 +731,7 @@ fn produce(
 ) -> Result<(), KafkaError> {
     use rd::rd_kafka_vtype_t as V;
     use rd::rd_kafka_vu_s__bindgen_ty_1 as U;
-    const MAX_HEADERS: usize = 5;
+    const MAX_HEADERS: usize = 6;
     let vu = |vtype, u| rd::rd_kafka_vu_t { vtype, u };
     let mem = |b: &[u8]| U {
         mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
