@@ -1231,6 +1231,34 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
     if k.message_timeout < Duration::from_secs(1) {
         err("output.kafka.message_timeout".into(), "must be at least 1s");
     }
+    // librdkafka's own ranges, so that check-config says what the producer would refuse
+    // at start.
+    if k.message_timeout.as_millis() > i32::MAX as u128 {
+        err(
+            "output.kafka.message_timeout".into(),
+            "must be at most 24 days",
+        );
+    }
+    if k.linger > Duration::from_secs(900) {
+        err("output.kafka.linger".into(), "must be at most 900s");
+    } else if k.linger >= k.message_timeout {
+        err(
+            "output.kafka.linger".into(),
+            "must be shorter than message_timeout (a record would time out while it lingers)",
+        );
+    }
+    if k.batch_bytes == 0 || k.batch_bytes > i32::MAX as u64 {
+        err(
+            "output.kafka.batch_bytes".into(),
+            "must be between 1 and 2147483647",
+        );
+    }
+    if k.queue_max_messages > i32::MAX as u64 || k.queue_max_kbytes > i32::MAX as u64 {
+        err(
+            "output.kafka.queue_max_messages".into(),
+            "queue bounds must be at most 2147483647",
+        );
+    }
     match k.security.protocol.as_str() {
         "plaintext" | "ssl" | "sasl_plaintext" | "sasl_ssl" => {}
         _ => err(
@@ -1653,6 +1681,27 @@ brokers = "k:9092"
                 e.len() == 1 && e[0].starts_with("output.kafka.options."),
                 "{bad}: {e:?}"
             );
+        }
+    }
+
+    #[test]
+    fn producer_settings_librdkafka_would_refuse_are_errors() {
+        for ok in [
+            "linger = \"0s\"",
+            "linger = \"900s\"\nmessage_timeout = \"1h\"",
+            "batch_bytes = 1",
+        ] {
+            assert_eq!(errors_with("", ok), Vec::<String>::new(), "{ok}");
+        }
+        for bad in [
+            "linger = \"901s\"\nmessage_timeout = \"1h\"",
+            "linger = \"30s\"",
+            "batch_bytes = 0",
+            "batch_bytes = 2147483648",
+            "queue_max_kbytes = 2147483648",
+            "message_timeout = \"25d\"",
+        ] {
+            assert_eq!(errors_with("", bad).len(), 1, "{bad}");
         }
     }
 

@@ -350,8 +350,9 @@ pub async fn run(
     // again here: exiting would make the service manager restart the gateway in a loop,
     // and nothing would ever drain the backlog that fills the disk. Inputs wait; /health
     // says down meanwhile.
-    let (spool, report) = loop {
-        match Spool::open(&path, config.spool.synchronous) {
+    let mut report = crate::spool::OpenReport::default();
+    let spool = loop {
+        match Spool::open_reporting(&path, config.spool.synchronous, &mut report) {
             Ok(opened) => break opened,
             Err(e) if e.may_pass() => {
                 metrics.spool_error(if matches!(e, crate::spool::SpoolError::DiskFull(_)) {

@@ -76,7 +76,8 @@ enum SimulateCommand {
 enum SpoolCommand {
     /// Rows, bytes, per-input counts, schema version.
     Stats,
-    /// Full integrity check and a decode of every row.
+    /// Full integrity check and a decode of every row (the running gateway's WAL grows
+    /// while it reads: see the README).
     Check,
     /// Write every spooled event as a JSON line to stdout.
     Export,

@@ -396,6 +396,9 @@ mod control {
         plane.after_restart();
         let mut status = tokio::time::interval(control.status_interval.max(Duration::from_secs(1)));
         let mut backoff = Duration::from_millis(200);
+        // A control plane that never connects (wrong host, bad TLS) says so: at the first
+        // failure, then once a minute.
+        let mut failing_logged: Option<Instant> = None;
         loop {
             let trial_end = plane.trial.as_ref().map(|t| t.until);
             tokio::select! {
@@ -415,6 +418,10 @@ mod control {
                     Err(e) => {
                         if plane.connected {
                             tracing::warn!(error = %e, "control plane: connection lost; retrying");
+                            failing_logged = Some(Instant::now());
+                        } else if failing_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                            tracing::warn!(broker = %control.host, error = %e, "control plane: cannot connect; retrying");
+                            failing_logged = Some(Instant::now());
                         }
                         plane.connected = false;
                         tokio::time::sleep(crate::sources::jittered(backoff)).await;

@@ -146,6 +146,12 @@ enum Loaded {
 }
 
 impl Record {
+    /// Whether spool bytes hold a dead letter, from their first byte (the variant index,
+    /// a one-byte varint): without decoding the row.
+    pub fn is_dead_letter(stored: &[u8]) -> bool {
+        stored.first() == Some(&1)
+    }
+
     /// postcard bytes, as stored in the spool (with the event's route, if any).
     pub fn encode(&self) -> Vec<u8> {
         let stored = match self {
@@ -413,6 +419,7 @@ mod tests {
         let r = Record::Event(sample());
         let bytes = r.encode();
         assert!(bytes.len() < 140, "compact: {} bytes", bytes.len());
+        assert!(!Record::is_dead_letter(&bytes));
         assert_eq!(Record::decode(&bytes).expect("decodes"), r);
         assert!(Record::decode(&bytes[..bytes.len() / 2]).is_err());
         // Larger than the stack buffer: the same bytes as a growing Vec gives.
@@ -429,6 +436,7 @@ mod tests {
             let big = Record::DeadLetter(d);
             let bytes = big.encode();
             assert_eq!(bytes, want, "{n}-byte payload");
+            assert!(Record::is_dead_letter(&bytes));
             assert_eq!(Record::decode(&bytes).expect("decodes"), big);
         }
     }

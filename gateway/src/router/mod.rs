@@ -861,11 +861,13 @@ impl Router {
                         self.healthy = false;
                     }
                     if d.copy_dropped {
-                        self.metrics.dropped(
-                            &self.inputs[d.input as usize].name,
-                            "spool_overflow",
-                            1,
-                        );
+                        if d.event {
+                            self.metrics.dropped(
+                                &self.inputs[d.input as usize].name,
+                                "spool_overflow",
+                                1,
+                            );
+                        }
                     } else if !d.spooled {
                         // It re-enters at its own seq, which may be below the drain
                         // cursor: the next drain commits it and restarts from the top.
@@ -1100,8 +1102,8 @@ impl Router {
         match self.spool.drop_oldest(after, need) {
             Ok(dropped) => {
                 let freed_rows = dropped.len();
-                for (seq, source) in dropped {
-                    self.count_overflow(seq, &source);
+                for (seq, source, event) in dropped {
+                    self.count_overflow(seq, &source, event);
                 }
                 if freed_rows > 0 {
                     tracing::warn!(
@@ -1126,14 +1128,16 @@ impl Router {
             }
             let rows: Vec<Row> = self.pending.drain(..k).collect();
             for row in rows {
-                self.count_overflow(row.seq, &row.source);
+                let event = !Record::is_dead_letter(&row.data);
+                self.count_overflow(row.seq, &row.source, event);
             }
             self.pending_bytes -= freed;
         }
     }
 
-    /// Accounts for a spool row dropped by `drop_oldest`.
-    fn count_overflow(&mut self, seq: u64, source: &str) {
+    /// Accounts for a spool row dropped by `drop_oldest`. A dead letter is not counted
+    /// again: its payload was counted as dropped when it was refused.
+    fn count_overflow(&mut self, seq: u64, source: &str, event: bool) {
         if let Some(d) = self.direct.get_mut(&seq) {
             // Still in flight in the producer: its fate decides.
             d.spooled = false;
@@ -1141,7 +1145,9 @@ impl Router {
             return;
         }
         self.delivery_acks.remove(&seq);
-        self.metrics.dropped(source, "spool_overflow", 1);
+        if event {
+            self.metrics.dropped(source, "spool_overflow", 1);
+        }
     }
 
     fn commit(&mut self) {
@@ -1385,8 +1391,10 @@ impl Router {
         // with it; unless the copy was dropped by the overflow policy, which counts now.
         for (seq, mut d) in std::mem::take(&mut self.direct) {
             if d.copy_dropped {
-                let name = self.inputs[d.input as usize].name.clone();
-                self.metrics.dropped(&name, "spool_overflow", 1);
+                if d.event {
+                    let name = self.inputs[d.input as usize].name.clone();
+                    self.metrics.dropped(&name, "spool_overflow", 1);
+                }
                 continue;
             }
             if let Some(ack) = d.ack.take() {

@@ -210,10 +210,22 @@ pub fn quarantine_file(path: &Path) -> std::io::Result<PathBuf> {
 impl Spool {
     /// Opens (or creates) the spool. A corrupt file is quarantined and a fresh one made.
     pub fn open(path: &Path, sync: Synchronous) -> Result<(Spool, OpenReport), SpoolError> {
+        let mut report = OpenReport::default();
+        let spool = Spool::open_reporting(path, sync, &mut report)?;
+        Ok((spool, report))
+    }
+
+    /// [`Spool::open`] that records what it did in `report` even when it fails: a
+    /// corrupt file moved aside before the fresh spool could not be made (a full disk) is
+    /// still reported by the attempt that succeeds later with the same `report`.
+    pub fn open_reporting(
+        path: &Path,
+        sync: Synchronous,
+        report: &mut OpenReport,
+    ) -> Result<Spool, SpoolError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let mut report = OpenReport::default();
         let conn = match open_checked(path, sync) {
             Ok(c) => c,
             Err(SpoolError::Corrupt(why)) => {
@@ -226,7 +238,7 @@ impl Spool {
             }
             Err(e) => return Err(e),
         };
-        Ok((Spool::with_counts(conn, path)?, report))
+        Spool::with_counts(conn, path)
     }
 
     /// Wraps an open connection, reading the row and byte counts and the highest seq.
@@ -340,25 +352,31 @@ impl Spool {
     /// Deletes the oldest rows with `seq > after` until at least `need` bytes are freed
     /// (or nothing is left). Returns `(seq, source)` of every row dropped, so every drop
     /// can be counted.
-    pub fn drop_oldest(&mut self, after: u64, need: u64) -> Result<Vec<(u64, String)>, SpoolError> {
+    pub fn drop_oldest(
+        &mut self,
+        after: u64,
+        need: u64,
+    ) -> Result<Vec<(u64, String, bool)>, SpoolError> {
         let tx = self.conn.transaction()?;
         let mut freed = 0u64;
-        let mut dropped: Vec<(u64, String)> = Vec::new();
+        let mut dropped: Vec<(u64, String, bool)> = Vec::new();
         let mut count = 0u64;
         {
             let mut sel = tx.prepare_cached(
-                "SELECT seq, source, length(data) FROM spool WHERE seq > ?1 ORDER BY seq LIMIT 256",
+                "SELECT seq, source, length(data), substr(data, 1, 1) FROM spool WHERE seq > ?1 ORDER BY seq LIMIT 256",
             )?;
             let mut del = tx.prepare_cached("DELETE FROM spool WHERE seq = ?1")?;
             let mut cursor = after;
             while freed < need {
-                let batch: Vec<(i64, String, i64)> = sel
-                    .query_map([cursor as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                let batch: Vec<(i64, String, i64, Vec<u8>)> = sel
+                    .query_map([cursor as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?
                     .collect::<Result<_, _>>()?;
                 if batch.is_empty() {
                     break;
                 }
-                for (seq, source, len) in batch {
+                for (seq, source, len, head) in batch {
                     if freed >= need {
                         break;
                     }
@@ -366,7 +384,7 @@ impl Spool {
                     freed += len as u64;
                     count += 1;
                     cursor = seq as u64;
-                    dropped.push((seq as u64, source));
+                    dropped.push((seq as u64, source, !Record::is_dead_letter(&head)));
                 }
             }
         }
