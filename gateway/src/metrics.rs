@@ -76,6 +76,7 @@ struct Inner {
     connected: Family<L1, Gauge>,
     silent: Family<L1, Gauge>,
     reconnects: Family<L1, Counter>,
+    values_skipped: Family<L2, Counter>,
     stage_in: Family<L1, Counter>,
     stage_out: Family<L1, Counter>,
     stage_dropped: Family<L2, Counter>,
@@ -119,6 +120,7 @@ impl Metrics {
         let connected = Family::default();
         let silent = Family::default();
         let reconnects = Family::default();
+        let values_skipped = Family::default();
         let stage_in = Family::default();
         let stage_out = Family::default();
         let stage_dropped = Family::default();
@@ -179,6 +181,11 @@ impl Metrics {
             "input_silent",
             "1 while a connected input has heard nothing for its silence timeout (serial)",
             silent.clone(),
+        );
+        r.register(
+            "input_values_skipped",
+            "Values left out of an otherwise good event (reason not_finite: a NaN or infinite sensor value), per input",
+            values_skipped.clone(),
         );
         r.register(
             "input_reconnects",
@@ -269,6 +276,7 @@ impl Metrics {
             connected,
             silent,
             reconnects,
+            values_skipped,
             stage_in,
             stage_out,
             stage_dropped,
@@ -479,6 +487,15 @@ impl InputMetrics {
     /// Counts a drop.
     pub fn dropped(&self, reason: &str, n: u64) {
         self.metrics.dropped(&self.name, reason, n);
+    }
+
+    /// Counts values left out of an event that still goes on.
+    pub fn values_skipped(&self, reason: &str, n: u64) {
+        self.metrics
+            .0
+            .values_skipped
+            .get_or_create(&[("input", self.name.clone()), ("reason", reason.to_string())])
+            .inc_by(n);
     }
 }
 

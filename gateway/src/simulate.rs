@@ -77,6 +77,9 @@ pub struct SerialSim {
     /// to noise would be; the device sends another when no ack comes.
     #[arg(long)]
     pub lose_hello: bool,
+    /// Every this many readings, channel 2 reads NaN (a sensor fault) (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub nan_every: u64,
     /// Unplug every this many seconds (0: never).
     #[arg(long, default_value_t = 0.0)]
     pub unplug_every: f64,
@@ -156,6 +159,8 @@ struct SimBoard {
     rng: StdRng,
     taken: u64,
     limit: u64,
+    /// `--nan-every`.
+    nan_every: u64,
 }
 
 impl Board for SimBoard {
@@ -174,9 +179,14 @@ impl Board for SimBoard {
             id: 1,
             value: 20.0 + (t / 50.0).sin() * 5.0,
         });
+        let faulty = self.nan_every > 0 && self.taken % self.nan_every == 0;
         let _ = channels.push(Channel {
             id: 2,
-            value: self.rng.random_range(30.0..60.0),
+            value: if faulty {
+                f32::NAN
+            } else {
+                self.rng.random_range(30.0..60.0)
+            },
         });
         Some(Sample {
             channels,
@@ -347,6 +357,7 @@ pub async fn serial(
         rng: StdRng::seed_from_u64(sim.seed.wrapping_add(1)),
         taken: 0,
         limit: sim.count,
+        nan_every: sim.nan_every,
     };
     let mut sniff = Decoder::new();
     let mut buf = [0u8; 4096];

@@ -261,6 +261,34 @@ fn a_reboot_whose_hello_is_lost_makes_no_false_duplicates() {
 }
 
 #[test]
+fn a_nan_channel_is_left_out_and_counted() {
+    let (_dir, kafka, gw, sim) = rig(
+        "",
+        &["--count", "400", "--rate", "400", "--nan-every", "10"],
+    );
+    let r = report(sim);
+    let records = check_delivered(&kafka, &gw, &r);
+    let mut first = BTreeMap::new();
+    for c in &records {
+        first
+            .entry(c.headers["event-id"].clone())
+            .or_insert(&c.value);
+    }
+    let without: Vec<_> = first
+        .iter()
+        .filter(|(_, v)| v["readings"].get("humidity").is_none())
+        .collect();
+    assert_eq!(without.len(), 40, "every tenth reading lacks channel 2");
+    assert!(without
+        .iter()
+        .all(|(_, v)| v["readings"]["temperature"].is_number()));
+    assert_eq!(
+        gw.metric("gateway_input_values_skipped_total{input=\"dev\",reason=\"not_finite\"}"),
+        40.0
+    );
+}
+
+#[test]
 fn an_unplugged_port_is_reopened_and_the_device_resends() {
     let (_dir, kafka, gw, sim) = rig(
         "",

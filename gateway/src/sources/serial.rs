@@ -650,6 +650,12 @@ impl<'a> Session<'a> {
     ) -> Result<(), Closed> {
         for (r, received_ns) in ready {
             let ack = self.ack(acks, out, boot, r.seq);
+            // A NaN or infinite value (a sensor fault) has no JSON form: the reading goes
+            // on without it, counted.
+            let not_finite = r.channels.iter().filter(|c| !c.value.is_finite()).count();
+            if not_finite > 0 {
+                self.m.values_skipped("not_finite", not_finite as u64);
+            }
             match reading_event(self.cfg, id, boot, &r, &self.origin, received_ns) {
                 Ok(event) => self.emit.events([event], &ack).await?,
                 Err(bad) => {
