@@ -919,6 +919,11 @@ fn a_batch_the_broker_refuses_as_a_whole_loses_no_record() {
         log.contains("sending them one at a time"),
         "the refused batch was taken apart:\n{log}"
     );
+    // Every record went through alone: the warning points at batch_bytes.
+    wait_for("the end of the isolation", Duration::from_secs(20), || {
+        gw.log_text()
+            .contains("every record of the refused batch went through alone")
+    });
     assert_eq!(
         gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"kafka_rejected\"}"),
         0.0

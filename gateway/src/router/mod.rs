@@ -280,6 +280,7 @@ pub fn start(
         drain_cursor: 0,
         drain_failed_min: None,
         isolate_until: None,
+        isolation_found: false,
         healthy: true,
         next_probe: Instant::now(),
         write_retry_at: None,
@@ -390,6 +391,8 @@ struct Router {
     /// one record in it ([`batch_wide`]): the drain sends them one at a time, so the
     /// record it is about is found and set aside and the others go through.
     isolate_until: Option<u64>,
+    /// This isolation round set a record aside (it failed alone).
+    isolation_found: bool,
     healthy: bool,
     next_probe: Instant,
     /// Set after a failed spool write: inputs are held back until the retry succeeds.
@@ -912,6 +915,7 @@ impl Router {
                     self.delete_row(seq);
                 }
                 Some(e) if permanent_report(&e, alone) => {
+                    self.isolation_found |= batch_wide(&e);
                     self.delivery_acks.remove(&seq);
                     self.reject(input, event, seq, &e, Some(seq));
                 }
@@ -934,7 +938,8 @@ impl Router {
     /// the drain will send everything up to it one at a time.
     fn isolate(&mut self, seq: u64, e: &KafkaError) {
         if self.isolate_until.is_none() {
-            self.metrics.kafka_error(error_kind(e));
+            // The report itself was counted by kind in `on_report`.
+            self.isolation_found = false;
             tracing::warn!(error = %e, "Kafka refused a batch of records; sending them one at a time to find the one it is about");
         }
         self.isolate_until = Some(self.isolate_until.map_or(seq, |u| u.max(seq)));
@@ -1200,6 +1205,9 @@ impl Router {
     fn exit_if_corrupt(&self, e: &SpoolError) {
         if let SpoolError::Corrupt(why) = e {
             self.metrics.spool_error("corrupt");
+            if let Err(m) = self.spool.mark_corrupt() {
+                tracing::error!(error = %m, "cannot leave the marker that makes the next start move the spool aside");
+            }
             tracing::error!(error = %why, "the spool file became corrupt while running; exiting so that the next start moves it aside and starts a fresh spool");
             std::process::exit(EXIT_SPOOL_CORRUPT);
         }
@@ -1247,7 +1255,12 @@ impl Router {
             .is_some_and(|u| self.drain_cursor >= u && self.drain_inflight.is_empty())
         {
             self.isolate_until = None;
-            tracing::info!("the records of the refused batch were sent one at a time; draining in batches again");
+            if self.isolation_found {
+                tracing::info!("the records of the refused batch were sent one at a time; draining in batches again");
+            } else {
+                // Each went through alone: the batch itself was too much for the topic.
+                tracing::warn!("every record of the refused batch went through alone: the topic's max.message.bytes is probably below output.kafka.batch_bytes; lower batch_bytes, or batches will keep being refused and resent one record at a time");
+            }
         }
         let budget = if self.healthy && self.isolate_until.is_some() {
             usize::from(self.drain_inflight.is_empty())

@@ -102,11 +102,12 @@ pub fn check(cfg: &MqttInput, gateway_id: &str) -> Result<(), String> {
 /// The largest packet an MQTT 3.1.1 input reads. MQTT 3.1.1 cannot tell the broker a
 /// limit, and rumqttc drops the connection on a larger packet: with a persistent session
 /// the broker sends that message again at every reconnect and the input never gets past
-/// it. So the limit reads well past `max_payload` (at least 16 MiB, one packet's buffer
-/// at a time), and the gateway's own check counts the message as `too_large` and acks it.
+/// it. So the limit reads well past `max_payload` (at least 4 MiB; rumqttc parses up to
+/// a few packets per read, so a burst of such messages holds tens of MiB for a moment),
+/// and the gateway's own check counts the message as `too_large` and acks it.
 /// MQTT 5 announces its limit in CONNECT, and the broker does not send larger packets.
 fn v311_max_packet(max_payload: usize) -> usize {
-    (max_payload + max_payload / 4 + 1024).max(16 << 20)
+    (max_payload + max_payload / 4 + 1024).max(4 << 20)
 }
 
 /// Opens the client for the configured protocol version.

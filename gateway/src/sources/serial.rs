@@ -553,9 +553,11 @@ impl<'a> Session<'a> {
             missing,
         }) = ended.filter(|e| !e.held.is_empty())
         {
-            // Their acks belong to the ended boot's generation and are not sent.
+            // Never acknowledged: an ack up to the last of them would also cover the
+            // missing ones, and the port may now hold another device whose boot number
+            // happens to be the same.
             tracing::warn!(input = %self.cfg.name, device = %id, boot, readings = held.len(), missing, "a new boot: forwarding the previous boot's readings that waited behind a gap; the device no longer has the missing ones");
-            self.forward(held, &id, boot, acks, out).await?;
+            self.forward(held, &id, boot, None).await?;
         }
         let (ready, ack, lost) = lock(&self.track).hello(&h.device_id, h.boot, h.resume_from);
         if lost > 0 {
@@ -565,7 +567,7 @@ impl<'a> Session<'a> {
         if let Some(up_to) = ack {
             out.ack(lock(&self.track).generation(), h.boot, up_to);
         }
-        self.forward(ready, h.device_id.as_str(), h.boot, acks, out)
+        self.forward(ready, h.device_id.as_str(), h.boot, Some((acks, out)))
             .await
     }
 
@@ -636,20 +638,23 @@ impl<'a> Session<'a> {
                 out.resend(boot, from, count);
             }
         }
-        self.forward(ready, &id, boot, acks, out).await
+        self.forward(ready, &id, boot, Some((acks, out))).await
     }
 
-    /// Turns readings now in order into events and sends them on.
+    /// Turns readings now in order into events and sends them on; `ack_to` is where
+    /// their acks go (`None`: not acknowledged).
     async fn forward(
         &self,
         ready: Vec<(Reading, i64)>,
         id: &str,
         boot: u32,
-        acks: &Acks,
-        out: &Out,
+        ack_to: Option<(&Acks, &Out)>,
     ) -> Result<(), Closed> {
         for (r, received_ns) in ready {
-            let ack = self.ack(acks, out, boot, r.seq);
+            let ack = match ack_to {
+                Some((acks, out)) => self.ack(acks, out, boot, r.seq),
+                None => Ack::none(),
+            };
             // A NaN or infinite value (a sensor fault) has no JSON form: the reading goes
             // on without it, counted.
             let not_finite = r.channels.iter().filter(|c| !c.value.is_finite()).count();

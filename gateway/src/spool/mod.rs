@@ -183,6 +183,11 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, SpoolError
     Ok(conn)
 }
 
+/// The file [`Spool::mark_corrupt`] leaves beside the spool.
+fn corrupt_marker(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.corrupt-at-run", path.display()))
+}
+
 /// Moves a damaged spool (and its WAL and SHM files) aside; returns the new name.
 pub fn quarantine_file(path: &Path) -> std::io::Result<PathBuf> {
     let stamp = std::time::SystemTime::now()
@@ -226,7 +231,17 @@ impl Spool {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let conn = match open_checked(path, sync) {
+        // Left by a run that found the file corrupt (`mark_corrupt`): the start's quick
+        // check may not see that damage, and trusting it would exit again, in a loop.
+        let marker = corrupt_marker(path);
+        let checked = if marker.exists() && path.exists() {
+            Err(SpoolError::Corrupt(
+                "SQLite found it corrupt while the gateway ran".into(),
+            ))
+        } else {
+            open_checked(path, sync)
+        };
+        let conn = match checked {
             Ok(c) => c,
             Err(SpoolError::Corrupt(why)) => {
                 let moved = quarantine_file(path)?;
@@ -238,7 +253,16 @@ impl Spool {
             }
             Err(e) => return Err(e),
         };
+        if marker.exists() {
+            std::fs::remove_file(&marker)?;
+        }
         Spool::with_counts(conn, path)
+    }
+
+    /// Records that SQLite found this spool corrupt while running, so that the next open
+    /// moves it aside whatever its quick check says.
+    pub fn mark_corrupt(&self) -> std::io::Result<()> {
+        std::fs::write(corrupt_marker(&self.path), b"")
     }
 
     /// Wraps an open connection, reading the row and byte counts and the highest seq.

@@ -19,6 +19,26 @@ fn open(dir: &tempfile::TempDir) -> Spool {
 }
 
 #[test]
+fn a_spool_marked_corrupt_while_running_is_moved_aside_at_the_next_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.sqlite");
+    let mut s = open(&dir);
+    s.write(&[row(1, 10), row(2, 20)], &[]).expect("write");
+    s.mark_corrupt().expect("marker");
+    drop(s);
+    // The file itself passes every check: the marker alone moves it.
+    let (s, report) = Spool::open(&path, Synchronous::Off).expect("opens");
+    let moved = report.quarantined.expect("moved aside");
+    assert_eq!(s.rows(), 0);
+    assert!(!corrupt_marker(&path).exists(), "the marker is gone");
+    let (old, _) = Spool::open(&moved, Synchronous::Off).expect("the moved file opens");
+    assert_eq!(old.rows(), 2, "its rows kept");
+    drop(s);
+    let (_, again) = Spool::open(&path, Synchronous::Off).expect("opens");
+    assert!(again.quarantined.is_none(), "once");
+}
+
+#[test]
 fn append_read_delete_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = open(&dir);
