@@ -88,8 +88,13 @@ impl Timers {
         let mut items = items.into_iter().peekable();
         while items.peek().is_some() {
             let batch: Vec<_> = items.by_ref().take(crate::router::MAX_BATCH).collect();
-            // Counted before the batch goes into the send, which giving up drops.
-            let sources: Vec<String> = batch.iter().map(|i| i.record.source().into()).collect();
+            // Counted before the batch goes into the send, which giving up drops. Only
+            // events: a dead letter's payload was counted as dropped when it was refused.
+            let event_source = |i: &crate::router::Item| match &i.record {
+                crate::event::Record::Event(_) => Some(i.record.source().to_string()),
+                crate::event::Record::DeadLetter(_) => None,
+            };
+            let sources: Vec<String> = batch.iter().filter_map(event_source).collect();
             tokio::select! {
                 sent = self.ctx.items.send(batch.into_iter().collect()) => {
                     if sent.is_err() {
@@ -100,7 +105,7 @@ impl Timers {
                 Ok(_) = give_up.wait_for(|g| *g) => {
                     let rest = sources
                         .into_iter()
-                        .chain(items.map(|i| i.record.source().to_string()));
+                        .chain(items.filter_map(|i| event_source(&i)));
                     for source in rest {
                         self.ctx.metrics.dropped(&source, "stage_flush_timeout", 1);
                     }

@@ -295,6 +295,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let (d0, s0) = (m.delivered.get(), metrics.totals().spool_rows);
     let total = published.load(Ordering::Relaxed);
+    let mut drained = true;
     loop {
         let dropped = dropped_total(&metrics);
         let t = metrics.totals();
@@ -302,10 +303,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         if m.delivered.get() + dropped >= total && t.spool_rows == 0 && t.inflight == 0 {
             break;
         }
-        anyhow::ensure!(
-            t0.elapsed() < Duration::from_secs(120),
-            "the spool did not drain within 2 minutes"
-        );
+        // A lost event never lets the sum reach `total`: stop waiting and let the table
+        // below show it, rather than ending without one.
+        if t0.elapsed() >= Duration::from_secs(120) {
+            drained = false;
+            break;
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     phases.push(Phase {
@@ -407,6 +410,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  spooled while Kafka was away   {:>9}", pm.spooled.get());
     println!("  lost                           {pump_lost:>9}   = acknowledged - in Kafka");
     let _ = std::fs::remove_dir_all(&state);
+    if !drained {
+        println!();
+        println!("the counts did not add up within 2 minutes of the last event");
+    }
     anyhow::ensure!(lost == 0, "{lost} events were lost");
     anyhow::ensure!(
         pump_lost == 0,

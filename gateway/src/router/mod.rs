@@ -170,6 +170,43 @@ impl RouterSender {
         self.send_part(batch).await
     }
 
+    /// [`RouterSender::send`] that gives up once `stop` resolves while it waits for
+    /// room; `Err` gives back what was not sent (parts already in stay in).
+    pub async fn send_unless(
+        &self,
+        mut batch: Batch,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), Batch> {
+        tokio::pin!(stop);
+        let part = (self.room / 4).max(1);
+        loop {
+            let rest = (batch.len() > self.room).then(|| batch.split_off(part));
+            let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+            let acquired = tokio::select! {
+                biased;
+                p = self.slots.acquire_many(n) => p.ok(),
+                () = &mut stop => None,
+            };
+            let sent = match acquired {
+                Some(permits) => {
+                    permits.forget();
+                    self.tx.send(batch).map_err(|flume::SendError(b)| b)
+                }
+                None => Err(batch),
+            };
+            match (sent, rest) {
+                (Ok(()), None) => return Ok(()),
+                (Ok(()), Some(rest)) => batch = rest,
+                (Err(mut unsent), rest) => {
+                    if let Some(rest) = rest {
+                        unsent.0.extend(rest.into_items());
+                    }
+                    return Err(unsent);
+                }
+            }
+        }
+    }
+
     /// Sends a batch of at most `room` records.
     async fn send_part(&self, batch: Batch) -> Result<(), Batch> {
         let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
@@ -642,6 +679,18 @@ impl Router {
             }
         }
         self.finish();
+        // No sender gets room from now on; what got in after the last look at the
+        // channel is not taken: dropping it disarms its acks (the messages come again),
+        // and its events are counted, as an input that gave up would count them.
+        slots.close();
+        while let Ok(batch) = items.try_recv() {
+            for item in batch.iter() {
+                if matches!(item.record, Record::Event(_)) {
+                    self.metrics
+                        .dropped(item.record.source(), "input_stopped", 1);
+                }
+            }
+        }
         self.metrics.router_alive(false);
     }
 
@@ -1538,6 +1587,32 @@ mod tests {
             gate_linger(&out(20, &[("enable.idempotence", "false")])),
             None
         );
+    }
+
+    #[tokio::test]
+    async fn a_send_told_to_stop_gives_back_exactly_what_did_not_go_in() {
+        let items = |n: u32| {
+            (0..n)
+                .map(|i| Item {
+                    record: Record::Event(event("d", "t", f64::from(i))),
+                    ack: Ack::none(),
+                    until_delivered: false,
+                })
+                .collect::<Batch>()
+        };
+        let (tx, rx) = RouterSender::for_test(8);
+        // Room for all of it: the stop (already due) does not win.
+        assert!(tx.send_unless(items(3), async {}).await.is_ok());
+        // 5 permits left; 11 records go in parts of 2 while there is room (2, 2), then
+        // the third part waits, and the stop gives back the other 7.
+        let unsent = tx
+            .send_unless(items(11), tokio::time::sleep(Duration::from_millis(50)))
+            .await
+            .expect_err("stopped");
+        assert_eq!(unsent.len(), 7);
+        let taken: usize = rx.drain().map(|b| b.len()).sum();
+        assert_eq!(taken, 3 + 4, "every record is either in or given back");
+        assert_eq!(tx.slots.available_permits(), 1);
     }
 
     #[tokio::test]

@@ -225,35 +225,38 @@ impl<'a> Emitter<'a> {
             return Ok(());
         }
         batch.fit();
-        // A batch the router does not take (it is gone, or this future is dropped while
-        // it waits for room) disarms its acks when it is dropped: see `Batch`.
-        let Some(mut state) = self.state.clone() else {
-            return self.ctx.items.send(batch).await.map_err(|_| Closed);
-        };
         // Told to stop while the router has no room (a full spool with `block`): after
-        // a grace period the batch is dropped with the send, so that a reload or a
-        // shutdown does not wait for Kafka to come back. Its messages' acks are disarmed
-        // (a QoS 1 broker sends them again); its events are counted as dropped
-        // (`input_stopped`), and received again if they come again.
-        let events = batch
-            .iter()
-            .filter(|i| matches!(i.record, Record::Event(_)))
-            .count() as u64;
+        // a grace period the batch is given up, so that a reload or a shutdown does not
+        // wait for Kafka to come back. A batch the router does not take (given up, or
+        // the router is gone) disarms its acks when it is dropped (see `Batch`): a QoS 1
+        // broker sends its messages again. Its events are counted as dropped
+        // (`input_stopped`) on their own inputs, and received again if they come again.
+        let state = self.state.clone();
         let stopped = async {
+            let Some(mut state) = state else {
+                return std::future::pending().await;
+            };
             if state.wait_for(|s| *s == SourceState::Stop).await.is_err() {
                 return std::future::pending().await;
             }
             tokio::time::sleep(STOP_GRACE).await;
         };
-        tokio::select! {
-            biased;
-            sent = self.ctx.items.send(batch) => sent.map_err(|_| Closed),
-            () = stopped => {
-                self.m.dropped("input_stopped", events);
-                tracing::warn!(input = %self.m.name, events, "stopped while the router had no room (a full spool?): dropped what was waiting to go in; QoS 1 messages come again");
-                Err(Closed)
+        let Err(unsent) = self.ctx.items.send_unless(batch, stopped).await else {
+            return Ok(());
+        };
+        let mut events = 0u64;
+        for i in unsent.iter() {
+            if matches!(i.record, Record::Event(_)) {
+                self.ctx
+                    .metrics
+                    .dropped(i.record.source(), "input_stopped", 1);
+                events += 1;
             }
         }
+        if events > 0 {
+            tracing::warn!(input = %self.m.name, events, "stopped while the router had no room (a full spool?), or the router is gone: dropped what was waiting to go in; QoS 1 messages come again");
+        }
+        Err(Closed)
     }
 
     /// Counts `events` as received and runs them through the stages to the router; each
