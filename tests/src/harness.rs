@@ -541,16 +541,24 @@ impl Gateway {
         });
     }
 
-    /// Its metrics, `name{labels}` → value.
+    /// Its metrics, `name{labels}` → value. Panics when `/metrics` cannot be read: a
+    /// check that a count is 0 must not pass because the gateway is gone.
     pub fn metrics(&self) -> BTreeMap<String, f64> {
-        let text = http_get(self.metrics_port, "/metrics").unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                Some((k.to_string(), v.parse().ok()?))
-            })
-            .collect()
+        parse_metrics(&self.metrics_text())
+    }
+
+    /// The `/metrics` text (five tries over about a second).
+    fn metrics_text(&self) -> String {
+        for _ in 0..5 {
+            if let Some(text) = http_get(self.metrics_port, "/metrics") {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "cannot read the gateway's /metrics (is it running?); its log:\n{}",
+            self.log_text()
+        )
     }
 
     /// All drops, every input and reason.
@@ -562,15 +570,29 @@ impl Gateway {
             .sum()
     }
 
-    /// One metric (0 when absent).
+    /// One metric (0 when its labels have not been counted yet). Its family must exist:
+    /// a misspelt name would read as 0 for ever.
     pub fn metric(&self, key: &str) -> f64 {
-        self.metrics().get(key).copied().unwrap_or(0.0)
+        let text = self.metrics_text();
+        let family = key.split('{').next().unwrap_or(key);
+        let known = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .any(|name| {
+                ["", "_total", "_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| family.strip_suffix(suffix) == Some(name))
+            });
+        assert!(known, "no metric family for {key}");
+        parse_metrics(&text).get(key).copied().unwrap_or(0.0)
     }
 
     /// Prints the gateway's metrics, its first warnings and errors and the last lines of
     /// its log. A gateway dropped during a test's panic does this itself.
     pub fn dump(&self) {
-        for (k, v) in self.metrics() {
+        let text = http_get(self.metrics_port, "/metrics").unwrap_or_default();
+        for (k, v) in parse_metrics(&text) {
             if k.starts_with("gateway_") && !k.contains("bucket") {
                 eprintln!("{k} {v}");
             }
@@ -602,6 +624,17 @@ impl Drop for Gateway {
         }
         self.kill9();
     }
+}
+
+/// `name{labels}` → value, from a `/metrics` text.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
 }
 
 /// A plain HTTP GET on 127.0.0.1; the body, or `None` on any failure.

@@ -139,11 +139,17 @@ fn kafka_down_for_30s_spools_then_drains_in_order() {
 
 #[test]
 fn kill_9_at_random_moments_loses_nothing_acknowledged() {
-    use rand::Rng;
+    use rand::{Rng, SeedableRng};
     let (devices, n) = (20, 1000); // 20k events over ~30 s
     let (_dir, mqtt, kafka, mut gw) = rig(&[TOPIC], Uplink::Up, "synchronous = \"full\"", "", "");
     let publisher = publish_in_background(mqtt.port, devices, n, Duration::from_micros(1500));
-    let mut rng = rand::rng();
+    // KILL_SEED=N replays a run's kill times.
+    let seed = std::env::var("KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random::<u64>());
+    eprintln!("kill times from KILL_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for round in 0..6 {
         std::thread::sleep(Duration::from_millis(rng.random_range(500..3000)));
         // Cut Kafka sometimes, so kills also land while spooling and draining.
@@ -469,10 +475,21 @@ fn sighup_rebuilds_the_pipeline_and_sigterm_spools_the_rest() {
     });
     let status = gw.terminate();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    // In the spool, not merely unacknowledged (the broker would send those again).
+    let config = gw.config.to_str().expect("utf8").to_string();
+    let stats = cli(&["spool", "stats", "--config", &config]);
+    let text = String::from_utf8_lossy(&stats.stdout);
+    assert!(
+        stats.status.success() && text.contains("rows:           200"),
+        "SIGTERM spooled the 200 unconfirmed events: {text}"
+    );
     kafka.up();
     gw.restart();
     let second = kafka.read("v2.site", PARTITIONS, Duration::from_secs(60), |r| {
         unique_ids(r) >= 200
+    });
+    wait_for("the spool drained", Duration::from_secs(20), || {
+        gw.metric("gateway_spool_drained_total") == 200.0
     });
     assert_eq!(
         unique_ids(&second),

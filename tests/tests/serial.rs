@@ -421,7 +421,13 @@ fn nmea_logs_from_real_receivers_are_replayed() {
         wait_for("every line accounted for", Duration::from_secs(10), || {
             gw.metric("gateway_events_received_total{input=\"dev\"}") as usize == lines.len()
         });
+        // One delivery per fix, exactly (the read above stops at `fixes` records, so it
+        // cannot see an extra one).
+        wait_for("a delivery per fix", Duration::from_secs(10), || {
+            gw.metric("gateway_events_delivered_total{input=\"dev\"}") as usize >= fixes
+        });
         let delivered = gw.metric("gateway_events_delivered_total{input=\"dev\"}");
+        assert_eq!(delivered as usize, fixes, "{log}");
         assert_eq!(
             delivered as usize + gw.dropped_total() as usize,
             lines.len(),

@@ -175,13 +175,13 @@ proptest! {
     fn fifo_and_no_loss(ops in proptest::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = open(&dir);
-        let mut model: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut model: BTreeMap<u64, Row> = BTreeMap::new();
         let mut next = 1u64;
         for o in ops {
             match o {
                 Op::Append(n) => {
                     let rows: Vec<Row> = (0..n as u64).map(|i| row(next + i, (next + i) as usize % 50 + 1)).collect();
-                    for r in &rows { model.insert(r.seq, r.data.len()); }
+                    for r in &rows { model.insert(r.seq, r.clone()); }
                     next += n as u64;
                     s.write(&rows, &[]).expect("append");
                 }
@@ -196,10 +196,11 @@ proptest! {
                     s = open(&dir);
                 }
             }
-            let all: Vec<u64> = s.read_after(0, 100_000).expect("read").iter().map(|r| r.seq).collect();
-            prop_assert_eq!(&all, &model.keys().copied().collect::<Vec<_>>());
+            // The rows themselves (seq, input and bytes), in order.
+            let all = s.read_after(0, 100_000).expect("read");
+            prop_assert_eq!(&all, &model.values().cloned().collect::<Vec<_>>());
             prop_assert_eq!(s.rows(), model.len() as u64);
-            prop_assert_eq!(s.bytes(), model.values().map(|v| *v as u64).sum::<u64>());
+            prop_assert_eq!(s.bytes(), model.values().map(|r| r.data.len() as u64).sum::<u64>());
         }
     }
 }
