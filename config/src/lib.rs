@@ -852,8 +852,57 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Parses and validates config text. `file` is only used in error messages.
 pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigErrors> {
-    let config: Config = toml::from_str(text).map_err(|e| syntax_error(&e, text, file))?;
+    let config: Config = toml::from_str(text)
+        .map_err(|e| input_error(text, file).unwrap_or_else(|| syntax_error(&e, text, file)))?;
     checked(config, file, Some(text))
+}
+
+/// serde reads an `[[inputs]]` entry through its `type` tag, and so loses the position
+/// and the name of a field of the wrong type (`qos = "1"` was reported at the entry's
+/// header as `invalid type: string "1", expected u8`). This reads each entry again as its
+/// own type to find them; `None` when that finds nothing.
+fn input_error(text: &str, file: Option<&Path>) -> Option<ConfigErrors> {
+    let doc: toml::Table = toml::from_str(text).ok()?;
+    let inputs = doc.get("inputs")?.as_array()?;
+    for (i, entry) in inputs.iter().enumerate() {
+        let mut table = entry.as_table()?.clone();
+        let kind = table.remove("type")?;
+        let body = toml::to_string(&table).ok()?;
+        let err = match kind.as_str()? {
+            "mqtt" => toml::from_str::<MqttInput>(&body).err(),
+            "serial" => toml::from_str::<SerialInput>(&body).err(),
+            _ => None,
+        };
+        let Some(e) = err else { continue };
+        // The key on the line the error points at in the rewritten entry, under the
+        // last `[table]` header before it.
+        let field = e.span().and_then(|span| {
+            let before = &body[..span.start.min(body.len())];
+            let line_start = before.rfind('\n').map_or(0, |p| p + 1);
+            let line = body[line_start..].lines().next()?;
+            let key = line.split_once('=')?.0.trim().trim_matches('"');
+            let header = before[..line_start]
+                .lines()
+                .rev()
+                .find_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
+                .map(|h| h.trim_matches(['[', ']']).to_string());
+            Some(match header {
+                Some(h) => format!("{h}.{key}"),
+                None => key.to_string(),
+            })
+        });
+        let path = match field {
+            Some(f) => format!("inputs[{i}].{f}"),
+            None => format!("inputs[{i}]"),
+        };
+        return Some(ConfigErrors(vec![ConfigError {
+            file: file.map(Path::to_path_buf),
+            position: locate(text, &path).map(|o| line_col(text, o)),
+            path: Some(path),
+            message: e.message().trim_end().to_string(),
+        }]));
+    }
+    None
 }
 
 /// A TOML syntax or type error of `text`, with its line and column.
@@ -1729,6 +1778,20 @@ brokers = "k:9092"
         );
         let e = errors_with("", "[output.kafka.security]\nclient_key_file = \"k.pem\"");
         assert_eq!(e.len(), 1, "{e:?}");
+    }
+
+    #[test]
+    fn a_wrong_type_in_an_input_names_the_field_and_its_place() {
+        let text = "[gateway]\nid = \"gw\"\nstate_dir = \"/tmp\"\n[[inputs]]\ntype = \"mqtt\"\nname = \"a\"\nhost = \"h\"\nqos = \"1\"\ntopics = [\"a/{device}\"]\n[inputs.json]\ntime = \"ts\"\n[output.kafka]\nbrokers = \"k:9092\"\n";
+        let e = parse(text, None).unwrap_err();
+        assert_eq!(e.0[0].path.as_deref(), Some("inputs[0].qos"), "{e}");
+        assert_eq!(e.0[0].position, Some((8, 7)), "{e}");
+        let fixed = text
+            .replace("qos = \"1\"", "qos = 1")
+            .replace("time = \"ts\"", "time = 5");
+        let e = parse(&fixed, None).unwrap_err();
+        assert_eq!(e.0[0].path.as_deref(), Some("inputs[0].json.time"), "{e}");
+        assert_eq!(e.0[0].position, Some((11, 8)), "{e}");
     }
 
     #[test]
