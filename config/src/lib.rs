@@ -876,7 +876,10 @@ fn input_error(text: &str, file: Option<&Path>) -> Option<ConfigErrors> {
         let Some(e) = err else { continue };
         // The key on the line the error points at in the rewritten entry, under the
         // last `[table]` header before it.
-        let field = e.span().and_then(|span| {
+        // An error of the whole entry (a missing field) has no span of its own: toml
+        // gives it the start of the document.
+        let whole = e.message().starts_with("missing field");
+        let field = e.span().filter(|s| s.start > 0 && !whole).and_then(|span| {
             let before = &body[..span.start.min(body.len())];
             let line_start = before.rfind('\n').map_or(0, |p| p + 1);
             let line = body[line_start..].lines().next()?;
@@ -1792,6 +1795,14 @@ brokers = "k:9092"
         let e = parse(&fixed, None).unwrap_err();
         assert_eq!(e.0[0].path.as_deref(), Some("inputs[0].json.time"), "{e}");
         assert_eq!(e.0[0].position, Some((11, 8)), "{e}");
+        // A missing field belongs to the entry: its header.
+        let no_host = text
+            .replace("qos = \"1\"", "qos = 1")
+            .replace("host = \"h\"\n", "");
+        let e = parse(&no_host, None).unwrap_err();
+        assert_eq!(e.0[0].path.as_deref(), Some("inputs[0]"), "{e}");
+        assert_eq!(e.0[0].position, Some((4, 1)), "{e}");
+        assert!(e.0[0].message.contains("host"), "{e}");
     }
 
     #[test]

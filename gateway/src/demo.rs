@@ -416,6 +416,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(lost == 0, "{lost} events were lost");
     anyhow::ensure!(
+        drained,
+        "the counts did not add up within 2 minutes of the last event"
+    );
+    anyhow::ensure!(
         pump_lost == 0,
         "{pump_lost} acknowledged serial readings are not in Kafka"
     );

@@ -575,12 +575,17 @@ impl Gateway {
     pub fn metric(&self, key: &str) -> f64 {
         let text = self.metrics_text();
         let family = key.split('{').next().unwrap_or(key);
+        // Counters are read as `<family>_total`, histograms by their parts, the rest bare.
         let known = text
             .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .filter_map(|l| l.split(' ').next())
-            .any(|name| {
-                ["", "_total", "_bucket", "_sum", "_count"]
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' '))
+            .any(|(name, kind)| {
+                let suffixes: &[&str] = match kind.trim() {
+                    "counter" => &["_total"],
+                    "histogram" => &["_bucket", "_sum", "_count"],
+                    _ => &[""],
+                };
+                suffixes
                     .iter()
                     .any(|suffix| family.strip_suffix(suffix) == Some(name))
             });
