@@ -85,6 +85,20 @@ impl Batch {
         self.0.iter()
     }
 
+    /// Counts the batch's events (not its dead letters, whose payloads were counted when
+    /// they were refused) as dropped for `reason`, each on its own input; returns how
+    /// many. For a batch the router will not take: its drop disarms the acks.
+    pub fn count_dropped(&self, metrics: &Metrics, reason: &str) -> u64 {
+        let mut events = 0;
+        for item in &self.0 {
+            if matches!(item.record, Record::Event(_)) {
+                metrics.dropped(item.record.source(), reason, 1);
+                events += 1;
+            }
+        }
+        events
+    }
+
     /// Gives back the room a small batch does not use, before it waits in the channel.
     pub fn fit(&mut self) {
         if self.0.len() < MAX_BATCH / 4 {
@@ -684,12 +698,7 @@ impl Router {
         // and its events are counted, as an input that gave up would count them.
         slots.close();
         while let Ok(batch) = items.try_recv() {
-            for item in batch.iter() {
-                if matches!(item.record, Record::Event(_)) {
-                    self.metrics
-                        .dropped(item.record.source(), "input_stopped", 1);
-                }
-            }
+            batch.count_dropped(&self.metrics, "input_stopped");
         }
         self.metrics.router_alive(false);
     }
@@ -904,14 +913,7 @@ impl Router {
                     self.reject(d.input, d.event, seq, &e, None);
                 }
                 Some(e) => {
-                    if batch_wide(&e) {
-                        self.isolate(seq, &e);
-                    } else {
-                        if self.healthy {
-                            tracing::warn!(error = %e, "Kafka delivery failed; spooling until it recovers");
-                        }
-                        self.healthy = false;
-                    }
+                    self.failed(seq, &e, "Kafka delivery failed; spooling until it recovers");
                     if d.copy_dropped {
                         if d.event {
                             self.metrics.dropped(
@@ -969,17 +971,24 @@ impl Router {
                     self.reject(input, event, seq, &e, Some(seq));
                 }
                 Some(e) => {
-                    if batch_wide(&e) {
-                        self.isolate(seq, &e);
-                    } else {
-                        if self.healthy {
-                            tracing::warn!(error = %e, "Kafka delivery failed while draining; retrying");
-                        }
-                        self.healthy = false;
-                    }
+                    self.failed(seq, &e, "Kafka delivery failed while draining; retrying");
                     self.drain_failed_min = Some(self.drain_failed_min.map_or(seq, |m| m.min(seq)));
                 }
             }
+        }
+    }
+
+    /// Record `seq` failed and will be sent again: a [`batch_wide`] error starts (or
+    /// extends) an isolation round, any other makes Kafka unhealthy (`news` is logged
+    /// when it was healthy).
+    fn failed(&mut self, seq: u64, e: &KafkaError, news: &str) {
+        if batch_wide(e) {
+            self.isolate(seq, e);
+        } else {
+            if self.healthy {
+                tracing::warn!(error = %e, "{news}");
+            }
+            self.healthy = false;
         }
     }
 

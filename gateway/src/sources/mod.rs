@@ -244,15 +244,7 @@ impl<'a> Emitter<'a> {
         let Err(unsent) = self.ctx.items.send_unless(batch, stopped).await else {
             return Ok(());
         };
-        let mut events = 0u64;
-        for i in unsent.iter() {
-            if matches!(i.record, Record::Event(_)) {
-                self.ctx
-                    .metrics
-                    .dropped(i.record.source(), "input_stopped", 1);
-                events += 1;
-            }
-        }
+        let events = unsent.count_dropped(&self.ctx.metrics, "input_stopped");
         if events > 0 {
             tracing::warn!(input = %self.m.name, events, "stopped while the router had no room (a full spool?), or the router is gone: dropped what was waiting to go in; QoS 1 messages come again");
         }
