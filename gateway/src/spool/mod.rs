@@ -188,28 +188,87 @@ fn corrupt_marker(path: &Path) -> PathBuf {
     PathBuf::from(format!("{}.corrupt-at-run", path.display()))
 }
 
+/// The file [`quarantine_file`] writes before it moves anything: the suffix of the name the
+/// spool goes to, so that a move cut short (a kill or power loss between the renames) is
+/// finished by the next open. Without it, a `-wal` left behind would be replayed into the
+/// fresh spool, and the moved file would lack its last commits.
+fn quarantine_intent(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.quarantine-to", path.display()))
+}
+
+/// `path` moved aside under `suffix`, plus `extra` (`""`, `"-wal"` or `"-shm"`).
+fn quarantined_name(path: &Path, suffix: &str, extra: &str) -> PathBuf {
+    PathBuf::from(format!("{}.corrupt-{suffix}{extra}", path.display()))
+}
+
+/// Makes the directory's entries (renames, new and removed files) durable.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => std::fs::File::open(".")?.sync_all(),
+    }
+}
+
 /// Moves a damaged spool (and its WAL and SHM files) aside; returns the new name.
+///
+/// Crash-safe: the target is recorded first ([`quarantine_intent`]), and
+/// [`resume_quarantine`] completes the renames if they were cut short.
 pub fn quarantine_file(path: &Path) -> std::io::Result<PathBuf> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut target = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    let mut suffix = stamp.to_string();
     let mut n = 1;
-    while target.exists() {
-        target = PathBuf::from(format!("{}.corrupt-{stamp}-{n}", path.display()));
+    while ["", "-wal", "-shm"]
+        .iter()
+        .any(|extra| quarantined_name(path, &suffix, extra).exists())
+    {
+        suffix = format!("{stamp}-{n}");
         n += 1;
     }
-    std::fs::rename(path, &target)?;
-    for suffix in ["-wal", "-shm"] {
-        let side = PathBuf::from(format!("{}{suffix}", path.display()));
-        if side.exists() {
-            std::fs::rename(
-                &side,
-                PathBuf::from(format!("{}{suffix}", target.display())),
-            )?;
+    let intent = quarantine_intent(path);
+    {
+        let mut f = std::fs::File::create(&intent)?;
+        f.write_all(suffix.as_bytes())?;
+        f.sync_all()?;
+    }
+    sync_dir(path)?;
+    finish_quarantine(path, &suffix)
+}
+
+/// Renames whatever of the spool's files is still in place to the `suffix` names, makes
+/// that durable, and removes the intent.
+fn finish_quarantine(path: &Path, suffix: &str) -> std::io::Result<PathBuf> {
+    for extra in ["", "-wal", "-shm"] {
+        let from = PathBuf::from(format!("{}{extra}", path.display()));
+        match std::fs::rename(&from, quarantined_name(path, suffix, extra)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
         }
     }
-    Ok(target)
+    sync_dir(path)?;
+    std::fs::remove_file(quarantine_intent(path))?;
+    Ok(quarantined_name(path, suffix, ""))
+}
+
+/// Finishes a quarantine that a kill or power loss cut short; returns the moved file's
+/// name if there was one. An intent that is empty or not ours (it was being written when
+/// the process died, so nothing was moved yet) is removed: the open's own check decides
+/// again.
+fn resume_quarantine(path: &Path) -> std::io::Result<Option<PathBuf>> {
+    let intent = quarantine_intent(path);
+    let suffix = match std::fs::read_to_string(&intent) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => String::new(),
+        Err(e) => return Err(e),
+    };
+    let ours = !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit() || b == b'-');
+    if !ours {
+        std::fs::remove_file(&intent)?;
+        return Ok(None);
+    }
+    finish_quarantine(path, &suffix).map(Some)
 }
 
 impl Spool {
@@ -233,6 +292,12 @@ impl Spool {
         }
         // Left by a run that found the file corrupt (`mark_corrupt`): the start's quick
         // check may not see that damage, and trusting it would exit again, in a loop.
+        if let Some(moved) = resume_quarantine(path)? {
+            tracing::error!(spool = %path.display(), moved_to = %moved.display(),
+                "finished moving a corrupt spool aside, which the last run had begun when it stopped");
+            report.quarantined = Some(moved);
+            report.reason = Some("moving it aside was cut short by a stop".into());
+        }
         let marker = corrupt_marker(path);
         let checked = if marker.exists() && path.exists() {
             Err(SpoolError::Corrupt(

@@ -39,6 +39,52 @@ fn a_spool_marked_corrupt_while_running_is_moved_aside_at_the_next_open() {
 }
 
 #[test]
+fn a_quarantine_cut_short_is_finished_at_the_next_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = dir.path().join("live.sqlite");
+    let path = dir.path().join("spool.sqlite");
+    let wal = |p: &Path| PathBuf::from(format!("{}-wal", p.display()));
+    // A spool whose last commits are only in its WAL, copied as a crash would leave it.
+    let mut s = Spool::open(&live, Synchronous::Full).expect("opens").0;
+    s.write(&[row(1, 10), row(2, 20)], &[]).expect("write");
+    std::fs::copy(&live, &path).expect("copy");
+    std::fs::copy(wal(&live), wal(&path)).expect("copy wal");
+    drop(s);
+    // The move aside stopped after the main file's rename, the WAL still in place.
+    std::fs::write(quarantine_intent(&path), b"1700000000").expect("intent");
+    let target = quarantined_name(&path, "1700000000", "");
+    std::fs::rename(&path, &target).expect("rename");
+
+    let (s, report) = Spool::open(&path, Synchronous::Full).expect("opens");
+    assert_eq!(report.quarantined.as_deref(), Some(target.as_path()));
+    assert_eq!(
+        s.rows(),
+        0,
+        "the old WAL was not replayed into the fresh spool"
+    );
+    assert!(!quarantine_intent(&path).exists(), "the intent is gone");
+    drop(s);
+    let (old, _) = Spool::open(&target, Synchronous::Full).expect("the moved file opens");
+    assert_eq!(old.rows(), 2, "the moved file has its WAL's commits");
+    let (_, again) = Spool::open(&path, Synchronous::Full).expect("opens");
+    assert!(again.quarantined.is_none(), "once");
+}
+
+#[test]
+fn an_intent_torn_before_any_move_is_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.sqlite");
+    let mut s = Spool::open(&path, Synchronous::Off).expect("opens").0;
+    s.write(&[row(1, 10)], &[]).expect("write");
+    drop(s);
+    std::fs::write(quarantine_intent(&path), b"").expect("intent");
+    let (s, report) = Spool::open(&path, Synchronous::Off).expect("opens");
+    assert!(report.quarantined.is_none());
+    assert_eq!(s.rows(), 1, "a sound spool stays");
+    assert!(!quarantine_intent(&path).exists());
+}
+
+#[test]
 fn append_read_delete_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = open(&dir);
