@@ -42,6 +42,18 @@ pub fn decode(origin: &Origin<'_>, device: &str, line: &str) -> Result<Event, Ma
     })?;
     let no_fix = || bad("no_fix", "the receiver has no valid fix");
     let mut readings = Fields::new();
+    // The parser reads `nan` and `inf` as numbers; a receiver that writes them has no
+    // value there, and the sentence is refused rather than a `null` reaching Kafka.
+    let number = |name: &str, v: f64| {
+        if v.is_finite() {
+            Ok(Value::Number(v))
+        } else {
+            Err(bad(
+                "malformed_nmea",
+                format!("{name} is {v}, not a number"),
+            ))
+        }
+    };
     let (kind, lat, lon, alt, time) = match parsed {
         ParseResult::GGA(g) => {
             if !g.fix_type.is_some_and(FixType::is_valid) {
@@ -51,7 +63,7 @@ pub fn decode(origin: &Origin<'_>, device: &str, line: &str) -> Result<Event, Ma
                 readings.insert("satellites".into(), Value::Number(f64::from(n)));
             }
             if let Some(h) = g.hdop {
-                readings.insert("hdop".into(), Value::Number(f64::from(h)));
+                readings.insert("hdop".into(), number("hdop", f64::from(h))?);
             }
             if let Some(t) = g.fix_type {
                 readings.insert(
@@ -75,10 +87,10 @@ pub fn decode(origin: &Origin<'_>, device: &str, line: &str) -> Result<Event, Ma
                 return Err(no_fix());
             }
             if let Some(s) = r.speed_over_ground {
-                readings.insert("speed".into(), Value::Number(f64::from(s) * KNOT));
+                readings.insert("speed".into(), number("speed", f64::from(s) * KNOT)?);
             }
             if let Some(c) = r.true_course {
-                readings.insert("course".into(), Value::Number(f64::from(c)));
+                readings.insert("course".into(), number("course", f64::from(c))?);
             }
             let time = match (r.fix_date, r.fix_time) {
                 (Some(d), Some(t)) => at(d, t),
@@ -213,6 +225,15 @@ mod tests {
             Err("unsupported_sentence"),
         );
         check("$GPGGA,garbage*00", Err("bad_checksum"));
+        // `nan` and `inf` parse as numbers; they never reach Kafka as null.
+        check(
+            "$GPGGA,110124,5505.330990,N,03858.587325,E,2,09,nan,2177.0,M,14.0,M,,*3B",
+            Err("malformed_nmea"),
+        );
+        check(
+            "$GPGGA,110124,5505.330990,N,03858.587325,E,2,09,0.9,inf,M,14.0,M,,*01",
+            Err("bad_location"),
+        );
         check("not nmea at all", Err("malformed_nmea"));
     }
 

@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 
 use super::json::{Json, Text};
-use crate::event::{content_id, sequence_id, ClockQuality, Event, Fields, Location, Value};
+use crate::event::{sequence_id, stamped_content_id, ClockQuality, Event, Fields, Location, Value};
 use compact_str::{CompactString, ToCompactString};
 use gateway_config::{JsonMapping, PayloadFormat, TimeUnit};
 use serde::de::Deserialize;
@@ -46,11 +46,14 @@ pub struct Origin<'a> {
 }
 
 impl Origin<'_> {
+    /// A field the topic captured; an empty level (`sensors//telemetry`: MQTT's `+`
+    /// matches it) counts as missing.
     fn capture(&self, name: &str) -> Option<&str> {
         self.captures
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| *v)
+            .filter(|v| !v.is_empty())
     }
 
     fn tags(&self) -> Fields<CompactString> {
@@ -258,13 +261,24 @@ fn ns_per_unit(unit: TimeUnit, magnitude: f64) -> Option<i64> {
     })
 }
 
-/// Converts an epoch number (with a fraction) in `unit` to ns.
+/// Converts an epoch number (with a fraction) in `unit` to ns. The whole units and the
+/// fraction are converted apart, and a fraction of seconds or milliseconds is rounded to
+/// the microsecond: `1700000000.123` is 1700000000.1229999 as a double, and multiplying
+/// it by 1e9 gave 122.999 ms.
 pub fn epoch_to_ns(v: f64, unit: TimeUnit) -> Option<i64> {
     if !v.is_finite() || v < 0.0 {
         return None;
     }
-    let ns = v * ns_per_unit(unit, v)? as f64;
-    (ns < 9.2e18).then_some(ns as i64)
+    let per = ns_per_unit(unit, v)?;
+    if v * per as f64 >= 9.2e18 {
+        return None;
+    }
+    let whole = v.trunc();
+    let mut frac = ((v - whole) * per as f64).round() as i64;
+    if per >= 1_000_000 {
+        frac = (frac + 500) / 1000 * 1000;
+    }
+    (whole as i64).checked_mul(per)?.checked_add(frac)
 }
 
 /// Converts an integer epoch in `unit` to ns, exactly.
@@ -278,7 +292,10 @@ pub fn epoch_int_to_ns(v: i64, unit: TimeUnit) -> Option<i64> {
 /// Parses RFC 3339 text to ns since the epoch.
 pub fn rfc3339_to_ns(s: &str) -> Option<i64> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    i64::try_from(t.unix_timestamp_nanos()).ok()
+    // Before 1970 is refused, as a negative epoch number is.
+    i64::try_from(t.unix_timestamp_nanos())
+        .ok()
+        .filter(|ns| *ns >= 0)
 }
 
 fn parse_time(v: &Json<'_>, unit: TimeUnit) -> Result<i64, Malformed> {
@@ -320,6 +337,12 @@ pub(crate) fn location(
                 return Err(bad(
                     "bad_location",
                     format!("lat {lat} / lon {lon} out of range"),
+                ));
+            }
+            if alt.is_some_and(|v| !v.is_finite()) || acc.is_some_and(|v| !v.is_finite()) {
+                return Err(bad(
+                    "bad_location",
+                    "altitude and accuracy must be finite numbers",
                 ));
             }
             Ok(Some(Location {
@@ -759,7 +782,14 @@ fn finish(
     }
     let id = match seq {
         Some(s) => sequence_id(&device, s),
-        None => content_id(o.source, o.topic, payload, 0).into(),
+        None => stamped_content_id(
+            o.source,
+            o.topic,
+            payload,
+            0,
+            (clock != ClockQuality::Device).then_some(time_ns),
+        )
+        .into(),
     };
     let mut e = o.event(id, device, time_ns, clock);
     e.location = loc;
@@ -782,7 +812,7 @@ fn decode_number(o: &Origin<'_>, payload: &[u8]) -> Result<Event, Malformed> {
         .ok_or_else(|| bad("missing_device", "the topic has no {device} field"))?;
     let metric = o.capture("metric").unwrap_or("value");
     let mut e = o.event(
-        content_id(o.source, o.topic, payload, 0).into(),
+        stamped_content_id(o.source, o.topic, payload, 0, Some(o.received_ns)).into(),
         device.into(),
         o.received_ns,
         ClockQuality::Gateway,
@@ -803,6 +833,7 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
     let mut bn = String::new();
     let mut bt = 0.0f64;
     let mut bv = 0.0f64;
+    let mut bs = 0.0f64;
     // (device, time) -> event, in first-seen order.
     let mut out: Vec<Event> = Vec::new();
     for (i, r) in records.iter().enumerate() {
@@ -825,21 +856,57 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
                 .as_f64()
                 .ok_or_else(|| bad("malformed_senml", "bv must be a number"))?;
         }
-        let n = r.get("n").and_then(Json::as_str).unwrap_or("");
-        let full = format!("{bn}{n}");
-        let t = bt + r.get("t").and_then(Json::as_f64).unwrap_or(0.0);
-        let value = if let Some(v) = r.get("v") {
-            Value::Number(
-                bv + v.as_f64().ok_or_else(|| {
-                    bad("malformed_senml", format!("record {i}: v must be a number"))
-                })?,
+        if let Some(v) = r.get("bs") {
+            bs = v
+                .as_f64()
+                .ok_or_else(|| bad("malformed_senml", "bs must be a number"))?;
+        }
+        let wrong = |field: &str, what: &str| {
+            bad(
+                "malformed_senml",
+                format!("record {i}: {field} must be {what}"),
             )
+        };
+        // RFC 8428 section 4.4: a field ending in `_` must be understood, or the pack
+        // refused.
+        if let Some(k) = r.keys().find(|k| k.ends_with('_')) {
+            return Err(bad(
+                "malformed_senml",
+                format!("record {i}: unknown must-understand field {k:?}"),
+            ));
+        }
+        let n = match r.get("n") {
+            None => "",
+            Some(v) => v.as_str().ok_or_else(|| wrong("n", "text"))?,
+        };
+        let full = format!("{bn}{n}");
+        let t = bt
+            + match r.get("t") {
+                None => 0.0,
+                Some(v) => v.as_f64().ok_or_else(|| wrong("t", "a number"))?,
+            };
+        let value = if let Some(v) = r.get("v") {
+            let v = bv + v.as_f64().ok_or_else(|| wrong("v", "a number"))?;
+            if !v.is_finite() {
+                return Err(wrong("bv + v", "a finite number"));
+            }
+            Value::Number(v)
         } else if let Some(v) = r.get("vs") {
-            Value::Text(v.as_str().unwrap_or_default().into())
+            Value::Text(v.as_str().ok_or_else(|| wrong("vs", "text"))?.into())
         } else if let Some(v) = r.get("vb") {
-            Value::Bool(v.as_bool().unwrap_or_default())
-        } else if r.contains_key("bn") || r.contains_key("bt") || r.contains_key("bv") {
-            continue; // a base-only record
+            Value::Bool(v.as_bool().ok_or_else(|| wrong("vb", "true or false"))?)
+        } else if let Some(v) = r.get("vd") {
+            // Data values are base64 text; kept as the text.
+            Value::Text(v.as_str().ok_or_else(|| wrong("vd", "base64 text"))?.into())
+        } else if let Some(v) = r.get("s") {
+            // A sum without a value: the sum is the reading (RFC 8428 section 4.2).
+            let v = bs + v.as_f64().ok_or_else(|| wrong("s", "a number"))?;
+            if !v.is_finite() {
+                return Err(wrong("bs + s", "a finite number"));
+            }
+            Value::Number(v)
+        } else if r.keys().all(|k| k.starts_with('b')) {
+            continue; // a base-only record (bn, bt, bv, bu, bs, bver)
         } else {
             return Err(bad("malformed_senml", format!("record {i} has no value")));
         };
@@ -861,7 +928,7 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
         // RFC 8428: times below 2^28 are relative to now.
         let (time_ns, clock) = if t == 0.0 {
             (o.received_ns, ClockQuality::Gateway)
-        } else if t.abs() < 268_435_456.0 {
+        } else if t < 268_435_456.0 {
             (o.received_ns + (t * 1e9) as i64, ClockQuality::Gateway)
         } else {
             (
@@ -896,7 +963,8 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
             e.readings.remove("lon");
             e.readings.remove("alt");
         }
-        e.id = content_id(o.source, o.topic, payload, i).into();
+        let stamp = (e.clock != ClockQuality::Device).then_some(e.time_ns);
+        e.id = stamped_content_id(o.source, o.topic, payload, i, stamp).into();
     }
     Ok(out)
 }
@@ -1127,6 +1195,97 @@ mod tests {
         check(S, &[], r#"{"n":"x"}"#, Err("malformed_senml"));
         check(S, &[], r#"[{"n":"x","v":1}]"#, Err("missing_device"));
         check(S, &[], r#"[{"bn":"d:","n":"x"}]"#, Err("malformed_senml"));
+        // Every time below 2^28 is relative, negative ones too (RFC 8428 section 4.5.3).
+        check(
+            S,
+            &[("device", "d9")],
+            r#"[{"n":"v","v":1,"t":-300000000}]"#,
+            Ok(&[(
+                "d9",
+                "h",
+                Some(NOW - 300_000_000_000_000_000),
+                &[("v", 1.0)],
+            )]),
+        );
+        // A sum alone is a value; base-only records of any base field; wrong types refused.
+        check(
+            S,
+            &[],
+            r#"[{"bn":"d/","bu":"W","bver":10},{"n":"t","v":21},{"bs":100},{"n":"e","s":34}]"#,
+            Ok(&[("d", "h", Some(NOW), &[("t", 21.0), ("e", 134.0)])]),
+        );
+        for bad_record in [
+            r#"[{"bn":"d/","n":"x","vb":"true"}]"#,
+            r#"[{"bn":"d/","n":"x","vs":5}]"#,
+            r#"[{"bn":"d/","n":"x","v":1,"t":"x"}]"#,
+            r#"[{"bn":"d/","n":"x","v":1,"ext_":1}]"#,
+            r#"[{"bn":"d/","bv":1e308,"n":"x","v":1e308}]"#,
+        ] {
+            check(S, &[], bad_record, Err("malformed_senml"));
+        }
+    }
+
+    /// An id for events whose payload carries no time or sequence: readings of the same
+    /// value at different times are different events, so their ids differ; a payload
+    /// with the device's time keeps the pure content hash.
+    #[test]
+    fn repeated_payloads_without_time_get_their_own_ids() {
+        let id = |format: PayloadFormat, received_ns: i64, payload: &str| {
+            let origin = Origin {
+                source: "in",
+                topic: "t/x",
+                captures: &[("device", "d"), ("metric", "temp")],
+                received_ns,
+            };
+            let events = decode(format, &JsonMapping::default(), &origin, payload.as_bytes())
+                .expect("decodes");
+            events[0].id.clone()
+        };
+        use PayloadFormat::{Json as J, Number as N, Senml as S};
+        for (format, payload) in [
+            (N, "21.5"),
+            (J, r#"{"temp":21.5}"#),
+            (S, r#"[{"n":"temp","v":21.5}]"#),
+        ] {
+            assert_eq!(
+                id(format, NOW, payload),
+                id(format, NOW, payload),
+                "{payload}"
+            );
+            assert_ne!(
+                id(format, NOW, payload),
+                id(format, NOW + 60, payload),
+                "{payload}"
+            );
+        }
+        let timed = r#"{"temp":21.5,"ts":1700000000}"#;
+        assert_eq!(id(J, NOW, timed), id(J, NOW + 60, timed), "a redelivery");
+    }
+
+    #[test]
+    fn times_convert_exactly() {
+        let ms = |v: f64| epoch_to_ns(v, TimeUnit::Auto).map(|ns| ns / 1_000_000);
+        // 375 of the 1000 fractions came out a millisecond low by `v * 1e9`.
+        for frac in 0..1000 {
+            let v = 1_700_000_000.0 + f64::from(frac) / 1000.0;
+            assert_eq!(ms(v), Some(1_700_000_000_000 + i64::from(frac)), "{v}");
+        }
+        assert_eq!(
+            epoch_to_ns(1_700_000_000_123.5, TimeUnit::Ms),
+            Some(1_700_000_000_123_500_000)
+        );
+        assert_eq!(rfc3339_to_ns("1969-12-31T23:59:59.5Z"), None, "before 1970");
+        assert_eq!(rfc3339_to_ns("1970-01-01T00:00:01Z"), Some(1_000_000_000));
+    }
+
+    #[test]
+    fn an_empty_topic_level_is_no_device() {
+        check(
+            PayloadFormat::Number,
+            &[("device", ""), ("metric", "temp")],
+            "1",
+            Err("missing_device"),
+        );
     }
 
     #[test]
