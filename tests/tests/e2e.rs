@@ -1010,6 +1010,109 @@ fn make_certs(dir: &std::path::Path) {
     }
 }
 
+/// `openssl s_server` on a free port (one connection at a time), requiring a client certificate
+/// signed by `ca.pem` in `server_certs` and presenting that directory's `server.pem`.
+/// Returns the port, the process (stdin held open: s_server stops at its end) and the
+/// file its output goes to.
+fn tls_server(server_certs: &std::path::Path) -> (u16, std::process::Child, std::path::PathBuf) {
+    let out = server_certs.join(format!("s_server-{}.out", free_port()));
+    let port = free_port();
+    let child = std::process::Command::new("openssl")
+        .current_dir(server_certs)
+        .args(["s_server", "-accept"])
+        .arg(port.to_string())
+        .args([
+            "-cert",
+            "server.pem",
+            "-key",
+            "server.key",
+            "-CAfile",
+            "ca.pem",
+        ])
+        .args(["-Verify", "1", "-verify_return_error"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&out).expect("output file"))
+        .stderr(std::process::Stdio::from(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&out)
+                .expect("output file"),
+        ))
+        .spawn()
+        .expect("openssl s_server (.ci/setup installs openssl)");
+    let text = || std::fs::read_to_string(&out).unwrap_or_default();
+    wait_for("s_server to listen", Duration::from_secs(10), || {
+        text().contains("ACCEPT")
+    });
+    (port, child, out)
+}
+
+/// The Kafka output's TLS, on the binary under test (the device builds, with their
+/// reduced OpenSSL, in `.ci/arm`): librdkafka verifies a real TLS server against the
+/// configured CA and its IP address, presents the client certificate, and speaks Kafka
+/// over the connection (its first request carries the client id). No Kafka-protocol broker
+/// the suite can start serves TLS, so the server is `openssl s_server`; a server whose
+/// certificate another CA signed must be refused.
+#[test]
+fn kafka_over_mutual_tls() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    make_certs(certs.path());
+    let other = tempfile::tempdir().expect("tempdir");
+    make_certs(other.path());
+    // The impostor presents a certificate of another CA but accepts our client.
+    std::fs::copy(certs.path().join("ca.pem"), other.path().join("ca.pem")).expect("copy");
+    let c = |f: &str| certs.path().join(f).display().to_string();
+    for (server_certs, trusted) in [(certs.path(), true), (other.path(), false)] {
+        let (port, mut server, out) = tls_server(server_certs);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = config(dir.path(), free_port(), "unused", "", "", "").replace(
+            "brokers = \"unused\"",
+            &format!(
+                "brokers = \"127.0.0.1:{port}\"\nsecurity = {{ protocol = \"ssl\", ca_file = \"{}\", client_cert_file = \"{}\", client_key_file = \"{}\" }}",
+                c("ca.pem"),
+                c("client.pem"),
+                c("client.key")
+            ),
+        );
+        let gw = Gateway::start(dir.path(), &text);
+        let seen = || std::fs::read_to_string(&out).unwrap_or_default();
+        if trusted {
+            wait_for(
+                "the Kafka client's first request over TLS",
+                Duration::from_secs(30),
+                || seen().contains("edge-gateway-gw-test"),
+            );
+            let seen = seen().replace(" = ", "=");
+            assert!(
+                seen.contains("subject=CN=client"),
+                "client certificate: {seen}"
+            );
+            assert!(seen.contains("CIPHER is TLS_"), "a TLS 1.3 suite: {seen}");
+        } else {
+            let start = std::time::Instant::now();
+            while !gw.log_text().contains("certificate verify failed") {
+                let log = gw.log_text();
+                let kafka: Vec<&str> = log.lines().filter(|l| l.contains("kafka")).collect();
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "no refusal in the gateway's log; its Kafka lines:\n{}\ns_server:\n{}",
+                    kafka.join("\n"),
+                    seen()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(
+                !seen().contains("edge-gateway-gw-test"),
+                "nothing sent: {}",
+                seen()
+            );
+        }
+        drop(gw);
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+}
+
 #[test]
 fn mqtt_over_mutual_tls() {
     let certs = tempfile::tempdir().expect("tempdir");
