@@ -275,6 +275,16 @@ pub fn check_stages(p: &Pipeline) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks what can be checked of a pipeline before it runs: its stages build (their
+/// files are there and valid) and its inputs' secrets and certificates are readable.
+pub fn check_pipeline(p: &Pipeline, gateway_id: &str) -> Result<(), String> {
+    check_stages(p)?;
+    for (i, input) in p.inputs.iter().enumerate() {
+        check_input(i, input, gateway_id)?;
+    }
+    Ok(())
+}
+
 /// Checks that this build carries the input's type, and what can be checked of it
 /// before it runs (secrets, certificates).
 fn check_input(i: usize, input: &Input, gateway_id: &str) -> Result<(), String> {

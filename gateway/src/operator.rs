@@ -210,7 +210,8 @@ mod mqtt {
         let id = format!("gateway-remote-{who}-{}", std::process::id());
         let mut o = MqttOptions::new(id, &b.host, b.port);
         o.set_keep_alive(Duration::from_secs(10))
-            .set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+            // In: `config/applied`, which the gateway sends up to 8 MiB (remote.rs `MAX_OUT`).
+            .set_max_packet_size(8 * 1024 * 1024, 4 * 1024 * 1024);
         Client::new(o, 16)
     }
 

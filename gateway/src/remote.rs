@@ -164,38 +164,49 @@ impl Store {
 /// At start (`at_start`) that is the applied one if it passed its health window, else the
 /// last good one (a restart during a health window rolls back), else `local` as it is; on
 /// a SIGHUP, the applied one whatever its window (the one running).
+///
+/// A stored pipeline that no longer validates, or whose stages or inputs can no longer be
+/// built (a zones file or certificate it names is gone), is passed over for the next one
+/// (applied, then last good, then `local`): the start would otherwise fail, and under
+/// systemd fail again at every restart.
 pub fn effective(local: Config, at_start: bool) -> Config {
     if local.control.is_none() {
         return local;
     }
     let store = Store::of(&local);
-    let pick = || -> Result<Option<Applied>, String> {
-        Ok(match store.applied()? {
-            Some(a) if a.kept || !at_start => Some(a),
-            Some(a) => {
-                tracing::warn!(version = a.version, "restarted during the health window of a remote config; running the last good one");
-                store.last_good()?
-            }
-            None => None,
-        })
-    };
-    match pick() {
-        Ok(Some(a)) => match gateway_config::remote::pipeline_config(&local, &a.config) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(
-                    version = a.version,
-                    "the stored remote config no longer validates; running the local one:\n{e}"
-                );
-                local
-            }
-        },
-        Ok(None) => local,
+    let mut candidates: Vec<Applied> = Vec::new();
+    match store.applied() {
+        Ok(Some(a)) if a.kept || !at_start => candidates.push(a),
+        Ok(Some(a)) => tracing::warn!(
+            version = a.version,
+            "restarted during the health window of a remote config; running the last good one"
+        ),
+        Ok(None) => return local,
         Err(e) => {
             tracing::error!(error = %e, "unreadable remote-config state; running the local config");
-            local
+            return local;
         }
     }
+    if at_start {
+        match store.last_good() {
+            Ok(Some(g)) if candidates.first() != Some(&g) => candidates.push(g),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "unreadable last good remote config"),
+        }
+    }
+    for a in candidates {
+        let built = gateway_config::remote::pipeline_config(&local, &a.config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| crate::app::check_pipeline(&c.pipeline(), &c.gateway.id).map(|()| c));
+        match built {
+            Ok(c) => return c,
+            Err(e) => tracing::error!(
+                version = a.version,
+                "the stored remote config cannot run any more; trying the next one (last good, then the local file):\n{e}"
+            ),
+        }
+    }
+    local
 }
 
 /// SHA-256 of `text`, hex.
@@ -321,6 +332,14 @@ mod control {
 
     /// How much higher than the old config's a new one's drop rate may be (absolute).
     const DROP_RATE_TOLERANCE: f64 = 0.05;
+    /// Largest message taken from the control broker (an envelope).
+    const MAX_IN: usize = 4 * 1024 * 1024;
+    /// Largest message sent: `config/applied` carries the running pipeline's text,
+    /// which a remote config of up to [`MAX_IN`] makes longer once escaped in JSON.
+    /// rumqttc drops the connection on a larger one, and on every reconnect after it.
+    const MAX_OUT: usize = 2 * MAX_IN;
+    /// Longest `reason` in a status report (a list of config problems can be long).
+    const MAX_REASON: usize = 4096;
     /// Events a health window must see before its drop rate counts.
     const DROP_RATE_MIN_EVENTS: f64 = 20.0;
 
@@ -368,7 +387,7 @@ mod control {
         let mut o = MqttOptions::new(client_id(&id), &control.host, port);
         o.set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
-            .set_max_packet_size(4 * 1024 * 1024, 64 * 1024);
+            .set_max_packet_size(MAX_IN, MAX_OUT);
         if let Some(user) = &control.username {
             let pass = match &control.password {
                 Some(s) => s.read().map_err(|e| format!("control password: {e}"))?,
@@ -399,12 +418,15 @@ mod control {
         // A control plane that never connects (wrong host, bad TLS) says so: at the first
         // failure, then once a minute.
         let mut failing_logged: Option<Instant> = None;
+        // The backoff starts again only after a connection that lasted: one dropped
+        // right after its ConnAck (a retained message over `MAX_IN`) keeps backing off.
+        let mut connected_at = Instant::now();
         loop {
             let trial_end = plane.trial.as_ref().map(|t| t.until);
             tokio::select! {
                 ev = events.poll() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        backoff = Duration::from_millis(200);
+                        connected_at = Instant::now();
                         plane.connected = true;
                         plane.on_connect();
                         tracing::info!(broker = %control.host, "control plane connected");
@@ -422,6 +444,9 @@ mod control {
                         } else if failing_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                             tracing::warn!(broker = %control.host, error = %e, "control plane: cannot connect; retrying");
                             failing_logged = Some(Instant::now());
+                        }
+                        if plane.connected && connected_at.elapsed() >= Duration::from_secs(10) {
+                            backoff = Duration::from_millis(200);
                         }
                         plane.connected = false;
                         tokio::time::sleep(crate::sources::jittered(backoff)).await;
@@ -476,7 +501,15 @@ mod control {
             }
         }
 
-        fn report(&mut self, version: u64, state: &str, reason: Option<String>) {
+        fn report(&mut self, version: u64, state: &str, mut reason: Option<String>) {
+            if let Some(r) = reason.as_mut().filter(|r| r.len() > MAX_REASON) {
+                let mut end = MAX_REASON;
+                while !r.is_char_boundary(end) {
+                    end -= 1;
+                }
+                r.truncate(end);
+                r.push_str(" ...");
+            }
             let (running, hash) = self.running();
             if matches!(state, "rejected" | "rolled_back" | "rollback_failed") {
                 self.last_error = reason.clone();
@@ -531,13 +564,16 @@ mod control {
             if !self.connected {
                 return; // published on the next connect
             }
-            let body = serde_json::json!({ "version": version, "hash": hash, "config": config });
-            let _ = self.client.try_publish(
-                self.topic("config/applied"),
-                QoS::AtLeastOnce,
-                true,
-                body.to_string(),
-            );
+            let mut body =
+                serde_json::json!({ "version": version, "hash": hash, "config": config })
+                    .to_string();
+            if body.len() > MAX_OUT - 1024 {
+                tracing::warn!(bytes = body.len(), "control plane: the running pipeline is too large to publish in full; config/applied carries its version and hash only");
+                body = serde_json::json!({ "version": version, "hash": hash, "config": null, "omitted": "too large" }).to_string();
+            }
+            let _ =
+                self.client
+                    .try_publish(self.topic("config/applied"), QoS::AtLeastOnce, true, body);
         }
 
         /// The periodic status message (skipped while disconnected: it would only fill

@@ -262,7 +262,8 @@ fn traffic(port: u16, device: &str, n: usize) {
 fn retained(port: u16, topic: &str) -> Option<serde_json::Value> {
     let id = format!("probe-{}-{}", std::process::id(), free_port());
     let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(5));
+    o.set_keep_alive(Duration::from_secs(5))
+        .set_max_packet_size(8 * 1024 * 1024, 64 * 1024);
     let (client, mut conn) = rumqttc::Client::new(o, 10);
     client.subscribe(topic, rumqttc::QoS::AtLeastOnce).ok()?;
     let until = Instant::now() + Duration::from_millis(500);
@@ -345,6 +346,42 @@ fn a_signed_config_is_applied_live_within_5s_and_reported() {
         rig.status(1, "applied", Duration::from_secs(5))["running"],
         1
     );
+}
+
+/// A config of 160 KiB (a large rename table; inline GeoJSON gets there too) is applied,
+/// published back in full on `config/applied`, and the control connection survives it:
+/// the next config still arrives. The client used to send at most 64 KiB, and sending
+/// `config/applied` dropped the connection after every connect, so no later config
+/// could ever reach the gateway.
+#[test]
+fn a_large_config_is_applied_and_the_next_one_still_arrives() {
+    let mut rig = Rig::start("1s");
+    let renames: String = (0..8000)
+        .map(|i| format!("absent_{i:05} = \"renamed_{i:05}\"\n"))
+        .collect();
+    let large = format!(
+        "{}\n[[stages]]\ntype = \"rename\"\n[stages.readings]\n{renames}",
+        rig.pipeline("big", &rig.kafka.bootstrap.clone())
+    );
+    assert!(large.len() > 160 * 1024, "{}", large.len());
+    let env = rig.sign("ops", 1, "gw-test", Some(&large), &[]);
+    rig.push(&env);
+    rig.status(1, "applied", Duration::from_secs(20));
+    rig.flows_with("big", 1);
+    let topic = format!("{PREFIX}/gw-test/config/applied");
+    let applied = retained(rig.mqtt.port, &topic).expect("config/applied");
+    assert_eq!(applied["version"], 1);
+    assert!(
+        applied["config"]
+            .as_str()
+            .is_some_and(|c| c.contains("absent_07999")),
+        "the whole pipeline is published"
+    );
+    let small = rig.pipeline("small", &rig.kafka.bootstrap.clone());
+    let env = rig.sign("ops", 2, "gw-test", Some(&small), &[]);
+    rig.push(&env);
+    rig.status(2, "applied", Duration::from_secs(20));
+    rig.flows_with("small", 2);
 }
 
 #[test]
@@ -468,6 +505,16 @@ fn a_rollback_that_cannot_rebuild_the_old_pipeline_says_so() {
         "{r}"
     );
     assert_eq!(r["running"], 2, "the unhealthy pipeline still runs");
+    // A restart cannot run the last good pipeline either: it runs the local file's
+    // instead of exiting (under systemd, at every restart).
+    rig.gw.kill9();
+    rig.gw.restart();
+    rig.gw.wait_connected();
+    assert!(
+        rig.gw.log_text().contains("trying the next one"),
+        "{}",
+        rig.gw.log_text()
+    );
 }
 
 #[test]
