@@ -72,6 +72,7 @@ fn events(n: usize, rng: &mut StdRng) -> Vec<Event> {
             ]),
             tags: Fields::new(),
             route: None,
+            redelivered: false,
         })
         .collect()
 }

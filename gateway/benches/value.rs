@@ -38,6 +38,7 @@ fn event(time_ns: i64, received_ns: i64) -> Event {
         readings: Fields::from([("temperature".into(), Value::Number(21.37))]),
         tags: Fields::new(),
         route: None,
+        redelivered: false,
     }
 }
 

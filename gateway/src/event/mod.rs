@@ -86,6 +86,12 @@ pub struct Event {
     /// Not part of the event's value: it travels beside it (see [`Record::encode`]).
     #[serde(skip)]
     pub route: Option<Box<Route>>,
+    /// The source says this may repeat an event it gave before whose ack it never saw
+    /// (MQTT's DUP flag on a redelivery): the `dedup` stage passes it on, since the first
+    /// copy may not be safe yet and dropping this one would release its ack. Only stages
+    /// read it; it is neither spooled nor sent.
+    #[serde(skip)]
+    pub redelivered: bool,
 }
 
 /// Where a `route` stage sent an event: rendered topic and key (each `None`: the output's).
@@ -375,6 +381,7 @@ mod tests {
             readings: [("temperature".into(), Value::Number(21.5))].into(),
             tags: [("site".into(), "berlin".into())].into(),
             route: None,
+            redelivered: false,
         }
     }
 

@@ -175,6 +175,7 @@ pub(crate) mod tests {
             .into(),
             tags: [("site".into(), "b 1".into())].into(),
             route: None,
+            redelivered: false,
         }
     }
 

@@ -167,6 +167,8 @@ struct Msg {
     /// The packet id, for the ack.
     pkid: u16,
     qos1: bool,
+    /// The broker sends it again (DUP): the first copy's ack was never seen.
+    dup: bool,
 }
 
 enum Topic {
@@ -179,6 +181,7 @@ impl Msg {
         Msg {
             qos1: p.qos == QoS::AtLeastOnce,
             pkid: p.pkid,
+            dup: p.dup,
             topic: Topic::Text(p.topic),
             payload: p.payload,
         }
@@ -188,6 +191,7 @@ impl Msg {
         Msg {
             qos1: p.qos == rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
             pkid: p.pkid,
+            dup: p.dup,
             topic: Topic::Bytes(p.topic),
             payload: p.payload,
         }
@@ -684,7 +688,12 @@ impl Input<'_> {
             self.decoder.decode(&origin, payload)
         };
         match decoded {
-            Ok(events) => {
+            Ok(mut events) => {
+                if p.dup {
+                    for e in events.iter_mut() {
+                        e.redelivered = true;
+                    }
+                }
                 // `Emitter::events`, inlined (see `gather_events`).
                 let mut events = events.into_iter();
                 while self.emit.gather_events(&mut events, &ack) {

@@ -133,6 +133,7 @@ pub fn decode(origin: &Origin<'_>, device: &str, line: &str) -> Result<Event, Ma
         readings,
         tags,
         route: None,
+        redelivered: false,
     })
 }
 

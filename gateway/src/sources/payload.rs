@@ -89,6 +89,7 @@ impl Origin<'_> {
             readings: Fields::new(),
             tags: self.tags(),
             route: None,
+            redelivered: false,
         }
     }
 }

@@ -900,6 +900,7 @@ fn reading_event(
         readings,
         tags: Default::default(),
         route: None,
+        redelivered: false,
     })
 }
 

@@ -165,6 +165,7 @@ mod tests {
             .into(),
             tags: [("site".into(), "berlin".into())].into(),
             route: None,
+            redelivered: false,
         }
     }
 

@@ -160,6 +160,7 @@ impl Geofence {
             readings: Fields::new(),
             tags,
             route: None,
+            redelivered: false,
         }
     }
 

@@ -602,6 +602,7 @@ pub(crate) mod tests {
             readings: [("temperature".into(), Value::Number(temp))].into(),
             tags: Default::default(),
             route: None,
+            redelivered: false,
         }
     }
 

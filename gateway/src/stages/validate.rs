@@ -148,9 +148,11 @@ impl Stage for Dedup {
                 at.remove(&old);
             }
         }
-        if at
-            .get(&h)
-            .is_some_and(|&t| now.saturating_sub(t) <= self.window_ns)
+        // A redelivery is passed on (see `Event::redelivered`); consumers drop it by id.
+        if !e.redelivered
+            && at
+                .get(&h)
+                .is_some_and(|&t| now.saturating_sub(t) <= self.window_ns)
         {
             return Verdict::Drop("dedup");
         }
@@ -259,6 +261,23 @@ mod tests {
         assert!(!seen(&d, "b", 105));
         assert!(seen(&d, "a", 110));
         assert!(!seen(&d, "a", 111), "the window ran out");
+    }
+
+    /// A broker's redelivery (MQTT DUP) is passed on: the first copy may still be on its
+    /// way to the spool or Kafka, and a drop would release the redelivery's ack.
+    #[test]
+    fn a_redelivery_is_passed_on() {
+        let (d, _) = dedup("10s", 100);
+        assert!(!seen(&d, "a", 100));
+        let mut again = event("d", "t", 1.0);
+        again.id = "a".into();
+        again.received_ns = 101 * 1_000_000_000;
+        again.redelivered = true;
+        assert!(matches!(
+            d.apply_owned(again, &mut Vec::new()),
+            Applied::Keep(_)
+        ));
+        assert!(seen(&d, "a", 102), "a plain repeat still is dropped");
     }
 
     proptest! {

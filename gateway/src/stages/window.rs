@@ -153,6 +153,7 @@ impl Window {
             readings,
             tags,
             route: None,
+            redelivered: false,
         }
     }
 
