@@ -1443,6 +1443,9 @@ pub fn refused_kafka_option(key: &str, value: &str) -> Option<&'static str> {
     }
 }
 
+/// Most windows a `window` stage keeps open per device (`allowed_lateness / size`).
+pub const MAX_OPEN_WINDOWS: u32 = 1000;
+
 /// Checks one list of stages; `p` is its path (`stages`, `inputs[0].stages`).
 fn validate_stages(stages: &[Stage], p: &str, err: &mut impl FnMut(String, &str)) {
     for (i, s) in stages.iter().enumerate() {
@@ -1529,6 +1532,20 @@ fn validate_stages(stages: &[Stage], p: &str, err: &mut impl FnMut(String, &str)
                 }
                 if w.aggregates.is_empty() {
                     err(at("aggregates"), "name at least one aggregate");
+                }
+                if w.idle_timeout.is_some_and(|t| t < w.size) {
+                    err(
+                        at("idle_timeout"),
+                        "must be at least size: a device idle for less than a window would have its window closed early and the rest of it counted late",
+                    );
+                }
+                // Each window a device may still take events for is kept open.
+                let open = w.allowed_lateness.as_secs_f64() / w.size.as_secs_f64().max(1e-9);
+                if !w.size.is_zero() && open > MAX_OPEN_WINDOWS as f64 {
+                    err(
+                        at("allowed_lateness"),
+                        &format!("spans {open:.0} windows of size; at most {MAX_OPEN_WINDOWS} may be open per device (raise size or lower allowed_lateness)"),
+                    );
                 }
             }
             Stage::Geofence(g) => {
@@ -1881,6 +1898,14 @@ type = "geofence"
 type = "window"
 size = "1m"
 aggregates = []
+[[stages]]
+type = "window"
+size = "1m"
+idle_timeout = "30s"
+[[stages]]
+type = "window"
+size = "1s"
+allowed_lateness = "1h"
 [output.kafka]
 brokers = "k:9092"
 "#;
@@ -1892,6 +1917,8 @@ brokers = "k:9092"
                 "stages[0].rules[0].topic",
                 "stages[1].file",
                 "stages[2].aggregates",
+                "stages[3].idle_timeout",
+                "stages[4].allowed_lateness",
                 "inputs[0].stages[0].interval"
             ]
         );

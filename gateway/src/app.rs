@@ -74,7 +74,7 @@ impl Timers {
     /// `give_up` is set, what is not handed over yet is counted as dropped (reason
     /// `stage_flush_timeout`): these events were counted as generated.
     async fn run(&self, flush: bool, give_up: &mut tokio::sync::watch::Receiver<bool>) {
-        let now_ns = crate::event::now_ns();
+        let now_ns = crate::stages::mono_ns();
         let mut out = Vec::new();
         for i in &self.inputs {
             i.tick(now_ns, flush, &mut out);

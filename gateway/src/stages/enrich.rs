@@ -8,7 +8,7 @@ use gateway_config::{CalibrateStage, ConvertStage, EnrichStage, Linear, RemoveSt
 
 use super::state::FastMap;
 use super::{Stage, Verdict};
-use crate::event::{Event, Value};
+use crate::event::{Event, Fields, Value};
 
 /// `enrich`.
 pub struct Enrich {
@@ -249,18 +249,25 @@ impl Rename {
     }
 }
 
+/// Renames in `fields` by `pairs` (from, to), all at once: every source is taken out
+/// before any is put back, so a swap (`a = "b"`, `b = "a"`) swaps, and a chain does not
+/// move a value twice. A renamed value replaces one already under its new name.
+fn rename_all<V>(fields: &mut Fields<V>, pairs: &[(String, String)]) {
+    let mut moved: Vec<(&str, V)> = Vec::new();
+    for (from, to) in pairs {
+        if let Some(v) = fields.remove(from.as_str()) {
+            moved.push((to, v));
+        }
+    }
+    for (to, v) in moved {
+        fields.insert(to.into(), v);
+    }
+}
+
 impl Stage for Rename {
     fn apply(&self, e: &mut Event, _made: &mut Vec<Event>) -> Verdict {
-        for (from, to) in &self.readings {
-            if let Some(v) = e.readings.remove(from.as_str()) {
-                e.readings.insert(to.as_str().into(), v);
-            }
-        }
-        for (from, to) in &self.tags {
-            if let Some(v) = e.tags.remove(from.as_str()) {
-                e.tags.insert(to.as_str().into(), v);
-            }
-        }
+        rename_all(&mut e.readings, &self.readings);
+        rename_all(&mut e.tags, &self.tags);
         Verdict::Keep
     }
 }
@@ -452,5 +459,18 @@ mod tests {
         };
         let e = kept(Remove::new(&c).apply_owned(e, &mut Vec::new()));
         assert!(e.readings.is_empty() && e.tags.is_empty() && e.location.is_none());
+    }
+
+    #[test]
+    fn a_rename_swap_swaps() {
+        let gateway_config::Stage::Rename(c) = parse("type='rename'\nreadings={a='b',b='a'}")
+        else {
+            panic!()
+        };
+        let mut e = event("d", "t", 0.0);
+        e.readings.insert("a".into(), Value::Number(1.0));
+        e.readings.insert("b".into(), Value::Number(2.0));
+        let e = kept(Rename::new(&c).apply_owned(e, &mut Vec::new()));
+        assert_eq!((num(&e, "a"), num(&e, "b")), (2.0, 1.0));
     }
 }

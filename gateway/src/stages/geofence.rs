@@ -14,6 +14,7 @@ use rstar::primitives::{GeomWithData, Rectangle};
 use rstar::RTree;
 
 use super::state::Bounded;
+use super::state::CLOCK_RESET_NS;
 use super::{Stage, Verdict};
 use crate::event::{Event, Fields};
 
@@ -183,7 +184,13 @@ impl Geofence {
             .chain(leaving.map(|z| (*z, false)))
             .collect();
         for (z, enter) in changes {
-            let since = p.pending.entry(z).or_insert((t, enter)).0;
+            let pending = p.pending.entry(z).or_insert((t, enter));
+            // The device's clock went back by more than an hour: the dwell starts over,
+            // or it would wait until the clock caught up again.
+            if t < pending.0.saturating_sub(CLOCK_RESET_NS) {
+                pending.0 = t;
+            }
+            let since = pending.0;
             if t.saturating_sub(since) >= self.dwell_ns {
                 p.pending.remove(&z);
                 if enter {
@@ -290,6 +297,11 @@ mod tests {
         assert!(run(&g, at(10.5, 5.0, 13)).1.is_empty());
         assert!(run(&g, at(10.5, 5.0, 20)).1.is_empty(), "7 s out");
         assert_eq!(run(&g, at(10.5, 5.0, 23)).1, ["exit:yard"]);
+        // Back in, the first fix dated far ahead (a glitch), then the clock is right
+        // again: the dwell counts from the right time, not from the glitch.
+        assert!(run(&g, at(5.0, 5.0, 1_000_000)).1.is_empty());
+        assert!(run(&g, at(5.0, 5.0, 30)).1.is_empty(), "dwell starts over");
+        assert_eq!(run(&g, at(5.0, 5.0, 40)).1, ["enter:yard"]);
     }
 
     #[test]

@@ -50,6 +50,15 @@ pub enum Verdict {
     },
 }
 
+/// Nanoseconds on the gateway's monotonic clock (since its first reading), the clock
+/// [`Stage::tick`] is given: idle timers must not jump when NTP sets the wall clock (a
+/// board without a real-time clock boots in the past).
+pub fn mono_ns() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    i64::try_from(start.elapsed().as_nanos()).unwrap_or(i64::MAX)
+}
+
 /// One stage.
 pub trait Stage: Send + Sync {
     /// Processes one event, changing it in place; events the stage makes go into `made`
@@ -58,7 +67,7 @@ pub trait Stage: Send + Sync {
     /// and out of every stage copied it twice per stage.
     fn apply(&self, event: &mut Event, made: &mut Vec<Event>) -> Verdict;
 
-    /// Called about once a second with the gateway's clock (ns since the epoch), for
+    /// Called about once a second with the gateway's monotonic clock ([`mono_ns`]), for
     /// timers; `flush` asks for everything held to come out now (the pipeline is being
     /// replaced or the gateway stops).
     fn tick(&self, _now_ns: i64, _flush: bool, _made: &mut Vec<Event>) {}
@@ -225,8 +234,12 @@ impl Stage for LatestLocation {
         match &e.location {
             Some(loc) => {
                 if self.sources.is_empty() || self.sources.iter().any(|s| *s == e.source) {
-                    // A fix older than the one kept (a resend, a slow input) does not win.
-                    let newer = fixes.get(&key).is_none_or(|(_, t)| e.time_ns >= *t);
+                    // A fix older than the one kept (a resend, a slow input) does not win,
+                    // unless it is older by more than an hour: the clock was reset, or
+                    // the kept one was a glitch far ahead that would win for good.
+                    let newer = fixes.get(&key).is_none_or(|(_, t)| {
+                        e.time_ns >= *t || e.time_ns < t.saturating_sub(state::CLOCK_RESET_NS)
+                    });
                     if newer {
                         fixes.insert(key, (*loc, e.time_ns));
                     }
@@ -707,6 +720,13 @@ pub(crate) mod tests {
         assert_eq!(
             lat(&c, located("pump-1", "serial", "a", 101, Some(3.0))),
             Some(3.0)
+        );
+        // A fix far ahead (a glitch) is replaced by a real one more than an hour older.
+        lat(&c, located("gps-1", "gps", "a", 100_000, Some(9.0)));
+        lat(&c, located("gps-1", "gps", "a", 140, Some(4.0)));
+        assert_eq!(
+            lat(&c, located("pump-1", "serial", "a", 150, None)),
+            Some(4.0)
         );
     }
 

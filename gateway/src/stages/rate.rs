@@ -55,6 +55,10 @@ impl Stage for Throttle {
     }
 }
 
+/// Most reading names remembered per device (with `readings` empty every numeric reading
+/// is watched, and a device sending ever new names would grow its entry for good).
+const MAX_VALUES_PER_DEVICE: usize = 256;
+
 /// What a device last sent on: the watched readings' values, and when.
 struct Sent {
     values: BTreeMap<String, f64>,
@@ -94,8 +98,12 @@ impl Stage for Deadband {
         let moved = match last.get_mut(&e.device) {
             None => true,
             Some(s) => {
-                self.max_interval_ns
-                    .is_some_and(|m| e.time_ns.saturating_sub(s.at_ns) >= m)
+                // The device's clock went back by more than an hour: start over, or
+                // `max_interval` would wait until its clock catches up again.
+                e.time_ns < s.at_ns.saturating_sub(CLOCK_RESET_NS)
+                    || self
+                        .max_interval_ns
+                        .is_some_and(|m| e.time_ns.saturating_sub(s.at_ns) >= m)
                     || self.watched(e).any(|(k, v)| {
                         s.values
                             .get(k)
@@ -112,6 +120,9 @@ impl Stage for Deadband {
         });
         s.at_ns = e.time_ns;
         for (k, v) in self.watched(e) {
+            if s.values.len() >= MAX_VALUES_PER_DEVICE && !s.values.contains_key(k) {
+                s.values.clear();
+            }
             s.values.insert(k.to_string(), v);
         }
         drop(last);
@@ -175,6 +186,30 @@ mod tests {
         let mut other = at("a", 64, 20.9);
         other.readings.clear();
         assert!(kept(&d, other), "no watched reading: passed on");
+        // A glitch far ahead does not hold the heartbeat back until the clock gets there.
+        assert!(kept(&d, at("b", 1_000_000, 20.0)));
+        assert!(
+            kept(&d, at("b", 100, 20.0)),
+            "an hour back: its clock was reset"
+        );
+    }
+
+    #[test]
+    fn deadband_remembers_a_bounded_number_of_readings_per_device() {
+        let gateway_config::Stage::Deadband(c) = parse("type='deadband'\nthreshold=0.5") else {
+            panic!()
+        };
+        let d = Deadband::new(&c, Counter::default());
+        for i in 0..10_000 {
+            let mut e = at("a", i, 0.0);
+            e.readings.clear();
+            e.readings
+                .insert(format!("r{i}").into(), crate::event::Value::Number(1.0));
+            assert!(kept(&d, e), "a new name goes on");
+        }
+        let last = d.last.lock().expect("lock");
+        let n = last.peek("a").map_or(0, |s| s.values.len());
+        assert!(n <= MAX_VALUES_PER_DEVICE, "{n} names remembered");
     }
 
     proptest! {

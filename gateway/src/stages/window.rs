@@ -3,7 +3,7 @@
 //!
 //! A window `[start, start + size)` closes when the device's newest event time passes
 //! `start + size + allowed_lateness` (an event for it after that is `late`), when the
-//! device was idle (gateway clock) for `idle_timeout`, when the device is evicted to keep
+//! device was idle (the gateway's monotonic clock) for `idle_timeout`, when the device is evicted to keep
 //! the state bounded, or when the pipeline is replaced or stops (`flush`).
 
 use std::collections::BTreeMap;
@@ -13,7 +13,7 @@ use gateway_config::{Aggregate, WindowStage};
 use prometheus_client::metrics::counter::Counter;
 
 use super::state::{Bounded, CLOCK_RESET_NS};
-use super::{Stage, Verdict};
+use super::{mono_ns, Stage, Verdict};
 use crate::event::{now_ns, rfc3339, ClockQuality, Event, Fields, Location, Value};
 use compact_str::{CompactString, ToCompactString};
 
@@ -83,7 +83,8 @@ struct Device {
     newest_ns: i64,
     /// Every window ending at or before this was emitted: events for them are late.
     closed_until: i64,
-    seen_wall_ns: i64,
+    /// When the device last sent, on [`mono_ns`]'s clock.
+    seen_ns: i64,
     source: CompactString,
     origin: CompactString,
     clock: ClockQuality,
@@ -187,13 +188,25 @@ impl Stage for Window {
             windows: BTreeMap::new(),
             newest_ns: i64::MIN,
             closed_until: i64::MIN,
-            seen_wall_ns: 0,
+            seen_ns: 0,
             source: e.source.clone(),
             origin: e.origin.clone(),
             clock: e.clock,
             tags: e.tags.clone(),
         });
-        d.seen_wall_ns = now_ns();
+        d.seen_ns = mono_ns();
+        // A summary carries what its device's latest event said (a tag a stage before
+        // set, say), not what its first one ever did.
+        if d.tags != e.tags {
+            d.tags = e.tags.clone();
+        }
+        if d.origin != e.origin {
+            d.origin = e.origin.clone();
+        }
+        if d.source != e.source {
+            d.source = e.source.clone();
+        }
+        d.clock = e.clock;
         if e.time_ns
             < d.newest_ns
                 .saturating_sub(self.lateness_ns.saturating_add(CLOCK_RESET_NS))
@@ -246,7 +259,7 @@ impl Stage for Window {
     fn tick(&self, now_ns: i64, flush: bool, made: &mut Vec<Event>) {
         let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         devices.retain(|device, d| {
-            let idle = now_ns.saturating_sub(d.seen_wall_ns);
+            let idle = now_ns.saturating_sub(d.seen_ns);
             if flush || idle >= self.idle_ns {
                 self.close(device, d, i64::MAX, made);
             }
@@ -329,9 +342,9 @@ mod tests {
         feed(&w, at("a", 1_000, 1.0));
         feed(&w, at("b", 1_000, 1.0));
         let mut made = Vec::new();
-        w.tick(now_ns(), false, &mut made);
+        w.tick(mono_ns(), false, &mut made);
         assert!(made.is_empty(), "not idle yet");
-        w.tick(now_ns() + 6_000_000_000, false, &mut made);
+        w.tick(mono_ns() + 6_000_000_000, false, &mut made);
         assert_eq!(made.len(), 2);
         assert_eq!(
             w.apply_owned(at("a", 2_000, 1.0), &mut Vec::new()),
@@ -340,10 +353,29 @@ mod tests {
         );
         feed(&w, at("a", 61_000, 1.0));
         made.clear();
-        w.tick(now_ns(), true, &mut made);
+        w.tick(mono_ns(), true, &mut made);
         assert_eq!(made.len(), 1, "flush");
         assert_eq!(made[0].id, "a:window:60000000000");
         assert_eq!(made[0].readings.len(), 1, "only count");
+    }
+
+    #[test]
+    fn a_summary_carries_the_latest_events_tags() {
+        let (w, _) = window("type='window'\nsize='1m'\naggregates=['count']");
+        let mut first = at("a", 1_000, 1.0);
+        first
+            .tags
+            .insert("out_of_range".into(), "temperature".into());
+        feed(&w, first);
+        feed(&w, at("a", 2_000, 1.0));
+        let mut made = Vec::new();
+        w.tick(mono_ns(), true, &mut made);
+        assert_eq!(made.len(), 1);
+        assert!(
+            !made[0].tags.contains_key("out_of_range"),
+            "{:?}",
+            made[0].tags
+        );
     }
 
     #[test]
