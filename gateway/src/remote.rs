@@ -433,7 +433,7 @@ mod control {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if !p.payload.is_empty() {
-                            plane.envelope(&p.payload).await;
+                            plane.envelope(&p.payload, p.retain).await;
                         }
                     }
                     Ok(_) => {}
@@ -629,6 +629,20 @@ mod control {
             if let Err(e) = result {
                 tracing::error!(error = %e, "cannot record the rollback");
             }
+            // The rollback is the decision on this version: its retained envelope is not
+            // taken again (a config that brought the process down would, at every start).
+            if self
+                .store
+                .version()
+                .is_ok_and(|v| v.version == a.version && !v.done)
+            {
+                if let Err(e) = self.store.set_version(Version {
+                    version: a.version,
+                    done: true,
+                }) {
+                    tracing::error!(error = %e, "cannot record the rolled back version");
+                }
+            }
             self.report(
                 a.version,
                 "rolled_back",
@@ -636,8 +650,9 @@ mod control {
             );
         }
 
-        /// Takes one envelope.
-        async fn envelope(&mut self, payload: &[u8]) {
+        /// Takes one envelope; `retained`: the broker replays it at a (re)subscription
+        /// rather than someone publishing it now.
+        async fn envelope(&mut self, payload: &[u8], retained: bool) {
             let env: Envelope = match serde_json::from_slice(payload) {
                 Ok(e) => e,
                 Err(e) => {
@@ -656,6 +671,16 @@ mod control {
             // Retained messages come again on every reconnect: the version decided last
             // is not news. One accepted but cut short by a crash is taken again.
             if env.version == stored.version && stored.done {
+                return;
+            }
+            // An older retained envelope (a group's, under a newer own one) was refused
+            // when it was new; refusing it again at every reconnect would overwrite the
+            // retained status report with a stale rejection.
+            if retained && env.version < stored.version {
+                tracing::debug!(
+                    version = env.version,
+                    "retained remote config older than the one decided last; ignored"
+                );
                 return;
             }
             let floor = if env.version == stored.version {

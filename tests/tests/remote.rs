@@ -649,6 +649,68 @@ fn events_flow_through_20_config_changes_and_none_is_lost() {
     assert!(tags.len() >= 2, "events crossed config changes: {tags:?}");
 }
 
+/// Retained envelopes come again at every reconnect: an older one (a group's, under the
+/// gateway's own) is not refused again, which overwrote the status report with a stale
+/// rejection; and a config rolled back because the gateway restarted during its health
+/// window is not taken again from its retained envelope (one that brought the process
+/// down would, at every start).
+#[test]
+fn retained_envelopes_decided_before_are_not_taken_again() {
+    let mut rig = Rig::start("3s");
+    let bootstrap = rig.kafka.bootstrap.clone();
+    let own = rig.sign(
+        "ops",
+        5,
+        "gw-test",
+        Some(&rig.pipeline("v5", &bootstrap)),
+        &[],
+    );
+    rig.push(&own);
+    rig.status(5, "applied", Duration::from_secs(10));
+    let group = rig.sign(
+        "ops",
+        3,
+        "group:plant",
+        Some(&rig.pipeline("g3", &bootstrap)),
+        &[],
+    );
+    rig.push(&group);
+    rig.status(3, "rejected", Duration::from_secs(5));
+    let own = rig.sign(
+        "ops",
+        6,
+        "gw-test",
+        Some(&rig.pipeline("v6", &bootstrap)),
+        &[],
+    );
+    rig.push(&own);
+    rig.status(6, "applied", Duration::from_secs(10)); // its health window passed: kept
+    rig.gw.kill9();
+    rig.gw.restart();
+    rig.gw.wait_connected();
+    std::thread::sleep(Duration::from_secs(2));
+    let r = rig.status(6, "applied", Duration::from_secs(5));
+    assert_eq!(r["running"], 6, "{r}");
+    // Restarted during the health window of v7: rolled back, and v7 stays rolled back.
+    let next = rig.sign(
+        "ops",
+        7,
+        "gw-test",
+        Some(&rig.pipeline("v7", &bootstrap)),
+        &[],
+    );
+    rig.push(&next);
+    rig.status(7, "applying", Duration::from_secs(10));
+    rig.gw.kill9();
+    rig.gw.restart();
+    rig.gw.wait_connected();
+    rig.status(7, "rolled_back", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(4));
+    let r = rig.status(7, "rolled_back", Duration::from_secs(5));
+    assert_eq!(r["running"], 6, "{r}");
+    rig.flows_with("v6", 1);
+}
+
 #[test]
 fn kill_9_during_an_apply_leaves_the_old_or_the_new_config_never_a_mix() {
     let mut rig = Rig::start("1s");
