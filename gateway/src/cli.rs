@@ -159,7 +159,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 let local = config;
                 let config = crate::remote::effective(local.clone(), true);
                 if let Some(control) = local.control.clone() {
-                    crate::remote::start(control, local, metrics.clone(), tx);
+                    crate::remote::start(control, local, path.clone(), metrics.clone(), tx);
                 }
                 crate::app::run(config, metrics, reloads, crate::app::termination()).await
             })?;

@@ -293,6 +293,7 @@ pub use control::start;
 pub fn start(
     _control: gateway_config::Control,
     _config: Config,
+    _file: std::path::PathBuf,
     _metrics: crate::metrics::Metrics,
     _reloads: tokio::sync::mpsc::Sender<crate::app::Reload>,
 ) {
@@ -345,6 +346,9 @@ mod control {
 
     struct Plane {
         local: Config,
+        /// The local config file: what a rollback with no last good pipeline runs, read
+        /// again then (a SIGHUP may have changed it since the start).
+        file: std::path::PathBuf,
         control: Control,
         store: Store,
         metrics: Metrics,
@@ -366,9 +370,15 @@ mod control {
 
     /// Starts the control plane: subscribes to this gateway's and its groups' config
     /// topics and applies what is valid.
-    pub fn start(control: Control, local: Config, metrics: Metrics, reloads: mpsc::Sender<Reload>) {
+    pub fn start(
+        control: Control,
+        local: Config,
+        file: std::path::PathBuf,
+        metrics: Metrics,
+        reloads: mpsc::Sender<Reload>,
+    ) {
         tokio::spawn(async move {
-            if let Err(e) = run(control, local, metrics, reloads).await {
+            if let Err(e) = run(control, local, file, metrics, reloads).await {
                 tracing::error!(error = %e, "remote configuration stopped");
             }
         });
@@ -377,6 +387,7 @@ mod control {
     async fn run(
         control: Control,
         local: Config,
+        file: std::path::PathBuf,
         metrics: Metrics,
         reloads: mpsc::Sender<Reload>,
     ) -> Result<(), String> {
@@ -402,6 +413,7 @@ mod control {
         let mut plane = Plane {
             store: Store::of(&local),
             local,
+            file,
             control: control.clone(),
             metrics,
             reloads,
@@ -546,16 +558,29 @@ mod control {
             }
         }
 
+        /// The local config file as it is now (a SIGHUP may have changed its pipeline
+        /// since the start); the one read at the start if it no longer loads.
+        fn local_now(&self) -> Config {
+            match gateway_config::load(&self.file) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(config = %self.file.display(), "the local config file no longer loads; using it as it was at the start:\n{e}");
+                    self.local.clone()
+                }
+            }
+        }
+
         /// Publishes (retained) the pipeline running now, for `gateway remote diff`.
         fn publish_applied(&mut self) {
             let (version, hash, config) = match self.store.applied() {
                 Ok(Some(a)) => (a.version, a.hash, a.config),
                 _ => {
-                    let mut output = self.local.output.clone();
+                    let local = self.local_now();
+                    let mut output = local.output;
                     super::redact_options(&mut output.kafka.options);
                     let doc = gateway_config::remote::PipelineDoc {
-                        inputs: self.local.inputs.clone(),
-                        stages: self.local.stages.clone(),
+                        inputs: local.inputs,
+                        stages: local.stages,
                         output,
                     };
                     (0, String::new(), toml::to_string(&doc).unwrap_or_default())
@@ -869,7 +894,7 @@ mod control {
             let back = self.store.last_good().ok().flatten();
             let config = match &back {
                 Some(g) => effective_with(&self.local, g),
-                None => self.local.clone(),
+                None => self.local_now(),
             };
             let _ = match &back {
                 Some(g) => self.store.set_applied(g),

@@ -517,6 +517,32 @@ fn a_rollback_that_cannot_rebuild_the_old_pipeline_says_so() {
     );
 }
 
+/// With no last good pipeline a rollback runs the local file's, as the file is now: a
+/// SIGHUP after the start changed it, and the rollback used to run it as it was at the
+/// start.
+#[test]
+fn a_rollback_with_no_last_good_runs_the_local_file_as_it_is_now() {
+    let mut rig = Rig::start("3s");
+    let file = rig.dir.path().join("gateway.toml");
+    let text = std::fs::read_to_string(&file).expect("config");
+    let edited = text.replacen(
+        "[output.kafka]",
+        "[[stages]]\ntype = \"tags\"\ntags = { cfg = \"edited\" }\n\n[output.kafka]",
+        1,
+    );
+    assert_ne!(edited, text);
+    std::fs::write(&file, edited).expect("write");
+    rig.gw.hup();
+    rig.flows_with("edited", 1);
+    let dead = format!("127.0.0.1:{}", free_port());
+    let env = rig.sign("ops", 1, "gw-test", Some(&rig.pipeline("v1", &dead)), &[]);
+    rig.push(&env);
+    rig.status(1, "applying", Duration::from_secs(5));
+    traffic(rig.mqtt.port, "window-0", 20);
+    rig.status(1, "rolled_back", Duration::from_secs(20));
+    rig.flows_with("edited", 2);
+}
+
 #[test]
 fn an_unhealthy_config_is_rolled_back_after_its_health_window() {
     let mut rig = Rig::start("4s");
