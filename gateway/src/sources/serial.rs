@@ -54,6 +54,8 @@ pub async fn run(
     let emit = Emitter::new(&ctx, &m, until_delivered).stopped_by(state.clone());
     let mut delay = cfg.reconnect.min;
     let mut failures: u64 = 0;
+    // Device, boot, and the seq above every reading the last session took in.
+    let mut before: Option<(String, u32, u64)> = None;
     tracing::info!(input = %cfg.name, path = %cfg.path.display(), framing = ?cfg.framing, "serial input starting");
     loop {
         if *state.borrow() == SourceState::Stop {
@@ -65,7 +67,21 @@ pub async fn run(
                 delay = cfg.reconnect.min;
                 m.connected.set(1);
                 tracing::info!(input = %cfg.name, path = %cfg.path.display(), "serial port open");
-                let end = Session::new(&cfg, &emit, &m).run(port, &mut state).await;
+                let session = Session::new(&cfg, &emit, &m, before.clone());
+                let track = session.track.clone();
+                let end = session.run(port, &mut state).await;
+                // What the device's readings reached, for the next session: the device
+                // resends what was not acknowledged, and those repeats are redeliveries.
+                let reached = {
+                    let t = track.lock().unwrap_or_else(|p| p.into_inner());
+                    let seen = t.max_seen.map_or(u64::from(t.next), |m| u64::from(m) + 1);
+                    t.device
+                        .clone()
+                        .map(|(d, b)| (d, b, seen.max(u64::from(t.next))))
+                };
+                if reached.is_some() {
+                    before = reached;
+                }
                 m.connected.set(0);
                 m.silent.set(0);
                 match end {
@@ -352,10 +368,20 @@ struct Session<'a> {
     other_boot_seen: Option<u32>,
     /// The last `Resend` asked for the oldest gap, and when.
     asked: Option<(u32, Instant)>,
+    /// What the previous session of this port took in: device, boot, and the seq above
+    /// every reading it forwarded or held. A reading below it that comes again (the
+    /// device resends what it has no ack for) is marked [`crate::event::Event::redelivered`], so that
+    /// `dedup` does not drop it and release its ack before its first copy is safe.
+    before: Option<(String, u32, u64)>,
 }
 
 impl<'a> Session<'a> {
-    fn new(cfg: &'a SerialInput, emit: &'a Emitter<'a>, m: &'a InputMetrics) -> Self {
+    fn new(
+        cfg: &'a SerialInput,
+        emit: &'a Emitter<'a>,
+        m: &'a InputMetrics,
+        before: Option<(String, u32, u64)>,
+    ) -> Self {
         Session {
             cfg,
             emit,
@@ -366,6 +392,7 @@ impl<'a> Session<'a> {
             no_hello_seen: 0,
             other_boot_seen: None,
             asked: None,
+            before,
         }
     }
 
@@ -479,6 +506,19 @@ impl<'a> Session<'a> {
                 _ = sync.tick(), if bridge => out.time_sync(),
             }
         };
+        // Readings held behind a gap: a device that still has them resends them, but one
+        // that lost power with its cable (USB-powered) does not. They go on now, without
+        // acks (an ack would also cover the missing ones), instead of vanishing uncounted.
+        if matches!(end, End::Lost(_)) {
+            let device = lock(&self.track).device.clone();
+            let held: Vec<_> = std::mem::take(&mut lock(&self.track).ahead)
+                .into_values()
+                .collect();
+            if let (Some((id, boot)), false) = (device, held.is_empty()) {
+                tracing::warn!(input = %self.cfg.name, device = %id, boot, readings = held.len(), "the port was lost: forwarding the readings that waited behind a gap");
+                let _ = self.forward(held, &id, boot, None).await;
+            }
+        }
         // Hand over what was taken in (if the router is gone, dropping the unsent `Batch`
         // keeps it unacknowledged), then let released acks reach the device before the port closes.
         let _ = self.emit.flush().await;
@@ -662,7 +702,12 @@ impl<'a> Session<'a> {
                 self.m.values_skipped("not_finite", not_finite as u64);
             }
             match reading_event(self.cfg, id, boot, &r, &self.origin, received_ns) {
-                Ok(event) => self.emit.events([event], &ack).await?,
+                Ok(mut event) => {
+                    event.redelivered = self.before.as_ref().is_some_and(|(d, b, above)| {
+                        d == id && *b == boot && u64::from(r.seq) < *above
+                    });
+                    self.emit.events([event], &ack).await?
+                }
                 Err(bad) => {
                     // The device forgets it once acknowledged: keep its bytes.
                     let raw = postcard::to_allocvec(&r).unwrap_or_default();
