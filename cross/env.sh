@@ -35,5 +35,3 @@ export HOST_CFLAGS="-O2"
 # Tests and `cargo run` go through qemu-user with the cross sysroot's loader.
 export "CARGO_TARGET_${cross_var}_RUNNER=qemu-${cross_prefix%%-*} -L /usr/${cross_prefix}"
 case "$cross_prefix" in arm-*) export "CARGO_TARGET_${cross_var}_RUNNER=qemu-arm -L /usr/${cross_prefix}" ;; esac
-# OpenSSL without what a Kafka TLS connection never uses (cross/openssl-configure).
-export OPENSSL_SRC_PERL="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/openssl-configure"

@@ -471,7 +471,7 @@ pub fn reload_on_sighup(path: PathBuf, tx: mpsc::Sender<Reload>) -> anyhow::Resu
             match gateway_config::load(&path) {
                 Ok(c) => {
                     tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
-                    let config = crate::remote::effective(c, false);
+                    let (config, _) = crate::remote::effective(c, false);
                     if tx.send(Reload { config, done: None }).await.is_err() {
                         break;
                     }

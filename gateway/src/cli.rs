@@ -157,9 +157,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 let metrics = Metrics::new();
                 // A pipeline applied remotely before a restart runs again.
                 let local = config;
-                let config = crate::remote::effective(local.clone(), true);
+                let (config, fallback) = crate::remote::effective(local.clone(), true);
                 if let Some(control) = local.control.clone() {
-                    crate::remote::start(control, local, path.clone(), metrics.clone(), tx);
+                    crate::remote::start(control, local, path.clone(), fallback, metrics.clone(), tx);
                 }
                 crate::app::run(config, metrics, reloads, crate::app::termination()).await
             })?;

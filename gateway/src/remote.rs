@@ -110,6 +110,11 @@ impl Store {
             .unwrap_or_else(|| bootstrap.to_vec()))
     }
 
+    /// The trusted keys a rotation recorded, if one did.
+    pub fn rotated_keys(&self) -> Result<Option<Vec<TrustedKey>>, String> {
+        self.read("keys.json")
+    }
+
     /// Records the trusted keys after a rotation.
     pub fn set_keys(&self, keys: &[TrustedKey]) -> std::io::Result<()> {
         self.write("keys.json", &keys)
@@ -160,32 +165,49 @@ impl Store {
     }
 }
 
+/// A stored pipeline that could not run at the start, and what runs instead: the
+/// control plane records and reports it ([`start`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fallback {
+    /// The version the status reports on (the one applied before the restart).
+    pub version: u64,
+    /// Why, for the report.
+    pub reason: String,
+    /// The stored pipeline that runs instead; `None`: the local file's.
+    pub running: Option<Applied>,
+}
+
 /// The configuration to run: `local`'s bootstrap with the remotely applied pipeline.
 /// At start (`at_start`) that is the applied one if it passed its health window, else the
 /// last good one (a restart during a health window rolls back), else `local` as it is; on
 /// a SIGHUP, the applied one whatever its window (the one running).
 ///
-/// A stored pipeline that no longer validates, or whose stages or inputs can no longer be
-/// built (a zones file or certificate it names is gone), is passed over for the next one
-/// (applied, then last good, then `local`): the start would otherwise fail, and under
-/// systemd fail again at every restart.
-pub fn effective(local: Config, at_start: bool) -> Config {
+/// At start a stored pipeline whose stages or inputs can no longer be built (a zones file
+/// or certificate it names is gone) is passed over for the next one (applied, last good,
+/// then `local`), and the [`Fallback`] says so: the start would otherwise fail, and under
+/// systemd fail again at every restart. On a SIGHUP nothing is passed over: a pipeline
+/// that cannot be built fails the reload and the running one stays.
+pub fn effective(local: Config, at_start: bool) -> (Config, Option<Fallback>) {
     if local.control.is_none() {
-        return local;
+        return (local, None);
     }
     let store = Store::of(&local);
-    let mut candidates: Vec<Applied> = Vec::new();
-    match store.applied() {
-        Ok(Some(a)) if a.kept || !at_start => candidates.push(a),
-        Ok(Some(a)) => tracing::warn!(
-            version = a.version,
-            "restarted during the health window of a remote config; running the last good one"
-        ),
-        Ok(None) => return local,
+    let applied = match store.applied() {
+        Ok(Some(a)) => a,
+        Ok(None) => return (local, None),
         Err(e) => {
             tracing::error!(error = %e, "unreadable remote-config state; running the local config");
-            return local;
+            return (local, None);
         }
+    };
+    let mut candidates: Vec<Applied> = Vec::new();
+    if applied.kept || !at_start {
+        candidates.push(applied.clone());
+    } else {
+        tracing::warn!(
+            version = applied.version,
+            "restarted during the health window of a remote config; running the last good one"
+        );
     }
     if at_start {
         match store.last_good() {
@@ -194,19 +216,40 @@ pub fn effective(local: Config, at_start: bool) -> Config {
             Err(e) => tracing::error!(error = %e, "unreadable last good remote config"),
         }
     }
+    let mut failed: Vec<String> = Vec::new();
     for a in candidates {
         let built = gateway_config::remote::pipeline_config(&local, &a.config)
             .map_err(|e| e.to_string())
-            .and_then(|c| crate::app::check_pipeline(&c.pipeline(), &c.gateway.id).map(|()| c));
+            .and_then(|c| {
+                if at_start {
+                    crate::app::check_pipeline(&c.pipeline(), &c.gateway.id)?;
+                }
+                Ok(c)
+            });
         match built {
-            Ok(c) => return c,
-            Err(e) => tracing::error!(
-                version = a.version,
-                "the stored remote config cannot run any more; trying the next one (last good, then the local file):\n{e}"
-            ),
+            Ok(c) => {
+                let fallback = (!failed.is_empty()).then(|| Fallback {
+                    version: applied.version,
+                    reason: failed.join("; "),
+                    running: Some(a),
+                });
+                return (c, fallback);
+            }
+            Err(e) => {
+                tracing::error!(
+                    version = a.version,
+                    "the stored remote config cannot run any more; trying the next one (last good, then the local file):\n{e}"
+                );
+                failed.push(format!("version {} cannot run: {e}", a.version));
+            }
         }
     }
-    local
+    let fallback = (!failed.is_empty()).then(|| Fallback {
+        version: applied.version,
+        reason: failed.join("; ") + "; running the local file's pipeline",
+        running: None,
+    });
+    (local, fallback)
 }
 
 /// SHA-256 of `text`, hex.
@@ -294,6 +337,7 @@ pub fn start(
     _control: gateway_config::Control,
     _config: Config,
     _file: std::path::PathBuf,
+    _fallback: Option<Fallback>,
     _metrics: crate::metrics::Metrics,
     _reloads: tokio::sync::mpsc::Sender<crate::app::Reload>,
 ) {
@@ -304,7 +348,7 @@ pub fn start(
 mod control {
     use std::time::Duration;
 
-    use gateway_config::remote::{rfc3339, Envelope, Kind, Rejection};
+    use gateway_config::remote::{rfc3339, Envelope, Kind, Rejection, TrustedKey};
     use gateway_config::{Config, Control};
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     use tokio::sync::{mpsc, oneshot};
@@ -374,11 +418,12 @@ mod control {
         control: Control,
         local: Config,
         file: std::path::PathBuf,
+        fallback: Option<super::Fallback>,
         metrics: Metrics,
         reloads: mpsc::Sender<Reload>,
     ) {
         tokio::spawn(async move {
-            if let Err(e) = run(control, local, file, metrics, reloads).await {
+            if let Err(e) = run(control, local, file, fallback, metrics, reloads).await {
                 tracing::error!(error = %e, "remote configuration stopped");
             }
         });
@@ -388,6 +433,7 @@ mod control {
         control: Control,
         local: Config,
         file: std::path::PathBuf,
+        fallback: Option<super::Fallback>,
         metrics: Metrics,
         reloads: mpsc::Sender<Reload>,
     ) -> Result<(), String> {
@@ -424,7 +470,21 @@ mod control {
             last_report: None,
             connected: false,
         };
-        plane.after_restart();
+        plane.after_restart(fallback);
+        // After a rotation the recorded keys rule: a key taken out of the local file only
+        // (revoked by hand) is still trusted, which must not pass unseen.
+        if let Ok(Some(rotated)) = plane.store.rotated_keys() {
+            let ids = |keys: &[TrustedKey]| {
+                keys.iter()
+                    .map(|k| format!("{}={}", k.id, k.public_key))
+                    .collect::<std::collections::BTreeSet<_>>()
+            };
+            if ids(&rotated) != ids(&control.trusted_keys) {
+                let names: Vec<&str> = rotated.iter().map(|k| k.id.as_str()).collect();
+                tracing::warn!(trusted = ?names, file = %plane.store.dir.join("keys.json").display(),
+                    "the trusted keys were rotated remotely and differ from [control] trusted_keys, which is ignored now; to revoke a key on this device, sign a key change or edit that file");
+            }
+        }
         let mut status = tokio::time::interval(control.status_interval.max(Duration::from_secs(1)));
         let mut backoff = Duration::from_millis(200);
         // A control plane that never connects (wrong host, bad TLS) says so: at the first
@@ -632,7 +692,33 @@ mod control {
 
         /// After a restart: a pipeline that had not passed its health window was rolled
         /// back by [`super::effective`]; record and say so.
-        fn after_restart(&mut self) {
+        fn after_restart(&mut self, fallback: Option<super::Fallback>) {
+            if let Some(f) = fallback {
+                // What runs is recorded as applied, so reports name it; the version
+                // passed over is decided.
+                let saved = match &f.running {
+                    Some(a) => self.store.set_applied(a),
+                    None => self.store.clear_applied(),
+                };
+                if let Err(e) = saved {
+                    tracing::error!(error = %e, "cannot record the pipeline running instead");
+                }
+                if self
+                    .store
+                    .version()
+                    .is_ok_and(|v| v.version == f.version && !v.done)
+                {
+                    let done = Version {
+                        version: f.version,
+                        done: true,
+                    };
+                    if let Err(e) = self.store.set_version(done) {
+                        tracing::error!(error = %e, "cannot record the version");
+                    }
+                }
+                self.report(f.version, "rolled_back", Some(f.reason));
+                return;
+            }
             let Ok(Some(a)) = self.store.applied() else {
                 return;
             };

@@ -728,6 +728,13 @@ fn retained_envelopes_decided_before_are_not_taken_again() {
     rig.push(&next);
     rig.status(7, "applying", Duration::from_secs(10));
     rig.gw.kill9();
+    // As if the kill came before the apply was recorded as carried out: the retained
+    // envelope would be taken again.
+    std::fs::write(
+        rig.dir.path().join("state/remote/version"),
+        r#"{"version":7,"done":false}"#,
+    )
+    .expect("version");
     rig.gw.restart();
     rig.gw.wait_connected();
     rig.status(7, "rolled_back", Duration::from_secs(10));

@@ -606,7 +606,10 @@ struct Input<'a> {
 /// without waiting): the clock is read for every [`BurstClock::READS`]th message, and
 /// again after every wait (for the broker, for room in the router's channel, for a
 /// reconnect). Reading it per message was 4% of the input thread; a burst takes about a
-/// microsecond per message, so a receipt time is at most some 16 us early.
+/// microsecond per message, so a receipt time is at most some 16 us early. Every call
+/// returns a later time than the one before (by a nanosecond within a burst): an event
+/// without a time of its own has its receipt time in its id, and two messages of one
+/// burst with the same payload must not share one.
 struct BurstClock {
     // Atomics only to keep the input's future `Send`: one task uses them.
     now: AtomicI64,
@@ -623,17 +626,22 @@ impl BurstClock {
         }
     }
 
-    /// ns since the epoch, read afresh every [`BurstClock::READS`] calls.
+    /// ns since the epoch, read afresh every [`BurstClock::READS`] calls; strictly
+    /// increasing.
     fn now(&self) -> i64 {
-        let left = match self.left.load(Ordering::Relaxed) {
+        let last = self.now.load(Ordering::Relaxed);
+        let next = match self.left.load(Ordering::Relaxed) {
             0 => {
-                self.now.store(now_ns(), Ordering::Relaxed);
-                Self::READS
+                self.left.store(Self::READS - 1, Ordering::Relaxed);
+                now_ns().max(last.saturating_add(1))
             }
-            n => n,
+            n => {
+                self.left.store(n - 1, Ordering::Relaxed);
+                last.saturating_add(1)
+            }
         };
-        self.left.store(left - 1, Ordering::Relaxed);
-        self.now.load(Ordering::Relaxed)
+        self.now.store(next, Ordering::Relaxed);
+        next
     }
 
     /// The burst ended (the input is about to wait): the next call reads the clock.
@@ -725,11 +733,18 @@ mod tests {
         let clock = BurstClock::new();
         let first = clock.now();
         std::thread::sleep(Duration::from_millis(2));
-        for _ in 1..BurstClock::READS {
-            assert_eq!(clock.now(), first, "within the burst");
+        for i in 1..BurstClock::READS {
+            assert_eq!(
+                clock.now(),
+                first + i64::from(i),
+                "within the burst, one ns on"
+            );
         }
         let next = clock.now();
-        assert!(next > first, "read afresh on the seventeenth call");
+        assert!(
+            next > first + 1_000_000,
+            "read afresh on the seventeenth call"
+        );
         std::thread::sleep(Duration::from_millis(2));
         clock.expire();
         assert!(clock.now() > next, "read afresh after a wait");

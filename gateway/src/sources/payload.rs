@@ -282,6 +282,22 @@ pub fn epoch_to_ns(v: f64, unit: TimeUnit) -> Option<i64> {
     (whole as i64).checked_mul(per)?.checked_add(frac)
 }
 
+/// 2001-01-01T00:00:00Z in ns: no sensor event is older. A device time before it is a
+/// clock that was never set (counting from 1970 at power-on, or an uptime).
+pub const UNSET_CLOCK_BEFORE_NS: i64 = 978_307_200_000_000_000;
+
+/// The event time and its quality for a time a device sent: its own, or, from a clock
+/// that was never set ([`UNSET_CLOCK_BEFORE_NS`]), the gateway's receive time (as the
+/// firmware bridge does for uptimes): Kafka deletes a record whose timestamp is older
+/// than the topic's retention (a 1970 one at once), and newer brokers refuse it.
+fn device_time(ns: i64, received_ns: i64) -> (i64, ClockQuality) {
+    if ns < UNSET_CLOCK_BEFORE_NS {
+        (received_ns, ClockQuality::Gateway)
+    } else {
+        (ns, ClockQuality::Device)
+    }
+}
+
 /// Converts an integer epoch in `unit` to ns, exactly.
 pub fn epoch_int_to_ns(v: i64, unit: TimeUnit) -> Option<i64> {
     if v < 0 {
@@ -751,7 +767,7 @@ fn finish(
         })?,
     };
     let (time_ns, clock) = match fields[Named::TIME] {
-        Some(v) if *v != Json::Null => (parse_time(v, m.time_unit)?, ClockQuality::Device),
+        Some(v) if *v != Json::Null => device_time(parse_time(v, m.time_unit)?, o.received_ns),
         _ => (o.received_ns, ClockQuality::Gateway),
     };
     let num = |i: usize| -> Result<Option<f64>, Malformed> {
@@ -930,12 +946,21 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
         let (time_ns, clock) = if t == 0.0 {
             (o.received_ns, ClockQuality::Gateway)
         } else if t < 268_435_456.0 {
-            (o.received_ns + (t * 1e9) as i64, ClockQuality::Gateway)
+            // Relative to now; never before 1970 (a negative Kafka timestamp means
+            // none), and no overflow from a huge negative offset.
+            let ns = o.received_ns.saturating_add((t * 1e9) as i64);
+            if ns < 0 {
+                return Err(bad(
+                    "bad_time",
+                    format!("record {i}: time {t} is before 1970"),
+                ));
+            }
+            (ns, ClockQuality::Gateway)
         } else {
-            (
+            device_time(
                 epoch_to_ns(t, TimeUnit::S)
                     .ok_or_else(|| bad("bad_time", format!("record {i}: bad time {t}")))?,
-                ClockQuality::Device,
+                o.received_ns,
             )
         };
         let idx = match out
@@ -1224,6 +1249,12 @@ mod tests {
         ] {
             check(S, &[], bad_record, Err("malformed_senml"));
         }
+        for before_1970 in [
+            r#"[{"bn":"d/","n":"x","v":1,"t":-1e10}]"#,
+            r#"[{"bn":"d/","bt":-1e308,"n":"x","v":1,"t":-1e308}]"#,
+        ] {
+            check(S, &[], before_1970, Err("bad_time"));
+        }
     }
 
     /// An id for events whose payload carries no time or sequence: readings of the same
@@ -1277,6 +1308,30 @@ mod tests {
         );
         assert_eq!(rfc3339_to_ns("1969-12-31T23:59:59.5Z"), None, "before 1970");
         assert_eq!(rfc3339_to_ns("1970-01-01T00:00:01Z"), Some(1_000_000_000));
+    }
+
+    /// A device clock that was never set (1970 plus its uptime) gives way to the
+    /// gateway's receive time.
+    #[test]
+    fn a_time_from_an_unset_clock_is_the_gateways() {
+        check(
+            PayloadFormat::Json,
+            &[],
+            r#"{"device":"d","ts":12345,"v":1}"#,
+            Ok(&[("d", "h", Some(NOW), &[("v", 1.0)])]),
+        );
+        check(
+            PayloadFormat::Senml,
+            &[],
+            r#"[{"bn":"d/","bt":300000000,"n":"v","v":1}]"#,
+            Ok(&[("d", "h", Some(NOW), &[("v", 1.0)])]),
+        );
+        check(
+            PayloadFormat::Json,
+            &[],
+            r#"{"device":"d","ts":978307200,"v":1}"#,
+            Ok(&[("d", "h", Some(UNSET_CLOCK_BEFORE_NS), &[("v", 1.0)])]),
+        );
     }
 
     #[test]

@@ -248,6 +248,9 @@ fn finish_quarantine(path: &Path, suffix: &str) -> std::io::Result<PathBuf> {
     }
     sync_dir(path)?;
     std::fs::remove_file(quarantine_intent(path))?;
+    // The intent's removal made durable too: one that came back after a power loss
+    // would find the fresh spool in place (`resume_quarantine` also checks for that).
+    sync_dir(path)?;
     Ok(quarantined_name(path, suffix, ""))
 }
 
@@ -264,8 +267,13 @@ fn resume_quarantine(path: &Path) -> std::io::Result<Option<PathBuf>> {
         Err(e) => return Err(e),
     };
     let ours = !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit() || b == b'-');
-    if !ours {
+    // The main file moved and a spool is in its place again: the move was finished and a
+    // fresh spool made, only the intent's removal was lost. Moving that spool aside
+    // would take its rows out of the drain.
+    let stale = path.exists() && quarantined_name(path, &suffix, "").exists();
+    if !ours || stale {
         std::fs::remove_file(&intent)?;
+        sync_dir(path)?;
         return Ok(None);
     }
     finish_quarantine(path, &suffix).map(Some)

@@ -71,6 +71,26 @@ fn a_quarantine_cut_short_is_finished_at_the_next_open() {
 }
 
 #[test]
+fn an_intent_whose_move_was_finished_leaves_the_fresh_spool_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.sqlite");
+    std::fs::write(
+        quarantined_name(&path, "1700000000", ""),
+        b"the corrupt one",
+    )
+    .expect("old");
+    let mut s = Spool::open(&path, Synchronous::Off).expect("opens").0;
+    s.write(&[row(1, 10)], &[]).expect("write");
+    drop(s);
+    // The intent's removal was lost with the power.
+    std::fs::write(quarantine_intent(&path), b"1700000000").expect("intent");
+    let (s, report) = Spool::open(&path, Synchronous::Off).expect("opens");
+    assert!(report.quarantined.is_none());
+    assert_eq!(s.rows(), 1, "the fresh spool keeps its rows");
+    assert!(!quarantine_intent(&path).exists());
+}
+
+#[test]
 fn an_intent_torn_before_any_move_is_ignored() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("spool.sqlite");

@@ -212,7 +212,9 @@ pub struct LatestLocation {
     max_age_ns: i64,
     max_keys: usize,
     /// Key to (location, fix time in ns).
-    fixes: Mutex<HashMap<String, (Location, i64)>>,
+    /// Per key: the fix, its event time, and whether that time was more than an hour
+    /// ahead of the gateway's clock when it came (a glitch: any later fix replaces it).
+    fixes: Mutex<HashMap<String, (Location, i64, bool)>>,
     evicted: Counter,
 }
 
@@ -234,19 +236,21 @@ impl Stage for LatestLocation {
         match &e.location {
             Some(loc) => {
                 if self.sources.is_empty() || self.sources.iter().any(|s| *s == e.source) {
-                    // A fix older than the one kept (a resend, a slow input) does not win,
-                    // unless it is older by more than an hour: the clock was reset, or
-                    // the kept one was a glitch far ahead that would win for good.
-                    let newer = fixes.get(&key).is_none_or(|(_, t)| {
-                        e.time_ns >= *t || e.time_ns < t.saturating_sub(state::CLOCK_RESET_NS)
-                    });
+                    // A fix older than the one kept (a resend, a slow input, a backlog)
+                    // does not win, unless the kept one was dated far ahead of its
+                    // arrival: such a glitch would otherwise win for good.
+                    let newer = fixes
+                        .get(&key)
+                        .is_none_or(|(_, t, glitch)| e.time_ns >= *t || *glitch);
                     if newer {
-                        fixes.insert(key, (*loc, e.time_ns));
+                        let glitch =
+                            e.time_ns > e.received_ns.saturating_add(state::CLOCK_RESET_NS);
+                        fixes.insert(key, (*loc, e.time_ns, glitch));
                     }
                     while fixes.len() > self.max_keys {
                         let oldest = fixes
                             .iter()
-                            .min_by_key(|(_, (_, t))| *t)
+                            .min_by_key(|(_, (_, t, _))| *t)
                             .map(|(k, _)| k.clone());
                         let Some(oldest) = oldest else { break };
                         fixes.remove(&oldest);
@@ -255,7 +259,7 @@ impl Stage for LatestLocation {
                 }
             }
             None => {
-                if let Some((loc, t)) = fixes.get(&key) {
+                if let Some((loc, t, _)) = fixes.get(&key) {
                     if e.time_ns.abs_diff(*t) <= self.max_age_ns.unsigned_abs() {
                         e.location = Some(*loc);
                         e.tags.insert("location".into(), "latest".into());
@@ -721,7 +725,7 @@ pub(crate) mod tests {
             lat(&c, located("pump-1", "serial", "a", 101, Some(3.0))),
             Some(3.0)
         );
-        // A fix far ahead (a glitch) is replaced by a real one more than an hour older.
+        // A fix dated far ahead of its arrival (a glitch) gives way to the next one.
         lat(&c, located("gps-1", "gps", "a", 100_000, Some(9.0)));
         lat(&c, located("gps-1", "gps", "a", 140, Some(4.0)));
         assert_eq!(
