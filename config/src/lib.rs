@@ -1054,10 +1054,13 @@ fn validate_serial(s: &SerialInput, p: &str, err: &mut impl FnMut(String, &str))
         err(format!("{p}.max_line"), "must be at least 1");
     }
     for (id, name) in &s.channels {
-        if id.parse::<u16>().is_err() {
+        // Written as the gateway looks them up: `01` or `+1` would never match channel 1.
+        if id.parse::<u16>().map(|n| n.to_string()).as_deref() != Ok(id.as_str()) {
             err(
                 format!("{p}.channels"),
-                "channel ids are numbers from 0 to 65535",
+                &format!(
+                    "channel id {id:?}: write it as a plain number from 0 to 65535 (like \"1\")"
+                ),
             );
         }
         if name.is_empty() {
@@ -1633,9 +1636,11 @@ brokers = "k:9092"
         let e = parse(&bad, None).unwrap_err();
         assert_eq!(e.0[0].path.as_deref(), Some("inputs[1].data_bits"));
         assert_eq!(e.0[0].position, Some((16, 13)));
-        let bad = text.replace("2 = \"pressure\"", "x = \"pressure\"");
-        let e = parse(&bad, None).unwrap_err();
-        assert_eq!(e.0[0].path.as_deref(), Some("inputs[0].channels"));
+        for id in ["x", "\"02\"", "\"+2\""] {
+            let bad = text.replace("2 = \"pressure\"", &format!("{id} = \"pressure\""));
+            let e = parse(&bad, None).unwrap_err();
+            assert_eq!(e.0[0].path.as_deref(), Some("inputs[0].channels"), "{id}");
+        }
     }
 
     #[test]

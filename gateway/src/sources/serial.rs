@@ -407,6 +407,11 @@ impl<'a> Session<'a> {
             outbox: Arc::new(Mutex::new(Outbox::default())),
             bell,
         };
+        // A write that fails ends the session (the port is opened again): reading on
+        // while no ack, resend or time sync reaches the device would leave it resending
+        // for good.
+        let (write_failed_tx, mut write_failed) = tokio::sync::oneshot::channel::<String>();
+        let mut write_checked = false;
         let writer = {
             let outbox = out.outbox.clone();
             tokio::spawn(async move {
@@ -419,7 +424,8 @@ impl<'a> Session<'a> {
                         let Ok(n) = firmware_bridge::encode(&msg, &mut buf) else {
                             continue;
                         };
-                        if wr.write_all(&buf[..n]).await.is_err() {
+                        if let Err(e) = wr.write_all(&buf[..n]).await {
+                            let _ = write_failed_tx.send(e.to_string());
                             return;
                         }
                     }
@@ -504,8 +510,24 @@ impl<'a> Session<'a> {
                     silent_at = Instant::now() + silence;
                 }
                 _ = sync.tick(), if bridge => out.time_sync(),
+                failed = &mut write_failed, if !write_checked => {
+                    write_checked = true;
+                    if let Ok(e) = failed {
+                        break End::Lost(format!("write: {e}"));
+                    }
+                }
             }
         };
+        // A line cut off by the end of the session goes through the decoder like any
+        // other (it is counted: decoded, or malformed), not dropped unseen.
+        if !bridge && (line_too_long || !line.is_empty()) {
+            let last = if line_too_long {
+                Err(line.len())
+            } else {
+                Ok(std::mem::take(&mut line))
+            };
+            let _ = self.lines(vec![last], now_ns()).await;
+        }
         // Readings held behind a gap: a device that still has them resends them, but one
         // that lost power with its cable (USB-powered) does not. They go on now, without
         // acks (an ack would also cover the missing ones), instead of vanishing uncounted.
@@ -668,7 +690,9 @@ impl<'a> Session<'a> {
                 self.asked = Some((from, now));
             }
         }
-        if let Some((from, count)) = gap {
+        // One request per reading: the outbox holds one, and the oldest gap's repeat
+        // would replace the new gap's request before the writer took it.
+        if let Some((from, count)) = gap.filter(|_| resend.is_none()) {
             let due = match self.asked {
                 Some((f, at)) => f != from || now.duration_since(at) >= RESEND_AGAIN,
                 None => true,
@@ -820,6 +844,9 @@ impl Outbox {
     fn ack(&mut self, generation: u64, boot: u32, up_to: u32) {
         match self.ack {
             Some((g, _, u)) if g == generation && u >= up_to => {}
+            // A release checked against an older generation just before a new boot's
+            // Hello must not replace the new boot's pending ack.
+            Some((g, _, _)) if g > generation => {}
             _ => self.ack = Some((generation, boot, up_to)),
         }
     }
@@ -1109,6 +1136,10 @@ mod tests {
         assert_eq!(acks(ack(1, 12), &mut written), Vec::<u32>::new());
         // Another device or boot (a new generation) starts low: written.
         assert_eq!(acks(ack(2, 3), &mut written), [3]);
+        // A release of an older generation does not replace a newer one's pending ack.
+        let mut o = ack(3, 2);
+        o.ack(2, 7, 40);
+        assert_eq!(o.ack, Some((3, 7, 2)));
         // Acks waiting together: the highest of the generation stands for them.
         let mut o = ack(2, 9);
         o.ack(2, 7, 5);
