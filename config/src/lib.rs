@@ -857,55 +857,122 @@ pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigErrors> {
     checked(config, file, Some(text))
 }
 
-/// serde reads an `[[inputs]]` entry through its `type` tag, and so loses the position
-/// and the name of a field of the wrong type (`qos = "1"` was reported at the entry's
-/// header as `invalid type: string "1", expected u8`). This reads each entry again as its
-/// own type to find them; `None` when that finds nothing.
-fn input_error(text: &str, file: Option<&Path>) -> Option<ConfigErrors> {
+/// serde reads an `[[inputs]]` or `[[stages]]` entry through its `type` tag, and so loses
+/// the position and the name of a field of the wrong type (`qos = "1"` was reported at
+/// the entry's header as `invalid type: string "1", expected u8`). This reads each entry
+/// again as its own type to find them; `None` when that finds nothing. An input's own
+/// stages are read before the input, so the error names the stage's field.
+pub(crate) fn input_error(text: &str, file: Option<&Path>) -> Option<ConfigErrors> {
     let doc: toml::Table = toml::from_str(text).ok()?;
-    let inputs = doc.get("inputs")?.as_array()?;
-    for (i, entry) in inputs.iter().enumerate() {
-        let mut table = entry.as_table()?.clone();
-        let kind = table.remove("type")?;
-        let body = toml::to_string(&table).ok()?;
-        let err = match kind.as_str()? {
-            "mqtt" => toml::from_str::<MqttInput>(&body).err(),
-            "serial" => toml::from_str::<SerialInput>(&body).err(),
+    let entries = |key: &str| -> Vec<toml::Value> {
+        doc.get(key)
+            .and_then(toml::Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut found = None;
+    'search: for (i, entry) in entries("inputs").iter().enumerate() {
+        let stages = entry
+            .get("stages")
+            .and_then(toml::Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for (j, stage) in stages.iter().enumerate() {
+            found = entry_error(
+                stage,
+                &format!("inputs[{i}].stages[{j}]"),
+                stage_as_its_type,
+            );
+            if found.is_some() {
+                break 'search;
+            }
+        }
+        found = entry_error(entry, &format!("inputs[{i}]"), |kind, body| match kind {
+            "mqtt" => toml::from_str::<MqttInput>(body).err(),
+            "serial" => toml::from_str::<SerialInput>(body).err(),
             _ => None,
-        };
-        let Some(e) = err else { continue };
-        // The key on the line the error points at in the rewritten entry, under the
-        // last `[table]` header before it.
-        // An error of the whole entry (a missing field) has no span of its own: toml
-        // gives it the start of the document.
-        let whole = e.message().starts_with("missing field");
-        let field = e.span().filter(|s| s.start > 0 && !whole).and_then(|span| {
-            let before = &body[..span.start.min(body.len())];
-            let line_start = before.rfind('\n').map_or(0, |p| p + 1);
-            let line = body[line_start..].lines().next()?;
-            let key = line.split_once('=')?.0.trim().trim_matches('"');
-            let header = before[..line_start]
-                .lines()
-                .rev()
-                .find_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
-                .map(|h| h.trim_matches(['[', ']']).to_string());
-            Some(match header {
-                Some(h) => format!("{h}.{key}"),
-                None => key.to_string(),
-            })
         });
-        let path = match field {
-            Some(f) => format!("inputs[{i}].{f}"),
-            None => format!("inputs[{i}]"),
-        };
-        return Some(ConfigErrors(vec![ConfigError {
-            file: file.map(Path::to_path_buf),
-            position: locate(text, &path).map(|o| line_col(text, o)),
-            path: Some(path),
-            message: e.message().trim_end().to_string(),
-        }]));
+        if found.is_some() {
+            break;
+        }
     }
-    None
+    if found.is_none() {
+        for (j, stage) in entries("stages").iter().enumerate() {
+            found = entry_error(stage, &format!("stages[{j}]"), stage_as_its_type);
+            if found.is_some() {
+                break;
+            }
+        }
+    }
+    let (path, message) = found?;
+    Some(ConfigErrors(vec![ConfigError {
+        file: file.map(Path::to_path_buf),
+        position: locate(text, &path).map(|o| line_col(text, o)),
+        path: Some(path),
+        message,
+    }]))
+}
+
+/// A stage's body (its table without `type`) read as the type its `type` names; the
+/// stages written as struct variants of [`Stage`] (`tags`, `range`, `latest_location`)
+/// have no type of their own and are not read.
+fn stage_as_its_type(kind: &str, body: &str) -> Option<toml::de::Error> {
+    match kind {
+        "keep" | "drop" => toml::from_str::<MatchSpec>(body).err(),
+        "filter" => toml::from_str::<FilterStage>(body).err(),
+        "validate" => toml::from_str::<ValidateStage>(body).err(),
+        "dedup" => toml::from_str::<DedupStage>(body).err(),
+        "throttle" => toml::from_str::<ThrottleStage>(body).err(),
+        "deadband" => toml::from_str::<DeadbandStage>(body).err(),
+        "window" => toml::from_str::<WindowStage>(body).err(),
+        "geofence" => toml::from_str::<GeofenceStage>(body).err(),
+        "gps_sanity" => toml::from_str::<GpsSanityStage>(body).err(),
+        "enrich" => toml::from_str::<EnrichStage>(body).err(),
+        "calibrate" => toml::from_str::<CalibrateStage>(body).err(),
+        "convert" => toml::from_str::<ConvertStage>(body).err(),
+        "route" => toml::from_str::<RouteStage>(body).err(),
+        "rename" => toml::from_str::<RenameStage>(body).err(),
+        "remove" => toml::from_str::<RemoveStage>(body).err(),
+        _ => None,
+    }
+}
+
+/// The error of one `[[inputs]]` or `[[stages]]` entry read as its own type (`read` gets
+/// the `type` and the rest of the entry as TOML): the field's path under `prefix` and the
+/// message.
+fn entry_error(
+    entry: &toml::Value,
+    prefix: &str,
+    read: impl Fn(&str, &str) -> Option<toml::de::Error>,
+) -> Option<(String, String)> {
+    let mut table = entry.as_table()?.clone();
+    let kind = table.remove("type")?;
+    let body = toml::to_string(&table).ok()?;
+    let e = read(kind.as_str()?, &body)?;
+    // The key on the line the error points at in the rewritten entry, under the last
+    // `[table]` header before it. An error of the whole entry (a missing field) has no
+    // span of its own: toml gives it the start of the document.
+    let whole = e.message().starts_with("missing field");
+    let field = e.span().filter(|s| s.start > 0 && !whole).and_then(|span| {
+        let before = &body[..span.start.min(body.len())];
+        let line_start = before.rfind('\n').map_or(0, |p| p + 1);
+        let line = body[line_start..].lines().next()?;
+        let key = line.split_once('=')?.0.trim().trim_matches('"');
+        let header = before[..line_start]
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
+            .map(|h| h.trim_matches(['[', ']']).to_string());
+        Some(match header {
+            Some(h) => format!("{h}.{key}"),
+            None => key.to_string(),
+        })
+    });
+    let path = match field {
+        Some(f) => format!("{prefix}.{f}"),
+        None => prefix.to_string(),
+    };
+    Some((path, e.message().trim_end().to_string()))
 }
 
 /// A TOML syntax or type error of `text`, with its line and column.
@@ -1825,6 +1892,24 @@ brokers = "k:9092"
         assert_eq!(e.0[0].path.as_deref(), Some("inputs[0]"), "{e}");
         assert_eq!(e.0[0].position, Some((4, 1)), "{e}");
         assert!(e.0[0].message.contains("host"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_type_in_a_stage_names_the_field_and_its_place() {
+        let text = "[gateway]\nid = \"gw\"\nstate_dir = \"/tmp\"\n[[inputs]]\ntype = \"mqtt\"\nname = \"a\"\nhost = \"h\"\ntopics = [\"a/{device}\"]\n[[inputs.stages]]\ntype = \"throttle\"\ninterval = \"1s\"\n[[stages]]\ntype = \"tags\"\ntags = { a = \"b\" }\n[[stages]]\ntype = \"dedup\"\nmax_entries = \"many\"\n[output.kafka]\nbrokers = \"k:9092\"\n";
+        let e = parse(text, None).unwrap_err();
+        assert_eq!(e.0[0].path.as_deref(), Some("stages[1].max_entries"), "{e}");
+        assert_eq!(e.0[0].position, Some((17, 15)), "{e}");
+        let in_input = text
+            .replace("max_entries = \"many\"", "max_entries = 5")
+            .replace("interval = \"1s\"", "interval = 1");
+        let e = parse(&in_input, None).unwrap_err();
+        assert_eq!(
+            e.0[0].path.as_deref(),
+            Some("inputs[0].stages[0].interval"),
+            "{e}"
+        );
+        assert_eq!(e.0[0].position, Some((11, 12)), "{e}");
     }
 
     #[test]

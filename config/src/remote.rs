@@ -352,7 +352,9 @@ pub struct PipelineDoc {
 /// A full config: `local`'s bootstrap (gateway, spool, telemetry, control) with the
 /// pipeline of `text`, validated; every error with its path.
 pub fn pipeline_config(local: &Config, text: &str) -> Result<Config, ConfigErrors> {
-    let doc: PipelineDoc = toml::from_str(text).map_err(|e| crate::syntax_error(&e, text, None))?;
+    let doc: PipelineDoc = toml::from_str(text).map_err(|e| {
+        crate::input_error(text, None).unwrap_or_else(|| crate::syntax_error(&e, text, None))
+    })?;
     let mut c = local.clone();
     c.inputs = doc.inputs;
     c.stages = doc.stages;
