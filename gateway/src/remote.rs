@@ -363,6 +363,8 @@ mod control {
         applied: Applied,
         until: Instant,
         kafka_was_up: bool,
+        /// It changed `[output.kafka]`: its brokers must answer before it is kept.
+        output_changed: bool,
         /// Events received and dropped (all inputs) when it was applied.
         counts: (f64, f64),
     }
@@ -377,6 +379,8 @@ mod control {
 
     /// How much higher than the old config's a new one's drop rate may be (absolute).
     const DROP_RATE_TOLERANCE: f64 = 0.05;
+    /// How long a new output's brokers have to answer at the end of its health window.
+    const KAFKA_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
     /// Largest message taken from the control broker (an envelope).
     const MAX_IN: usize = 4 * 1024 * 1024;
     /// Largest message sent: `config/applied` carries the running pipeline's text,
@@ -900,6 +904,11 @@ mod control {
         async fn apply(&mut self, applied: Applied, config: Config) {
             let kafka_was_up = self.metrics.totals().kafka_up;
             let previous = self.store.applied().ok().flatten();
+            let running_output = match &previous {
+                Some(p) => effective_with(&self.local, p).output,
+                None => self.local_now().output,
+            };
+            let output_changed = running_output != config.output;
             if let Err(e) = self.store.set_applied(&applied) {
                 self.report(
                     applied.version,
@@ -925,6 +934,7 @@ mod control {
             self.trial = Some(Trial {
                 until: Instant::now() + self.control.health_window,
                 kafka_was_up,
+                output_changed,
                 counts: counts(&self.metrics),
                 applied,
             });
@@ -945,6 +955,22 @@ mod control {
             }
             if trial.kafka_was_up && !t.kafka_up {
                 problems.push("Kafka is not reachable (it was with the previous config)".into());
+            } else if trial.kafka_was_up && trial.output_changed {
+                // Up may only mean nothing was sent yet (a quiet site): ask the brokers.
+                let kafka = config.output.kafka.clone();
+                let id = config.gateway.id.clone();
+                let answered = tokio::task::spawn_blocking(move || {
+                    crate::sinks::kafka::answers(&kafka, &id, KAFKA_PROBE_TIMEOUT)
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                if let Err(e) = answered {
+                    problems.push(format!(
+                        "Kafka at {} did not answer a metadata request within {}s (it was reachable with the previous config): {e}",
+                        config.output.kafka.brokers,
+                        KAFKA_PROBE_TIMEOUT.as_secs()
+                    ));
+                }
             }
             // Drops (malformed, filtered, ...) per event received: not above the old
             // config's, within a tolerance, once the window saw enough events.

@@ -543,6 +543,37 @@ fn a_rollback_with_no_last_good_runs_the_local_file_as_it_is_now() {
     rig.flows_with("edited", 2);
 }
 
+/// A quiet site: no event is sent during the health window, so no send fails and the
+/// router still counts Kafka as up. A new output whose brokers do not answer must not be
+/// kept for that.
+#[test]
+fn a_new_output_that_reaches_no_broker_is_rolled_back_on_a_quiet_site() {
+    let mut rig = Rig::start("2s");
+    let bootstrap = rig.kafka.bootstrap.clone();
+    let env = rig.sign(
+        "ops",
+        1,
+        "gw-test",
+        Some(&rig.pipeline("v1", &bootstrap)),
+        &[],
+    );
+    rig.push(&env);
+    rig.status(1, "applied", Duration::from_secs(20));
+    let dead = format!("127.0.0.1:{}", free_port());
+    let env = rig.sign("ops", 2, "gw-test", Some(&rig.pipeline("v2", &dead)), &[]);
+    rig.push(&env);
+    let r = rig.status(2, "rolled_back", Duration::from_secs(30));
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("did not answer"),
+        "{r}"
+    );
+    assert_eq!(r["running"], 1);
+    rig.flows_with("v1", 1);
+}
+
 #[test]
 fn an_unhealthy_config_is_rolled_back_after_its_health_window() {
     let mut rig = Rig::start("4s");

@@ -411,6 +411,24 @@ pub struct KafkaSink {
     fatal: Arc<AtomicBool>,
 }
 
+/// Whether a broker of `cfg` answers a metadata request within `timeout`, from a client
+/// made for the question (blocking: run it off the async threads). The router counts
+/// Kafka as up until a send fails, so on a quiet site a new output that reaches no broker
+/// would look healthy; the health window of a remote config asks this instead. The
+/// request is for all topics' metadata (what `kcat -L` asks): naming one topic could
+/// create it on a broker that creates topics on demand.
+pub fn answers(cfg: &KafkaOutput, gateway_id: &str, timeout: Duration) -> Result<(), String> {
+    let mut c = client_config(cfg, gateway_id)?;
+    // Only metadata: no producer id to ask for.
+    c.set("enable.idempotence", "false");
+    let probe: BaseProducer = c.create().map_err(|e| e.to_string())?;
+    probe
+        .client()
+        .fetch_metadata(None, timeout)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// The librdkafka properties for an output config.
 pub fn client_config(cfg: &KafkaOutput, gateway_id: &str) -> Result<ClientConfig, String> {
     let mut c = ClientConfig::new();
