@@ -333,6 +333,10 @@ async fn run_input(
 pub struct Reload {
     /// The new configuration (only its pipeline is applied).
     pub config: Config,
+    /// The local file's config (a SIGHUP): the remotely applied pipeline, if any, is
+    /// looked up when the reload is carried out, not when it was asked for, so that a
+    /// remote apply or rollback queued in between is not undone by it.
+    pub local_file: bool,
     /// Told the outcome, when the requester waits for it (remote configuration).
     pub done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
@@ -407,7 +411,12 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(Reload { config: next, done }) = reloads.recv() => {
+            Some(Reload { config: next, local_file, done }) = reloads.recv() => {
+                let next = if local_file {
+                    crate::remote::effective(next, false).0
+                } else {
+                    next
+                };
                 let result: Result<(), String> = 'apply: {
                     if next.gateway != current.gateway || next.spool != current.spool || next.telemetry != current.telemetry || next.control != current.control {
                         tracing::warn!("[gateway], [spool], [telemetry] and [control] changes take effect on restart; applying the pipeline only");
@@ -471,8 +480,12 @@ pub fn reload_on_sighup(path: PathBuf, tx: mpsc::Sender<Reload>) -> anyhow::Resu
             match gateway_config::load(&path) {
                 Ok(c) => {
                     tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
-                    let (config, _) = crate::remote::effective(c, false);
-                    if tx.send(Reload { config, done: None }).await.is_err() {
+                    let reload = Reload {
+                        config: c,
+                        local_file: true,
+                        done: None,
+                    };
+                    if tx.send(reload).await.is_err() {
                         break;
                     }
                 }

@@ -892,6 +892,7 @@ mod control {
             self.reloads
                 .send(Reload {
                     config,
+                    local_file: false,
                     done: Some(done),
                 })
                 .await
