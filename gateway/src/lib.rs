@@ -17,6 +17,8 @@
 //! - [`cli`]: the `gateway` command line.
 //! - `allocator` (feature `mimalloc`): the global allocator, mimalloc.
 //! - `demo` (feature `demo`): the self-contained demo behind `gateway demo`.
+//! - `mock` (feature `demo`): librdkafka's mock cluster behind a TCP proxy per broker, whose
+//!   uplink the demo and the end-to-end tests cut and restore.
 //! - `simulate` (feature `serial`): a serial device on a pseudo-terminal, behind
 //!   `gateway simulate serial`.
 //!
@@ -29,6 +31,8 @@ pub mod cli;
 pub mod demo;
 pub mod event;
 pub mod metrics;
+#[cfg(feature = "demo")]
+pub mod mock;
 #[cfg(feature = "operator")]
 pub mod operator;
 pub mod remote;

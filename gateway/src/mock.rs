@@ -1,5 +1,6 @@
-//! librdkafka's mock cluster behind a TCP proxy per broker, so that tests can cut the
-//! uplink and restore it without librdkafka's own `broker_down`/`broker_up`.
+//! librdkafka's mock cluster behind a TCP proxy per broker, so that the demo and the
+//! end-to-end tests can cut the uplink and restore it without librdkafka's own
+//! `broker_down`/`broker_up`. In the `demo` feature (not in device builds).
 //!
 //! Why not those: `broker_down` closes the broker's listening socket and binds its port
 //! again at once, and librdkafka *asserts* that this bind succeeds. The port is an
@@ -29,8 +30,6 @@ use rdkafka::bindings as sys;
 use rdkafka::client::{Client, DefaultClientContext};
 use rdkafka::types::RDKafkaType;
 use rdkafka::ClientConfig;
-
-use crate::harness::free_port;
 
 /// A mock cluster whose brokers are reached only through [`Proxy`]s.
 pub struct ProxiedCluster {
@@ -189,17 +188,8 @@ impl Shared {
 impl Proxy {
     /// A proxy to `target` (`host:port`) on a free port.
     pub fn start(target: &str) -> anyhow::Result<Proxy> {
-        // `free_port` checked the port and let it go; another process may take it before
-        // the bind here, so try a few.
-        let mut tries = 0;
-        let (port, listener) = loop {
-            let port = free_port();
-            match TcpListener::bind(("127.0.0.1", port)) {
-                Ok(l) => break (port, l),
-                Err(e) if e.kind() == ErrorKind::AddrInUse && tries < 20 => tries += 1,
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let listener = TcpListener::bind(("127.0.0.1", 0))?;
+        let port = listener.local_addr()?.port();
         let target: SocketAddr = target.parse()?;
         let shared = Arc::new(Shared::default());
         let accept = {
