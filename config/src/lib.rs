@@ -1603,10 +1603,10 @@ fn validate_stages(stages: &[Stage], p: &str, err: &mut impl FnMut(String, &str)
                 if w.aggregates.is_empty() {
                     err(at("aggregates"), "name at least one aggregate");
                 }
-                if w.idle_timeout.is_some_and(|t| t < w.size) {
+                if w.idle_timeout.is_some_and(|t| t.is_zero()) {
                     err(
                         at("idle_timeout"),
-                        "must be at least size: a device idle for less than a window would have its window closed early and the rest of it counted late",
+                        "must be above zero: every window would close at once and its events count as late",
                     );
                 }
                 // Each window a device may still take events for is kept open.
@@ -1991,7 +1991,7 @@ aggregates = []
 [[stages]]
 type = "window"
 size = "1m"
-idle_timeout = "30s"
+idle_timeout = "0s"
 [[stages]]
 type = "window"
 size = "1s"
