@@ -958,11 +958,22 @@ fn entry_error(
         let line_start = before.rfind('\n').map_or(0, |p| p + 1);
         let line = body[line_start..].lines().next()?;
         let key = line.split_once('=')?.0.trim().trim_matches('"');
-        let header = before[..line_start]
+        let above = &before[..line_start];
+        let header = above
             .lines()
             .rev()
-            .find_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
-            .map(|h| h.trim_matches(['[', ']']).to_string());
+            .map(str::trim)
+            .find(|l| l.starts_with('[') && l.ends_with(']'))
+            .map(|h| {
+                let name = h.trim_matches(['[', ']']);
+                if h.starts_with("[[") {
+                    // An array of tables: its entry is the count of its headers so far.
+                    let k = above.lines().filter(|l| l.trim() == h).count() - 1;
+                    format!("{name}[{k}]")
+                } else {
+                    name.to_string()
+                }
+            });
         Some(match header {
             Some(h) => format!("{h}.{key}"),
             None => key.to_string(),
@@ -1910,6 +1921,18 @@ brokers = "k:9092"
             "{e}"
         );
         assert_eq!(e.0[0].position, Some((11, 12)), "{e}");
+        // In an array of tables inside a stage: the entry's index too.
+        let rules = text.replace(
+            "[[stages]]\ntype = \"dedup\"\nmax_entries = \"many\"\n",
+            "[[stages]]\ntype = \"route\"\n[[stages.rules]]\ntopic = \"a\"\n[[stages.rules]]\ntopic = 5\n",
+        );
+        let e = parse(&rules, None).unwrap_err();
+        assert_eq!(
+            e.0[0].path.as_deref(),
+            Some("stages[1].rules[1].topic"),
+            "{e}"
+        );
+        assert_eq!(e.0[0].position, Some((20, 9)), "{e}");
     }
 
     #[test]

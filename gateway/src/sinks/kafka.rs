@@ -419,8 +419,9 @@ pub struct KafkaSink {
 /// create it on a broker that creates topics on demand.
 pub fn answers(cfg: &KafkaOutput, gateway_id: &str, timeout: Duration) -> Result<(), String> {
     let mut c = client_config(cfg, gateway_id)?;
-    // Only metadata: no producer id to ask for.
-    c.set("enable.idempotence", "false");
+    // Only metadata: no producer id to ask for (and gapless needs idempotence).
+    c.set("enable.idempotence", "false")
+        .remove("enable.gapless.guarantee");
     let probe: BaseProducer = c.create().map_err(|e| e.to_string())?;
     probe
         .client()

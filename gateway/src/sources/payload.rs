@@ -766,8 +766,9 @@ fn finish(
             )
         })?,
     };
+    let own_time = fields[Named::TIME].is_some_and(|v| *v != Json::Null);
     let (time_ns, clock) = match fields[Named::TIME] {
-        Some(v) if *v != Json::Null => device_time(parse_time(v, m.time_unit)?, o.received_ns),
+        Some(v) if own_time => device_time(parse_time(v, m.time_unit)?, o.received_ns),
         _ => (o.received_ns, ClockQuality::Gateway),
     };
     let num = |i: usize| -> Result<Option<f64>, Malformed> {
@@ -799,12 +800,14 @@ fn finish(
     }
     let id = match seq {
         Some(s) => sequence_id(&device, s),
+        // The stamp only where the payload has no time of its own: a redelivery of one
+        // with a time (even from a clock never set) keeps its id.
         None => stamped_content_id(
             o.source,
             o.topic,
             payload,
             0,
-            (clock != ClockQuality::Device).then_some(time_ns),
+            (!own_time).then_some(time_ns),
         )
         .into(),
     };
@@ -957,10 +960,12 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
             }
             (ns, ClockQuality::Gateway)
         } else {
-            device_time(
+            // The device's time as it is (a clock never set is dealt with below, once
+            // the pack's records are grouped by it).
+            (
                 epoch_to_ns(t, TimeUnit::S)
                     .ok_or_else(|| bad("bad_time", format!("record {i}: bad time {t}")))?,
-                o.received_ns,
+                ClockQuality::Device,
             )
         };
         let idx = match out
@@ -978,7 +983,22 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
     if out.is_empty() {
         return Err(bad("malformed_senml", "no records with values"));
     }
-    for (i, e) in out.iter_mut().enumerate() {
+    // The id takes the gateway's stamp only where the payload carries no time of its own
+    // (a relative or missing `t`): a redelivery of the same pack keeps its ids.
+    let stamped: Vec<bool> = out
+        .iter()
+        .map(|e| e.clock != ClockQuality::Device)
+        .collect();
+    // Times from a clock never set (before 2001) keep their spacing, the newest at
+    // receipt: substituting each on its own would merge the pack's times into one.
+    let unset = |e: &Event| e.clock == ClockQuality::Device && e.time_ns < UNSET_CLOCK_BEFORE_NS;
+    if let Some(newest) = out.iter().filter(|e| unset(e)).map(|e| e.time_ns).max() {
+        for e in out.iter_mut().filter(|e| unset(e)) {
+            e.time_ns = o.received_ns.saturating_sub(newest - e.time_ns).max(0);
+            e.clock = ClockQuality::Gateway;
+        }
+    }
+    for (i, (e, stamped)) in out.iter_mut().zip(stamped).enumerate() {
         let num = |k: &str| match e.readings.get(k) {
             Some(Value::Number(v)) => Some(*v),
             _ => None,
@@ -989,7 +1009,7 @@ fn decode_senml(o: &Origin<'_>, payload: &[u8]) -> Result<Vec<Event>, Malformed>
             e.readings.remove("lon");
             e.readings.remove("alt");
         }
-        let stamp = (e.clock != ClockQuality::Device).then_some(e.time_ns);
+        let stamp = stamped.then_some(e.time_ns);
         e.id = stamped_content_id(o.source, o.topic, payload, i, stamp).into();
     }
     Ok(out)
@@ -1332,6 +1352,48 @@ mod tests {
             r#"{"device":"d","ts":978307200,"v":1}"#,
             Ok(&[("d", "h", Some(UNSET_CLOCK_BEFORE_NS), &[("v", 1.0)])]),
         );
+        // A pack from an RTC at its 2000-01-01 default keeps its records apart, the
+        // newest at receipt.
+        check(
+            PayloadFormat::Senml,
+            &[],
+            r#"[{"bn":"d/","bt":946684800,"n":"temp","v":1},{"n":"temp","t":10,"v":2}]"#,
+            Ok(&[
+                ("d", "h", Some(NOW - 10_000_000_000), &[("temp", 1.0)]),
+                ("d", "h", Some(NOW), &[("temp", 2.0)]),
+            ]),
+        );
+    }
+
+    /// A payload with a time of its own keeps its id when it comes again later (a
+    /// redelivery), even from a clock never set.
+    #[test]
+    fn a_redelivered_payload_with_its_own_time_keeps_its_id() {
+        let id = |format: PayloadFormat, received_ns: i64, payload: &str| {
+            let origin = Origin {
+                source: "in",
+                topic: "t/x",
+                captures: &[],
+                received_ns,
+            };
+            decode(format, &JsonMapping::default(), &origin, payload.as_bytes()).expect("decodes")
+                [0]
+            .id
+            .clone()
+        };
+        for (format, payload) in [
+            (PayloadFormat::Json, r#"{"device":"d","ts":12345,"v":1}"#),
+            (
+                PayloadFormat::Senml,
+                r#"[{"bn":"d/","bt":946684800,"n":"v","v":1}]"#,
+            ),
+        ] {
+            assert_eq!(
+                id(format, NOW, payload),
+                id(format, NOW + 60, payload),
+                "{payload}"
+            );
+        }
     }
 
     #[test]

@@ -79,9 +79,15 @@ pub async fn run(
                         .clone()
                         .map(|(d, b)| (d, b, seen.max(u64::from(t.next))))
                 };
-                if reached.is_some() {
-                    before = reached;
-                }
+                // A session that ended early (after the Hello, before the resends) must
+                // not lower the bound for the same boot.
+                before = match (before.take(), reached) {
+                    (Some(b), Some(r)) if b.0 == r.0 && b.1 == r.1 => {
+                        Some((r.0, r.1, b.2.max(r.2)))
+                    }
+                    (b, None) => b,
+                    (_, r) => r,
+                };
                 m.connected.set(0);
                 m.silent.set(0);
                 match end {
@@ -518,9 +524,11 @@ impl<'a> Session<'a> {
                 }
             }
         };
-        // A line cut off by the end of the session goes through the decoder like any
-        // other (it is counted: decoded, or malformed), not dropped unseen.
-        if !bridge && (line_too_long || !line.is_empty()) {
+        // A line cut off by a lost port goes through the decoder like any other (it is
+        // counted: decoded, or malformed), not dropped unseen.
+        // Only when the port was lost: at a reload (`Stop`) the port reopens and the rest
+        // of the line comes, which would make it two malformed lines.
+        if !bridge && matches!(end, End::Lost(_)) && (line_too_long || !line.is_empty()) {
             let last = if line_too_long {
                 Err(line.len())
             } else {

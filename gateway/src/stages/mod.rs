@@ -212,9 +212,8 @@ pub struct LatestLocation {
     max_age_ns: i64,
     max_keys: usize,
     /// Key to (location, fix time in ns).
-    /// Per key: the fix, its event time, and whether that time was more than an hour
-    /// ahead of the gateway's clock when it came (a glitch: any later fix replaces it).
-    fixes: Mutex<HashMap<String, (Location, i64, bool)>>,
+    /// Per key: the fix, its event time, and when it arrived (the gateway's clock).
+    fixes: Mutex<HashMap<String, (Location, i64, i64)>>,
     evicted: Counter,
 }
 
@@ -237,15 +236,17 @@ impl Stage for LatestLocation {
             Some(loc) => {
                 if self.sources.is_empty() || self.sources.iter().any(|s| *s == e.source) {
                     // A fix older than the one kept (a resend, a slow input, a backlog)
-                    // does not win, unless the kept one was dated far ahead of its
-                    // arrival: such a glitch would otherwise win for good.
-                    let newer = fixes
-                        .get(&key)
-                        .is_none_or(|(_, t, glitch)| e.time_ns >= *t || *glitch);
+                    // does not win, unless the kept one is stale: dated more than an hour
+                    // ahead of its arrival (a glitch), or arrived more than an hour ago
+                    // (the device's clock went back). Either would win for good.
+                    let hour = state::CLOCK_RESET_NS;
+                    let newer = fixes.get(&key).is_none_or(|(_, t, arrived)| {
+                        e.time_ns >= *t
+                            || *t > arrived.saturating_add(hour)
+                            || e.received_ns > arrived.saturating_add(hour)
+                    });
                     if newer {
-                        let glitch =
-                            e.time_ns > e.received_ns.saturating_add(state::CLOCK_RESET_NS);
-                        fixes.insert(key, (*loc, e.time_ns, glitch));
+                        fixes.insert(key, (*loc, e.time_ns, e.received_ns));
                     }
                     while fixes.len() > self.max_keys {
                         let oldest = fixes
@@ -731,6 +732,15 @@ pub(crate) mod tests {
         assert_eq!(
             lat(&c, located("pump-1", "serial", "a", 150, None)),
             Some(4.0)
+        );
+        // A device whose clock went back: an hour after the kept fix arrived, an
+        // older-dated one wins again.
+        let mut back = located("gps-1", "gps", "a", 100, Some(7.0));
+        back.received_ns = 7_200_000_000_000;
+        lat(&c, back);
+        assert_eq!(
+            lat(&c, located("pump-1", "serial", "a", 110, None)),
+            Some(7.0)
         );
     }
 
