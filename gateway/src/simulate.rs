@@ -95,8 +95,10 @@ pub struct SerialSim {
     /// Random seed (corruption, values).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// The NMEA log to replay, one sentence per line (`--framing nmea`); `--rate` is in
-    /// lines per second and `--count` (0: the whole file) caps the lines sent.
+    /// The lines to replay: an NMEA log, one sentence per line (`--framing nmea`, which
+    /// needs it), or JSON lines (`--framing json-lines`, instead of made-up readings);
+    /// `--rate` is in lines per second and `--count` (0: the whole file) caps the lines
+    /// sent.
     #[arg(long)]
     pub replay: Option<PathBuf>,
     /// Seconds to wait, before the first line, for a reader to configure the port (0: send
@@ -505,7 +507,7 @@ async fn lines(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<SimReport> {
     let replay: Vec<String> = match (&sim.framing, &sim.replay) {
-        (SimFraming::Nmea, Some(path)) => std::fs::read_to_string(path)
+        (_, Some(path)) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?
             .lines()
             .map(|l| l.trim_end().to_string())
@@ -514,10 +516,10 @@ async fn lines(
         (SimFraming::Nmea, None) => anyhow::bail!("--framing nmea needs --replay FILE"),
         _ => Vec::new(),
     };
-    let total = match (sim.framing, sim.count) {
-        (SimFraming::Nmea, 0) => replay.len() as u64,
-        (SimFraming::Nmea, n) => n.min(replay.len() as u64),
-        (_, n) => n,
+    let total = match (replay.is_empty(), sim.count) {
+        (false, 0) => replay.len() as u64,
+        (false, n) => n.min(replay.len() as u64),
+        (true, n) => n,
     };
     tokio::pin!(stop);
     if let Some((_, slave)) = port.as_mut().filter(|_| sim.wait_reader > 0.0) {

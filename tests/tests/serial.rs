@@ -356,6 +356,44 @@ fn json_lines_become_events() {
     assert_eq!(gw.dropped_total(), 0.0);
 }
 
+/// Equal lines without a time or sequence of their own (a meter sending the same value)
+/// are different readings: each gets its own event id, also when many come in one read
+/// (the lines of a read shared one receipt time, and so one id).
+#[test]
+fn equal_json_lines_in_one_read_get_their_own_ids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lines = dir.path().join("lines.jsonl");
+    std::fs::write(
+        &lines,
+        "{\"device\":\"m\",\"temperature\":21.5}\n".repeat(300),
+    )
+    .expect("lines");
+    let (_dir, kafka, gw, sim) = rig(
+        "framing = \"json-lines\"",
+        &[
+            "--framing",
+            "json-lines",
+            "--replay",
+            lines.to_str().expect("path"),
+            "--rate",
+            "100000",
+            "--wait-reader",
+            "30",
+        ],
+    );
+    let r = report(sim);
+    assert_eq!(r.lines, 300);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |recs| {
+        recs.len() >= 300
+    });
+    let ids: BTreeSet<_> = records
+        .iter()
+        .filter_map(|c| c.headers.get("event-id"))
+        .collect();
+    assert_eq!(ids.len(), 300, "one id per line");
+    assert_eq!(gw.dropped_total(), 0.0);
+}
+
 /// Whether a line of an NMEA log should become a location event, worked out here without
 /// the gateway's parser (otherwise it is a counted drop: no fix, bad checksum, another
 /// sentence type).

@@ -779,13 +779,18 @@ impl<'a> Session<'a> {
             .as_deref()
             .map(|d| vec![("device", d)])
             .unwrap_or_default();
-        let origin = Origin {
+        let mut origin = Origin {
             source: &self.cfg.name,
             topic: &self.origin,
             captures: &captures,
             received_ns,
         };
-        for l in lines {
+        for (i, l) in lines.into_iter().enumerate() {
+            // The lines of one read get receipt times a nanosecond apart: a line without
+            // its own time has its receipt time in its id, and two equal lines (the same
+            // value read twice) must not share one.
+            let received_ns = received_ns.saturating_add(i as i64);
+            origin.received_ns = received_ns;
             let l = match l {
                 Ok(l) => l,
                 Err(len) => {
