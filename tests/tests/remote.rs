@@ -533,6 +533,10 @@ fn a_rollback_with_no_last_good_runs_the_local_file_as_it_is_now() {
     assert_ne!(edited, text);
     std::fs::write(&file, edited).expect("write");
     rig.gw.hup();
+    wait_for("the reload", Duration::from_secs(30), || {
+        rig.gw.log_text().contains("pipeline reloaded")
+    });
+    rig.gw.wait_connected();
     rig.flows_with("edited", 1);
     let dead = format!("127.0.0.1:{}", free_port());
     let env = rig.sign("ops", 1, "gw-test", Some(&rig.pipeline("v1", &dead)), &[]);
