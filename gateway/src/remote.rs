@@ -696,6 +696,25 @@ mod control {
 
         /// After a restart: a pipeline that had not passed its health window was rolled
         /// back by [`super::effective`]; record and say so.
+        /// Records `version`, accepted but left not done by the last run, as decided (a
+        /// rollback at the start): its retained envelope is not taken again, since a config
+        /// that brought the process down would do so at every start.
+        fn decided(&self, version: u64) {
+            if self
+                .store
+                .version()
+                .is_ok_and(|v| v.version == version && !v.done)
+            {
+                let done = Version {
+                    version,
+                    done: true,
+                };
+                if let Err(e) = self.store.set_version(done) {
+                    tracing::error!(error = %e, version, "cannot record the version as decided");
+                }
+            }
+        }
+
         fn after_restart(&mut self, fallback: Option<super::Fallback>) {
             if let Some(f) = fallback {
                 // What runs is recorded as applied, so reports name it; the version
@@ -707,19 +726,7 @@ mod control {
                 if let Err(e) = saved {
                     tracing::error!(error = %e, "cannot record the pipeline running instead");
                 }
-                if self
-                    .store
-                    .version()
-                    .is_ok_and(|v| v.version == f.version && !v.done)
-                {
-                    let done = Version {
-                        version: f.version,
-                        done: true,
-                    };
-                    if let Err(e) = self.store.set_version(done) {
-                        tracing::error!(error = %e, "cannot record the version");
-                    }
-                }
+                self.decided(f.version);
                 self.report(f.version, "rolled_back", Some(f.reason));
                 return;
             }
@@ -744,20 +751,7 @@ mod control {
             if let Err(e) = result {
                 tracing::error!(error = %e, "cannot record the rollback");
             }
-            // The rollback is the decision on this version: its retained envelope is not
-            // taken again (a config that brought the process down would, at every start).
-            if self
-                .store
-                .version()
-                .is_ok_and(|v| v.version == a.version && !v.done)
-            {
-                if let Err(e) = self.store.set_version(Version {
-                    version: a.version,
-                    done: true,
-                }) {
-                    tracing::error!(error = %e, "cannot record the rolled back version");
-                }
-            }
+            self.decided(a.version);
             self.report(
                 a.version,
                 "rolled_back",

@@ -819,6 +819,15 @@ pub fn publish(
     total
 }
 
+/// How many different `event-id`s the records carry.
+pub fn unique_ids(records: &[Consumed]) -> usize {
+    records
+        .iter()
+        .filter_map(|r| r.headers.get("event-id"))
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
 /// Checks what Kafka holds: every `dev-d` has seq 0..n in order of first appearance,
 /// and returns the number of duplicate records (same event id seen twice).
 pub fn check_complete_and_ordered(records: &[Consumed], devices: usize, n: usize) -> usize {

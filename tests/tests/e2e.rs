@@ -78,14 +78,6 @@ fn publish_in_background(
     std::thread::spawn(move || publish(port, devices, n, None, Some(pace)))
 }
 
-fn unique_ids(records: &[Consumed]) -> usize {
-    records
-        .iter()
-        .filter_map(|r| r.headers.get("event-id"))
-        .collect::<std::collections::HashSet<_>>()
-        .len()
-}
-
 #[test]
 fn kafka_down_for_30s_spools_then_drains_in_order() {
     let (devices, n) = (20, 1500); // 30k events over ~60 s

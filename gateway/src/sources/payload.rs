@@ -1277,21 +1277,36 @@ mod tests {
         }
     }
 
+    /// The id of the first event `payload` decodes to, received at `received_ns`.
+    fn first_id(
+        format: PayloadFormat,
+        captures: &[(&str, &str)],
+        received_ns: i64,
+        payload: &str,
+    ) -> CompactString {
+        let origin = Origin {
+            source: "in",
+            topic: "t/x",
+            captures,
+            received_ns,
+        };
+        decode(format, &JsonMapping::default(), &origin, payload.as_bytes()).expect("decodes")[0]
+            .id
+            .clone()
+    }
+
     /// An id for events whose payload carries no time or sequence: readings of the same
     /// value at different times are different events, so their ids differ; a payload
     /// with the device's time keeps the pure content hash.
     #[test]
     fn repeated_payloads_without_time_get_their_own_ids() {
-        let id = |format: PayloadFormat, received_ns: i64, payload: &str| {
-            let origin = Origin {
-                source: "in",
-                topic: "t/x",
-                captures: &[("device", "d"), ("metric", "temp")],
+        let id = |format, received_ns, payload| {
+            first_id(
+                format,
+                &[("device", "d"), ("metric", "temp")],
                 received_ns,
-            };
-            let events = decode(format, &JsonMapping::default(), &origin, payload.as_bytes())
-                .expect("decodes");
-            events[0].id.clone()
+                payload,
+            )
         };
         use PayloadFormat::{Json as J, Number as N, Senml as S};
         for (format, payload) in [
@@ -1369,18 +1384,7 @@ mod tests {
     /// redelivery), even from a clock never set.
     #[test]
     fn a_redelivered_payload_with_its_own_time_keeps_its_id() {
-        let id = |format: PayloadFormat, received_ns: i64, payload: &str| {
-            let origin = Origin {
-                source: "in",
-                topic: "t/x",
-                captures: &[],
-                received_ns,
-            };
-            decode(format, &JsonMapping::default(), &origin, payload.as_bytes()).expect("decodes")
-                [0]
-            .id
-            .clone()
-        };
+        let id = |format, received_ns, payload| first_id(format, &[], received_ns, payload);
         for (format, payload) in [
             (PayloadFormat::Json, r#"{"device":"d","ts":12345,"v":1}"#),
             (
