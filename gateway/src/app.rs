@@ -20,7 +20,7 @@ use crate::router::{self, RouterHandle};
 use crate::sources::mqtt;
 #[cfg(feature = "serial")]
 use crate::sources::serial;
-use crate::sources::{SourceContext, SourceState};
+use crate::sources::{Settled, SourceContext, SourceState};
 use crate::spool::Spool;
 use crate::stages::{Chain, InputStages};
 
@@ -29,11 +29,26 @@ struct Inputs {
     state: watch::Sender<SourceState>,
     tasks: Vec<JoinHandle<()>>,
     ticker: Ticker,
+    settled: Settled,
 }
+
+/// How long a shutdown waits for the inputs to hand over what they took in before it
+/// stops the router anyway (an input waiting for room in a full spool with `block`:
+/// its batch is then dropped, counted as `input_stopped`, and not acknowledged).
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Inputs {
     fn quiesce(&self) {
         let _ = self.state.send(SourceState::Quiesce);
+    }
+
+    /// Quiesces the inputs and waits (up to [`SETTLE_LIMIT`]) until each has handed the
+    /// router what it had taken in: the events of a burst an input was in the middle of.
+    async fn quiesce_and_settle(&self) {
+        self.quiesce();
+        if !self.settled.wait(self.tasks.len(), SETTLE_LIMIT).await {
+            tracing::warn!(limit = ?SETTLE_LIMIT, "an input did not hand over what it had taken in (the router has no room?); going on without it");
+        }
     }
 
     /// Stops the inputs, then lets the stages release what they hold (open windows) to
@@ -210,6 +225,7 @@ fn prepare(
         items: router.items(),
         metrics: metrics.clone(),
         dead_letters: p.output.kafka.dead_letter_topic.is_some(),
+        settled: Settled::default(),
     };
     Ok(Prepared {
         inputs,
@@ -221,6 +237,7 @@ fn prepare(
 impl Prepared {
     fn start(self) -> Inputs {
         let (state, rx) = watch::channel(SourceState::Run);
+        let settled = self.ctx.settled.clone();
         let ticker = Ticker::start(Timers {
             ctx: self.ctx.clone(),
             global: self.global.clone(),
@@ -245,6 +262,7 @@ impl Prepared {
             state,
             tasks,
             ticker,
+            settled,
         }
     }
 }
@@ -276,9 +294,11 @@ pub fn check_stages(p: &Pipeline) -> Result<(), String> {
 }
 
 /// Checks what can be checked of a pipeline before it runs: its stages build (their
-/// files are there and valid) and its inputs' secrets and certificates are readable.
+/// files are there and valid), and its inputs' and output's secrets and certificates
+/// are readable.
 pub fn check_pipeline(p: &Pipeline, gateway_id: &str) -> Result<(), String> {
     check_stages(p)?;
+    crate::sinks::kafka::check(&p.output.kafka, gateway_id)?;
     for (i, input) in p.inputs.iter().enumerate() {
         check_input(i, input, gateway_id)?;
     }
@@ -462,7 +482,7 @@ pub async fn run(
         }
     }
     tracing::info!("shutting down: stopping inputs, spooling what Kafka has not confirmed");
-    inputs.quiesce();
+    inputs.quiesce_and_settle().await;
     // Open windows and the like go to the router before it spools and stops.
     inputs.ticker.finish().await;
     tokio::task::block_in_place(|| router.shutdown());

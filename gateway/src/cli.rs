@@ -167,10 +167,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::CheckConfig { file } => match gateway_config::load(&file)
             .map_err(|e| e.to_string())
-            .and_then(|c| match crate::app::check_stages(&c.pipeline()) {
-                Ok(()) => Ok(c),
-                Err(e) => Err(format!("{}: {e}", file.display())),
-            }) {
+            .and_then(
+                |c| match crate::app::check_pipeline(&c.pipeline(), &c.gateway.id) {
+                    Ok(()) => Ok(c),
+                    Err(e) => Err(format!("{}: {e}", file.display())),
+                },
+            ) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} input(s), {} stage(s), Kafka at {})",
@@ -240,6 +242,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     let stdout = std::io::stdout();
                     let mut out = std::io::BufWriter::new(stdout.lock());
                     let n = spool.export(&mut out)?;
+                    // Not left to the drop, which ignores a failed last write (a full
+                    // disk behind a redirect).
+                    std::io::Write::flush(&mut out).context("writing the export")?;
                     drop(out);
                     eprintln!("exported {n} rows");
                     Ok(ExitCode::SUCCESS)

@@ -499,25 +499,51 @@ impl InputMetrics {
     }
 }
 
-/// Serves `/metrics` and `/health` until the listener fails or the task is dropped.
+/// Scrapes served at once; a connection past them waits for one to end.
+const MAX_SCRAPES: usize = 8;
+
+/// How long one scrape may take, from accept to the last byte written.
+const SCRAPE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `/metrics` and `/health` until the task is dropped: at most [`MAX_SCRAPES`]
+/// connections at once, each for at most [`SCRAPE_LIMIT`].
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
+    let scrapes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
+    let mut accept_errors: u64 = 0;
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = scrapes.clone().acquire_owned().await else {
+            return;
+        };
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // Out of file descriptors, say: retrying at once would spin a core.
+                if accept_errors % 100 == 0 {
+                    tracing::warn!(error = %e, "metrics: cannot accept a connection");
+                }
+                accept_errors += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tokio::time::timeout(SCRAPE_LIMIT, answer(&mut sock, &metrics)).await;
+        });
+    }
+}
+
+/// Reads one request's head from `sock` and writes the response.
+async fn answer(sock: &mut tokio::net::TcpStream, metrics: &Metrics) {
+    {
+        {
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
             while n < buf.len() {
-                match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    sock.read(&mut buf[n..]),
-                )
-                .await
-                {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(k)) => n += k,
+                match sock.read(&mut buf[n..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k,
                 }
                 if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
                     break;
@@ -554,7 +580,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
                 body.len()
             );
             let _ = sock.write_all(resp.as_bytes()).await;
-        });
+        }
     }
 }
 

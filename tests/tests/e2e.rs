@@ -856,9 +856,9 @@ fn rejected_for_good(quarantine_fails: bool) {
         .and_then(|c| c.query_row("SELECT count(*) FROM quarantine", [], |r| r.get(0)))
         .expect("count the quarantine table");
     if !quarantine_fails {
-        assert_eq!(quarantined, 1, "the spooled poison record set aside");
+        assert_eq!(quarantined, 2, "both poison records set aside");
     } else {
-        assert_eq!(quarantined, 0);
+        assert_eq!(quarantined, 1, "the direct one, before the trigger");
         assert!(
             gw.log_text()
                 .contains("cannot quarantine a spool row; deleting it"),
@@ -870,6 +870,59 @@ fn rejected_for_good(quarantine_fails: bool) {
         assert_eq!(gw.metric(rejected), 2.0);
         assert_eq!(gw.metric("gateway_spooling"), 0.0, "back in direct mode");
     }
+}
+
+#[test]
+fn a_record_for_a_missing_topic_is_set_aside_and_the_rest_flow() {
+    // With topic auto-creation off, a `route` to a topic that does not exist made Kafka
+    // "unhealthy": the record went to the spool, the drain probed with it once a second,
+    // and nothing behind it, of any device, was sent again.
+    let kafka_extra = r#"options = { "allow.auto.create.topics" = "false", "topic.metadata.propagation.max.ms" = "1000" }
+
+[[stages]]
+type = "route"
+
+[[stages.rules]]
+when = 'device == "ghost"'
+topic = "nowhere"
+"#;
+    let (dir, mqtt, kafka, gw) = rig(&[TOPIC], Uplink::Up, "", "", kafka_extra);
+    let event = |device: &str, seq: usize| {
+        (
+            format!("sensors/{device}/telemetry"),
+            format!(r#"{{"seq":{seq},"v":1}}"#).into_bytes(),
+        )
+    };
+    let mut messages: Vec<_> = (0..100).map(|i| event("dev-0", i)).collect();
+    messages.push(event("ghost", 0));
+    messages.extend((100..200).map(|i| event("dev-0", i)));
+    publish_raw(mqtt.port, messages);
+    wait_for("the ghost record refused", Duration::from_secs(30), || {
+        gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"kafka_rejected\"}") == 1.0
+    });
+    // And the gateway still sends: more events after the refusal, in direct mode.
+    publish_raw(mqtt.port, (200..300).map(|i| event("dev-0", i)).collect());
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= 300
+    });
+    assert_eq!(unique_ids(&records), 300, "every dev-0 event, none lost");
+    wait_for("every event delivered", Duration::from_secs(20), || {
+        gw.metric("gateway_events_delivered_total{input=\"site\"}") == 300.0
+            && gw.metric("gateway_spool_rows") == 0.0
+    });
+    let (quarantined, data): (i64, Vec<u8>) =
+        rusqlite::Connection::open(dir.path().join("state/spool.sqlite"))
+            .and_then(|c| {
+                c.query_row("SELECT count(*), max(data) FROM quarantine", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+            })
+            .expect("read the quarantine table");
+    assert_eq!(quarantined, 1, "the ghost's record set aside, not lost");
+    assert!(
+        String::from_utf8_lossy(&data).contains("ghost"),
+        "the quarantined row is the ghost's record"
+    );
 }
 
 #[test]

@@ -554,6 +554,11 @@ const RECREATE_RETRY: Duration = Duration::from_secs(5);
 /// Errors the producer gives when a record is handed to it that no retry can fix for
 /// this record (it is too large, invalid, or its topic name is one Kafka refuses): the
 /// record is quarantined and counted instead of blocking the spool forever.
+///
+/// A topic that does not exist (with auto-creation off) or that the gateway may not
+/// write to is one too, once librdkafka has given up on it (after
+/// `topic.metadata.propagation.max.ms`): retried, one `route` to a missing topic would
+/// hold every record behind it in the spool, for every device, until an operator came.
 fn permanent(e: &KafkaError) -> bool {
     batch_wide(e)
         || matches!(
@@ -562,6 +567,9 @@ fn permanent(e: &KafkaError) -> bool {
                 RDKafkaErrorCode::InvalidArgument
                     | RDKafkaErrorCode::InvalidMessageSize
                     | RDKafkaErrorCode::InvalidTopic
+                    | RDKafkaErrorCode::UnknownTopic
+                    | RDKafkaErrorCode::UnknownTopicOrPartition
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
             )
         )
 }
@@ -808,6 +816,7 @@ impl Router {
                 Err(e) if permanent(&e) => {
                     self.metrics.kafka_error(error_kind(&e));
                     self.reject(input, event, seq, &e, None);
+                    self.quarantine_record(seq, input, item.record.encode(), &e.to_string());
                     return; // dropping the ack: the record is accounted as dropped
                 }
                 Err(e) => {
@@ -907,10 +916,23 @@ impl Router {
                     // Dropping the ack releases it upstream.
                 }
                 Some(e) if permanent_report(&e, false) => {
-                    if d.spooled {
-                        self.delete_row(seq);
-                    }
                     self.reject(d.input, d.event, seq, &e, None);
+                    // Set aside like a spooled record: its copy in the spool if it has
+                    // one, else the bytes kept for one.
+                    let reason = e.to_string();
+                    if d.spooled {
+                        match self.pending.iter().position(|r| r.seq == seq) {
+                            Some(i) => {
+                                let row = self.pending.remove(i);
+                                self.pending_bytes -= row.data.len() as u64;
+                                self.quarantine_record(seq, d.input, row.data, &reason);
+                            }
+                            None => self.set_aside(seq, &reason),
+                        }
+                    } else if !d.copy_dropped {
+                        let data = std::mem::take(&mut d.data);
+                        self.quarantine_record(seq, d.input, data, &reason);
+                    }
                 }
                 Some(e) => {
                     self.failed(seq, &e, "Kafka delivery failed; spooling until it recovers");
@@ -1043,6 +1065,15 @@ impl Router {
         if let Err(e) = self.spool.quarantine_row(seq, reason) {
             tracing::error!(seq, error = %e, "cannot quarantine a spool row; deleting it (it is counted as dropped)");
             self.delete_row(seq);
+        }
+    }
+
+    /// Puts a direct record Kafka refused for good (already counted) in the quarantine
+    /// table, where a spooled one goes. If that fails (a full disk), it is gone.
+    fn quarantine_record(&mut self, seq: u64, input: u32, data: Vec<u8>, reason: &str) {
+        let source = &self.inputs[input as usize].name;
+        if let Err(e) = self.spool.quarantine_record(seq, source, &data, reason) {
+            tracing::error!(seq, error = %e, "cannot quarantine a record Kafka refused; it is lost (it is counted as dropped)");
         }
     }
 

@@ -430,6 +430,28 @@ pub fn answers(cfg: &KafkaOutput, gateway_id: &str, timeout: Duration) -> Result
         .map_err(|e| e.to_string())
 }
 
+/// Checks what can be checked of an output before a producer is made: its password can
+/// be read and its certificate and key files opened (librdkafka reads them only then).
+pub fn check(cfg: &KafkaOutput, gateway_id: &str) -> Result<(), String> {
+    client_config(cfg, gateway_id)?;
+    let s = &cfg.security;
+    for (field, file) in [
+        ("ca_file", &s.ca_file),
+        ("client_cert_file", &s.client_cert_file),
+        ("client_key_file", &s.client_key_file),
+    ] {
+        if let Some(f) = file {
+            std::fs::File::open(f).map_err(|e| {
+                format!(
+                    "output.kafka.security.{field}: cannot read {}: {e}",
+                    f.display()
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// The librdkafka properties for an output config.
 pub fn client_config(cfg: &KafkaOutput, gateway_id: &str) -> Result<ClientConfig, String> {
     let mut c = ClientConfig::new();

@@ -12,7 +12,7 @@ pub mod payload;
 #[cfg(feature = "serial")]
 pub mod serial;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::ack::Ack;
@@ -34,6 +34,37 @@ pub struct SourceContext {
     pub metrics: Metrics,
     /// Undecodable payloads go to the dead-letter topic (one is configured).
     pub dead_letters: bool,
+    /// Where the inputs of this pipeline generation report that they quiesced.
+    pub settled: Settled,
+}
+
+/// Counts the inputs of one pipeline generation that were told to quiesce and have
+/// handed the router everything they had taken in ([`Emitter::settle`]). A shutdown
+/// waits for all of them before it stops the router: an input in the middle of a burst
+/// holds up to a batch of events that would otherwise reach a router already gone.
+#[derive(Clone)]
+pub struct Settled(Arc<tokio::sync::Semaphore>);
+
+impl Default for Settled {
+    fn default() -> Self {
+        Settled(Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+}
+
+impl Settled {
+    /// Waits until `inputs` inputs settled, or `limit` passed (an input waiting for room
+    /// in a full router); false on the limit.
+    pub async fn wait(&self, inputs: usize, limit: std::time::Duration) -> bool {
+        let n = u32::try_from(inputs).unwrap_or(u32::MAX);
+        matches!(
+            tokio::time::timeout(limit, self.0.acquire_many(n)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    fn signal(&self) {
+        self.0.add_permits(1);
+    }
 }
 
 /// The counters of input `source`: `m` when it is that input, else looked up.
@@ -166,6 +197,8 @@ pub(crate) struct Emitter<'a> {
     pending: Mutex<Pending>,
     /// The input's state, when a flush should give up on `Stop` (see [`Emitter::flush`]).
     state: Option<tokio::sync::watch::Receiver<SourceState>>,
+    /// [`Emitter::settle`] told [`SourceContext::settled`] already.
+    settled: AtomicBool,
 }
 
 /// How long a flush told to stop still waits for room in the router's channel before it
@@ -188,6 +221,7 @@ impl<'a> Emitter<'a> {
             malformed_seen: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             state: None,
+            settled: AtomicBool::new(false),
         }
     }
 
@@ -249,6 +283,17 @@ impl<'a> Emitter<'a> {
             tracing::warn!(input = %self.m.name, events, "stopped while the router had no room (a full spool?), or the router is gone: dropped what was waiting to go in; QoS 1 messages come again");
         }
         Err(Closed)
+    }
+
+    /// Hands over what is gathered and, the first time, reports the input settled
+    /// ([`Settled`]). An input calls it once it is quiescing and takes nothing more in
+    /// that it holds: a shutdown stops the router only after every input settled.
+    pub async fn settle(&self) -> Result<(), Closed> {
+        let sent = self.flush().await;
+        if !self.settled.swap(true, Ordering::Relaxed) {
+            self.ctx.settled.signal();
+        }
+        sent
     }
 
     /// Counts `events` as received and runs them through the stages to the router; each
@@ -368,6 +413,7 @@ mod tests {
             items,
             metrics: Metrics::new(),
             dead_letters: false,
+            settled: Settled::default(),
         }
     }
 
@@ -404,6 +450,26 @@ mod tests {
         emit.flush().await.expect("nothing to send is fine");
         assert!(rx.try_recv().is_err(), "an empty flush sends nothing");
         assert_eq!(m.received.get(), n as u64);
+    }
+
+    #[tokio::test]
+    async fn settling_hands_over_the_burst_and_counts_each_input_once() {
+        let (tx, rx) = RouterSender::for_test(4096);
+        let ctx = context(tx);
+        let m = ctx.metrics.input("site");
+        let limit = std::time::Duration::from_millis(50);
+        let (a, b) = (Emitter::new(&ctx, &m, false), Emitter::new(&ctx, &m, false));
+        a.events([event("d", "t", 1.0)], &Ack::none())
+            .await
+            .expect("only gathered");
+        assert!(!ctx.settled.wait(1, limit).await, "nobody settled yet");
+        a.settle().await.expect("router there");
+        assert_eq!(rx.try_recv().expect("handed over").len(), 1);
+        assert!(ctx.settled.wait(1, limit).await);
+        a.settle().await.expect("again");
+        assert!(!ctx.settled.wait(2, limit).await, "one input, counted once");
+        b.settle().await.expect("an empty one settles too");
+        assert!(ctx.settled.wait(2, limit).await);
     }
 
     #[tokio::test]

@@ -425,6 +425,11 @@ pub async fn run(
     };
     let filters: Vec<String> = templates.iter().map(|t| t.filter().to_string()).collect();
     let mut delay = cfg.reconnect.min;
+    // The backoff starts again only after a connection that lasted: a broker that
+    // accepts and then drops the client at once (a message over the packet limit, a
+    // second gateway with the same client id taking the session over) is not retried
+    // every few hundred milliseconds for good.
+    let mut connected_at: Option<tokio::time::Instant> = None;
     let input = Input {
         cfg: &cfg,
         templates: &templates,
@@ -456,7 +461,12 @@ pub async fn run(
                     input.clock.expire();
                     // Caught up: what this burst yielded goes to the router before any
                     // waiting.
-                    if input.emit.flush().await.is_err() {
+                    let handed = if *state.borrow() == SourceState::Run {
+                        input.emit.flush().await
+                    } else {
+                        input.emit.settle().await
+                    };
+                    if handed.is_err() {
                         break; // the router is gone
                     }
                     if *state.borrow() == SourceState::Run
@@ -484,7 +494,7 @@ pub async fn run(
                 // `connected` goes to 1 with the SUBACK: until then the broker does not
                 // route new messages to this client (a first session has no
                 // subscriptions), and whoever waits for the input means "receiving".
-                delay = cfg.reconnect.min;
+                connected_at = Some(tokio::time::Instant::now());
                 tracing::info!(input = %cfg.name, session_present, "MQTT connected");
                 if let Err(e) = link.subscribe(&filters, cfg.qos == 1) {
                     tracing::error!(input = %cfg.name, error = %e, "cannot subscribe");
@@ -498,11 +508,23 @@ pub async fn run(
                 tracing::info!(input = %cfg.name, ?filters, "MQTT subscribed");
             }
             Ok(Polled::Publish(p)) => {
-                if *state.borrow() != SourceState::Run {
-                    // Quiescing: not taken, not acknowledged; the broker redelivers it.
-                    continue;
-                }
-                if input.take(&p, &acks, &epoch, manual).await.is_err() {
+                let now = *state.borrow();
+                let taken = match now {
+                    SourceState::Run => input.take(&p, &acks, &epoch, manual).await,
+                    // A flood that never lets the poll wait must not keep a stop waiting.
+                    SourceState::Stop => break,
+                    // Quiescing, a message the gateway acknowledges by hand is not taken
+                    // and not acknowledged: the broker sends it again. One rumqttc
+                    // acknowledged already (QoS 0, `on_receive`) is taken in and handed
+                    // over at once, while the router still runs: skipping it would lose
+                    // it unseen.
+                    SourceState::Quiesce if manual && p.qos1 => input.emit.settle().await,
+                    SourceState::Quiesce => match input.take(&p, &acks, &epoch, manual).await {
+                        Ok(()) => input.emit.settle().await,
+                        Err(closed) => Err(closed),
+                    },
+                };
+                if taken.is_err() {
                     break; // the router is gone
                 }
             }
@@ -520,19 +542,30 @@ pub async fn run(
                 }
                 // Packets parsed before the connection broke are taken without acks:
                 // the broker sends those again (a duplicate with the same event id).
+                // Quiescing, only those rumqttc acknowledged already are taken.
                 while let Some(parsed) = link.next_parsed() {
                     if let Polled::Publish(p) = parsed {
-                        if *state.borrow() == SourceState::Run
-                            && input.handle(&p, Ack::none()).await.is_err()
-                        {
+                        let take = *state.borrow() == SourceState::Run || !(manual && p.qos1);
+                        if take && input.handle(&p, Ack::none()).await.is_err() {
                             break 'input;
                         }
                     }
                 }
                 m.connected.set(0);
                 m.reconnects.inc();
-                if input.emit.flush().await.is_err() {
+                let handed = if *state.borrow() == SourceState::Run {
+                    input.emit.flush().await
+                } else {
+                    input.emit.settle().await
+                };
+                if handed.is_err() {
                     break;
+                }
+                if connected_at
+                    .take()
+                    .is_some_and(|t| t.elapsed() >= STABLE_CONNECTION)
+                {
+                    delay = cfg.reconnect.min;
                 }
                 let wait = jittered(delay);
                 tracing::warn!(input = %cfg.name, error = %e, retry_in = ?wait, "MQTT connection lost");
@@ -543,7 +576,7 @@ pub async fn run(
                 if !sleep_unless_stopped(wait, &mut state).await {
                     break;
                 }
-                delay = (delay * 2).min(cfg.reconnect.max);
+                delay = delay.saturating_mul(2).min(cfg.reconnect.max);
             }
         }
     }
@@ -582,6 +615,10 @@ pub async fn run(
 fn lock(epoch: &Mutex<u64>) -> std::sync::MutexGuard<'_, u64> {
     epoch.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// How long a connection must have lasted for the reconnect backoff to start again from
+/// `reconnect.min`.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// How long the input lets the socket fill once it has caught up.
 const COALESCE_PAUSE: Duration = Duration::from_millis(1);

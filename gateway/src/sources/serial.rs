@@ -58,8 +58,14 @@ pub async fn run(
     let mut before: Option<(String, u32, u64)> = None;
     tracing::info!(input = %cfg.name, path = %cfg.path.display(), framing = ?cfg.framing, "serial input starting");
     loop {
-        if *state.borrow() == SourceState::Stop {
-            break;
+        let now = *state.borrow();
+        match now {
+            SourceState::Stop => break,
+            // Between sessions nothing is held.
+            SourceState::Quiesce => {
+                let _ = emit.settle().await;
+            }
+            SourceState::Run => {}
         }
         match open(&cfg) {
             Ok(port) => {
@@ -109,7 +115,7 @@ pub async fn run(
         if !sleep_unless_stopped(jittered(delay), &mut state).await {
             break;
         }
-        delay = (delay * 2).min(cfg.reconnect.max);
+        delay = delay.saturating_mul(2).min(cfg.reconnect.max);
     }
     tracing::info!(input = %cfg.name, "serial input stopped");
     Ok(())
@@ -460,14 +466,21 @@ impl<'a> Session<'a> {
         let mut silent_at = Instant::now() + silence;
         let mut sync = tokio::time::interval(self.cfg.time_sync_interval);
         let mut quiescing = *state.borrow() != SourceState::Run;
+        if quiescing {
+            let _ = self.emit.settle().await;
+        }
         let end = loop {
             tokio::select! {
                 changed = state.changed() => {
                     if changed.is_err() || *state.borrow() == SourceState::Stop {
                         break End::Stop;
                     }
-                    // Quiescing: read nothing more (the device keeps it); acks still go out.
+                    // Quiescing: read nothing more (the device keeps it); acks still go
+                    // out. Every read was handed over before this select waited again.
                     quiescing = *state.borrow() != SourceState::Run;
+                    if quiescing && self.emit.settle().await.is_err() {
+                        break End::Closed;
+                    }
                 }
                 read = rd.read(&mut buf), if !quiescing => {
                     let n = match read {

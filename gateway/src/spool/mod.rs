@@ -188,6 +188,28 @@ fn corrupt_marker(path: &Path) -> PathBuf {
     PathBuf::from(format!("{}.corrupt-at-run", path.display()))
 }
 
+/// A text cell as a string, whatever a damaged page made of it: invalid UTF-8 is
+/// replaced, and a cell of another type reads as empty. A row with such a cell is not
+/// one the spool can refuse to read: it would hold up the drain, the overflow policy
+/// and the commands for good.
+fn text_lossy(v: rusqlite::types::ValueRef<'_>) -> String {
+    match v {
+        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+            String::from_utf8_lossy(t).into_owned()
+        }
+        _ => String::new(),
+    }
+}
+
+/// A blob cell's bytes; a cell of another type reads as empty (and so fails to decode
+/// as a record, which quarantines the row).
+fn bytes_of(v: rusqlite::types::ValueRef<'_>) -> Vec<u8> {
+    match v {
+        rusqlite::types::ValueRef::Blob(b) => b.to_vec(),
+        _ => Vec::new(),
+    }
+}
+
 /// The file [`quarantine_file`] writes before it moves anything: the suffix of the name the
 /// spool goes to, so that a move cut short (a kill or power loss between the renames) is
 /// finished by the next open. Without it, a `-wal` left behind would be replayed into the
@@ -410,8 +432,9 @@ impl Spool {
                 ins.execute(params![r.seq as i64, r.source, r.data])?;
                 added_bytes += r.data.len() as u64;
             }
-            let mut del =
-                tx.prepare_cached("DELETE FROM spool WHERE seq = ?1 RETURNING length(data)")?;
+            let mut del = tx.prepare_cached(
+                "DELETE FROM spool WHERE seq = ?1 RETURNING coalesce(length(data), 0)",
+            )?;
             for seq in deletes {
                 let len: Option<i64> = del.query_row([*seq as i64], |r| r.get(0)).optional()?;
                 if let Some(len) = len {
@@ -438,8 +461,8 @@ impl Spool {
             .query_map(params![after as i64, limit as i64], |r| {
                 Ok(Row {
                     seq: r.get::<_, i64>(0)? as u64,
-                    source: r.get(1)?,
-                    data: r.get(2)?,
+                    source: text_lossy(r.get_ref(1)?),
+                    data: bytes_of(r.get_ref(2)?),
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -460,14 +483,19 @@ impl Spool {
         let mut count = 0u64;
         {
             let mut sel = tx.prepare_cached(
-                "SELECT seq, source, length(data), substr(data, 1, 1) FROM spool WHERE seq > ?1 ORDER BY seq LIMIT 256",
+                "SELECT seq, source, coalesce(length(data), 0), substr(data, 1, 1) FROM spool WHERE seq > ?1 ORDER BY seq LIMIT 256",
             )?;
             let mut del = tx.prepare_cached("DELETE FROM spool WHERE seq = ?1")?;
             let mut cursor = after;
             while freed < need {
                 let batch: Vec<(i64, String, i64, Vec<u8>)> = sel
                     .query_map([cursor as i64], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                        Ok((
+                            r.get(0)?,
+                            text_lossy(r.get_ref(1)?),
+                            r.get(2)?,
+                            bytes_of(r.get_ref(3)?),
+                        ))
                     })?
                     .collect::<Result<_, _>>()?;
                 if batch.is_empty() {
@@ -496,7 +524,7 @@ impl Spool {
         let tx = self.conn.transaction()?;
         let len: Option<i64> = tx
             .query_row(
-                "SELECT length(data) FROM spool WHERE seq = ?1",
+                "SELECT coalesce(length(data), 0) FROM spool WHERE seq = ?1",
                 [seq as i64],
                 |r| r.get(0),
             )
@@ -514,6 +542,22 @@ impl Spool {
         Ok(())
     }
 
+    /// Puts a record that never was a row (a direct record Kafka refused for good) in
+    /// the quarantine table, under its seq; committed at once.
+    pub fn quarantine_record(
+        &mut self,
+        seq: u64,
+        source: &str,
+        data: &[u8],
+        reason: &str,
+    ) -> Result<(), SpoolError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO quarantine (seq, source, data, reason, at) VALUES (?1, ?2, ?3, ?4, unixepoch())",
+            params![seq as i64, source, data, reason],
+        )?;
+        Ok(())
+    }
+
     /// Statistics.
     pub fn stats(&self) -> Result<Stats, SpoolError> {
         let seq_range: Option<(i64, i64)> =
@@ -526,7 +570,7 @@ impl Spool {
             .prepare("SELECT source, count(*) FROM spool GROUP BY source ORDER BY source")?;
         let per_source = stmt
             .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                Ok((text_lossy(r.get_ref(0)?), r.get::<_, i64>(1)? as u64))
             })?
             .collect::<Result<_, _>>()?;
         let quarantined_rows: i64 =

@@ -204,6 +204,36 @@ fn undecodable_rows_go_to_quarantine() {
 }
 
 #[test]
+fn cells_of_the_wrong_type_are_read_not_refused() {
+    // A bit flip can leave a cell that is not UTF-8 text, or not a blob, where
+    // quick_check does not look. Refusing to read the row held up the drain, the
+    // overflow policy and the commands for good.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = open(&dir);
+    s.write(&[row(1, 10), row(2, 20), row(3, 30)], &[])
+        .expect("write");
+    s.conn
+        .execute_batch(
+            "UPDATE spool SET source = X'FF61' WHERE seq = 1;
+             UPDATE spool SET data = 'text, not a blob' WHERE seq = 2;
+             UPDATE spool SET data = 7 WHERE seq = 3;",
+        )
+        .expect("damage");
+    let rows = s.read_after(0, 10).expect("read");
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0].source, "\u{FFFD}a", "invalid UTF-8 replaced");
+    assert!(
+        rows[1].data.is_empty() && rows[2].data.is_empty(),
+        "undecodable, so quarantined"
+    );
+    assert!(s.stats().is_ok());
+    s.quarantine_row(3, "test")
+        .expect("a number cell quarantines");
+    let dropped = s.drop_oldest(0, 1).expect("drop_oldest reads them too");
+    assert_eq!(dropped.first().map(|d| d.1.as_str()), Some("\u{FFFD}a"));
+}
+
+#[test]
 fn migrations_refuse_a_newer_schema() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("spool.sqlite");
