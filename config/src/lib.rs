@@ -624,6 +624,11 @@ fn default_keep_alive() -> Duration {
 fn default_qos() -> u8 {
     1
 }
+/// The largest `max_payload` (and `max_line`) accepted: a payload is held in memory a
+/// few times over on its way (the packet, the decoded event, a dead letter), and a JSON
+/// payload of many tiny objects parses into some fifty times its size for a moment.
+const MAX_PAYLOAD_LIMIT: usize = 4 << 20;
+
 fn default_max_payload() -> usize {
     256 * 1024
 }
@@ -1128,8 +1133,8 @@ fn validate_serial(s: &SerialInput, p: &str, err: &mut impl FnMut(String, &str))
         ),
         _ => {}
     }
-    if s.max_line == 0 {
-        err(format!("{p}.max_line"), "must be at least 1");
+    if s.max_line == 0 || s.max_line > MAX_PAYLOAD_LIMIT {
+        err(format!("{p}.max_line"), "from 1 byte to 4 MiB (4194304)");
     }
     for (id, name) in &s.channels {
         // Written as the gateway looks them up: `01` or `+1` would never match channel 1.
@@ -1262,8 +1267,8 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
                 "whole seconds: 0 (off) or 1s to 65535s with MQTT 3.1.1, 5s to 65535s with MQTT 5",
             );
         }
-        if m.max_payload == 0 {
-            err(format!("{p}.max_payload"), "must be at least 1");
+        if m.max_payload == 0 || m.max_payload > MAX_PAYLOAD_LIMIT {
+            err(format!("{p}.max_payload"), "from 1 byte to 4 MiB (4194304)");
         }
         if m.reconnect.min.is_zero() || m.reconnect.min > m.reconnect.max {
             err(
@@ -1742,6 +1747,18 @@ brokers = "k:9092"
                     .map(|x| format!("{}: {}", x.path.as_deref().unwrap_or("?"), x.message))
                     .collect()
             }
+        }
+    }
+
+    #[test]
+    fn max_payload_is_bounded() {
+        assert!(errors_with("max_payload = 4194304", "").is_empty());
+        for bad in ["max_payload = 0", "max_payload = 4194305"] {
+            let e = errors_with(bad, "");
+            assert!(
+                e.iter().any(|m| m.starts_with("inputs[0].max_payload")),
+                "{bad}: {e:?}"
+            );
         }
     }
 

@@ -22,6 +22,7 @@ pub const DROP_REASONS: &[&str] = &[
     "malformed_senml",
     "malformed_number",
     "missing_device",
+    "unsubscribed_topic",
     "bad_time",
     "bad_location",
     "too_large",

@@ -926,6 +926,61 @@ topic = "nowhere"
 }
 
 #[test]
+fn a_topic_removed_by_a_reload_is_counted_not_decoded() {
+    // The broker keeps a persistent session's subscriptions: after a reload that
+    // removed a topic, it still sends that topic's messages. They were decoded as the
+    // input's own (with no device from the topic), and those naming a device in the
+    // payload went to Kafka.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mqtt = Mosquitto::start();
+    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    let both = config(dir.path(), mqtt.port, &kafka.bootstrap, "", "", "").replace(
+        r#"topics = ["sensors/{device}/telemetry"]"#,
+        r#"topics = ["sensors/{device}/telemetry", "legacy/#"]"#,
+    );
+    let gw = Gateway::start(dir.path(), &both);
+    gw.wait_connected();
+    let legacy = |seq: usize| {
+        (
+            "legacy/old".to_string(),
+            format!(r#"{{"device":"dev-legacy","seq":{seq},"v":1}}"#).into_bytes(),
+        )
+    };
+    publish_raw(mqtt.port, vec![legacy(0)]);
+    wait_for("the legacy topic taken", Duration::from_secs(20), || {
+        gw.metric("gateway_events_delivered_total{input=\"site\"}") == 1.0
+    });
+    let text = std::fs::read_to_string(&gw.config).expect("config");
+    std::fs::write(&gw.config, text.replace(r#", "legacy/#""#, "")).expect("rewrite");
+    gw.hup();
+    wait_for("the reload", Duration::from_secs(20), || {
+        gw.log_text().contains("pipeline reloaded")
+    });
+    gw.wait_connected();
+    let mut messages: Vec<_> = (1..4).map(legacy).collect();
+    messages.push((
+        "sensors/dev-0/telemetry".to_string(),
+        br#"{"seq":0,"v":1}"#.to_vec(),
+    ));
+    publish_raw(mqtt.port, messages);
+    wait_for(
+        "the new topic's event delivered",
+        Duration::from_secs(20),
+        || gw.metric("gateway_events_delivered_total{input=\"site\"}") == 2.0,
+    );
+    wait_for("the legacy ones counted", Duration::from_secs(20), || {
+        gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"unsubscribed_topic\"}")
+            == 3.0
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        gw.metric("gateway_events_delivered_total{input=\"site\"}"),
+        2.0,
+        "the removed topic's messages are not decoded and sent"
+    );
+}
+
+#[test]
 fn an_oversized_mqtt_message_is_counted_not_a_reconnect_loop() {
     // MQTT 3.1.1 cannot tell the broker a size limit. A message far over `max_payload`
     // used to make rumqttc drop the connection, and with a persistent session the broker

@@ -1303,7 +1303,14 @@ impl Router {
     }
 
     fn drain(&mut self) {
-        if self.shutting_down || !self.direct.is_empty() || self.sink.is_fatal() {
+        // Nor while spool writes fail (a full disk): the deletes of what Kafka confirms
+        // cannot be committed either, and would pile up in memory, to be sent all over
+        // again after a restart.
+        if self.shutting_down
+            || !self.direct.is_empty()
+            || self.sink.is_fatal()
+            || self.write_retry_at.is_some()
+        {
             return;
         }
         if self.respooled_low {
@@ -1394,7 +1401,10 @@ impl Router {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(seq = row.seq, error = %e, "undecodable spool row moved to quarantine");
-                        self.metrics.dropped(&row.source, "corrupt_record", 1);
+                        // A dead letter's payload was counted when it was refused.
+                        if !Record::is_dead_letter(&row.data) {
+                            self.metrics.dropped(&row.source, "corrupt_record", 1);
+                        }
                         self.delivery_acks.remove(&row.seq);
                         self.set_aside(row.seq, &e.to_string());
                         self.drain_cursor = row.seq;

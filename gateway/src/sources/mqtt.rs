@@ -709,11 +709,21 @@ impl Input<'_> {
         let received_ns = self.clock.now();
         let topic = p.topic();
         let payload = &p.payload[..];
-        let captures = self
-            .templates
-            .iter()
-            .find_map(|t| t.matches(&topic))
-            .unwrap_or_default();
+        let Some(captures) = self.templates.iter().find_map(|t| t.matches(&topic)) else {
+            // No template of this input matches: a subscription an earlier config made
+            // that the broker keeps in the persistent session. Counted and dead-lettered
+            // (its bytes kept), not decoded as if it were this input's.
+            let bad = super::payload::Malformed {
+                reason: "unsubscribed_topic",
+                detail: "no topic template of this input matches it (a subscription of an earlier config, kept in the broker's session?)".into(),
+            };
+            let sent = self
+                .emit
+                .malformed(bad, &topic, received_ns, &p.payload[..], ack)
+                .await;
+            self.clock.expire();
+            return sent;
+        };
         let origin = Origin {
             source: &self.cfg.name,
             topic: &topic,
@@ -724,7 +734,7 @@ impl Input<'_> {
             Err(super::payload::Malformed {
                 reason: "too_large",
                 detail: format!(
-                    "{} bytes, max_payload is {}",
+                    "{} bytes, max_payload is {} (a dead letter keeps that many)",
                     payload.len(),
                     self.cfg.max_payload
                 ),
@@ -749,9 +759,13 @@ impl Input<'_> {
                 Ok(())
             }
             Err(bad) => {
+                // Only what the input reads goes on: a message over `max_payload` (up
+                // to some MiB under MQTT 3.1.1) is cut to it, as dead letters wait in
+                // memory on their way to the router.
+                let kept = &payload[..payload.len().min(self.cfg.max_payload)];
                 let sent = self
                     .emit
-                    .malformed(bad, &topic, received_ns, payload, ack)
+                    .malformed(bad, &topic, received_ns, kept, ack)
                     .await;
                 // A dead letter may have filled the batch and waited for the router.
                 self.clock.expire();

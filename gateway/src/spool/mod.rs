@@ -45,6 +45,10 @@ pub enum SpoolError {
     /// The file is damaged.
     #[error("the spool file is corrupt: {0}")]
     Corrupt(String),
+    /// The file system does not take SQLite's write-ahead log (no shared memory, as on
+    /// some network file systems). The file is not damaged: it is not moved aside.
+    #[error("the spool cannot use a write-ahead log here (journal_mode={0}); put spool.path on a local file system")]
+    NoWal(String),
     /// The file was written by a newer gateway.
     #[error("the spool schema version {0} is newer than this gateway knows ({1}); upgrade the gateway or move the file")]
     TooNew(i64, usize),
@@ -65,7 +69,7 @@ impl SpoolError {
             SpoolError::DiskFull(_) => true,
             SpoolError::Sqlite(e) => e.sqlite_error_code() == Some(ErrorCode::SystemIoFailure),
             SpoolError::Io(e) => e.kind() == std::io::ErrorKind::StorageFull,
-            SpoolError::Corrupt(_) | SpoolError::TooNew(..) => false,
+            SpoolError::Corrupt(_) | SpoolError::NoWal(_) | SpoolError::TooNew(..) => false,
         }
     }
 }
@@ -134,9 +138,7 @@ fn configure(conn: &Connection, sync: Synchronous) -> Result<(), SpoolError> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(SpoolError::Corrupt(format!(
-            "cannot switch to WAL (journal_mode={mode})"
-        )));
+        return Err(SpoolError::NoWal(mode));
     }
     let sync = match sync {
         Synchronous::Full => "FULL",
