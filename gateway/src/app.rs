@@ -425,9 +425,14 @@ pub async fn run(
     )
     .map_err(anyhow::Error::msg)?;
     let mut current = config;
-    let mut inputs = prepare(&current.pipeline(), &current.gateway.id, &router, &metrics)
-        .map_err(anyhow::Error::msg)?
-        .start();
+    let mut inputs = match prepare(&current.pipeline(), &current.gateway.id, &router, &metrics) {
+        Ok(prepared) => prepared.start(),
+        Err(e) => {
+            // The router took over the spool: it commits and stops before the exit.
+            tokio::task::block_in_place(|| router.shutdown());
+            return Err(anyhow::Error::msg(e));
+        }
+    };
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -518,18 +523,25 @@ pub fn reload_on_sighup(path: PathBuf, tx: mpsc::Sender<Reload>) -> anyhow::Resu
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn termination() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (in a
+/// runtime), not when the future is first polled: a signal that comes while the spool is
+/// opened and checked at start is then a graceful shutdown too, not the default kill.
+pub fn termination() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            _ = wait(term) => {}
+            _ = wait(int) => {}
         }
-    };
-    tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

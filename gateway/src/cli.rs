@@ -265,7 +265,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            let report = rt.block_on(crate::simulate::serial(sim, crate::app::termination()))?;
+            let report = rt.block_on(async {
+                crate::simulate::serial(sim, crate::app::termination()).await
+            })?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(ExitCode::SUCCESS)
         }

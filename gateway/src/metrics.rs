@@ -222,7 +222,7 @@ impl Metrics {
         );
         r.register(
             "spool_errors",
-            "Spool write errors, per kind (disk_full, io)",
+            "Spool errors, per kind (disk_full, io, read, corrupt)",
             spool_errors.clone(),
         );
         r.register(

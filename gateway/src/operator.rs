@@ -215,6 +215,9 @@ mod mqtt {
         Client::new(o, 16)
     }
 
+    /// How long `push` waits for the broker to confirm the publish.
+    const PUSH_LIMIT: Duration = Duration::from_secs(30);
+
     pub fn push(path: &std::path::Path, b: &Broker) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -223,20 +226,27 @@ mod mqtt {
         let topic = topic_for(&b.prefix, &env.target);
         let (client, mut conn) = client(b, "push");
         client.publish(topic.clone(), QoS::AtLeastOnce, true, text.into_bytes())?;
-        for ev in conn.iter() {
-            match ev {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
+        // A broker that takes the connection but never confirms must not hang a script.
+        let deadline = std::time::Instant::now() + PUSH_LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match conn.recv_timeout(left) {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
                     println!("pushed version {} to {topic}", env.version);
                     let _ = client.disconnect();
                     return Ok(());
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
                     anyhow::bail!("cannot reach the control broker {}:{}: {e}", b.host, b.port)
                 }
+                Err(_) => anyhow::bail!(
+                    "the control broker {}:{} did not confirm the publish within {PUSH_LIMIT:?}",
+                    b.host,
+                    b.port
+                ),
             }
         }
-        anyhow::bail!("the connection closed before the broker confirmed")
     }
 
     /// The first retained message on `topic`, waiting at most `wait`.

@@ -597,6 +597,16 @@ impl Spool {
         })
     }
 
+    /// The highest seq in the spool table now (0 when empty): where `check` and `export`
+    /// stop, so that a running gateway that spools faster than they read does not keep
+    /// them going for ever.
+    fn newest_seq(&self) -> Result<u64, SpoolError> {
+        let seq: i64 = self
+            .conn
+            .query_row("SELECT coalesce(max(seq), 0) FROM spool", [], |r| r.get(0))?;
+        Ok(seq as u64)
+    }
+
     /// Full integrity check (`PRAGMA integrity_check`) plus a decode of every row.
     /// Returns the problems found (empty: healthy).
     pub fn check(&mut self) -> Result<Vec<String>, SpoolError> {
@@ -608,11 +618,12 @@ impl Spool {
             v.into_iter().filter(|p| p != "ok").collect()
         };
         let mut after = 0;
-        loop {
+        let upto = self.newest_seq()?;
+        while after < upto {
             let rows = self.read_after(after, 1000)?;
             let Some(last) = rows.last() else { break };
             after = last.seq;
-            for r in rows {
+            for r in rows.into_iter().filter(|r| r.seq <= upto) {
                 if let Err(e) = Record::decode(&r.data) {
                     problems.push(format!("row {}: {e}", r.seq));
                 }
@@ -625,11 +636,12 @@ impl Spool {
     pub fn export(&mut self, out: &mut dyn Write) -> Result<u64, anyhow::Error> {
         let mut after = 0;
         let mut n = 0;
-        loop {
+        let upto = self.newest_seq()?;
+        while after < upto {
             let rows = self.read_after(after, 1000)?;
             let Some(last) = rows.last() else { break };
             after = last.seq;
-            for r in rows {
+            for r in rows.into_iter().filter(|r| r.seq <= upto) {
                 let line = match Record::decode(&r.data) {
                     Ok(rec) => {
                         let mut v = crate::sinks::kafka::record_json(&rec);
