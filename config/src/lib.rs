@@ -759,6 +759,14 @@ pub struct KafkaOutput {
     /// Switch to spooling when the oldest unconfirmed record is older than this.
     #[serde(default = "default_spool_after", with = "duration")]
     pub spool_after: Duration,
+    /// How long Kafka may refuse one topic's records (the topic does not exist, with
+    /// auto-creation off, or the gateway may not write to it) before they are set aside
+    /// (dropped as `kafka_rejected`, kept in the spool's quarantine table) instead of
+    /// held in the spool with every record behind them. Until then they are retried, so a
+    /// topic deleted and created again, or an ACL fixed, loses nothing. A record the
+    /// topic takes starts it over.
+    #[serde(default = "default_topic_refused_after", with = "duration")]
+    pub topic_refused_after: Duration,
     /// Topic for payloads that could not be decoded (raw bytes, reason in headers).
     /// Unset: they are only counted.
     pub dead_letter_topic: Option<String>,
@@ -793,6 +801,9 @@ fn default_message_timeout() -> Duration {
 }
 fn default_spool_after() -> Duration {
     Duration::from_secs(5)
+}
+fn default_topic_refused_after() -> Duration {
+    Duration::from_secs(5 * 60)
 }
 
 /// A configuration error: where it is and what to do.

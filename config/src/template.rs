@@ -46,14 +46,32 @@ pub enum TopicTemplateError {
     /// The same field twice.
     #[error("field {{{0}}} appears twice")]
     Duplicate(String),
+    /// `$share/` without a group name and a filter after it.
+    #[error("{0:?}: a shared subscription is $share/GROUP/FILTER")]
+    BadShare(String),
 }
 
 impl TopicTemplate {
-    /// Parses a template.
+    /// Parses a template. A shared subscription (`$share/GROUP/...`, MQTT 5 and
+    /// Mosquitto's 3.1.1) subscribes with its prefix and matches topics without it (the
+    /// broker sends the topic a message was published to).
     pub fn parse(text: &str) -> Result<Self, TopicTemplateError> {
         if text.is_empty() {
             return Err(TopicTemplateError::Empty);
         }
+        let (share, text) = match text.strip_prefix("$share/") {
+            Some(rest) => match rest.split_once('/') {
+                Some((group, rest))
+                    if !group.is_empty()
+                        && !group.contains(['{', '}', '+', '#'])
+                        && !rest.is_empty() =>
+                {
+                    (Some(group), rest)
+                }
+                _ => return Err(TopicTemplateError::BadShare(text.to_string())),
+            },
+            None => (None, text),
+        };
         let parts: Vec<&str> = text.split('/').collect();
         let mut levels = Vec::with_capacity(parts.len());
         let mut seen = Vec::new();
@@ -90,6 +108,10 @@ impl TopicTemplate {
             })
             .collect::<Vec<_>>()
             .join("/");
+        let filter = match share {
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter,
+        };
         Ok(TopicTemplate { levels, filter })
     }
 
@@ -159,6 +181,9 @@ mod tests {
         check("a/+/x", "a/q/x", Some(&[]));
         check("a/+/x", "b/q/x", None);
         check("#", "anything/at/all", Some(&[]));
+        // A shared subscription's messages come with the topic they were published to.
+        check("$share/gw/a/{device}", "a/d1", Some(&[("device", "d1")]));
+        check("$share/gw/a/{device}", "$share/gw/a/d1", None);
     }
 
     #[test]
@@ -178,5 +203,22 @@ mod tests {
             TopicTemplate::parse("{d}/{d}"),
             Err(TopicTemplateError::Duplicate(_))
         ));
+        let shared = TopicTemplate::parse("$share/gw/s/{device}/#").expect("valid");
+        assert_eq!(shared.filter(), "$share/gw/s/+/#");
+        for bad in [
+            "$share/",
+            "$share/gw",
+            "$share//s/#",
+            "$share/g+/s",
+            "$share/gw/",
+        ] {
+            assert!(
+                matches!(
+                    TopicTemplate::parse(bad),
+                    Err(TopicTemplateError::BadShare(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 }

@@ -201,7 +201,7 @@ fn prepare(
         .iter()
         .enumerate()
         .map(|(i, input)| {
-            check_input(i, input, gateway_id)?;
+            check_input(i, input, gateway_id, true)?;
             let local = match input.stages() {
                 [] => None,
                 stages => Some(
@@ -294,20 +294,23 @@ pub fn check_stages(p: &Pipeline) -> Result<(), String> {
 }
 
 /// Checks what can be checked of a pipeline before it runs: its stages build (their
-/// files are there and valid), and its inputs' and output's secrets and certificates
-/// are readable.
-pub fn check_pipeline(p: &Pipeline, gateway_id: &str) -> Result<(), String> {
+/// files are there and valid), this build has its inputs, and (`secrets`) its inputs'
+/// and output's secrets and certificates are readable, which they may be only where the
+/// service runs (systemd credentials).
+pub fn check_pipeline(p: &Pipeline, gateway_id: &str, secrets: bool) -> Result<(), String> {
     check_stages(p)?;
-    crate::sinks::kafka::check(&p.output.kafka, gateway_id)?;
+    if secrets {
+        crate::sinks::kafka::check(&p.output.kafka, gateway_id)?;
+    }
     for (i, input) in p.inputs.iter().enumerate() {
-        check_input(i, input, gateway_id)?;
+        check_input(i, input, gateway_id, secrets)?;
     }
     Ok(())
 }
 
 /// Checks that this build carries the input's type, and what can be checked of it
 /// before it runs (secrets, certificates).
-fn check_input(i: usize, input: &Input, gateway_id: &str) -> Result<(), String> {
+fn check_input(i: usize, input: &Input, gateway_id: &str, secrets: bool) -> Result<(), String> {
     #[cfg_attr(all(feature = "mqtt", feature = "serial"), allow(unused_variables))]
     let missing = |feature: &str| {
         format!(
@@ -317,10 +320,12 @@ fn check_input(i: usize, input: &Input, gateway_id: &str) -> Result<(), String> 
     };
     match input {
         #[cfg(feature = "mqtt")]
-        Input::Mqtt(m) => mqtt::check(m, gateway_id),
+        Input::Mqtt(m) if secrets => mqtt::check(m, gateway_id),
+        #[cfg(feature = "mqtt")]
+        Input::Mqtt(_) => Ok(()),
         #[cfg(not(feature = "mqtt"))]
         Input::Mqtt(_) => {
-            let _ = gateway_id;
+            let _ = (gateway_id, secrets);
             Err(missing("mqtt"))
         }
         #[cfg(feature = "serial")]

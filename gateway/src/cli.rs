@@ -31,6 +31,10 @@ enum Command {
     CheckConfig {
         /// The configuration file.
         file: PathBuf,
+        /// Also read the secrets, certificates and keys it names (run it as the service
+        /// user where the service runs: systemd credentials exist only there).
+        #[arg(long)]
+        secrets: bool,
     },
     /// Print a commented default configuration.
     PrintConfig,
@@ -165,10 +169,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { file } => match gateway_config::load(&file)
+        Command::CheckConfig { file, secrets } => match gateway_config::load(&file)
             .map_err(|e| e.to_string())
             .and_then(
-                |c| match crate::app::check_pipeline(&c.pipeline(), &c.gateway.id) {
+                |c| match crate::app::check_pipeline(&c.pipeline(), &c.gateway.id, secrets) {
                     Ok(()) => Ok(c),
                     Err(e) => Err(format!("{}: {e}", file.display())),
                 },

@@ -490,6 +490,14 @@ impl InputMetrics {
         self.metrics.dropped(&self.name, reason, n);
     }
 
+    /// Counts `n` messages that came in as the input stopped, already acknowledged
+    /// upstream (QoS 0, `on_receive`), and were not taken: received and dropped as
+    /// `input_stopped`.
+    pub fn stopped_unseen(&self, n: u64) {
+        self.received.inc_by(n);
+        self.dropped("input_stopped", n);
+    }
+
     /// Counts values left out of an event that still goes on.
     pub fn values_skipped(&self, reason: &str, n: u64) {
         self.metrics

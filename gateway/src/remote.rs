@@ -222,7 +222,7 @@ pub fn effective(local: Config, at_start: bool) -> (Config, Option<Fallback>) {
             .map_err(|e| e.to_string())
             .and_then(|c| {
                 if at_start {
-                    crate::app::check_pipeline(&c.pipeline(), &c.gateway.id)?;
+                    crate::app::check_pipeline(&c.pipeline(), &c.gateway.id, true)?;
                 }
                 Ok(c)
             });

@@ -876,8 +876,10 @@ fn rejected_for_good(quarantine_fails: bool) {
 fn a_record_for_a_missing_topic_is_set_aside_and_the_rest_flow() {
     // With topic auto-creation off, a `route` to a topic that does not exist made Kafka
     // "unhealthy": the record went to the spool, the drain probed with it once a second,
-    // and nothing behind it, of any device, was sent again.
-    let kafka_extra = r#"options = { "allow.auto.create.topics" = "false", "topic.metadata.propagation.max.ms" = "1000" }
+    // and nothing behind it, of any device, was sent again. Now it is retried for
+    // `topic_refused_after`, then set aside.
+    let kafka_extra = r#"topic_refused_after = "3s"
+options = { "allow.auto.create.topics" = "false", "topic.metadata.propagation.max.ms" = "1000" }
 
 [[stages]]
 type = "route"
@@ -897,9 +899,14 @@ topic = "nowhere"
     messages.push(event("ghost", 0));
     messages.extend((100..200).map(|i| event("dev-0", i)));
     publish_raw(mqtt.port, messages);
-    wait_for("the ghost record refused", Duration::from_secs(30), || {
-        gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"kafka_rejected\"}") == 1.0
-    });
+    wait_for(
+        "the ghost record set aside",
+        Duration::from_secs(30),
+        || {
+            gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"kafka_rejected\"}")
+                == 1.0
+        },
+    );
     // And the gateway still sends: more events after the refusal, in direct mode.
     publish_raw(mqtt.port, (200..300).map(|i| event("dev-0", i)).collect());
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {

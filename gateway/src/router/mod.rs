@@ -35,7 +35,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use crate::ack::Ack;
 use crate::event::Record;
 use crate::metrics::{InputMetrics, Metrics};
-use crate::sinks::kafka::{KafkaSink, Report, Tag};
+use crate::sinks::kafka::{topic_error, KafkaSink, Report, Tag};
 use crate::spool::{Row, Spool, SpoolError};
 use in_flight::InFlight;
 
@@ -339,6 +339,7 @@ pub fn start(
         shutting_down: false,
         last_progress_log: Instant::now(),
         read_error_logged: None,
+        topic_trouble: HashMap::new(),
         now: Instant::now(),
     };
     router.publish_state();
@@ -454,6 +455,9 @@ struct Router {
     last_progress_log: Instant,
     /// When a failed spool read was last logged (the drain retries on every tick).
     read_error_logged: Option<Instant>,
+    /// Topics Kafka refuses ([`topic_error`]): since when (the first refusal after the
+    /// last record it took), and whether their records are set aside now.
+    topic_trouble: HashMap<String, (Instant, bool)>,
     /// The clock, read once per batch of work rather than once per record (send times
     /// and delivery latencies are accurate to that batch, well under a millisecond).
     now: Instant,
@@ -553,12 +557,8 @@ const RECREATE_RETRY: Duration = Duration::from_secs(5);
 
 /// Errors the producer gives when a record is handed to it that no retry can fix for
 /// this record (it is too large, invalid, or its topic name is one Kafka refuses): the
-/// record is quarantined and counted instead of blocking the spool forever.
-///
-/// A topic that does not exist (with auto-creation off) or that the gateway may not
-/// write to is one too, once librdkafka has given up on it (after
-/// `topic.metadata.propagation.max.ms`): retried, one `route` to a missing topic would
-/// hold every record behind it in the spool, for every device, until an operator came.
+/// record is quarantined and counted instead of blocking the spool forever. A topic
+/// that is missing or forbidden is one only after a while ([`Router::topic_refused`]).
 fn permanent(e: &KafkaError) -> bool {
     batch_wide(e)
         || matches!(
@@ -567,9 +567,6 @@ fn permanent(e: &KafkaError) -> bool {
                 RDKafkaErrorCode::InvalidArgument
                     | RDKafkaErrorCode::InvalidMessageSize
                     | RDKafkaErrorCode::InvalidTopic
-                    | RDKafkaErrorCode::UnknownTopic
-                    | RDKafkaErrorCode::UnknownTopicOrPartition
-                    | RDKafkaErrorCode::TopicAuthorizationFailed
             )
         )
 }
@@ -813,7 +810,7 @@ impl Router {
                     );
                     return;
                 }
-                Err(e) if permanent(&e) => {
+                Err(e) if self.sent_for_good(&e) => {
                     self.metrics.kafka_error(error_kind(&e));
                     self.reject(input, event, seq, &e, None);
                     self.quarantine_record(seq, input, item.record.encode(), &e.to_string());
@@ -892,8 +889,10 @@ impl Router {
     }
 
     fn on_report(&mut self, r: Report) {
-        if let Some(e) = &r.error {
-            self.metrics.kafka_error(error_kind(e));
+        match (&r.error, &r.topic) {
+            (Some(e), _) => self.metrics.kafka_error(error_kind(e)),
+            (None, Some(topic)) => self.topic_took(topic),
+            (None, None) => {}
         }
         if !r.tag.from_spool() {
             let Some((&lowest, _)) = self.direct.first_key_value() else {
@@ -915,17 +914,20 @@ impl Router {
                     }
                     // Dropping the ack releases it upstream.
                 }
-                Some(e) if permanent_report(&e, false) => {
+                Some(e) if self.refused_for_good(&e, false, r.topic.as_deref()) => {
                     self.reject(d.input, d.event, seq, &e, None);
                     // Set aside like a spooled record: its copy in the spool if it has
                     // one, else the bytes kept for one.
                     let reason = e.to_string();
                     if d.spooled {
-                        match self.pending.iter().position(|r| r.seq == seq) {
-                            Some(i) => {
-                                let row = self.pending.remove(i);
-                                self.pending_bytes -= row.data.len() as u64;
-                                self.quarantine_record(seq, d.input, row.data, &reason);
+                        // A copy still pending is written and deleted in the next
+                        // commit (which releases its ack with the others'); the
+                        // quarantine gets its bytes.
+                        match self.pending.iter().find(|r| r.seq == seq) {
+                            Some(row) => {
+                                let data = row.data.clone();
+                                self.delete_row(seq);
+                                self.quarantine_record(seq, d.input, data, &reason);
                             }
                             None => self.set_aside(seq, &reason),
                         }
@@ -987,7 +989,7 @@ impl Router {
                     self.metrics.drained(1);
                     self.delete_row(seq);
                 }
-                Some(e) if permanent_report(&e, alone) => {
+                Some(e) if self.refused_for_good(&e, alone, r.topic.as_deref()) => {
                     self.isolation_found |= batch_wide(&e);
                     self.delivery_acks.remove(&seq);
                     self.reject(input, event, seq, &e, Some(seq));
@@ -996,6 +998,64 @@ impl Router {
                     self.failed(seq, &e, "Kafka delivery failed while draining; retrying");
                     self.drain_failed_min = Some(self.drain_failed_min.map_or(seq, |m| m.min(seq)));
                 }
+            }
+        }
+    }
+
+    /// Whether the error of a send that failed is final for its record.
+    fn sent_for_good(&mut self, e: &KafkaError) -> bool {
+        if topic_error(e) {
+            let topic = self.sink.refused_topic().to_string();
+            self.topic_refused(&topic, e)
+        } else {
+            permanent(e)
+        }
+    }
+
+    /// Whether a delivery report's error is final for its record (`alone`: it was sent
+    /// with nothing else in flight).
+    fn refused_for_good(&mut self, e: &KafkaError, alone: bool, topic: Option<&str>) -> bool {
+        if topic_error(e) {
+            self.topic_refused(topic.unwrap_or_default(), e)
+        } else {
+            permanent_report(e, alone)
+        }
+    }
+
+    /// Kafka refused a record for its topic: whether that is final, which it is once the
+    /// topic has refused records for `topic_refused_after` without taking one. Until then
+    /// the record is retried like any failed one: a topic deleted and made again, or an
+    /// ACL fixed, loses nothing. Retried for good, one `route` to a topic that does not
+    /// exist would hold every record behind it in the spool, for every device.
+    fn topic_refused(&mut self, topic: &str, e: &KafkaError) -> bool {
+        let grace = self.sink.config().topic_refused_after;
+        if self.topic_trouble.is_empty() {
+            // Its first success must be seen to start it over.
+            self.sink.report_topics(true);
+        }
+        let now = Instant::now();
+        let (since, set_aside) = self
+            .topic_trouble
+            .entry(topic.to_string())
+            .or_insert_with(|| {
+                tracing::warn!(topic, error = %e, retry_for = ?grace,
+                    "Kafka refuses the topic; its records are retried, then set aside (output.kafka.topic_refused_after)");
+                (now, false)
+            });
+        if !*set_aside && now.saturating_duration_since(*since) >= grace {
+            *set_aside = true;
+            tracing::error!(topic, error = %e, refused_for = ?grace,
+                "Kafka still refuses the topic: its records are dropped (kafka_rejected) and kept in the spool's quarantine table until it takes one again");
+        }
+        *set_aside
+    }
+
+    /// Kafka took a record of `topic` (reported while a topic is in trouble).
+    fn topic_took(&mut self, topic: &str) {
+        if self.topic_trouble.remove(topic).is_some() {
+            tracing::info!(topic, "Kafka takes records of the topic again");
+            if self.topic_trouble.is_empty() {
+                self.sink.report_topics(false);
             }
         }
     }
@@ -1424,7 +1484,7 @@ impl Router {
                         self.drain_cursor = row.seq;
                         left -= 1;
                     }
-                    Err(e) if permanent(&e) => {
+                    Err(e) if self.sent_for_good(&e) => {
                         self.metrics.kafka_error(error_kind(&e));
                         self.drain_cursor = row.seq;
                         self.delivery_acks.remove(&row.seq);
@@ -1480,6 +1540,7 @@ impl Router {
         let new = KafkaSink::new(out, &self.gateway_id, self.kick_tx.clone())?;
         self.retire_sink();
         self.sink = new;
+        self.sink.report_topics(!self.topic_trouble.is_empty());
         self.max_inflight = (out.queue_max_messages as usize).clamp(1, 1_000_000);
         self.gate_linger = gate_linger(out);
         self.spool_after = out.spool_after;

@@ -82,6 +82,22 @@ pub struct Report {
     pub tag: Tag,
     /// `None` when Kafka confirmed the record.
     pub error: Option<KafkaError>,
+    /// The record's topic: given with a [`topic_error`], and with every report while
+    /// [`KafkaSink::report_topics`] is on.
+    pub topic: Option<String>,
+}
+
+/// An error about the record's topic rather than the record or the cluster: the topic
+/// does not exist (with auto-creation off) or the gateway may not write to it.
+pub fn topic_error(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+        )
+    )
 }
 
 /// The producer context: collects delivery reports while the router polls, flags fatal
@@ -93,6 +109,8 @@ pub struct Context {
     /// never contended).
     reports: Mutex<Vec<Report>>,
     fatal: Arc<AtomicBool>,
+    /// Every report carries its topic (see [`KafkaSink::report_topics`]).
+    report_topics: AtomicBool,
     /// The last error handled, and when (see [`Context::repeated`]).
     last_error: Mutex<Option<(String, Instant)>>,
 }
@@ -102,6 +120,7 @@ impl Context {
         Context {
             reports: Mutex::new(Vec::new()),
             fatal,
+            report_topics: AtomicBool::new(false),
             last_error: Mutex::new(None),
         }
     }
@@ -168,11 +187,19 @@ impl ProducerContext for Context {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        use rdkafka::Message as _;
         let error = result.as_ref().err().map(|(e, _)| e.clone());
+        let topic = (self.report_topics.load(Ordering::Relaxed)
+            || error.as_ref().is_some_and(topic_error))
+        .then(|| match result {
+            Ok(m) => m.topic().to_string(),
+            Err((_, m)) => m.topic().to_string(),
+        });
         if let Ok(mut reports) = self.reports.lock() {
             reports.push(Report {
                 tag: Tag(opaque),
                 error,
+                topic,
             });
         }
     }
@@ -285,7 +312,7 @@ fn log_level(level: i32) -> rdkafka::config::RDKafkaLogLevel {
 /// # Safety
 /// `event` must be a live `RD_KAFKA_EVENT_DR` event.
 #[allow(unsafe_code)]
-unsafe fn reports_of(event: &QueueEvent, out: &mut Vec<Report>) {
+unsafe fn reports_of(event: &QueueEvent, out: &mut Vec<Report>, with_topics: bool) {
     const CHUNK: usize = 256;
     let mut messages: [*const rd::rd_kafka_message_t; CHUNK] = [std::ptr::null(); CHUNK];
     loop {
@@ -298,11 +325,24 @@ unsafe fn reports_of(event: &QueueEvent, out: &mut Vec<Report>) {
         for &m in &messages[..n.min(CHUNK)] {
             // SAFETY: `m` is one of the event's messages.
             let (err, opaque) = unsafe { ((*m).err, (*m)._private) };
+            // As rdkafka's `DeliveryResult` makes it.
+            let error = (err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR)
+                .then(|| KafkaError::MessageProduction(err.into()));
+            let topic = (with_topics || error.as_ref().is_some_and(topic_error)).then(|| {
+                // SAFETY: a message's topic handle and its name live as long as it.
+                unsafe {
+                    let name = rd::rd_kafka_topic_name((*m).rkt);
+                    if name.is_null() {
+                        String::new()
+                    } else {
+                        CStr::from_ptr(name).to_string_lossy().into_owned()
+                    }
+                }
+            });
             out.push(Report {
                 tag: Tag(opaque as usize),
-                // As rdkafka's `DeliveryResult` makes it.
-                error: (err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR)
-                    .then(|| KafkaError::MessageProduction(err.into())),
+                error,
+                topic,
             });
         }
         if n < CHUNK {
@@ -409,6 +449,8 @@ pub struct KafkaSink {
     topic_by_source: bool,
     gateway_id: String,
     fatal: Arc<AtomicBool>,
+    /// The topic of the last record [`KafkaSink::send`] failed with a [`topic_error`].
+    refused_topic: String,
 }
 
 /// Whether a broker of `cfg` answers a metadata request within `timeout`, from a client
@@ -534,7 +576,23 @@ impl KafkaSink {
             topic_by_source: !cfg.topic.contains("{device}") && !cfg.topic.contains("{tag."),
             gateway_id: gateway_id.to_string(),
             fatal,
+            refused_topic: String::new(),
         })
+    }
+
+    /// The topic of the last record [`KafkaSink::send`] refused with a [`topic_error`].
+    pub fn refused_topic(&self) -> &str {
+        &self.refused_topic
+    }
+
+    /// Whether every delivery report carries its topic ([`Report::topic`]), not only
+    /// those with a [`topic_error`]: on while a topic is in trouble, so that its first
+    /// success is seen; off otherwise (a string per report).
+    pub fn report_topics(&self, on: bool) {
+        self.producer
+            .context()
+            .report_topics
+            .store(on, Ordering::Relaxed);
     }
 
     /// The output config this producer was made from.
@@ -553,6 +611,7 @@ impl KafkaSink {
             value,
         } = &mut self.buffers;
         let rk = self.producer.client().native_ptr();
+        let mut refused = None;
         let sent = match record {
             Record::Event(e) => {
                 // A `route` stage's choice, rendered when it was made; else the output's.
@@ -606,6 +665,11 @@ impl KafkaSink {
                     e.time_ns / 1_000_000,
                     tag,
                 )
+                .inspect_err(|e| {
+                    if topic_error(e) {
+                        refused = Some(topic.to_string());
+                    }
+                })
             }
             Record::DeadLetter(d) => {
                 // The same payload again (a redelivery) has the same id.
@@ -631,8 +695,16 @@ impl KafkaSink {
                     d.received_ns / 1_000_000,
                     tag,
                 )
+                .inspect_err(|e| {
+                    if topic_error(e) {
+                        refused = Some(topic.to_string());
+                    }
+                })
             }
         };
+        if let Some(t) = refused {
+            self.refused_topic = t;
+        }
         // One large event must not keep its buffer for good.
         if self.buffers.value.capacity() > MAX_KEPT_BUFFER {
             self.buffers.value = Vec::new();
@@ -655,7 +727,16 @@ impl KafkaSink {
         while let Some(event) = self.events.next() {
             // SAFETY (each call below): `event` is a live event of the kind its type says.
             match unsafe { rd::rd_kafka_event_type(event.0.as_ptr()) } {
-                rd::RD_KAFKA_EVENT_DR => unsafe { reports_of(&event, out) },
+                rd::RD_KAFKA_EVENT_DR => unsafe {
+                    reports_of(
+                        &event,
+                        out,
+                        self.producer
+                            .context()
+                            .report_topics
+                            .load(Ordering::Relaxed),
+                    )
+                },
                 rd::RD_KAFKA_EVENT_ERROR => {
                     let (code, fatal, reason) = unsafe {
                         let reason = rd::rd_kafka_event_error_string(event.0.as_ptr());

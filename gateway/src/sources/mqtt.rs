@@ -312,8 +312,13 @@ impl Link {
                 } else {
                     Q5::AtMostOnce
                 };
-                c.try_subscribe_many(filters.iter().map(|f| m5::Filter::new(f.clone(), q)))
-                    .map_err(|e| e.to_string())
+                // Retained messages only for a subscription the broker did not have: a
+                // session resumed after a restart does not get them all again.
+                c.try_subscribe_many(filters.iter().map(|f| m5::Filter {
+                    retain_forward_rule: m5::RetainForwardRule::OnNewSubscribe,
+                    ..m5::Filter::new(f.clone(), q)
+                }))
+                .map_err(|e| e.to_string())
             }
         }
     }
@@ -430,6 +435,9 @@ pub async fn run(
     // second gateway with the same client id taking the session over) is not retried
     // every few hundred milliseconds for good.
     let mut connected_at: Option<tokio::time::Instant> = None;
+    // This run's filters were subscribed (a SUBACK with none refused): a reconnect that
+    // resumes the session needs no SUBSCRIBE.
+    let mut subscribed = false;
     let input = Input {
         cfg: &cfg,
         templates: &templates,
@@ -474,12 +482,22 @@ pub async fn run(
                     {
                         break;
                     }
+                    // Told to quiesce during the pause: nothing is held (the batch went
+                    // before it), which a shutdown waits to hear.
+                    if *state.borrow() != SourceState::Run && input.emit.settle().await.is_err() {
+                        break;
+                    }
                     // A change to Quiesce or Run needs nothing from the event loop: the
                     // same poll is awaited again, not dropped half-way through a write.
                     loop {
                         tokio::select! {
                             changed = state.changed() => {
                                 if changed.is_err() || *state.borrow() == SourceState::Stop {
+                                    break 'input;
+                                }
+                                if *state.borrow() != SourceState::Run
+                                    && input.emit.settle().await.is_err()
+                                {
                                     break 'input;
                                 }
                             }
@@ -496,7 +514,13 @@ pub async fn run(
                 // subscriptions), and whoever waits for the input means "receiving".
                 connected_at = Some(tokio::time::Instant::now());
                 tracing::info!(input = %cfg.name, session_present, "MQTT connected");
-                if let Err(e) = link.subscribe(&filters, cfg.qos == 1) {
+                if session_present && subscribed && cfg.protocol == MqttVersion::V311 {
+                    // The broker kept this run's subscriptions: subscribing again would
+                    // only make it send every retained message once more. (MQTT 5 asks
+                    // for retained messages of new subscriptions only, and subscribes
+                    // again in case a broker lost them.)
+                    m.connected.set(1);
+                } else if let Err(e) = link.subscribe(&filters, cfg.qos == 1) {
                     tracing::error!(input = %cfg.name, error = %e, "cannot subscribe");
                 }
             }
@@ -504,6 +528,7 @@ pub async fn run(
                 tracing::error!(input = %cfg.name, ?filters, "the broker refused a subscription; check the topic filters and ACLs");
             }
             Ok(Polled::SubAck { refused: false }) => {
+                subscribed = true;
                 m.connected.set(1);
                 tracing::info!(input = %cfg.name, ?filters, "MQTT subscribed");
             }
@@ -512,7 +537,13 @@ pub async fn run(
                 let taken = match now {
                     SourceState::Run => input.take(&p, &acks, &epoch, manual).await,
                     // A flood that never lets the poll wait must not keep a stop waiting.
-                    SourceState::Stop => break,
+                    // A message rumqttc acknowledged already is lost here: counted.
+                    SourceState::Stop => {
+                        if !(manual && p.qos1) {
+                            m.stopped_unseen(1);
+                        }
+                        break;
+                    }
                     // Quiescing, a message the gateway acknowledges by hand is not taken
                     // and not acknowledged: the broker sends it again. One rumqttc
                     // acknowledged already (QoS 0, `on_receive`) is taken in and handed
@@ -587,25 +618,38 @@ pub async fn run(
     let _ = input.emit.flush().await;
     drop(input);
     drop(acks);
+    let mut broken = false;
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while !acker.is_finished() {
             tokio::select! {
-                _ = link.poll() => {}
+                polled = link.poll() => match polled {
+                    // A broken connection: the next poll would connect again, and the
+                    // acks of this one mean nothing on another.
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                    // Acknowledged by rumqttc already, and too late to take in.
+                    Ok(Polled::Publish(p)) if !(manual && p.qos1) => m.stopped_unseen(1),
+                    Ok(_) => {}
+                },
                 _ = tokio::time::sleep(Duration::from_millis(10)) => {}
             }
         }
     })
     .await;
     acker.abort();
-    link.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while let Ok(ev) = link.poll().await {
-            if matches!(ev, Polled::Disconnected) {
-                break;
+    if !broken {
+        link.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Ok(ev) = link.poll().await {
+                if matches!(ev, Polled::Disconnected) {
+                    break;
+                }
             }
-        }
-    })
-    .await;
+        })
+        .await;
+    }
     m.connected.set(0);
     tracing::info!(input = %cfg.name, "MQTT input stopped");
     Ok(())
@@ -717,9 +761,10 @@ impl Input<'_> {
                 reason: "unsubscribed_topic",
                 detail: "no topic template of this input matches it (a subscription of an earlier config, kept in the broker's session?)".into(),
             };
+            let kept = &p.payload[..p.payload.len().min(self.cfg.max_payload)];
             let sent = self
                 .emit
-                .malformed(bad, &topic, received_ns, &p.payload[..], ack)
+                .malformed(bad, &topic, received_ns, kept, ack)
                 .await;
             self.clock.expire();
             return sent;
