@@ -84,7 +84,12 @@ enum SpoolCommand {
     /// while it reads: see the README).
     Check,
     /// Write every spooled event as a JSON line to stdout.
-    Export,
+    Export {
+        /// The quarantine table instead: records Kafka refused for good and rows that
+        /// could not be decoded, each with its `reason`.
+        #[arg(long)]
+        quarantined: bool,
+    },
 }
 
 fn init_logs(format: LogFormat, level: &str) {
@@ -242,10 +247,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         Ok(ExitCode::from(1))
                     }
                 }
-                SpoolCommand::Export => {
+                SpoolCommand::Export { quarantined } => {
                     let stdout = std::io::stdout();
                     let mut out = std::io::BufWriter::new(stdout.lock());
-                    let n = spool.export(&mut out)?;
+                    let n = if quarantined {
+                        spool.export_quarantined(&mut out)?
+                    } else {
+                        spool.export(&mut out)?
+                    };
                     // Not left to the drop, which ignores a failed last write (a full
                     // disk behind a redirect).
                     std::io::Write::flush(&mut out).context("writing the export")?;

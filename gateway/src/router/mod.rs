@@ -36,7 +36,7 @@ use crate::ack::Ack;
 use crate::event::Record;
 use crate::metrics::{InputMetrics, Metrics};
 use crate::sinks::kafka::{topic_error, KafkaSink, Report, Tag};
-use crate::spool::{Row, Spool, SpoolError};
+use crate::spool::{Quarantined, Row, Spool, SpoolError};
 use in_flight::InFlight;
 
 /// A record on its way from an input to the router.
@@ -320,6 +320,9 @@ pub fn start(
         pending: Vec::new(),
         pending_bytes: 0,
         pending_acks: Vec::new(),
+        pending_quarantine: Vec::new(),
+        pending_quarantine_bytes: 0,
+        quarantine_full_logged: None,
         pending_since: None,
         pending_deletes: Vec::new(),
         deletes_since: None,
@@ -381,6 +384,32 @@ struct Direct {
     copy_dropped: bool,
 }
 
+/// A topic Kafka refuses ([`Router::topic_refused`]).
+struct Trouble {
+    /// The first refusal of this episode.
+    since: Instant,
+    /// The latest refusal.
+    last: Instant,
+    /// Its records are set aside now.
+    set_aside: bool,
+    /// The episode was logged.
+    logged: bool,
+}
+
+impl Trouble {
+    /// How long after its latest refusal a topic is forgotten: a minute while its records
+    /// are retried (they are retried about once a second, so a minute without one means
+    /// nothing is held for it), an hour once they are set aside (so that a topic with a
+    /// record now and then does not hold everything back for the grace each time).
+    fn forgotten_after(&self) -> Duration {
+        if self.set_aside {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_secs(60)
+        }
+    }
+}
+
 /// A spool row in flight in the producer.
 struct Drained {
     input: u32,
@@ -424,6 +453,11 @@ struct Router {
     pending_bytes: u64,
     /// Acks released by the next commit.
     pending_acks: Vec<Ack>,
+    /// Records Kafka refused for good, for the quarantine table at the next commit.
+    pending_quarantine: Vec<Quarantined>,
+    pending_quarantine_bytes: u64,
+    /// When "the quarantine table is full" was last logged.
+    quarantine_full_logged: Option<Instant>,
     pending_since: Option<Instant>,
     /// Confirmed seqs whose rows the next commit deletes.
     pending_deletes: Vec<u64>,
@@ -455,9 +489,8 @@ struct Router {
     last_progress_log: Instant,
     /// When a failed spool read was last logged (the drain retries on every tick).
     read_error_logged: Option<Instant>,
-    /// Topics Kafka refuses ([`topic_error`]): since when (the first refusal after the
-    /// last record it took), and whether their records are set aside now.
-    topic_trouble: HashMap<String, (Instant, bool)>,
+    /// Topics Kafka refuses ([`topic_error`]).
+    topic_trouble: HashMap<String, Trouble>,
     /// The clock, read once per batch of work rather than once per record (send times
     /// and delivery latencies are accurate to that batch, well under a millisecond).
     now: Instant,
@@ -814,7 +847,9 @@ impl Router {
                     self.metrics.kafka_error(error_kind(&e));
                     self.reject(input, event, seq, &e, None);
                     self.quarantine_record(seq, input, item.record.encode(), &e.to_string());
-                    return; // dropping the ack: the record is accounted as dropped
+                    // Accounted as dropped; the ack goes with the quarantine's commit.
+                    self.pending_acks.push(item.ack);
+                    return;
                 }
                 Err(e) => {
                     self.metrics.kafka_error(error_kind(&e));
@@ -935,6 +970,9 @@ impl Router {
                         let data = std::mem::take(&mut d.data);
                         self.quarantine_record(seq, d.input, data, &reason);
                     }
+                    if let Some(ack) = d.ack.take() {
+                        self.pending_acks.push(ack);
+                    }
                 }
                 Some(e) => {
                     self.failed(seq, &e, "Kafka delivery failed; spooling until it recovers");
@@ -1034,20 +1072,51 @@ impl Router {
             self.sink.report_topics(true);
         }
         let now = Instant::now();
-        let (since, set_aside) = self
+        let t = self
             .topic_trouble
             .entry(topic.to_string())
-            .or_insert_with(|| {
-                tracing::warn!(topic, error = %e, retry_for = ?grace,
-                    "Kafka refuses the topic; its records are retried, then set aside (output.kafka.topic_refused_after)");
-                (now, false)
+            .or_insert_with(|| Trouble {
+                since: now,
+                last: now,
+                set_aside: false,
+                logged: false,
             });
-        if !*set_aside && now.saturating_duration_since(*since) >= grace {
-            *set_aside = true;
+        // A refusal after a quiet spell starts a new episode, with its own grace: an old
+        // one must not set live records aside at the first transient refusal.
+        if now.saturating_duration_since(t.last) > t.forgotten_after() {
+            *t = Trouble {
+                since: now,
+                last: now,
+                set_aside: false,
+                logged: false,
+            };
+        }
+        t.last = now;
+        if !t.logged {
+            t.logged = true;
+            tracing::warn!(topic, error = %e, retry_for = ?grace,
+                "Kafka refuses the topic; its records are retried, then set aside (output.kafka.topic_refused_after)");
+        }
+        if !t.set_aside && now.saturating_duration_since(t.since) >= grace {
+            t.set_aside = true;
             tracing::error!(topic, error = %e, refused_for = ?grace,
                 "Kafka still refuses the topic: its records are dropped (kafka_rejected) and kept in the spool's quarantine table until it takes one again");
         }
-        *set_aside
+        t.set_aside
+    }
+
+    /// Forgets topics that have not refused a record for a while (see
+    /// [`Trouble::forgotten_after`]).
+    fn forget_old_trouble(&mut self) {
+        if self.topic_trouble.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        self.topic_trouble
+            .retain(|_, t| now.saturating_duration_since(t.last) <= t.forgotten_after());
+        if self.topic_trouble.is_empty() {
+            self.sink.report_topics(false);
+        }
     }
 
     /// Kafka took a record of `topic` (reported while a topic is in trouble).
@@ -1122,6 +1191,10 @@ impl Router {
     /// sent, refused and counted again at every drain, and keep the router from
     /// direct mode for good.
     fn set_aside(&mut self, seq: u64, reason: &str) {
+        if !self.quarantine_has_room(0) {
+            self.delete_row(seq);
+            return;
+        }
         if let Err(e) = self.spool.quarantine_row(seq, reason) {
             tracing::error!(seq, error = %e, "cannot quarantine a spool row; deleting it (it is counted as dropped)");
             self.delete_row(seq);
@@ -1129,12 +1202,37 @@ impl Router {
     }
 
     /// Puts a direct record Kafka refused for good (already counted) in the quarantine
-    /// table, where a spooled one goes. If that fails (a full disk), it is gone.
+    /// table, where a spooled one goes, with the next commit.
     fn quarantine_record(&mut self, seq: u64, input: u32, data: Vec<u8>, reason: &str) {
-        let source = &self.inputs[input as usize].name;
-        if let Err(e) = self.spool.quarantine_record(seq, source, &data, reason) {
-            tracing::error!(seq, error = %e, "cannot quarantine a record Kafka refused; it is lost (it is counted as dropped)");
+        if !self.quarantine_has_room(data.len() as u64) {
+            return;
         }
+        self.pending_quarantine_bytes += data.len() as u64;
+        self.pending_quarantine.push(Quarantined {
+            seq,
+            source: self.inputs[input as usize].name.clone(),
+            data,
+            reason: reason.to_string(),
+        });
+        self.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Whether the quarantine table may take `more` bytes: it holds at most a quarter of
+    /// `spool.max_bytes` (it is outside the budget, and a topic set aside with live
+    /// traffic would otherwise fill the disk). Past that, refused records are only
+    /// counted (logged once a minute).
+    fn quarantine_has_room(&mut self, more: u64) -> bool {
+        let used = self.spool.quarantine_bytes() + self.pending_quarantine_bytes + more;
+        let room = used <= self.cfg.max_bytes / 4;
+        if !room
+            && self
+                .quarantine_full_logged
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            self.quarantine_full_logged = Some(Instant::now());
+            tracing::error!(limit = self.cfg.max_bytes / 4, "the spool's quarantine table is full (a quarter of spool.max_bytes): records Kafka refuses are dropped without a copy; `gateway spool export --quarantined` writes it out (README, \"Inspect the spool\")");
+        }
+        room
     }
 
     fn delete_row(&mut self, seq: u64) {
@@ -1144,6 +1242,7 @@ impl Router {
     }
 
     fn tick(&mut self) {
+        self.forget_old_trouble();
         // Kafka slow: copy direct records into the spool so their acks can go out.
         if let Some((_, oldest)) = self.direct.first_key_value() {
             if oldest.sent.elapsed() > self.spool_after && self.uncopied_direct {
@@ -1305,13 +1404,20 @@ impl Router {
     }
 
     fn commit(&mut self) {
-        if self.pending.is_empty() && self.pending_deletes.is_empty() {
+        if self.pending.is_empty()
+            && self.pending_deletes.is_empty()
+            && self.pending_quarantine.is_empty()
+        {
             self.pending_since = None;
             self.deletes_since = None;
             return;
         }
         self.enforce_budget();
-        match self.spool.write(&self.pending, &self.pending_deletes) {
+        match self.spool.write_with(
+            &self.pending,
+            &self.pending_deletes,
+            &self.pending_quarantine,
+        ) {
             Ok(_) => {
                 if self.write_retry_at.take().is_some() {
                     tracing::info!("spool writes work again");
@@ -1324,6 +1430,8 @@ impl Router {
                 self.pending.clear();
                 self.pending_bytes = 0;
                 self.pending_deletes.clear();
+                self.pending_quarantine.clear();
+                self.pending_quarantine_bytes = 0;
                 // Committed: release the upstream acks.
                 self.pending_acks.clear();
                 self.pending_since = None;
@@ -1588,7 +1696,11 @@ impl Router {
             self.serve_reports(|sink, out| sink.flush(Duration::from_millis(100), out));
         }
         self.retire_sink();
-        if self.write_retry_at.is_some() || !self.pending.is_empty() {
+        if self.write_retry_at.is_some()
+            || !self.pending.is_empty()
+            || !self.pending_deletes.is_empty()
+            || !self.pending_quarantine.is_empty()
+        {
             // One last try; what fails stays unacknowledged upstream and is redelivered.
             self.commit();
         }

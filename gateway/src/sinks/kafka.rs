@@ -329,13 +329,16 @@ unsafe fn reports_of(event: &QueueEvent, out: &mut Vec<Report>, with_topics: boo
             let error = (err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR)
                 .then(|| KafkaError::MessageProduction(err.into()));
             let topic = (with_topics || error.as_ref().is_some_and(topic_error)).then(|| {
-                // SAFETY: a message's topic handle and its name live as long as it.
+                // SAFETY: a message's topic handle and its name live as long as it (a
+                // delivery report's message always has one; checked all the same).
                 unsafe {
-                    let name = rd::rd_kafka_topic_name((*m).rkt);
-                    if name.is_null() {
+                    let rkt = (*m).rkt;
+                    if rkt.is_null() {
                         String::new()
                     } else {
-                        CStr::from_ptr(name).to_string_lossy().into_owned()
+                        CStr::from_ptr(rd::rd_kafka_topic_name(rkt))
+                            .to_string_lossy()
+                            .into_owned()
                     }
                 }
             });

@@ -639,12 +639,21 @@ pub async fn run(
     })
     .await;
     acker.abort();
-    if !broken {
+    if broken {
+        // Parsed before the connection broke, acknowledged by rumqttc already.
+        while let Some(parsed) = link.next_parsed() {
+            if matches!(parsed, Polled::Publish(ref p) if !(manual && p.qos1)) {
+                m.stopped_unseen(1);
+            }
+        }
+    } else {
         link.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
             while let Ok(ev) = link.poll().await {
-                if matches!(ev, Polled::Disconnected) {
-                    break;
+                match ev {
+                    Polled::Disconnected => break,
+                    Polled::Publish(p) if !(manual && p.qos1) => m.stopped_unseen(1),
+                    _ => {}
                 }
             }
         })

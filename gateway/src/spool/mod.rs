@@ -113,6 +113,21 @@ pub struct Spool {
     rows: u64,
     bytes: u64,
     max_seq: u64,
+    /// Bytes of record data in the quarantine table.
+    quarantine_bytes: u64,
+}
+
+/// A record Kafka refused for good, for the quarantine table (see [`Spool::write_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// The record's seq (unique with the spool's: they come from one counter).
+    pub seq: u64,
+    /// Input name.
+    pub source: String,
+    /// postcard bytes of the record.
+    pub data: Vec<u8>,
+    /// Why it was set aside.
+    pub reason: String,
 }
 
 /// Spool statistics.
@@ -188,6 +203,21 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, SpoolError
 /// The file [`Spool::mark_corrupt`] leaves beside the spool.
 fn corrupt_marker(path: &Path) -> PathBuf {
     PathBuf::from(format!("{}.corrupt-at-run", path.display()))
+}
+
+/// A row as `gateway spool export` writes it: the record in the Kafka value schema plus
+/// `seq`, or, for bytes that do not decode, `seq`, `source` and the `error`.
+fn export_line(r: &Row) -> serde_json::Value {
+    match Record::decode(&r.data) {
+        Ok(rec) => {
+            let mut v = crate::sinks::kafka::record_json(&rec);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("seq".into(), r.seq.into());
+            }
+            v
+        }
+        Err(e) => serde_json::json!({"seq": r.seq, "source": r.source, "error": e.to_string()}),
+    }
 }
 
 /// A text cell as a string, whatever a damaged page made of it: invalid UTF-8 is
@@ -365,12 +395,13 @@ impl Spool {
     /// Wraps an open connection, reading the row and byte counts and the highest seq.
     /// `max_seq` also covers quarantined rows, so new seqs never collide with them.
     fn with_counts(conn: Connection, path: &Path) -> Result<Spool, SpoolError> {
-        let (rows, bytes, max_seq): (i64, i64, i64) = conn.query_row(
+        let (rows, bytes, max_seq, quarantine_bytes): (i64, i64, i64, i64) = conn.query_row(
             "SELECT count(*), coalesce(sum(length(data)), 0),
-                    max(coalesce(max(seq), 0), (SELECT coalesce(max(seq), 0) FROM quarantine))
+                    max(coalesce(max(seq), 0), (SELECT coalesce(max(seq), 0) FROM quarantine)),
+                    (SELECT coalesce(sum(length(data)), 0) FROM quarantine)
              FROM spool",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?;
         Ok(Spool {
             conn,
@@ -378,6 +409,7 @@ impl Spool {
             rows: rows as u64,
             bytes: bytes as u64,
             max_seq: max_seq as u64,
+            quarantine_bytes: quarantine_bytes as u64,
         })
     }
 
@@ -423,10 +455,31 @@ impl Spool {
     /// Appends rows and deletes confirmed seqs, in one transaction. Returns the number of
     /// rows actually deleted.
     pub fn write(&mut self, appends: &[Row], deletes: &[u64]) -> Result<u64, SpoolError> {
+        self.write_with(appends, deletes, &[])
+    }
+
+    /// [`Spool::write`], also putting `quarantine` in the quarantine table, in the same
+    /// transaction (one commit for a burst of refused records, not one each).
+    pub fn write_with(
+        &mut self,
+        appends: &[Row],
+        deletes: &[u64],
+        quarantine: &[Quarantined],
+    ) -> Result<u64, SpoolError> {
         let tx = self.conn.transaction()?;
         let mut added_bytes = 0u64;
         let mut removed = (0u64, 0u64);
+        let mut quarantined = 0u64;
         {
+            if !quarantine.is_empty() {
+                let mut q = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO quarantine (seq, source, data, reason, at) VALUES (?1, ?2, ?3, ?4, unixepoch())",
+                )?;
+                for r in quarantine {
+                    q.execute(params![r.seq as i64, r.source, r.data, r.reason])?;
+                    quarantined += r.data.len() as u64;
+                }
+            }
             let mut ins = tx.prepare_cached(
                 "INSERT OR REPLACE INTO spool (seq, source, data) VALUES (?1, ?2, ?3)",
             )?;
@@ -448,6 +501,7 @@ impl Spool {
         tx.commit()?;
         self.rows = self.rows + appends.len() as u64 - removed.0;
         self.bytes = self.bytes + added_bytes - removed.1;
+        self.quarantine_bytes += quarantined;
         if let Some(m) = appends.iter().map(|r| r.seq).max() {
             self.max_seq = self.max_seq.max(m);
         }
@@ -540,24 +594,14 @@ impl Spool {
         if let Some(len) = len {
             self.rows -= 1;
             self.bytes -= len as u64;
+            self.quarantine_bytes += len as u64;
         }
         Ok(())
     }
 
-    /// Puts a record that never was a row (a direct record Kafka refused for good) in
-    /// the quarantine table, under its seq; committed at once.
-    pub fn quarantine_record(
-        &mut self,
-        seq: u64,
-        source: &str,
-        data: &[u8],
-        reason: &str,
-    ) -> Result<(), SpoolError> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO quarantine (seq, source, data, reason, at) VALUES (?1, ?2, ?3, ?4, unixepoch())",
-            params![seq as i64, source, data, reason],
-        )?;
-        Ok(())
+    /// Bytes of record data in the quarantine table.
+    pub fn quarantine_bytes(&self) -> u64 {
+        self.quarantine_bytes
     }
 
     /// Statistics.
@@ -642,22 +686,36 @@ impl Spool {
             let Some(last) = rows.last() else { break };
             after = last.seq;
             for r in rows.into_iter().filter(|r| r.seq <= upto) {
-                let line = match Record::decode(&r.data) {
-                    Ok(rec) => {
-                        let mut v = crate::sinks::kafka::record_json(&rec);
-                        if let Some(o) = v.as_object_mut() {
-                            o.insert("seq".into(), r.seq.into());
-                        }
-                        v
-                    }
-                    Err(e) => {
-                        serde_json::json!({"seq": r.seq, "source": r.source, "error": e.to_string()})
-                    }
-                };
-                serde_json::to_writer(&mut *out, &line)?;
+                serde_json::to_writer(&mut *out, &export_line(&r))?;
                 out.write_all(b"\n")?;
                 n += 1;
             }
+        }
+        Ok(n)
+    }
+
+    /// Writes every row of the quarantine table as one JSON line: what [`Spool::export`]
+    /// writes, plus `reason` and `at` (when it was set aside, Unix seconds).
+    pub fn export_quarantined(&mut self, out: &mut dyn Write) -> Result<u64, anyhow::Error> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, source, data, reason, at FROM quarantine ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        let mut n = 0;
+        while let Some(r) = rows.next()? {
+            let row = Row {
+                seq: r.get::<_, i64>(0)? as u64,
+                source: text_lossy(r.get_ref(1)?),
+                data: bytes_of(r.get_ref(2)?),
+            };
+            let mut line = export_line(&row);
+            if let Some(o) = line.as_object_mut() {
+                o.insert("reason".into(), text_lossy(r.get_ref(3)?).into());
+                o.insert("at".into(), r.get::<_, Option<i64>>(4)?.into());
+            }
+            serde_json::to_writer(&mut *out, &line)?;
+            out.write_all(b"\n")?;
+            n += 1;
         }
         Ok(n)
     }

@@ -204,6 +204,42 @@ fn undecodable_rows_go_to_quarantine() {
 }
 
 #[test]
+fn refused_records_go_to_the_quarantine_with_the_commit_and_export_with_reasons() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = open(&dir);
+    let q = |seq: u64, len: usize| Quarantined {
+        seq,
+        source: "a".into(),
+        data: vec![9; len],
+        reason: format!("refused {seq}"),
+    };
+    s.write_with(&[row(1, 10)], &[], &[q(2, 30), q(3, 40)])
+        .expect("write");
+    assert_eq!(
+        (s.rows(), s.bytes()),
+        (1, 10),
+        "the spool's counts are its own"
+    );
+    assert_eq!(s.quarantine_bytes(), 70);
+    s.quarantine_row(1, "moved").expect("quarantine");
+    assert_eq!(s.quarantine_bytes(), 80);
+    drop(s);
+    let mut s = open(&dir);
+    assert_eq!(s.quarantine_bytes(), 80, "counted again at open");
+    let mut out = Vec::new();
+    assert_eq!(s.export_quarantined(&mut out).expect("export"), 3);
+    let text = String::from_utf8(out).expect("utf-8");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines[0]["seq"], 1);
+    assert_eq!(lines[0]["reason"], "moved");
+    assert_eq!(lines[2]["reason"], "refused 3");
+    assert!(lines[2]["at"].as_i64().is_some_and(|t| t > 1_700_000_000));
+}
+
+#[test]
 fn cells_of_the_wrong_type_are_read_not_refused() {
     // A bit flip can leave a cell that is not UTF-8 text, or not a blob, where
     // quick_check does not look. Refusing to read the row held up the drain, the
