@@ -626,7 +626,7 @@ fn default_qos() -> u8 {
 }
 /// The largest `max_payload` (and `max_line`) accepted: a payload is held in memory a
 /// few times over on its way (the packet, the decoded event, a dead letter), and a JSON
-/// payload of many tiny objects parses into some fifty times its size for a moment.
+/// payload of many tiny objects parses into about ten times its size for a moment.
 const MAX_PAYLOAD_LIMIT: usize = 4 << 20;
 
 fn default_max_payload() -> usize {

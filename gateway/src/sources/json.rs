@@ -113,7 +113,19 @@ impl<'de> Deserialize<'de> for Text<'de> {
 
 impl<'de> Deserialize<'de> for Json<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
+        serde::de::DeserializeSeed::deserialize(At(0), d)
+    }
+}
+
+/// A [`Json`] value at nesting depth `.0` (0: the payload itself).
+struct At(u8);
+
+impl<'de> serde::de::DeserializeSeed<'de> for At {
+    type Value = Json<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Json<'de>, D::Error> {
+        /// The visitor, at a depth.
+        struct V(u8);
         impl<'de> Visitor<'de> for V {
             type Value = Json<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -149,27 +161,34 @@ impl<'de> Deserialize<'de> for Json<'de> {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json<'de>, A::Error> {
                 let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
-                while let Some(i) = seq.next_element()? {
+                while let Some(i) = seq.next_element_seed(At(self.0.saturating_add(1)))? {
                     items.push(i);
                 }
                 Ok(Json::Array(items))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
-                // No size hint from serde_json: room for eight members comes with the
-                // first (a sensor object has a handful; growing 4 -> 8 was a second
-                // allocation and a copy per payload), and an empty object costs nothing,
-                // so a payload of many `{}` stays small.
+                // No size hint from serde_json. The payload's own object gets room for
+                // eight members with the first (a sensor object has a handful; growing
+                // 4 -> 8 was a second allocation and a copy per payload); a nested one
+                // gets room for one, then grows as it fills, so that a payload of many
+                // one-member objects (`[{"a":0},...]`) parses into about ten times its size,
+                // not 60. An empty object costs nothing.
                 let mut members = Vec::new();
-                while let Some((Text(k), v)) = map.next_entry::<Text<'de>, Json<'de>>()? {
+                while let Some(Text(k)) = map.next_key::<Text<'de>>()? {
+                    let v = map.next_value_seed(At(self.0.saturating_add(1)))?;
                     if members.capacity() == 0 {
-                        members.reserve(map.size_hint().unwrap_or(8).clamp(1, 64));
+                        if self.0 == 0 {
+                            members.reserve(map.size_hint().unwrap_or(8).clamp(1, 64));
+                        } else {
+                            members.reserve_exact(1);
+                        }
                     }
                     members.push((k, v));
                 }
                 Ok(Json::Object(members))
             }
         }
-        d.deserialize_any(V)
+        d.deserialize_any(V(self.0))
     }
 }
 
@@ -207,5 +226,22 @@ mod tests {
         assert_eq!(j.get("k").and_then(Json::as_u64), Some(2));
         assert!(j.get("missing").is_none());
         assert!(Json::parse(b"{\"a\":").is_err());
+    }
+
+    #[test]
+    fn only_the_payloads_own_object_gets_room_ahead() {
+        let top = Json::parse(br#"{"a":{"b":1},"c":[{"d":2}]}"#).expect("parses");
+        let Json::Object(members) = &top else {
+            panic!("an object")
+        };
+        assert!(members.capacity() >= 8, "room for a sensor object's fields");
+        let Some(Json::Object(inner)) = top.get("a") else {
+            panic!("nested object")
+        };
+        assert!(inner.capacity() < 8, "a nested one grows as it fills");
+        let Some(Json::Array(items)) = top.get("c") else {
+            panic!("array")
+        };
+        assert!(matches!(&items[0], Json::Object(o) if o.capacity() < 8));
     }
 }
