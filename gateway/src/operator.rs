@@ -254,9 +254,11 @@ mod mqtt {
         let (client, mut conn) = client(b, "read");
         client.subscribe(topic, QoS::AtLeastOnce)?;
         let until = Instant::now() + wait;
+        let mut answered = false;
         while Instant::now() < until {
             match conn.recv_timeout(until.saturating_duration_since(Instant::now())) {
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => return Ok(Some(p.payload.to_vec())),
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => answered = true,
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     anyhow::bail!("cannot reach the control broker {}:{}: {e}", b.host, b.port)
@@ -264,7 +266,22 @@ mod mqtt {
                 Err(_) => break,
             }
         }
+        silent_broker(answered, b, wait)?;
         Ok(None)
+    }
+
+    /// An error when the broker never confirmed the subscription: no answer is not
+    /// "nothing published".
+    fn silent_broker(answered: bool, b: &Broker, wait: Duration) -> anyhow::Result<()> {
+        if answered {
+            Ok(())
+        } else {
+            anyhow::bail!(
+                "the control broker {}:{} did not answer within {wait:?}",
+                b.host,
+                b.port
+            )
+        }
     }
 
     pub fn diff(gateway: &str, candidate: &std::path::Path, b: &Broker) -> anyhow::Result<()> {
@@ -274,8 +291,10 @@ mod mqtt {
         let body = retained(b, &topic, Duration::from_secs(3))?
             .with_context(|| format!("{gateway} has published no applied config on {topic}"))?;
         let applied: serde_json::Value = serde_json::from_slice(&body).context("not JSON")?;
-        let old = applied["config"].as_str().unwrap_or_default();
         let version = applied["version"].as_u64().unwrap_or(0);
+        let Some(old) = applied["config"].as_str() else {
+            anyhow::bail!("{gateway} published only the version ({version}) and hash of its config, not the text (too large to publish): nothing to compare with")
+        };
         let diff = similar::TextDiff::from_lines(old, new.as_str());
         if diff.ratio() == 1.0 {
             println!("{gateway} runs this config (version {version})");
@@ -298,8 +317,10 @@ mod mqtt {
         let mut reports: BTreeMap<String, Report> = BTreeMap::new();
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
         let until = Instant::now() + wait;
+        let mut answered = false;
         while Instant::now() < until {
             match conn.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => answered = true,
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                     if p.topic.ends_with("/config/status") {
                         if let Ok(r) = serde_json::from_slice::<Report>(&p.payload) {
@@ -318,6 +339,7 @@ mod mqtt {
                 Err(_) => break,
             }
         }
+        silent_broker(answered, b, wait)?;
         println!(
             "{:<24} {:>8} {:>8} {:<12} {:<21} reason",
             "gateway", "running", "version", "state", "last seen"
