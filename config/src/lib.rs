@@ -1550,6 +1550,10 @@ fn validate_stages(stages: &[Stage], p: &str, err: &mut impl FnMut(String, &str)
             if min.is_none() && max.is_none() {
                 err(format!("{p}[{i}]"), "a range needs min, max or both");
             }
+            // TOML has nan: a NaN bound would drop every event, or check nothing.
+            if min.iter().chain(max.iter()).any(|b| b.is_nan()) {
+                err(format!("{p}[{i}]"), "min and max must be numbers, not nan");
+            }
             if let (Some(a), Some(b)) = (min, max) {
                 if a > b {
                     err(format!("{p}[{i}]"), "min is above max");
@@ -1601,6 +1605,12 @@ fn validate_stages(stages: &[Stage], p: &str, err: &mut impl FnMut(String, &str)
                     }
                 }
                 for (name, b) in &v.ranges {
+                    if b.min.iter().chain(b.max.iter()).any(|x| x.is_nan()) {
+                        err(
+                            at(&format!("ranges.{name}")),
+                            "min and max must be numbers, not nan",
+                        );
+                    }
                     if let (Some(lo), Some(hi)) = (b.min, b.max) {
                         if lo > hi {
                             err(at(&format!("ranges.{name}")), "min is above max");
@@ -1654,11 +1664,14 @@ fn validate_stages(stages: &[Stage], p: &str, err: &mut impl FnMut(String, &str)
                 }
             }
             Stage::GpsSanity(g)
-                if g.max_speed.is_nan() || g.max_speed <= 0.0 || g.max_devices == 0 =>
+                if g.max_speed.is_nan()
+                    || g.max_speed <= 0.0
+                    || g.max_devices == 0
+                    || g.max_accuracy.is_some_and(|a| a.is_nan() || a <= 0.0) =>
             {
                 err(
                     at("max_speed"),
-                    "max_speed and max_devices must be above zero",
+                    "max_speed, max_accuracy (when set) and max_devices must be above zero",
                 )
             }
             Stage::Route(r) => {
@@ -2047,6 +2060,10 @@ idle_timeout = "0s"
 type = "window"
 size = "1s"
 allowed_lateness = "1h"
+[[stages]]
+type = "range"
+reading = "t"
+min = nan
 [output.kafka]
 brokers = "k:9092"
 "#;
@@ -2060,6 +2077,7 @@ brokers = "k:9092"
                 "stages[2].aggregates",
                 "stages[3].idle_timeout",
                 "stages[4].allowed_lateness",
+                "stages[5]",
                 "inputs[0].stages[0].interval"
             ]
         );

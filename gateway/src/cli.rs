@@ -156,6 +156,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logs(config.telemetry.log_format, &config.telemetry.log_level);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                .thread_stack_size(crate::stages::expr::EVAL_STACK)
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;

@@ -189,6 +189,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_stack_size(crate::stages::expr::EVAL_STACK)
         .enable_all()
         .build()?;
     // The serial device: our firmware's logic on a pseudo-terminal behind `pump_link`.

@@ -48,7 +48,7 @@ pub(super) fn write_event(e: &Event, out: &mut Vec<u8>) {
     out.extend_from_slice(br#","time":""#);
     write_rfc3339(e.time_ns, out);
     out.extend_from_slice(br#"","time_ms":"#);
-    write_number(e.time_ns / 1_000_000, out);
+    write_number(e.time_ns.div_euclid(1_000_000), out);
     out.extend_from_slice(br#","clock":""#);
     out.extend_from_slice(e.clock.as_str().as_bytes());
     out.extend_from_slice(br#"","received":""#);

@@ -665,7 +665,7 @@ impl KafkaSink {
                         (c"gateway-id", &self.gateway_id),
                         (c"content-type", ctype),
                     ],
-                    e.time_ns / 1_000_000,
+                    record_timestamp_ms(e),
                     tag,
                 )
                 .inspect_err(|e| {
@@ -970,6 +970,44 @@ fn expand_into(template: &str, e: &Event, safe: bool, out: &mut String) {
         rest = &rest[start + len + 1..];
     }
     out.push_str(rest);
+    if safe {
+        kafka_topic_name(out);
+    }
+}
+
+/// An event's Kafka record timestamp: its time in ms. One at or before the epoch (a
+/// stage's arithmetic, a clock never set that went through) is the receive time
+/// instead: librdkafka reads 0 as "now", which would differ between a direct send and a
+/// later drain, and -1 as no timestamp.
+fn record_timestamp_ms(e: &Event) -> i64 {
+    let ms = e.time_ns.div_euclid(1_000_000);
+    if ms > 0 {
+        ms
+    } else {
+        e.received_ns.div_euclid(1_000_000).max(1)
+    }
+}
+
+/// The longest topic name Kafka takes.
+const MAX_TOPIC_NAME: usize = 249;
+
+/// Makes a rendered topic a name Kafka takes: `.` and `..` are not topic names (a device
+/// called so, under `topic = "{device}"`), and a name is at most 249 characters (a long
+/// one is cut, with a hash of the whole so that long names stay apart). Otherwise each
+/// such record would be refused for good.
+fn kafka_topic_name(name: &mut String) {
+    if name.is_empty() || name == "." || name == ".." {
+        *name = "_".repeat(name.len().max(1));
+    }
+    if name.len() > MAX_TOPIC_NAME {
+        let hash = xxhash_rust::xxh3::xxh3_64(name.as_bytes());
+        let mut cut = MAX_TOPIC_NAME - 17;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+        name.push_str(&format!("-{hash:016x}"));
+    }
 }
 
 /// Renders a topic template for an event.
@@ -995,7 +1033,7 @@ fn event_value(e: &Event) -> serde_json::Value {
         "source": e.source.as_str(),
         "origin": e.origin.as_str(),
         "time": rfc3339(e.time_ns),
-        "time_ms": e.time_ns / 1_000_000,
+        "time_ms": e.time_ns.div_euclid(1_000_000),
         "clock": e.clock.as_str(),
         "received": rfc3339(e.received_ns),
         "readings": e.readings.iter().map(|(k, r)| {
@@ -1250,5 +1288,28 @@ mod tests {
         );
         assert_eq!(render_raw("{device}", &e), "d/1");
         assert_eq!(render("broken{", &e), "broken{");
+    }
+
+    #[test]
+    fn a_rendered_topic_is_a_name_kafka_takes() {
+        let with = |device: &str| {
+            let mut e = event();
+            e.device = device.into();
+            render("{device}", &e)
+        };
+        assert_eq!(with("."), "_");
+        assert_eq!(with(".."), "__");
+        let (a, b) = (
+            with(&"a".repeat(300)),
+            with(&format!("{}b", "a".repeat(299))),
+        );
+        assert_eq!(a.len(), MAX_TOPIC_NAME);
+        assert_eq!(b.len(), MAX_TOPIC_NAME);
+        assert_ne!(a, b, "long names stay apart");
+        assert_eq!(
+            with(&"a".repeat(249)),
+            "a".repeat(249),
+            "249 is still whole"
+        );
     }
 }

@@ -766,10 +766,16 @@ fn finish(
             )
         })?,
     };
-    let own_time = fields[Named::TIME].is_some_and(|v| *v != Json::Null);
-    let (time_ns, clock) = match fields[Named::TIME] {
-        Some(v) if own_time => device_time(parse_time(v, m.time_unit)?, o.received_ns),
-        _ => (o.received_ns, ClockQuality::Gateway),
+    let parsed = match fields[Named::TIME] {
+        Some(v) if *v != Json::Null => Some(parse_time(v, m.time_unit)?),
+        _ => None,
+    };
+    // A time of exactly 0 is a clock that does not run (stuck at the epoch): every
+    // reading would carry the same one, and equal readings would share an id.
+    let own_time = parsed.is_some_and(|ns| ns != 0);
+    let (time_ns, clock) = match parsed {
+        Some(ns) => device_time(ns, o.received_ns),
+        None => (o.received_ns, ClockQuality::Gateway),
     };
     let num = |i: usize| -> Result<Option<f64>, Malformed> {
         match fields[i] {
@@ -1398,6 +1404,15 @@ mod tests {
                 "{payload}"
             );
         }
+    }
+
+    /// A device whose clock does not run sends the same time (0) with every reading:
+    /// equal readings must not share an id (dedup, and consumers, would drop them).
+    #[test]
+    fn a_time_stuck_at_the_epoch_is_no_time_of_its_own() {
+        let id = |received_ns, payload| first_id(PayloadFormat::Json, &[], received_ns, payload);
+        let stuck = r#"{"device":"d","ts":0,"v":1}"#;
+        assert_ne!(id(NOW, stuck), id(NOW + 60, stuck));
     }
 
     #[test]

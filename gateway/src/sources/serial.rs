@@ -954,6 +954,10 @@ fn reading_event(
             .ok()
             .and_then(|ms| ms.checked_mul(1_000_000))
         {
+            // A clock never set (before 2001), as for the other inputs.
+            Some(ns) if ns < super::payload::UNSET_CLOCK_BEFORE_NS => {
+                (received_ns, ClockQuality::Gateway)
+            }
             Some(ns) => (ns, ClockQuality::Device),
             None => {
                 return Err(super::payload::Malformed {

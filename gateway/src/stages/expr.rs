@@ -14,6 +14,51 @@ use cel::{Context, Program, Value as Cel};
 
 use crate::event::{Event, Value};
 
+/// The longest expression accepted (bytes). A filter or route condition is a line or
+/// two; see [`Expr::compile`] for why there is a limit.
+pub const MAX_EXPR_LEN: usize = 1024;
+
+/// The stack of the thread an expression is compiled on.
+const COMPILE_STACK: usize = 256 << 20;
+
+/// The stack the threads that run stages need for the deepest expression
+/// [`MAX_EXPR_OPS`] lets through (evaluated and dropped recursively), with room to
+/// spare: the runtime's worker threads get it (`cli.rs`). Reserved address space,
+/// touched only as used.
+pub const EVAL_STACK: usize = 16 << 20;
+
+/// The most operators (`+`, `&&`, `!`, `.`, `[`, ...) an expression may have outside its
+/// string literals: each can be a level of the tree (see [`Expr::compile`]).
+pub const MAX_EXPR_OPS: usize = 100;
+
+/// Operator characters outside string literals (a two-character operator counts twice,
+/// which errs on the safe side).
+fn operators(source: &str) -> usize {
+    let mut n = 0;
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in source.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None => match c {
+                '"' | '\'' => quote = Some(c),
+                '+' | '-' | '*' | '/' | '%' | '!' | '<' | '>' | '=' | '&' | '|' | '.' | '['
+                | '?' | '(' => n += 1,
+                _ => {}
+            },
+        }
+    }
+    n
+}
+
 /// A compiled expression.
 pub struct Expr {
     program: Program,
@@ -24,7 +69,36 @@ pub struct Expr {
 impl Expr {
     /// Compiles `source`; the error gives the line and column.
     pub fn compile(source: &str) -> Result<Expr, String> {
-        let program = Program::compile(source).map_err(|errs| {
+        // CEL's parser counts only bracketed nesting against its depth limit: a long
+        // chain (`a + a + a ...`, `a.b.b.b...`) builds a tree as deep as it is long,
+        // which the parser, the evaluation and the drop all walk recursively: past some
+        // thousand levels that overflows a worker thread's stack.
+        if source.len() > MAX_EXPR_LEN {
+            return Err(format!(
+                "{} bytes; an expression may have at most {MAX_EXPR_LEN}",
+                source.len()
+            ));
+        }
+        let ops = operators(source);
+        if ops > MAX_EXPR_OPS {
+            return Err(format!(
+                "{ops} operators; an expression may have at most {MAX_EXPR_OPS} (split it over stages)"
+            ));
+        }
+        // The parser recurses deeply even within these limits (a parenthesis left open
+        // sends its error recovery down the whole rest): it runs on a thread of its own
+        // with room for that. The stack is reserved address space, touched only as used.
+        let parsed = std::thread::Builder::new()
+            .name("cel-compile".into())
+            .stack_size(COMPILE_STACK)
+            .spawn({
+                let source = source.to_string();
+                move || Program::compile(&source)
+            })
+            .map_err(|e| format!("cannot start the compiler's thread: {e}"))?
+            .join()
+            .map_err(|_| "the expression compiler failed".to_string())?;
+        let program = parsed.map_err(|errs| {
             errs.errors
                 .iter()
                 .map(|e| format!("line {} column {}: {}", e.pos.0, e.pos.1 + 1, e.msg))
@@ -202,5 +276,52 @@ mod tests {
         check("temperature >", Err("line 1 column"));
         check("humidity > 3.0", Err("humidity"));
         check("temperature + 1.0", Err("not true or false"));
+    }
+
+    /// The longest chains the limits let through compile, run and drop on a stack the
+    /// size of a worker thread's ([`EVAL_STACK`]), in a debug build (larger frames than
+    /// a release one).
+    #[test]
+    fn the_longest_expressions_fit_a_worker_threads_stack() {
+        // As many steps as the limits let through.
+        let fill = |head: &str, step: &str, tail: &str| {
+            let mut n = (MAX_EXPR_LEN - head.len() - tail.len()) / step.len();
+            while operators(&format!("{head}{}{tail}", step.repeat(n))) > MAX_EXPR_OPS {
+                n -= 1;
+            }
+            format!("{head}{}{tail}", step.repeat(n))
+        };
+        let cases = [
+            fill("temperature", " + temperature", " > 0.0"),
+            fill("temperature", "+1.0", " > 0.0"),
+            fill("tags", ".a", " == \"x\""),
+            fill("temperature > 0.0", " && true", ""),
+            fill("", "!", "true"),
+            fill("", "-", "temperature > 0.0"),
+            fill("", "(", "true"),
+            fill("", "[", "1"),
+        ];
+        for expr in cases {
+            assert!(expr.len() <= MAX_EXPR_LEN);
+            let ran = std::thread::Builder::new()
+                .stack_size(EVAL_STACK)
+                .spawn(move || {
+                    let compiled = Expr::compile(&expr);
+                    if let Ok(x) = &compiled {
+                        let _ = x.test(&event());
+                    }
+                    drop(compiled);
+                })
+                .expect("thread")
+                .join();
+            assert!(ran.is_ok());
+        }
+        let too_long = "true || ".repeat(MAX_EXPR_LEN / 8) + "true";
+        assert!(Expr::compile(&too_long).is_err_and(|e| e.contains("bytes")));
+        let too_deep = "!".repeat(MAX_EXPR_OPS + 1) + "true";
+        assert!(Expr::compile(&too_deep).is_err_and(|e| e.contains("operators")));
+        // Operators inside strings do not count.
+        let quoted = format!("device == \"{}\"", "+".repeat(500));
+        assert!(Expr::compile(&quoted).is_ok());
     }
 }

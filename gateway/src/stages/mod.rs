@@ -22,7 +22,7 @@ use crate::event::{Event, Location, Value};
 use crate::metrics::Metrics;
 
 mod enrich;
-mod expr;
+pub(crate) mod expr;
 mod filter;
 mod geofence;
 mod gps;

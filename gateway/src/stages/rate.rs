@@ -57,7 +57,7 @@ impl Stage for Throttle {
 
 /// Most reading names remembered per device (with `readings` empty every numeric reading
 /// is watched, and a device sending ever new names would grow its entry for good).
-const MAX_VALUES_PER_DEVICE: usize = 256;
+const MAX_VALUES_PER_DEVICE: usize = 64;
 
 /// What a device last sent on: the watched readings' values, and when.
 struct Sent {
@@ -105,9 +105,12 @@ impl Stage for Deadband {
                         .max_interval_ns
                         .is_some_and(|m| e.time_ns.saturating_sub(s.at_ns) >= m)
                     || self.watched(e).any(|(k, v)| {
-                        s.values
-                            .get(k)
-                            .is_none_or(|old| (v - old).abs() > self.threshold)
+                        // A value that is not finite (a calibration that overflowed)
+                        // always counts as moved: compared, it would never move again.
+                        !v.is_finite()
+                            || s.values
+                                .get(k)
+                                .is_none_or(|old| (v - old).abs() > self.threshold)
                     })
             }
         };
@@ -119,7 +122,7 @@ impl Stage for Deadband {
             at_ns: 0,
         });
         s.at_ns = e.time_ns;
-        for (k, v) in self.watched(e) {
+        for (k, v) in self.watched(e).filter(|(_, v)| v.is_finite()) {
             if s.values.len() >= MAX_VALUES_PER_DEVICE && !s.values.contains_key(k) {
                 s.values.clear();
             }

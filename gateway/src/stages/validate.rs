@@ -167,6 +167,12 @@ impl Stage for Dedup {
         }
         at.insert(h, now);
         order.push_back((now, h));
+        // An id taken again (a redelivery) leaves its older entry behind in `order`, and
+        // a clock that went back stalls the expiry at the front: keep `order` within
+        // twice the bound by dropping the entries `at` no longer points to.
+        if order.len() > 2 * self.max {
+            order.retain(|(t, old)| at.get(old) == Some(t));
+        }
         drop(s);
         Verdict::Keep
     }
@@ -278,6 +284,24 @@ mod tests {
             Applied::Keep(_)
         ));
         assert!(seen(&d, "a", 102), "a plain repeat still is dropped");
+    }
+
+    /// Redeliveries of one id, and a clock gone back, do not grow the expiry queue past
+    /// twice the bound.
+    #[test]
+    fn the_expiry_queue_stays_bounded() {
+        let (d, _) = dedup("1h", 10);
+        let mut again = event("d", "t", 1.0);
+        again.id = "a".into();
+        again.redelivered = true;
+        for i in 0..1000 {
+            // The clock goes back by a second each time: nothing expires.
+            again.received_ns = (5000 - i) * 1_000_000_000;
+            d.apply_owned(again.clone(), &mut Vec::new());
+        }
+        let s = d.seen.lock().expect("lock");
+        assert!(s.order.len() <= 20, "{} entries", s.order.len());
+        assert_eq!(s.at.len(), 1);
     }
 
     proptest! {
