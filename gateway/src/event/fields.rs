@@ -5,7 +5,7 @@
 //! input's thread, freed on the router's). Here one reading costs one small allocation,
 //! lookups are a binary search over a few names, and iteration is in name order as
 //! before, so the JSON value and the postcard bytes in the spool are unchanged (a map:
-//! length, then the pairs in order; `postcard_bytes_match_a_btreemap` pins that).
+//! length, then the pairs in order; `behaves_like_a_btreemap` pins that).
 
 use std::fmt;
 
