@@ -482,12 +482,12 @@ mod tests {
                 Record::DeadLetter(DeadLetter {
                     source: "s".into(),
                     origin: "o".into(),
-                    reason: "r".into(),
+                    reason: "malformed_json".into(),
                     detail: "d".into(),
                     received_ns: 3,
                     payload: vec![0, 255],
                 }),
-                "010173016f01720164060200ff",
+                "010173016f0e6d616c666f726d65645f6a736f6e0164060200ff",
             ),
         ];
         e.route = Some(Box::new(Route {

@@ -846,9 +846,11 @@ impl Router {
                 Err(e) if self.sent_for_good(&e) => {
                     self.metrics.kafka_error(error_kind(&e));
                     self.reject(input, event, seq, &e, None);
-                    self.quarantine_record(seq, input, item.record.encode(), &e.to_string());
-                    // Accounted as dropped; the ack goes with the quarantine's commit.
-                    self.pending_acks.push(item.ack);
+                    // Accounted as dropped; the ack goes with the quarantine's commit (or
+                    // now, dropped, when nothing waits for one).
+                    if self.quarantine_record(seq, input, item.record.encode(), &e.to_string()) {
+                        self.pending_acks.push(item.ack);
+                    }
                     return;
                 }
                 Err(e) => {
@@ -954,7 +956,7 @@ impl Router {
                     // Set aside like a spooled record: its copy in the spool if it has
                     // one, else the bytes kept for one.
                     let reason = e.to_string();
-                    if d.spooled {
+                    let queued = if d.spooled {
                         // A copy still pending is written and deleted in the next
                         // commit (which releases its ack with the others'); the
                         // quarantine gets its bytes.
@@ -966,11 +968,16 @@ impl Router {
                             }
                             None => self.set_aside(seq, &reason),
                         }
+                        false
                     } else if !d.copy_dropped {
                         let data = std::mem::take(&mut d.data);
-                        self.quarantine_record(seq, d.input, data, &reason);
-                    }
-                    if let Some(ack) = d.ack.take() {
+                        self.quarantine_record(seq, d.input, data, &reason)
+                    } else {
+                        false
+                    };
+                    // A direct ack (on_delivery) goes with the quarantine's commit when one
+                    // waits; else it is released now, with `d`: the record is counted.
+                    if let (true, Some(ack)) = (queued, d.ack.take()) {
                         self.pending_acks.push(ack);
                     }
                 }
@@ -1202,10 +1209,10 @@ impl Router {
     }
 
     /// Puts a direct record Kafka refused for good (already counted) in the quarantine
-    /// table, where a spooled one goes, with the next commit.
-    fn quarantine_record(&mut self, seq: u64, input: u32, data: Vec<u8>, reason: &str) {
+    /// table, where a spooled one goes, with the next commit; false when it has no room.
+    fn quarantine_record(&mut self, seq: u64, input: u32, data: Vec<u8>, reason: &str) -> bool {
         if !self.quarantine_has_room(data.len() as u64) {
-            return;
+            return false;
         }
         self.pending_quarantine_bytes += data.len() as u64;
         self.pending_quarantine.push(Quarantined {
@@ -1215,6 +1222,7 @@ impl Router {
             reason: reason.to_string(),
         });
         self.pending_since.get_or_insert_with(Instant::now);
+        true
     }
 
     /// Whether the quarantine table may take `more` bytes: it holds at most a quarter of
@@ -1408,6 +1416,8 @@ impl Router {
             && self.pending_deletes.is_empty()
             && self.pending_quarantine.is_empty()
         {
+            // Nothing to write: no ack can be waiting for it.
+            self.pending_acks.clear();
             self.pending_since = None;
             self.deletes_since = None;
             return;

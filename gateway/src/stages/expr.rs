@@ -18,45 +18,100 @@ use crate::event::{Event, Value};
 /// two; see [`Expr::compile`] for why there is a limit.
 pub const MAX_EXPR_LEN: usize = 1024;
 
-/// The stack of the thread an expression is compiled on.
-const COMPILE_STACK: usize = 256 << 20;
+/// The stack of the thread an expression is compiled on: CEL's parser recurses per
+/// level of the text, more deeply still when it recovers from an error (a parenthesis
+/// left open), and [`MAX_EXPR_LEN`] bytes of the worst kind fit it in a debug build
+/// (the test below). Reserved address space, touched only as used.
+const COMPILE_STACK: usize = 16 << 20;
 
-/// The stack the threads that run stages need for the deepest expression
-/// [`MAX_EXPR_OPS`] lets through (evaluated and dropped recursively), with room to
-/// spare: the runtime's worker threads get it (`cli.rs`). Reserved address space,
-/// touched only as used.
-pub const EVAL_STACK: usize = 16 << 20;
+/// The stack the threads that run stages get (the runtime's workers, `cli.rs`): the
+/// deepest expression [`MAX_EXPR_DEPTH`] lets through is evaluated and dropped
+/// recursively, and fits half of it in a debug build (the test below). Reserved address
+/// space, touched only as used.
+pub const EVAL_STACK: usize = 8 << 20;
 
-/// The most operators (`+`, `&&`, `!`, `.`, `[`, ...) an expression may have outside its
-/// string literals: each can be a level of the tree (see [`Expr::compile`]).
-pub const MAX_EXPR_OPS: usize = 100;
+/// The deepest expression tree accepted. A filter or route condition is a few levels
+/// deep (`&&` and `||` chains are balanced trees); a chain of `+`, `.field` or `in` is
+/// as deep as it is long, and evaluating it recurses that deep.
+pub const MAX_EXPR_DEPTH: usize = 100;
 
-/// Operator characters outside string literals (a two-character operator counts twice,
-/// which errs on the safe side).
-fn operators(source: &str) -> usize {
-    let mut n = 0;
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
-    for c in source.chars() {
-        match quote {
-            Some(q) => {
-                if escaped {
-                    escaped = false;
-                } else if c == '\\' {
-                    escaped = true;
-                } else if c == q {
-                    quote = None;
+/// The depth of an expression tree, walked without recursion.
+fn depth(root: &cel::common::ast::IdedExpr) -> usize {
+    use cel::common::ast::{EntryExpr, Expr as E};
+    let mut deepest = 0;
+    let mut stack = vec![(root, 1usize)];
+    while let Some((e, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        let mut children: Vec<&cel::common::ast::IdedExpr> = Vec::new();
+        match &e.expr {
+            E::Call(c) => {
+                children.extend(c.target.as_deref());
+                children.extend(&c.args);
+            }
+            E::Comprehension(c) => children.extend([
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ]),
+            E::List(l) => children.extend(&l.elements),
+            E::Map(m) => {
+                for en in &m.entries {
+                    match &en.expr {
+                        EntryExpr::MapEntry(me) => children.extend([&me.key, &me.value]),
+                        EntryExpr::StructField(f) => children.push(&f.value),
+                    }
                 }
             }
-            None => match c {
-                '"' | '\'' => quote = Some(c),
-                '+' | '-' | '*' | '/' | '%' | '!' | '<' | '>' | '=' | '&' | '|' | '.' | '['
-                | '?' | '(' => n += 1,
-                _ => {}
-            },
+            E::Struct(st) => {
+                for en in &st.entries {
+                    match &en.expr {
+                        EntryExpr::MapEntry(me) => children.extend([&me.key, &me.value]),
+                        EntryExpr::StructField(f) => children.push(&f.value),
+                    }
+                }
+            }
+            E::Select(sel) => children.push(&sel.operand),
+            E::Unspecified | E::Ident(_) | E::Literal(_) => {}
         }
+        stack.extend(children.into_iter().map(|c| (c, d + 1)));
     }
-    n
+    deepest
+}
+
+/// Compiles `source` on a thread with room for the parser's recursion, and measures the
+/// tree there (a tree too deep is dropped there too: dropping recurses as deep).
+fn compile_on_a_large_stack(source: &str) -> Result<Result<Program, String>, String> {
+    let job = |source: String| {
+        move || {
+            let program = Program::compile(&source).map_err(|errs| {
+                errs.errors
+                    .iter()
+                    .map(|e| format!("line {} column {}: {}", e.pos.0, e.pos.1 + 1, e.msg))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })?;
+            let d = depth(program.expression());
+            if d > MAX_EXPR_DEPTH {
+                return Err(format!(
+                    "{d} levels deep; an expression may be at most {MAX_EXPR_DEPTH} (split it over stages)"
+                ));
+            }
+            Ok(program)
+        }
+    };
+    let spawn = |stack: usize| {
+        std::thread::Builder::new()
+            .name("cel-compile".into())
+            .stack_size(stack)
+            .spawn(job(source.to_string()))
+    };
+    let handle =
+        spawn(COMPILE_STACK).map_err(|e| format!("cannot start the compiler's thread: {e}"))?;
+    handle
+        .join()
+        .map_err(|_| "the expression compiler failed".to_string())
 }
 
 /// A compiled expression.
@@ -71,40 +126,16 @@ impl Expr {
     pub fn compile(source: &str) -> Result<Expr, String> {
         // CEL's parser counts only bracketed nesting against its depth limit: a long
         // chain (`a + a + a ...`, `a.b.b.b...`) builds a tree as deep as it is long,
-        // which the parser, the evaluation and the drop all walk recursively: past some
-        // thousand levels that overflows a worker thread's stack.
+        // which the parser, the evaluation and the drop all walk recursively: a few
+        // hundred levels overflowed a 2 MiB worker stack. The text is bounded for the
+        // parser, the tree's depth for the rest.
         if source.len() > MAX_EXPR_LEN {
             return Err(format!(
                 "{} bytes; an expression may have at most {MAX_EXPR_LEN}",
                 source.len()
             ));
         }
-        let ops = operators(source);
-        if ops > MAX_EXPR_OPS {
-            return Err(format!(
-                "{ops} operators; an expression may have at most {MAX_EXPR_OPS} (split it over stages)"
-            ));
-        }
-        // The parser recurses deeply even within these limits (a parenthesis left open
-        // sends its error recovery down the whole rest): it runs on a thread of its own
-        // with room for that. The stack is reserved address space, touched only as used.
-        let parsed = std::thread::Builder::new()
-            .name("cel-compile".into())
-            .stack_size(COMPILE_STACK)
-            .spawn({
-                let source = source.to_string();
-                move || Program::compile(&source)
-            })
-            .map_err(|e| format!("cannot start the compiler's thread: {e}"))?
-            .join()
-            .map_err(|_| "the expression compiler failed".to_string())?;
-        let program = parsed.map_err(|errs| {
-            errs.errors
-                .iter()
-                .map(|e| format!("line {} column {}: {}", e.pos.0, e.pos.1 + 1, e.msg))
-                .collect::<Vec<_>>()
-                .join("; ")
-        })?;
+        let program = compile_on_a_large_stack(source)??;
         Ok(Expr {
             program,
             root: Context::default(),
@@ -278,33 +309,36 @@ mod tests {
         check("temperature + 1.0", Err("not true or false"));
     }
 
-    /// The longest chains the limits let through compile, run and drop on a stack the
-    /// size of a worker thread's ([`EVAL_STACK`]), in a debug build (larger frames than
-    /// a release one).
+    /// Expressions of the longest length, of every deep kind, compile (on the
+    /// compiler's thread) and, when the depth limit lets them through, run and drop on
+    /// half the stack of a worker thread ([`EVAL_STACK`]), in a debug build (larger
+    /// frames than a release one).
     #[test]
-    fn the_longest_expressions_fit_a_worker_threads_stack() {
-        // As many steps as the limits let through.
+    fn the_longest_expressions_fit_the_stacks() {
         let fill = |head: &str, step: &str, tail: &str| {
-            let mut n = (MAX_EXPR_LEN - head.len() - tail.len()) / step.len();
-            while operators(&format!("{head}{}{tail}", step.repeat(n))) > MAX_EXPR_OPS {
-                n -= 1;
-            }
+            let n = (MAX_EXPR_LEN - head.len() - tail.len()) / step.len();
             format!("{head}{}{tail}", step.repeat(n))
         };
+        let chain = |step: &str, levels: usize| format!("temperature{} > 0.0", step.repeat(levels));
         let cases = [
+            // Too deep: refused at compile.
             fill("temperature", " + temperature", " > 0.0"),
             fill("temperature", "+1.0", " > 0.0"),
             fill("tags", ".a", " == \"x\""),
-            fill("temperature > 0.0", " && true", ""),
-            fill("", "!", "true"),
-            fill("", "-", "temperature > 0.0"),
+            fill("device", " in [\"a\"]", ""),
             fill("", "(", "true"),
             fill("", "[", "1"),
+            fill("", "!", "true"),
+            fill("", "-", "temperature > 0.0"),
+            // Balanced: long but shallow.
+            fill("temperature > 0.0", " && true", ""),
+            // As deep as accepted.
+            chain(" + 1.0", MAX_EXPR_DEPTH - 3),
         ];
         for expr in cases {
             assert!(expr.len() <= MAX_EXPR_LEN);
             let ran = std::thread::Builder::new()
-                .stack_size(EVAL_STACK)
+                .stack_size(EVAL_STACK / 2)
                 .spawn(move || {
                     let compiled = Expr::compile(&expr);
                     if let Ok(x) = &compiled {
@@ -318,10 +352,15 @@ mod tests {
         }
         let too_long = "true || ".repeat(MAX_EXPR_LEN / 8) + "true";
         assert!(Expr::compile(&too_long).is_err_and(|e| e.contains("bytes")));
-        let too_deep = "!".repeat(MAX_EXPR_OPS + 1) + "true";
-        assert!(Expr::compile(&too_deep).is_err_and(|e| e.contains("operators")));
-        // Operators inside strings do not count.
-        let quoted = format!("device == \"{}\"", "+".repeat(500));
-        assert!(Expr::compile(&quoted).is_ok());
+        let too_deep = chain(" + 1.0", MAX_EXPR_DEPTH);
+        assert!(Expr::compile(&too_deep).is_err_and(|e| e.contains("levels deep")));
+        assert!(Expr::compile(&chain(" + 1.0", MAX_EXPR_DEPTH - 3)).is_ok());
+        // A long ordinary condition is fine: only depth counts.
+        let long = (0..20)
+            .map(|i| format!("(has(tags.site) && temperature > {i}.5)"))
+            .collect::<Vec<_>>()
+            .join(" || ");
+        assert!(long.len() < MAX_EXPR_LEN, "{}", long.len());
+        assert!(Expr::compile(&long).is_ok());
     }
 }
