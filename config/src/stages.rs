@@ -53,7 +53,7 @@ pub enum Stage {
         /// The oldest fix still attached.
         #[serde(default = "default_location_max_age", with = "duration")]
         max_age: Duration,
-        /// Most keys remembered; beyond it the one with the oldest fix is forgotten
+        /// Most keys remembered; beyond it the least recently seen are forgotten
         /// (counted in `gateway_stage_evictions_total`).
         #[serde(default = "default_location_max_keys")]
         max_keys: usize,

@@ -15,7 +15,6 @@
 use gateway_config::{MatchSpec, RangeAction, Stage as StageConfig, TopicTemplate};
 use prometheus_client::metrics::counter::Counter;
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::event::{Event, Location, Value};
@@ -197,7 +196,6 @@ impl Stage for Range {
     }
 }
 
-/// Builds one stage from its config.
 /// Whose location [`LatestLocation`] keeps.
 enum LocationKey {
     Device,
@@ -205,16 +203,13 @@ enum LocationKey {
 }
 
 /// Remembers the latest location per device (or tag value) and attaches it to events that
-/// have none. Bounded: beyond `max_keys` the key with the oldest fix is forgotten.
+/// have none. Bounded: beyond `max_keys` the least recently seen keys are forgotten.
 pub struct LatestLocation {
     key: LocationKey,
     sources: Vec<String>,
     max_age_ns: i64,
-    max_keys: usize,
-    /// Key to (location, fix time in ns).
     /// Per key: the fix, its event time, and when it arrived (the gateway's clock).
-    fixes: Mutex<HashMap<String, (Location, i64, i64)>>,
-    evicted: Counter,
+    fixes: Mutex<state::Bounded<(Location, i64, i64)>>,
 }
 
 impl LatestLocation {
@@ -240,27 +235,20 @@ impl Stage for LatestLocation {
                     // ahead of its arrival (a glitch), or arrived more than an hour ago
                     // (the device's clock went back). Either would win for good.
                     let hour = state::CLOCK_RESET_NS;
-                    let newer = fixes.get(&key).is_none_or(|(_, t, arrived)| {
+                    let newer = fixes.peek(&key).is_none_or(|(_, t, arrived)| {
                         e.time_ns >= *t
                             || *t > arrived.saturating_add(hour)
                             || e.received_ns > arrived.saturating_add(hour)
                     });
+                    let fix = (*loc, e.time_ns, e.received_ns);
+                    let kept = fixes.entry(&key, || fix);
                     if newer {
-                        fixes.insert(key, (*loc, e.time_ns, e.received_ns));
-                    }
-                    while fixes.len() > self.max_keys {
-                        let oldest = fixes
-                            .iter()
-                            .min_by_key(|(_, (_, t, _))| *t)
-                            .map(|(k, _)| k.clone());
-                        let Some(oldest) = oldest else { break };
-                        fixes.remove(&oldest);
-                        self.evicted.inc();
+                        *kept = fix;
                     }
                 }
             }
             None => {
-                if let Some((loc, t, _)) = fixes.get(&key) {
+                if let Some((loc, t, _)) = fixes.get_mut(&key) {
                     if e.time_ns.abs_diff(*t) <= self.max_age_ns.unsigned_abs() {
                         e.location = Some(*loc);
                         e.tags.insert("location".into(), "latest".into());
@@ -308,9 +296,7 @@ pub fn build(c: &StageConfig, evicted: Counter) -> Result<Box<dyn Stage>, String
             },
             sources: sources.clone(),
             max_age_ns: i64::try_from(max_age.as_nanos()).unwrap_or(i64::MAX),
-            max_keys: *max_keys,
-            fixes: Mutex::new(HashMap::new()),
-            evicted,
+            fixes: Mutex::new(state::Bounded::new(*max_keys, evicted)),
         }),
         StageConfig::Filter(f) => Box::new(filter::Filter::new(f)?),
         StageConfig::Route(r) => Box::new(filter::Router::new(r)?),
@@ -752,7 +738,7 @@ pub(crate) mod tests {
             steps in proptest::collection::vec((0u8..3, 0i64..100, proptest::bool::ANY), 1..200)
         ) {
             let c = chain("[[stages]]\ntype='latest_location'\nmax_age='30s'");
-            let mut newest: HashMap<u8, (f64, i64)> = HashMap::new();
+            let mut newest: std::collections::HashMap<u8, (f64, i64)> = Default::default();
             for (i, (dev, t, fix)) in steps.into_iter().enumerate() {
                 let device = format!("d{dev}");
                 let lat_in = fix.then_some(i as f64);
