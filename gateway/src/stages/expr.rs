@@ -20,15 +20,20 @@ pub const MAX_EXPR_LEN: usize = 1024;
 
 /// The stack of the thread an expression is compiled on: CEL's parser recurses per
 /// level of the text, more deeply still when it recovers from an error (a parenthesis
-/// left open), and [`MAX_EXPR_LEN`] bytes of the worst kind fit it in a debug build
-/// (the test below). Reserved address space, touched only as used.
-const COMPILE_STACK: usize = 16 << 20;
+/// left open), and [`MAX_EXPR_LEN`] bytes of the worst kind fit it in a debug build,
+/// on aarch64 too (the test below; 16 MiB did not there). Reserved address space,
+/// touched only as used; if the system refuses so large a mapping (strict overcommit
+/// on a small board), [`COMPILE_STACK_SMALL`] is tried, ample for a release build.
+const COMPILE_STACK: usize = 64 << 20;
+
+/// The fallback of [`COMPILE_STACK`].
+const COMPILE_STACK_SMALL: usize = 16 << 20;
 
 /// The stack the threads that run stages get (the runtime's workers, `cli.rs`): the
 /// deepest expression [`MAX_EXPR_DEPTH`] lets through is evaluated and dropped
 /// recursively, and fits half of it in a debug build (the test below). Reserved address
 /// space, touched only as used.
-pub const EVAL_STACK: usize = 8 << 20;
+pub const EVAL_STACK: usize = 16 << 20;
 
 /// The deepest expression tree accepted. A filter or route condition is a few levels
 /// deep (`&&` and `||` chains are balanced trees); a chain of `+`, `.field` or `in` is
@@ -107,8 +112,9 @@ fn compile_on_a_large_stack(source: &str) -> Result<Result<Program, String>, Str
             .stack_size(stack)
             .spawn(job(source.to_string()))
     };
-    let handle =
-        spawn(COMPILE_STACK).map_err(|e| format!("cannot start the compiler's thread: {e}"))?;
+    let handle = spawn(COMPILE_STACK)
+        .or_else(|_| spawn(COMPILE_STACK_SMALL))
+        .map_err(|e| format!("cannot start the compiler's thread: {e}"))?;
     handle
         .join()
         .map_err(|_| "the expression compiler failed".to_string())
