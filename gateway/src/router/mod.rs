@@ -397,6 +397,16 @@ struct Trouble {
 }
 
 impl Trouble {
+    /// An episode whose first refusal is `now`.
+    fn new(now: Instant) -> Trouble {
+        Trouble {
+            since: now,
+            last: now,
+            set_aside: false,
+            logged: false,
+        }
+    }
+
     /// How long after its latest refusal a topic is forgotten: a minute while its records
     /// are retried (they are retried about once a second, so a minute without one means
     /// nothing is held for it), an hour once they are set aside (so that a topic with a
@@ -1082,21 +1092,11 @@ impl Router {
         let t = self
             .topic_trouble
             .entry(topic.to_string())
-            .or_insert_with(|| Trouble {
-                since: now,
-                last: now,
-                set_aside: false,
-                logged: false,
-            });
+            .or_insert_with(|| Trouble::new(now));
         // A refusal after a quiet spell starts a new episode, with its own grace: an old
         // one must not set live records aside at the first transient refusal.
         if now.saturating_duration_since(t.last) > t.forgotten_after() {
-            *t = Trouble {
-                since: now,
-                last: now,
-                set_aside: false,
-                logged: false,
-            };
+            *t = Trouble::new(now);
         }
         t.last = now;
         if !t.logged {

@@ -469,12 +469,7 @@ pub async fn run(
                     input.clock.expire();
                     // Caught up: what this burst yielded goes to the router before any
                     // waiting.
-                    let handed = if *state.borrow() == SourceState::Run {
-                        input.emit.flush().await
-                    } else {
-                        input.emit.settle().await
-                    };
-                    if handed.is_err() {
+                    if input.hand_over(&state).await.is_err() {
                         break; // the router is gone
                     }
                     if *state.borrow() == SourceState::Run
@@ -584,12 +579,7 @@ pub async fn run(
                 }
                 m.connected.set(0);
                 m.reconnects.inc();
-                let handed = if *state.borrow() == SourceState::Run {
-                    input.emit.flush().await
-                } else {
-                    input.emit.settle().await
-                };
-                if handed.is_err() {
+                if input.hand_over(&state).await.is_err() {
                     break;
                 }
                 if connected_at
@@ -741,6 +731,17 @@ impl BurstClock {
 }
 
 impl Input<'_> {
+    /// Sends what was gathered before the input waits; quiescing, also reports it
+    /// settled (nothing of its own held).
+    async fn hand_over(&self, state: &watch::Receiver<SourceState>) -> Result<(), Closed> {
+        let running = *state.borrow() == SourceState::Run;
+        if running {
+            self.emit.flush().await
+        } else {
+            self.emit.settle().await
+        }
+    }
+
     /// Takes one publish: queues its ack when the gateway acknowledges by hand, then
     /// decodes it and hands its events on.
     async fn take(
