@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use crate::{Config, ConfigErrors, Input, Output, Stage};
@@ -262,7 +262,9 @@ impl Envelope {
             .ok()
             .and_then(|b| Signature::from_slice(&b).ok())
             .ok_or_else(|| Rejection::BadSignature(self.key_id.clone()))?;
-        key.verify(&bytes, &sig)
+        // Strict: no small-order R, no weak key (the lax check takes a signature of
+        // R = identity, s = 0 from a weak key for any message).
+        key.verify_strict(&bytes, &sig)
             .map_err(|_| Rejection::BadSignature(self.key_id.clone()))?;
         let ours = self.target == gateway_id
             || self
@@ -292,7 +294,9 @@ impl Envelope {
     }
 }
 
-/// The trusted keys as verifying keys; an unreadable key is an error naming it.
+/// The trusted keys as verifying keys; an unreadable key is an error naming it, and so
+/// is a weak one (a point of small order, such as all zeros or the identity: a
+/// placeholder anyone could sign for).
 pub fn verifying_keys(keys: &[TrustedKey]) -> Result<BTreeMap<String, VerifyingKey>, String> {
     keys.iter()
         .map(|k| {
@@ -303,6 +307,12 @@ pub fn verifying_keys(keys: &[TrustedKey]) -> Result<BTreeMap<String, VerifyingK
                 .ok_or_else(|| format!("key {:?}: not 32 bytes of base64", k.id))?;
             let vk =
                 VerifyingKey::from_bytes(&bytes).map_err(|e| format!("key {:?}: {e}", k.id))?;
+            if vk.is_weak() {
+                return Err(format!(
+                    "key {:?}: a weak key (a point of small order), for which anyone can make a valid signature; use a public key printed by `gateway remote keygen`",
+                    k.id
+                ));
+            }
             Ok((k.id.clone(), vk))
         })
         .collect()
@@ -426,6 +436,44 @@ mod tests {
         expired.not_after = Some("2026-11-26T12:30:00Z".into());
         expired.sign(&key(1)).expect("signs");
         assert_eq!(check(&expired, 1), Err("expired"));
+    }
+
+    #[test]
+    fn a_weak_key_is_refused_and_its_forgery_does_not_verify() {
+        // The identity point and the all-zero encoding (order 4).
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        for weak in [identity, [0u8; 32]] {
+            let k = TrustedKey {
+                id: "placeholder".into(),
+                public_key: B64.encode(weak),
+            };
+            let e = verifying_keys(std::slice::from_ref(&k)).expect_err("weak key refused");
+            assert!(e.contains("weak key"), "{e}");
+            // Were it trusted, the forgery (R = identity, s = 0) would pass the lax check.
+            let vk = VerifyingKey::from_bytes(&weak).expect("decodes");
+            let mut forged = envelope(2, "gw-1");
+            forged.key_id = "placeholder".into();
+            let mut sig = [0u8; 64];
+            sig[0] = 1;
+            forged.signature = B64.encode(sig);
+            let keys = BTreeMap::from([("placeholder".to_string(), vk)]);
+            let now = humantime::parse_rfc3339("2026-11-26T13:00:00Z").expect("time");
+            let bytes = forged.signed_bytes().expect("bytes");
+            if weak == identity {
+                use ed25519_dalek::Verifier;
+                assert!(
+                    vk.verify(&bytes, &Signature::from_bytes(&sig)).is_ok(),
+                    "the lax check takes it"
+                );
+            }
+            assert_eq!(
+                forged
+                    .check(&keys, "gw-1", &[], 1, now)
+                    .map_err(|r| r.label()),
+                Err("bad_signature")
+            );
+        }
     }
 
     #[test]

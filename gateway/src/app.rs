@@ -442,15 +442,25 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             Some(Reload { config: next, local_file, done }) = reloads.recv() => {
+                if next.gateway != current.gateway || next.spool != current.spool || next.telemetry != current.telemetry || next.control != current.control {
+                    tracing::warn!("[gateway], [spool], [telemetry] and [control] changes take effect on restart; applying the pipeline only");
+                }
                 let next = if local_file {
-                    crate::remote::effective(next, false).0
+                    // The file's pipeline under the running bootstrap: the remote state
+                    // is looked up where it is (a [control] taken out of the file, or a
+                    // state_dir changed, takes effect on restart, like the rest).
+                    let file = Config {
+                        gateway: current.gateway.clone(),
+                        spool: current.spool.clone(),
+                        telemetry: current.telemetry.clone(),
+                        control: current.control.clone(),
+                        ..next
+                    };
+                    crate::remote::effective(file, false).0
                 } else {
                     next
                 };
                 let result: Result<(), String> = 'apply: {
-                    if next.gateway != current.gateway || next.spool != current.spool || next.telemetry != current.telemetry || next.control != current.control {
-                        tracing::warn!("[gateway], [spool], [telemetry] and [control] changes take effect on restart; applying the pipeline only");
-                    }
                     let pipeline = next.pipeline();
                     // Zones and lookup tables are read when stages are built: a reload
                     // rebuilds them even if only those files changed.

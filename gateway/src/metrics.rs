@@ -77,6 +77,7 @@ struct Inner {
     connected: Family<L1, Gauge>,
     silent: Family<L1, Gauge>,
     reconnects: Family<L1, Counter>,
+    device_lost: Family<L1, Counter>,
     values_skipped: Family<L2, Counter>,
     stage_in: Family<L1, Counter>,
     stage_out: Family<L1, Counter>,
@@ -121,6 +122,7 @@ impl Metrics {
         let connected = Family::default();
         let silent = Family::default();
         let reconnects = Family::default();
+        let device_lost = Family::default();
         let values_skipped = Family::default();
         let stage_in = Family::default();
         let stage_out = Family::default();
@@ -192,6 +194,11 @@ impl Metrics {
             "input_reconnects",
             "Reconnect attempts, per input",
             reconnects.clone(),
+        );
+        r.register(
+            "input_device_lost",
+            "Readings a serial device gave up before the gateway had them (its buffer overflowed while unacknowledged), per input; never received",
+            device_lost.clone(),
         );
         r.register("stage_events_in", "Events into a stage", stage_in.clone());
         r.register(
@@ -277,6 +284,7 @@ impl Metrics {
             connected,
             silent,
             reconnects,
+            device_lost,
             values_skipped,
             stage_in,
             stage_out,
@@ -319,6 +327,7 @@ impl Metrics {
             connected: self.0.connected.get_or_create(&l).clone(),
             silent: self.0.silent.get_or_create(&l).clone(),
             reconnects: self.0.reconnects.get_or_create(&l).clone(),
+            device_lost: self.0.device_lost.get_or_create(&l).clone(),
             metrics: self.clone(),
         }
     }
@@ -481,6 +490,9 @@ pub struct InputMetrics {
     pub silent: Gauge,
     /// Reconnect attempts.
     pub reconnects: Counter,
+    /// Readings a device gave up before the gateway had them (serial firmware-bridge:
+    /// its buffer overflowed while unacknowledged). Never received, so not in `received`.
+    pub device_lost: Counter,
     metrics: Metrics,
 }
 

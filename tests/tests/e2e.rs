@@ -101,8 +101,7 @@ fn kafka_down_for_30s_spools_then_drains_in_order() {
     kafka.up();
     eprintln!("spool peak {peak} rows; {acked_during_outage} acks sent during the outage");
     assert!(peak > 5000.0, "the spool absorbed the outage (peak {peak})");
-    let published = publisher.join().expect("publisher");
-    assert_eq!(published, devices * n);
+    publisher.join().expect("publisher");
     wait_for("the spool to drain", Duration::from_secs(120), || {
         gw.metric("gateway_spool_rows") == 0.0 && gw.metric("gateway_spooling") == 0.0
     });
@@ -171,7 +170,7 @@ fn kill_9_at_random_moments_loses_nothing_acknowledged() {
 /// event ids; every message is acknowledged upstream in the end.
 #[test]
 fn mqtt_connection_cuts_lose_nothing() {
-    use rand::Rng;
+    use rand::{Rng, SeedableRng};
     let (devices, n) = (20, 1000); // 20k events over ~30 s
     let dir = tempfile::tempdir().expect("tempdir");
     let mqtt = Mosquitto::start();
@@ -184,14 +183,19 @@ fn mqtt_connection_cuts_lose_nothing() {
     );
     gw.wait_connected();
     let publisher = publish_in_background(mqtt.port, devices, n, Duration::from_micros(1500));
-    let mut rng = rand::rng();
+    // Random cut times, the seed printed so that a failure can be run again.
+    let seed = std::env::var("CUT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random::<u64>());
+    eprintln!("cut times from CUT_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let cuts = 6;
     for _ in 0..cuts {
         std::thread::sleep(Duration::from_millis(rng.random_range(300..2500)));
         proxy.cut();
     }
-    let published = publisher.join().expect("publisher");
-    assert_eq!(published, devices * n);
+    publisher.join().expect("publisher");
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(120), |r| {
         unique_ids(r) >= devices * n
     });
@@ -270,12 +274,20 @@ fn a_full_spool_with_block_holds_back_and_drops_nothing() {
     wait_for("backpressure", Duration::from_secs(30), || {
         gw.metric("gateway_spool_blocked") == 1.0
     });
-    std::thread::sleep(Duration::from_secs(1));
-    let acks = gw.metric("gateway_upstream_acks_total{input=\"site\"}");
+    // Acks stop: the same count a second apart, short of everything.
+    let acked = || gw.metric("gateway_upstream_acks_total{input=\"site\"}");
+    let mut acks = acked();
+    wait_for("the acks to stop", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = acked();
+        std::mem::replace(&mut acks, now) == now
+    });
     assert!(
         acks < (devices * n) as f64,
         "only what fits was acknowledged ({acks})"
     );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(acked(), acks, "no ack while the spool is full");
     assert!(gw.metric("gateway_spool_bytes") <= 65536.0 + 1000.0 * 200.0);
     kafka.up();
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(90), |r| {
@@ -415,7 +427,8 @@ fn a_corrupt_spool_at_start_is_quarantined_and_the_gateway_runs() {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).expect("state dir");
     std::fs::write(state.join("spool.sqlite"), vec![0x5Au8; 64 * 1024]).expect("garbage");
-    let (_dir, mqtt, kafka, gw) = rig_in(dir, &[TOPIC], Uplink::Up, "", "", "");
+    // Kafka down: the events must go through the fresh spool, not past it.
+    let (_dir, mqtt, kafka, gw) = rig_in(dir, &[TOPIC], Uplink::Down, "", "", "");
     assert_eq!(gw.metric("gateway_spool_quarantined_total"), 1.0);
     let moved = std::fs::read_dir(&state)
         .expect("list")
@@ -423,10 +436,20 @@ fn a_corrupt_spool_at_start_is_quarantined_and_the_gateway_runs() {
         .any(|e| e.file_name().to_string_lossy().contains(".corrupt-"));
     assert!(moved, "the corrupt file was kept aside");
     publish(mqtt.port, 5, 100, None, None);
-    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| {
-        r.len() >= 500
+    wait_for(
+        "the fresh spool to hold the events",
+        Duration::from_secs(30),
+        || gw.metric("gateway_spool_rows") == 500.0,
+    );
+    kafka.up();
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= 500
     });
     check_complete_and_ordered(&records, 5, 100);
+    wait_for("the spool to drain", Duration::from_secs(30), || {
+        gw.metric("gateway_spool_rows") == 0.0
+    });
+    assert_eq!(gw.dropped_total(), 0.0, "nothing dropped");
 }
 
 #[test]
@@ -1030,7 +1053,7 @@ fn a_batch_the_broker_refuses_as_a_whole_loses_no_record() {
         0,
         &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
     );
-    assert_eq!(publish(mqtt.port, 1, 300, None, None), 300);
+    publish(mqtt.port, 1, 300, None, None);
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
         unique_ids(r) >= 300
     });
@@ -1070,7 +1093,7 @@ fn after_a_fatal_producer_error_the_producer_is_recreated_and_nothing_is_lost() 
         &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED],
     );
     kafka.up();
-    assert_eq!(publish(mqtt.port, 1, 300, None, None), 300);
+    publish(mqtt.port, 1, 300, None, None);
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
         unique_ids(r) >= 300
     });

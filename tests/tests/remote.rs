@@ -13,11 +13,13 @@ const TOPIC: &str = "telemetry.site";
 const PREFIX: &str = "fleet";
 
 /// A gateway with `[control]` on the same Mosquitto, one trusted key (`ops`).
+/// Fields drop in this order: the gateway stops first (printing its log on a failure,
+/// while the directory is still there), then its brokers, then the directory.
 struct Rig {
-    dir: tempfile::TempDir,
+    gw: Gateway,
     mqtt: Mosquitto,
     kafka: Kafka,
-    gw: Gateway,
+    dir: tempfile::TempDir,
     /// Envelopes signed so far (file names).
     n: usize,
 }
@@ -177,10 +179,9 @@ spool_after = "2s"
     }
 
     /// Publishes `n` events per device and waits until Kafka has `n * 5` records tagged
-    /// `cfg = tag` in all; returns how many there are.
-    fn flows_with(&self, tag: &str, round: usize) -> usize {
+    /// `cfg = tag` in all.
+    fn flows_with(&self, tag: &str, round: usize) {
         assert_eq!(self.flows_with_one_of(&[tag], round), tag);
-        100
     }
 
     /// Like [`Rig::flows_with`], for a pipeline that may be any of `tags` (one for all
@@ -289,11 +290,13 @@ fn a_signed_config_is_applied_live_within_5s_and_reported() {
     let pushed = Instant::now();
     rig.push(&env);
     rig.status(1, "applying", Duration::from_secs(5));
-    assert!(
-        pushed.elapsed() < Duration::from_secs(5),
-        "applied within 5 s"
-    );
     let r = rig.status(1, "applied", Duration::from_secs(10));
+    // Live within 5 s: "applied" comes after the 1 s health window that follows it.
+    let took = pushed.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "applied within 5 s, then kept after the 1 s health window: took {took:?}"
+    );
     assert_eq!(r["running"], 1);
     assert_eq!(r["hash"].as_str().map(str::len), Some(64));
     rig.flows_with("v1", 1);

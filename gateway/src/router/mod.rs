@@ -343,6 +343,7 @@ pub fn start(
         last_progress_log: Instant::now(),
         read_error_logged: None,
         topic_trouble: HashMap::new(),
+        trouble_looked_at: Instant::now(),
         now: Instant::now(),
     };
     router.publish_state();
@@ -501,6 +502,8 @@ struct Router {
     read_error_logged: Option<Instant>,
     /// Topics Kafka refuses ([`topic_error`]).
     topic_trouble: HashMap<String, Trouble>,
+    /// When `topic_trouble` was last looked through for topics to forget.
+    trouble_looked_at: Instant,
     /// The clock, read once per batch of work rather than once per record (send times
     /// and delivery latencies are accurate to that batch, well under a millisecond).
     now: Instant,
@@ -1113,12 +1116,16 @@ impl Router {
     }
 
     /// Forgets topics that have not refused a record for a while (see
-    /// [`Trouble::forgotten_after`]).
+    /// [`Trouble::forgotten_after`]). Once a second: the router ticks far more often, and
+    /// with a topic per device there may be one entry per device to look through.
     fn forget_old_trouble(&mut self) {
-        if self.topic_trouble.is_empty() {
+        let now = Instant::now();
+        if self.topic_trouble.is_empty()
+            || now.saturating_duration_since(self.trouble_looked_at) < Duration::from_secs(1)
+        {
             return;
         }
-        let now = Instant::now();
+        self.trouble_looked_at = now;
         self.topic_trouble
             .retain(|_, t| now.saturating_duration_since(t.last) <= t.forgotten_after());
         if self.topic_trouble.is_empty() {

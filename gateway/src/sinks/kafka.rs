@@ -475,10 +475,13 @@ pub fn answers(cfg: &KafkaOutput, gateway_id: &str, timeout: Duration) -> Result
         .map_err(|e| e.to_string())
 }
 
-/// Checks what can be checked of an output before a producer is made: its password can
-/// be read and its certificate and key files opened (librdkafka reads them only then).
+/// Checks an output as far as it can be without a broker: its password can be read,
+/// its certificate and key files opened, and librdkafka makes a producer of it (which
+/// loads the certificates and checks every property, `options` too; the producer is
+/// dropped at once, before it sends anything). A stored remote pipeline that fails this
+/// is passed over at start instead of failing every start.
 pub fn check(cfg: &KafkaOutput, gateway_id: &str) -> Result<(), String> {
-    client_config(cfg, gateway_id)?;
+    let config = client_config(cfg, gateway_id)?;
     let s = &cfg.security;
     for (field, file) in [
         ("ca_file", &s.ca_file),
@@ -494,7 +497,10 @@ pub fn check(cfg: &KafkaOutput, gateway_id: &str) -> Result<(), String> {
             })?;
         }
     }
-    Ok(())
+    config
+        .create::<BaseProducer>()
+        .map(drop)
+        .map_err(|e| format!("output.kafka: librdkafka cannot make a producer of it: {e}"))
 }
 
 /// The librdkafka properties for an output config.
@@ -1130,6 +1136,38 @@ mod tests {
         let bad = output("[security]\nprotocol = \"ssl\"\nca_file = \"/nonexistent/ca.pem\"");
         let err = KafkaSink::new(&bad, "g", tx).err().expect("refused");
         assert!(err.contains("cannot create the Kafka producer"), "{err}");
+    }
+
+    #[cfg(feature = "kafka-tls")]
+    #[test]
+    fn a_check_makes_the_producer_a_start_would() {
+        assert_eq!(check(&output(""), "g"), Ok(()));
+        // A property librdkafka refuses only when it makes the producer, and a CA file
+        // that turned into something else than a certificate.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").expect("write");
+        for (text, says) in [
+            (
+                "[options]
+\"no.such.property\" = \"1\""
+                    .to_string(),
+                "no.such.property",
+            ),
+            (
+                format!(
+                    "[security]\nprotocol = \"ssl\"\nca_file = \"{}\"",
+                    ca.display()
+                ),
+                "ssl.ca.location",
+            ),
+        ] {
+            let err = check(&output(&text), "g").expect_err("refused");
+            assert!(
+                err.contains("cannot make a producer") && err.contains(says),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -197,6 +197,13 @@ impl Msg {
         }
     }
 
+    /// rumqttc acknowledged it already, or it needs no ack: QoS 0, or acks left to
+    /// rumqttc (`on_receive`, `manual` false). Such a message is the gateway's to keep
+    /// from the moment it is read: skipped, it is lost.
+    fn acked_by_client(&self, manual: bool) -> bool {
+        !(manual && self.qos1)
+    }
+
     fn topic(&self) -> Cow<'_, str> {
         match &self.topic {
             Topic::Text(t) => Cow::Borrowed(t),
@@ -534,7 +541,7 @@ pub async fn run(
                     // A flood that never lets the poll wait must not keep a stop waiting.
                     // A message rumqttc acknowledged already is lost here: counted.
                     SourceState::Stop => {
-                        if !(manual && p.qos1) {
+                        if p.acked_by_client(manual) {
                             m.stopped_unseen(1);
                         }
                         break;
@@ -544,7 +551,7 @@ pub async fn run(
                     // acknowledged already (QoS 0, `on_receive`) is taken in and handed
                     // over at once, while the router still runs: skipping it would lose
                     // it unseen.
-                    SourceState::Quiesce if manual && p.qos1 => input.emit.settle().await,
+                    SourceState::Quiesce if !p.acked_by_client(manual) => input.emit.settle().await,
                     SourceState::Quiesce => match input.take(&p, &acks, &epoch, manual).await {
                         Ok(()) => input.emit.settle().await,
                         Err(closed) => Err(closed),
@@ -571,7 +578,7 @@ pub async fn run(
                 // Quiescing, only those rumqttc acknowledged already are taken.
                 while let Some(parsed) = link.next_parsed() {
                     if let Polled::Publish(p) = parsed {
-                        let take = *state.borrow() == SourceState::Run || !(manual && p.qos1);
+                        let take = *state.borrow() == SourceState::Run || p.acked_by_client(manual);
                         if take && input.handle(&p, Ack::none()).await.is_err() {
                             break 'input;
                         }
@@ -620,7 +627,7 @@ pub async fn run(
                         break;
                     }
                     // Acknowledged by rumqttc already, and too late to take in.
-                    Ok(Polled::Publish(p)) if !(manual && p.qos1) => m.stopped_unseen(1),
+                    Ok(Polled::Publish(p)) if p.acked_by_client(manual) => m.stopped_unseen(1),
                     Ok(_) => {}
                 },
                 _ = tokio::time::sleep(Duration::from_millis(10)) => {}
@@ -632,7 +639,7 @@ pub async fn run(
     if broken {
         // Parsed before the connection broke, acknowledged by rumqttc already.
         while let Some(parsed) = link.next_parsed() {
-            if matches!(parsed, Polled::Publish(ref p) if !(manual && p.qos1)) {
+            if matches!(parsed, Polled::Publish(ref p) if p.acked_by_client(manual)) {
                 m.stopped_unseen(1);
             }
         }
@@ -642,7 +649,7 @@ pub async fn run(
             while let Ok(ev) = link.poll().await {
                 match ev {
                     Polled::Disconnected => break,
-                    Polled::Publish(p) if !(manual && p.qos1) => m.stopped_unseen(1),
+                    Polled::Publish(p) if p.acked_by_client(manual) => m.stopped_unseen(1),
                     _ => {}
                 }
             }
@@ -751,7 +758,7 @@ impl Input<'_> {
         epoch: &Mutex<u64>,
         manual: bool,
     ) -> Result<(), Closed> {
-        let ack = if manual && p.qos1 {
+        let ack = if !p.acked_by_client(manual) {
             acks.push((*lock(epoch), p.pkid))
         } else {
             Ack::none()

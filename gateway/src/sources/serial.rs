@@ -640,11 +640,13 @@ impl<'a> Session<'a> {
             // missing ones, and the port may now hold another device whose boot number
             // happens to be the same.
             tracing::warn!(input = %self.cfg.name, device = %id, boot, readings = held.len(), missing, "a new boot: forwarding the previous boot's readings that waited behind a gap; the device no longer has the missing ones");
+            self.m.device_lost.inc_by(u64::from(missing));
             self.forward(held, &id, boot, None).await?;
         }
         let (ready, ack, lost) = lock(&self.track).hello(&h.device_id, h.boot, h.resume_from);
         if lost > 0 {
             tracing::warn!(input = %self.cfg.name, device = %h.device_id, readings = lost, "the device dropped readings it could not keep until acknowledged");
+            self.m.device_lost.inc_by(u64::from(lost));
         }
         out.time_sync();
         if let Some(up_to) = ack {
