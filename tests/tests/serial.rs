@@ -310,58 +310,6 @@ fn an_unplugged_port_is_reopened_and_the_device_resends() {
     assert!(gw.metric("gateway_input_reconnects_total{input=\"dev\"}") >= r.unplugs as f64);
 }
 
-/// Unplugged for longer than the device's buffer lasts: the device gives the oldest
-/// unacknowledged readings up, says so in its next `Hello`, and the gateway counts them
-/// (they never reached it, so they are in no other count).
-#[test]
-fn readings_a_device_gave_up_are_counted() {
-    let (_dir, kafka, gw, sim) = rig(
-        "",
-        &[
-            "--count",
-            "12000",
-            "--rate",
-            "6000",
-            "--unplug-every",
-            "0.5",
-            "--unplug-for",
-            "0.8",
-        ],
-    );
-    let r = report(sim);
-    assert!(
-        r.unplugs >= 1 && r.dropped > 0,
-        "the buffer overflowed: {r:?}"
-    );
-    let lost = || gw.metric("gateway_input_device_lost_total{input=\"dev\"}");
-    wait_for(
-        "the gateway to count the loss",
-        Duration::from_secs(10),
-        || lost() > 0.0,
-    );
-    // Only what the gateway had not taken yet: some of what the device dropped had
-    // reached the gateway unacknowledged.
-    assert!(lost() <= r.dropped as f64, "{} of {r:?}", lost());
-    // Everything else the gateway acknowledged is in Kafka.
-    let want = acknowledged(&r);
-    let lost = lost() as usize;
-    let delivered = |recs: &[Consumed]| {
-        let got: BTreeSet<&String> = recs
-            .iter()
-            .filter_map(|c| c.headers.get("event-id"))
-            .collect();
-        want.iter().filter(|id| got.contains(id)).count()
-    };
-    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |recs| {
-        delivered(recs) + lost >= want.len()
-    });
-    assert_eq!(
-        delivered(&records) + lost,
-        want.len(),
-        "acknowledged = delivered + given up by the device: {r:?}"
-    );
-}
-
 #[test]
 fn silence_raises_the_alarm_and_a_reading_clears_it() {
     // One reading every 4 s (heartbeats every 5 s): silent in between.
