@@ -20,7 +20,8 @@
 //!    original `seq` and time.
 //! 2. Reads what the gateway sent: [`GatewayMessage::Ack`] forgets acknowledged readings
 //!    (acks of another boot are ignored and counted), [`GatewayMessage::TimeSync`] sets
-//!    the clock (readings taken from then on are stamped [`Timestamp::UnixMs`]),
+//!    the clock (readings taken from then on are stamped [`Timestamp::UnixMs`], and so
+//!    are the ones it still holds from before, with the time their uptime stood for),
 //!    [`GatewayMessage::Configure`] sets the sample and heartbeat intervals,
 //!    [`GatewayMessage::Resend`] queues the readings the gateway missed (up to 64).
 //! 3. Takes a sample when it is due, link up or not, and keeps it in the ring buffer of `N`
@@ -380,8 +381,18 @@ impl<const N: usize> Device<N> {
                 }
             }
             GatewayMessage::TimeSync { unix_ms } => {
-                self.clock_offset = Some(unix_ms.wrapping_sub(now));
+                let offset = unix_ms.wrapping_sub(now);
+                self.clock_offset = Some(offset);
                 self.hello.capabilities.0 |= Capabilities::CLOCK;
+                // Readings taken before the clock was set carry their uptime: they get
+                // the time it stood for. Else the gateway, which cannot tell when they
+                // were taken, stamps them with when they arrive, and a backlog gathered
+                // while the link was down would all read as the moment it came back.
+                for r in self.unacked.iter_mut() {
+                    if let Timestamp::UptimeMs(uptime) = r.time {
+                        r.time = Timestamp::UnixMs(uptime.wrapping_add(offset));
+                    }
+                }
             }
             GatewayMessage::Resend { boot, from, count } => {
                 if boot != self.hello.boot {

@@ -514,7 +514,8 @@ fn time_sync_switches_timestamps_to_unix_time() {
     assert_eq!(readings(&got)[0].time, Timestamp::UnixMs(UNIX + 2_100));
 
     // After a reconnect, Hello says the clock is set, and the readings taken before the
-    // sync are resent with their original uptime stamps.
+    // first sync are resent with the Unix time their uptime stood for (the sync at
+    // uptime 2500 said UNIX).
     w.link.set_up(false);
     w.step();
     w.link.set_up(true);
@@ -524,12 +525,40 @@ fn time_sync_switches_timestamps_to_unix_time() {
     assert_eq!(
         times[..5],
         [
-            Timestamp::UptimeMs(0),
-            Timestamp::UptimeMs(1_000),
-            Timestamp::UptimeMs(2_000),
+            Timestamp::UnixMs(UNIX - 2_500),
+            Timestamp::UnixMs(UNIX - 1_500),
+            Timestamp::UnixMs(UNIX - 500),
             Timestamp::UnixMs(UNIX + 500),
             Timestamp::UnixMs(UNIX + 2_100),
         ]
+    );
+}
+
+#[test]
+fn a_backlog_taken_before_the_clock_was_set_gets_its_own_times() {
+    const UNIX: u64 = 1_800_000_000_000;
+    let mut w = World::<16>::new(Settings::default());
+    // Booted with the link down: readings at uptime 0 to 4000, no clock.
+    w.link.set_up(false);
+    w.run(4_500);
+    w.link.sensor_on = false;
+    assert_eq!(w.device.unacked(), 5);
+    // The link comes up at uptime 4500: Hello and the first readings go out.
+    w.link.set_up(true);
+    let first = w.step();
+    assert_eq!(
+        readings(&first)[0].time,
+        Timestamp::UptimeMs(0),
+        "before the sync"
+    );
+    // Read in the next poll, at uptime 4600.
+    w.send(GatewayMessage::TimeSync { unix_ms: UNIX });
+    w.step();
+    let held: StdVec<_> = w.device.unacked_readings().map(|r| r.time).collect();
+    assert_eq!(
+        held,
+        [4_600, 3_600, 2_600, 1_600, 600].map(|ago| Timestamp::UnixMs(UNIX - ago)),
+        "each when it was taken"
     );
 }
 
