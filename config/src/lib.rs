@@ -761,10 +761,10 @@ pub struct KafkaOutput {
     pub spool_after: Duration,
     /// How long Kafka may refuse one topic's records (the topic does not exist, with
     /// auto-creation off, or the gateway may not write to it) before they are set aside
-    /// (dropped as `kafka_rejected`, kept in the spool's quarantine table) instead of
-    /// held in the spool with every record behind them. Until then they are retried, so a
-    /// topic deleted and created again, or an ACL fixed, loses nothing. A record the
-    /// topic takes starts it over.
+    /// (dropped as `kafka_rejected`, kept in the spool's quarantine table). Until then
+    /// they wait in the spool, one retried every second, while every other topic's
+    /// records flow; a topic deleted and created again, or an ACL fixed, loses nothing.
+    /// A record the topic takes starts it over.
     #[serde(default = "default_topic_refused_after", with = "duration")]
     pub topic_refused_after: Duration,
     /// Topic for payloads that could not be decoded (raw bytes, reason in headers).

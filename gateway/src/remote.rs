@@ -296,8 +296,23 @@ pub fn vet(
         .ok_or_else(|| Rejection::Malformed("no [control] in the local config".into()))?;
     let keys = store
         .keys(&control.trusted_keys)
-        .and_then(|k| gateway_config::remote::verifying_keys(&k))
         .map_err(|e| Rejection::Malformed(format!("the trusted keys: {e}")))?;
+    // A key that cannot verify (a weak one a rotation recorded before weak keys were
+    // refused) is left out, not made a reason to refuse everything: a key change signed
+    // by a good key can still remove it.
+    let keys = keys
+        .iter()
+        .filter_map(
+            |k| match gateway_config::remote::verifying_keys(std::slice::from_ref(k)) {
+                Ok(one) => Some(one),
+                Err(e) => {
+                    tracing::warn!("control plane: a trusted key is left out: {e}");
+                    None
+                }
+            },
+        )
+        .flatten()
+        .collect();
     envelope.check(
         &keys,
         &local.gateway.id,
@@ -992,7 +1007,16 @@ mod control {
                     .and_then(|()| self.store.set_last_good(&kept));
                 match saved {
                     Ok(()) => self.report(kept.version, "applied", None),
-                    Err(e) => tracing::error!(error = %e, "cannot record the kept config"),
+                    // It runs and is healthy, but a restart may not know it was kept:
+                    // reported, not left at "applying".
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record the kept config");
+                        self.report(
+                            kept.version,
+                            "applied",
+                            Some(format!("kept, but it could not be recorded ({e}): a restart may run the last good config instead")),
+                        );
+                    }
                 }
                 self.publish_applied();
                 return;
@@ -1003,9 +1027,16 @@ mod control {
                 Some(g) => effective_with(&self.local, g),
                 None => self.local_now(),
             };
-            let _ = match &back {
+            let recorded = match &back {
                 Some(g) => self.store.set_applied(g),
                 None => self.store.clear_applied(),
+            };
+            let reason = match recorded {
+                Ok(()) => reason,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record the rollback");
+                    format!("{reason}; the rollback could not be recorded ({e}), so the status may still name the version rolled back from")
+                }
             };
             match self.reload(config).await {
                 Ok(()) => self.report(trial.applied.version, "rolled_back", Some(reason)),

@@ -22,17 +22,24 @@ fn qos1_events_reach_kafka_in_order_with_key_and_headers() {
     eprintln!("{} records in {:?}", records.len(), started.elapsed());
     let dups = check_complete_and_ordered(&records, devices, n);
     assert_eq!(dups, 0, "no reason for duplicates without faults");
+    // Every record's headers, not only the first batch's.
+    for r in &records {
+        assert_eq!(r.headers.get("source").map(String::as_str), Some("site"));
+        assert_eq!(
+            r.headers.get("gateway-id").map(String::as_str),
+            Some("gw-test")
+        );
+        assert_eq!(
+            r.headers.get("content-type").map(String::as_str),
+            Some("application/json; schema=edge-gateway.event.v1")
+        );
+        assert_eq!(r.headers.len(), 4, "{:?}", r.headers);
+        assert_eq!(
+            r.value["id"].as_str(),
+            r.headers.get("event-id").map(String::as_str)
+        );
+    }
     let r = &records[0];
-    assert_eq!(r.headers.get("source").map(String::as_str), Some("site"));
-    assert_eq!(
-        r.headers.get("gateway-id").map(String::as_str),
-        Some("gw-test")
-    );
-    assert_eq!(
-        r.headers.get("content-type").map(String::as_str),
-        Some("application/json; schema=edge-gateway.event.v1")
-    );
-    assert_eq!(r.headers.len(), 4, "{:?}", r.headers);
     assert_eq!(r.value["schema"], "edge-gateway.event.v1");
     assert_eq!(r.value["clock"], "device");
     let seq: i64 = r.headers["event-id"]
@@ -141,6 +148,9 @@ fn kill_9_at_random_moments_loses_nothing_acknowledged() {
         .unwrap_or_else(|| rand::rng().random::<u64>());
     eprintln!("kill times from KILL_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Kills that land while events still stream in (the publisher takes 30 s at least;
+    // the six rounds take 21 s on average, 36 s at most).
+    let mut mid_stream = 0;
     for round in 0..6 {
         std::thread::sleep(Duration::from_millis(rng.random_range(500..3000)));
         // Cut Kafka sometimes, so kills also land while spooling and draining.
@@ -148,20 +158,28 @@ fn kill_9_at_random_moments_loses_nothing_acknowledged() {
             kafka.down();
         }
         std::thread::sleep(Duration::from_millis(rng.random_range(100..2500)));
+        if !publisher.is_finished() {
+            mid_stream += 1;
+        }
         gw.kill9();
         kafka.up();
         std::thread::sleep(Duration::from_millis(rng.random_range(50..500)));
         gw.restart();
     }
+    assert!(
+        mid_stream >= 4,
+        "only {mid_stream} of 6 kills landed while events streamed in"
+    );
     publisher.join().expect("publisher");
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(180), |r| {
         unique_ids(r) >= devices * n
     });
     let dups = check_complete_and_ordered(&records, devices, n);
     eprintln!(
-        "{} records after 6 kill -9, {dups} duplicates (same event ids)",
+        "{} records after 6 kill -9 ({mid_stream} while events streamed in), {dups} duplicates (same event ids)",
         records.len()
     );
+    assert_eq!(gw.dropped_total(), 0.0, "nothing dropped");
 }
 
 /// The MQTT connection is cut again and again mid-stream (a TCP proxy between the
@@ -387,8 +405,15 @@ fn a_full_spool_with_drop_oldest_counts_every_drop() {
         Duration::from_secs(30),
         || gw.metric("gateway_upstream_acks_total{input=\"site\"}") == total as f64,
     );
-    let dropped =
-        gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"spool_overflow\"}");
+    // Drops are counted as the budget is enforced at commits: read once they settle.
+    let dropped_now =
+        || gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"spool_overflow\"}");
+    let mut dropped = dropped_now();
+    wait_for("the drop count to settle", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = dropped_now();
+        std::mem::replace(&mut dropped, now) == now
+    });
     assert!(dropped > 0.0);
     // The budget holds, give or take the one-row probe that may be in flight.
     assert!(
@@ -401,8 +426,17 @@ fn a_full_spool_with_drop_oldest_counts_every_drop() {
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
         unique_ids(r) >= kept
     });
-    std::thread::sleep(Duration::from_secs(2));
-    // Anything beyond what was kept would show up now.
+    // The gateway is done: everything it delivered is in Kafka, so anything beyond what
+    // was kept shows up in one more read.
+    wait_for(
+        "delivered + dropped = published",
+        Duration::from_secs(60),
+        || {
+            gw.metric("gateway_events_delivered_total{input=\"site\"}") + dropped_now()
+                >= total as f64
+        },
+    );
+    assert_eq!(dropped_now(), dropped, "no drop once Kafka is back");
     let all = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(4), |r| {
         r.len() > records.len()
     });
@@ -953,6 +987,77 @@ topic = "nowhere"
         String::from_utf8_lossy(&data).contains("ghost"),
         "the quarantined row is the ghost's record"
     );
+}
+
+#[test]
+fn a_refused_topic_holds_back_only_its_own_records() {
+    // A route to a topic not made yet (auto-creation off): its records wait in the
+    // spool, every other record flows meanwhile, and once the topic exists they go, in
+    // order, well inside topic_refused_after. (It held everything back before.)
+    let kafka_extra = r#"topic_refused_after = "10m"
+options = { "allow.auto.create.topics" = "false", "topic.metadata.propagation.max.ms" = "1000" }
+
+[[stages]]
+type = "route"
+
+[[stages.rules]]
+when = 'device == "ghost"'
+topic = "later"
+"#;
+    let (_dir, mqtt, kafka, gw) = rig(&[TOPIC], Uplink::Up, "", "", kafka_extra);
+    let event = |device: &str, seq: usize| {
+        (
+            format!("sensors/{device}/telemetry"),
+            format!(r#"{{"seq":{seq},"v":1}}"#).into_bytes(),
+        )
+    };
+    let mut messages: Vec<_> = (0..100).map(|i| event("dev-0", i)).collect();
+    messages.extend([event("ghost", 0), event("ghost", 1)]);
+    messages.extend((100..200).map(|i| event("dev-0", i)));
+    messages.push(event("ghost", 2));
+    publish_raw(mqtt.port, messages);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| {
+        unique_ids(r) >= 200
+    });
+    assert_eq!(
+        unique_ids(&records),
+        200,
+        "every dev-0 event while the ghost's wait"
+    );
+    wait_for(
+        "the ghost's records parked",
+        Duration::from_secs(20),
+        || {
+            gw.metric("gateway_spool_rows") == 3.0
+                && gw.metric("gateway_events_delivered_total{input=\"site\"}") == 200.0
+        },
+    );
+    // More flows while they wait.
+    publish_raw(mqtt.port, (200..300).map(|i| event("dev-0", i)).collect());
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| {
+        unique_ids(r) >= 300
+    });
+    assert_eq!(unique_ids(&records), 300);
+    assert_eq!(gw.metric("gateway_spool_rows"), 3.0, "still parked");
+    // The operator makes the topic: the parked records go, in order.
+    kafka.create_topic("later", PARTITIONS);
+    let ghost = kafka.read("later", PARTITIONS, Duration::from_secs(30), |r| {
+        unique_ids(r) >= 3
+    });
+    let first_seen: Vec<String> = {
+        let mut seen = std::collections::BTreeSet::new();
+        ghost
+            .iter()
+            .map(|r| r.headers["event-id"].clone())
+            .filter(|id| seen.insert(id.clone()))
+            .collect()
+    };
+    assert_eq!(first_seen, ["ghost:0", "ghost:1", "ghost:2"], "in order");
+    wait_for("everything delivered", Duration::from_secs(20), || {
+        gw.metric("gateway_events_delivered_total{input=\"site\"}") == 303.0
+            && gw.metric("gateway_spool_rows") == 0.0
+    });
+    assert_eq!(gw.dropped_total(), 0.0, "nothing set aside or dropped");
 }
 
 #[test]

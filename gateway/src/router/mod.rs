@@ -344,6 +344,7 @@ pub fn start(
         read_error_logged: None,
         topic_trouble: HashMap::new(),
         trouble_looked_at: Instant::now(),
+        parked_looked_at: Instant::now(),
         now: Instant::now(),
     };
     router.publish_state();
@@ -385,7 +386,9 @@ struct Direct {
     copy_dropped: bool,
 }
 
-/// A topic Kafka refuses ([`Router::topic_refused`]).
+/// A topic Kafka refuses ([`Router::topic_refused`]). Until its records are set aside
+/// they are parked: held in the spool, skipped by the drain, while every other topic's
+/// records flow; one of them is sent again every [`PROBE_INTERVAL`] ([`Router::probe_parked`]).
 struct Trouble {
     /// The first refusal of this episode.
     since: Instant,
@@ -395,6 +398,10 @@ struct Trouble {
     set_aside: bool,
     /// The episode was logged.
     logged: bool,
+    /// When to send one of its parked records again.
+    retry_at: Instant,
+    /// The lowest seq of its records parked in the spool (skipped by the drain).
+    first_parked: Option<u64>,
 }
 
 impl Trouble {
@@ -405,6 +412,8 @@ impl Trouble {
             last: now,
             set_aside: false,
             logged: false,
+            retry_at: now + PROBE_INTERVAL,
+            first_parked: None,
         }
     }
 
@@ -419,6 +428,16 @@ impl Trouble {
             Duration::from_secs(60)
         }
     }
+}
+
+/// What became of a spool row handed to [`Router::send_drained`].
+enum Step {
+    /// In flight.
+    Sent,
+    /// Done with for now: parked, set aside or rejected.
+    Passed,
+    /// The producer takes nothing more for now: stop draining.
+    Stop,
 }
 
 /// A spool row in flight in the producer.
@@ -502,6 +521,8 @@ struct Router {
     read_error_logged: Option<Instant>,
     /// Topics Kafka refuses ([`topic_error`]).
     topic_trouble: HashMap<String, Trouble>,
+    /// When [`Router::probe_parked`] last looked for topics due.
+    parked_looked_at: Instant,
     /// When `topic_trouble` was last looked through for topics to forget.
     trouble_looked_at: Instant,
     /// The clock, read once per batch of work rather than once per record (send times
@@ -510,6 +531,9 @@ struct Router {
 }
 
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Most spool rows one drain call reads (see [`Router::drain`]).
+const DRAIN_SCAN_LIMIT: usize = 16_384;
 
 /// The exit status after the spool turned corrupt while running (`EX_SOFTWARE`): a
 /// failure, so systemd's `Restart=on-failure` starts the gateway again.
@@ -868,10 +892,14 @@ impl Router {
                 }
                 Err(e) => {
                     self.metrics.kafka_error(error_kind(&e));
-                    if self.healthy {
-                        tracing::warn!(error = %e, "Kafka producer refused a record; spooling");
+                    // A topic refused for now: this record is parked in the spool, the
+                    // others flow.
+                    if !topic_error(&e) {
+                        if self.healthy {
+                            tracing::warn!(error = %e, "Kafka producer refused a record; spooling");
+                        }
+                        self.healthy = false;
                     }
-                    self.healthy = false;
                 }
             }
         }
@@ -995,7 +1023,10 @@ impl Router {
                     }
                 }
                 Some(e) => {
-                    self.failed(seq, &e, "Kafka delivery failed; spooling until it recovers");
+                    // A topic refused for now: re-spooled below, parked there by the drain.
+                    if !topic_error(&e) {
+                        self.failed(seq, &e, "Kafka delivery failed; spooling until it recovers");
+                    }
                     if d.copy_dropped {
                         if d.event {
                             self.metrics.dropped(
@@ -1052,9 +1083,14 @@ impl Router {
                     self.delivery_acks.remove(&seq);
                     self.reject(input, event, seq, &e, Some(seq));
                 }
+                // Its topic is refused for now: the row stays in the spool, parked, and
+                // the drain goes on with the others.
+                Some(e) if topic_error(&e) => {
+                    self.park(r.topic.as_deref().unwrap_or_default(), seq)
+                }
                 Some(e) => {
                     self.failed(seq, &e, "Kafka delivery failed while draining; retrying");
-                    self.drain_failed_min = Some(self.drain_failed_min.map_or(seq, |m| m.min(seq)));
+                    self.reread_from(seq);
                 }
             }
         }
@@ -1099,20 +1135,99 @@ impl Router {
         // A refusal after a quiet spell starts a new episode, with its own grace: an old
         // one must not set live records aside at the first transient refusal.
         if now.saturating_duration_since(t.last) > t.forgotten_after() {
+            let parked = t.first_parked;
             *t = Trouble::new(now);
+            t.first_parked = parked;
         }
         t.last = now;
+        t.retry_at = now + PROBE_INTERVAL;
         if !t.logged {
             t.logged = true;
             tracing::warn!(topic, error = %e, retry_for = ?grace,
-                "Kafka refuses the topic; its records are retried, then set aside (output.kafka.topic_refused_after)");
+                "Kafka refuses the topic; its records wait in the spool (the others go on) and are retried, then set aside (output.kafka.topic_refused_after)");
         }
         if !t.set_aside && now.saturating_duration_since(t.since) >= grace {
             t.set_aside = true;
             tracing::error!(topic, error = %e, refused_for = ?grace,
                 "Kafka still refuses the topic: its records are dropped (kafka_rejected) and kept in the spool's quarantine table until it takes one again");
+            // The drain reads the parked ones again, to set them aside too.
+            if let Some(first) = t.first_parked.take() {
+                self.reread_from(first);
+            }
+            return true;
         }
         t.set_aside
+    }
+
+    /// Record `seq` of `topic` (in the spool) waits there, skipped by the drain, while
+    /// Kafka refuses the topic for now ([`Router::topic_refused`] said so).
+    fn park(&mut self, topic: &str, seq: u64) {
+        if let Some(t) = self.topic_trouble.get_mut(topic) {
+            t.first_parked = Some(t.first_parked.map_or(seq, |s| s.min(seq)));
+        }
+    }
+
+    /// The topic of `record` if it is parked (in trouble, not set aside).
+    fn parked_topic(&mut self, record: &Record) -> Option<String> {
+        if self.topic_trouble.is_empty() {
+            return None;
+        }
+        let topic = self.sink.topic_of(record);
+        self.topic_trouble
+            .get(&topic)
+            .is_some_and(|t| !t.set_aside)
+            .then_some(topic)
+    }
+
+    /// Sends one record of every parked topic whose retry is due: its lowest parked row,
+    /// out of the drain's order (nothing of that topic went after it). Taken, the topic
+    /// is out of trouble and the drain reads its rows again ([`Router::topic_took`]);
+    /// refused, they stay parked until the next retry.
+    fn probe_parked(&mut self) {
+        let now = Instant::now();
+        // Looked at ten times a second, not on every tick: there may be a topic per device.
+        if self.topic_trouble.is_empty() || now < self.parked_looked_at + PROBE_INTERVAL / 10 {
+            return;
+        }
+        self.parked_looked_at = now;
+        let due: Vec<u64> = self
+            .topic_trouble
+            .values_mut()
+            .filter(|t| !t.set_aside && now >= t.retry_at)
+            .filter_map(|t| {
+                t.retry_at = now + PROBE_INTERVAL;
+                t.first_parked
+            })
+            .collect();
+        for seq in due {
+            if self.drain_inflight.get_mut(&seq).is_some() {
+                continue;
+            }
+            match self.spool.read_after(seq.saturating_sub(1), 1) {
+                Ok(rows) => match rows.into_iter().next() {
+                    Some(row) if row.seq == seq => {
+                        self.now = Instant::now();
+                        let alone = self.drain_inflight.is_empty();
+                        if let Step::Stop = self.send_drained(row, alone, true) {
+                            return;
+                        }
+                    }
+                    // Gone (dropped by drop_oldest): the drain finds the topic's rows again.
+                    _ => self.reread_from(seq),
+                },
+                Err(e) => {
+                    self.exit_if_corrupt(&e);
+                    self.metrics.spool_error("read");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Restarts the drain at `seq` (once nothing is in flight): rows it passed are read
+    /// again.
+    fn reread_from(&mut self, seq: u64) {
+        self.drain_failed_min = Some(self.drain_failed_min.map_or(seq, |m| m.min(seq)));
     }
 
     /// Forgets topics that have not refused a record for a while (see
@@ -1126,8 +1241,18 @@ impl Router {
             return;
         }
         self.trouble_looked_at = now;
-        self.topic_trouble
-            .retain(|_, t| now.saturating_duration_since(t.last) <= t.forgotten_after());
+        let mut reread = None::<u64>;
+        self.topic_trouble.retain(|_, t| {
+            let keep = now.saturating_duration_since(t.last) <= t.forgotten_after();
+            if let (false, Some(p)) = (keep, t.first_parked) {
+                reread = Some(reread.map_or(p, |r| r.min(p)));
+            }
+            keep
+        });
+        // Rows still parked for a forgotten topic go again.
+        if let Some(seq) = reread {
+            self.reread_from(seq);
+        }
         if self.topic_trouble.is_empty() {
             self.sink.report_topics(false);
         }
@@ -1135,8 +1260,13 @@ impl Router {
 
     /// Kafka took a record of `topic` (reported while a topic is in trouble).
     fn topic_took(&mut self, topic: &str) {
-        if self.topic_trouble.remove(topic).is_some() {
+        if let Some(t) = self.topic_trouble.remove(topic) {
             tracing::info!(topic, "Kafka takes records of the topic again");
+            // Its parked rows go now, in order: the drain reads them again (and, until
+            // it does, sends nothing else of the topic).
+            if let Some(first) = t.first_parked {
+                self.reread_from(first);
+            }
             if self.topic_trouble.is_empty() {
                 self.sink.report_topics(false);
             }
@@ -1520,6 +1650,12 @@ impl Router {
             }
             self.drain_cursor = min.saturating_sub(1);
             self.drain_failed_min = None;
+            // Parked rows from `min` on are read (and parked) again; those below stay.
+            for t in self.topic_trouble.values_mut() {
+                if t.first_parked.is_some_and(|p| p >= min) {
+                    t.first_parked = None;
+                }
+            }
             self.next_probe = Instant::now()
                 + if self.healthy {
                     Duration::ZERO
@@ -1543,6 +1679,9 @@ impl Router {
                 tracing::warn!("every record of the refused batch went through alone: the topic's max.message.bytes is probably below output.kafka.batch_bytes; lower batch_bytes, or batches will keep being refused and resent one record at a time");
             }
         }
+        if self.healthy && self.isolate_until.is_none() {
+            self.probe_parked();
+        }
         let budget = if self.healthy && self.isolate_until.is_some() {
             usize::from(self.drain_inflight.is_empty())
         } else if self.healthy {
@@ -1557,7 +1696,10 @@ impl Router {
             0
         };
         let mut left = budget;
-        while left > 0 {
+        // Rows passed over (parked, set aside) do not count against the budget: a bound
+        // on them keeps one call short behind a long run of a parked topic's rows.
+        let mut scanned = 0usize;
+        while left > 0 && scanned < DRAIN_SCAN_LIMIT {
             let rows = match self
                 .spool
                 .read_after(self.drain_cursor, left.min(self.cfg.drain_batch))
@@ -1581,49 +1723,13 @@ impl Router {
             }
             // Commits and reads above may have taken a while: the send times are now.
             self.now = Instant::now();
+            scanned += rows.len();
             for row in rows {
-                let record = match Record::decode(&row.data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(seq = row.seq, error = %e, "undecodable spool row moved to quarantine");
-                        // A dead letter's payload was counted when it was refused.
-                        if !Record::is_dead_letter(&row.data) {
-                            self.metrics.dropped(&row.source, "corrupt_record", 1);
-                        }
-                        self.delivery_acks.remove(&row.seq);
-                        self.set_aside(row.seq, &e.to_string());
-                        self.drain_cursor = row.seq;
-                        continue;
-                    }
-                };
-                let input = self.input(&row.source);
-                match self.sink.send(&record, Tag::new(row.seq, true)) {
-                    Ok(()) => {
-                        let drained = Drained {
-                            input,
-                            event: matches!(record, Record::Event(_)),
-                            sent: self.now,
-                            alone: budget == 1 && self.drain_inflight.is_empty(),
-                        };
-                        self.drain_inflight.insert(row.seq, drained);
-                        self.drain_cursor = row.seq;
-                        left -= 1;
-                    }
-                    Err(e) if self.sent_for_good(&e) => {
-                        self.metrics.kafka_error(error_kind(&e));
-                        self.drain_cursor = row.seq;
-                        self.delivery_acks.remove(&row.seq);
-                        let event = matches!(record, Record::Event(_));
-                        self.reject(input, event, row.seq, &e, Some(row.seq));
-                    }
-                    Err(e) => {
-                        if !matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::QueueFull)) {
-                            self.metrics.kafka_error(error_kind(&e));
-                            tracing::warn!(error = %e, "cannot hand a spooled record to the producer");
-                            self.healthy = false;
-                        }
-                        return;
-                    }
+                let alone = budget == 1 && self.drain_inflight.is_empty();
+                match self.send_drained(row, alone, false) {
+                    Step::Sent => left -= 1,
+                    Step::Passed => {}
+                    Step::Stop => return,
                 }
             }
         }
@@ -1639,6 +1745,78 @@ impl Router {
                 kafka_up = self.healthy,
                 "draining the spool"
             );
+        }
+    }
+
+    /// Hands one spool row to the producer (`alone`: nothing else is in flight). A row of a
+    /// parked topic is skipped, unless it is that topic's `probe`; a probe, sent out of
+    /// the drain's order, leaves the drain cursor where it is.
+    fn send_drained(&mut self, row: Row, alone: bool, probe: bool) -> Step {
+        let record = match Record::decode(&row.data) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(seq = row.seq, error = %e, "undecodable spool row moved to quarantine");
+                // A dead letter's payload was counted when it was refused.
+                if !Record::is_dead_letter(&row.data) {
+                    self.metrics.dropped(&row.source, "corrupt_record", 1);
+                }
+                self.delivery_acks.remove(&row.seq);
+                self.set_aside(row.seq, &e.to_string());
+                self.pass(row.seq, probe);
+                return Step::Passed;
+            }
+        };
+        if !probe {
+            if let Some(topic) = self.parked_topic(&record) {
+                self.park(&topic, row.seq);
+                self.pass(row.seq, probe);
+                return Step::Passed;
+            }
+        }
+        let input = self.input(&row.source);
+        match self.sink.send(&record, Tag::new(row.seq, true)) {
+            Ok(()) => {
+                let drained = Drained {
+                    input,
+                    event: matches!(record, Record::Event(_)),
+                    sent: self.now,
+                    alone,
+                };
+                self.drain_inflight.insert(row.seq, drained);
+                self.pass(row.seq, probe);
+                Step::Sent
+            }
+            Err(e) if self.sent_for_good(&e) => {
+                self.metrics.kafka_error(error_kind(&e));
+                self.pass(row.seq, probe);
+                self.delivery_acks.remove(&row.seq);
+                let event = matches!(record, Record::Event(_));
+                self.reject(input, event, row.seq, &e, Some(row.seq));
+                Step::Passed
+            }
+            // Its topic is refused for now: parked, the drain goes on with the others.
+            Err(e) if topic_error(&e) => {
+                self.metrics.kafka_error(error_kind(&e));
+                let topic = self.sink.refused_topic().to_string();
+                self.park(&topic, row.seq);
+                self.pass(row.seq, probe);
+                Step::Passed
+            }
+            Err(e) => {
+                if !matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::QueueFull)) {
+                    self.metrics.kafka_error(error_kind(&e));
+                    tracing::warn!(error = %e, "cannot hand a spooled record to the producer");
+                    self.healthy = false;
+                }
+                Step::Stop
+            }
+        }
+    }
+
+    /// The drain is done with row `seq` for now (not for a probe, which is out of order).
+    fn pass(&mut self, seq: u64, probe: bool) {
+        if !probe {
+            self.drain_cursor = seq;
         }
     }
 

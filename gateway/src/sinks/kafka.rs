@@ -477,11 +477,14 @@ pub fn answers(cfg: &KafkaOutput, gateway_id: &str, timeout: Duration) -> Result
 
 /// Checks an output as far as it can be without a broker: its password can be read,
 /// its certificate and key files opened, and librdkafka makes a producer of it (which
-/// loads the certificates and checks every property, `options` too; the producer is
-/// dropped at once, before it sends anything). A stored remote pipeline that fails this
-/// is passed over at start instead of failing every start.
+/// loads the certificates and checks every property, `options` too). That producer has
+/// no brokers to connect to and no log, and is dropped at once. A stored remote pipeline
+/// that fails this is passed over at start instead of failing every start.
 pub fn check(cfg: &KafkaOutput, gateway_id: &str) -> Result<(), String> {
-    let config = client_config(cfg, gateway_id)?;
+    let mut config = client_config(cfg, gateway_id)?;
+    config
+        .remove("bootstrap.servers")
+        .set_log_level(rdkafka::config::RDKafkaLogLevel::Emerg);
     let s = &cfg.security;
     for (field, file) in [
         ("ca_file", &s.ca_file),
@@ -594,6 +597,21 @@ impl KafkaSink {
         &self.refused_topic
     }
 
+    /// The topic [`KafkaSink::send`] would send `record` to.
+    pub fn topic_of(&mut self, record: &Record) -> String {
+        match record {
+            Record::Event(e) => {
+                let Buffers {
+                    topic,
+                    topic_source,
+                    ..
+                } = &mut self.buffers;
+                event_topic(&self.cfg, self.topic_by_source, topic, topic_source, e).to_string()
+            }
+            Record::DeadLetter(_) => dead_letter_topic(&self.cfg).to_string(),
+        }
+    }
+
     /// Whether every delivery report carries its topic ([`Report::topic`]), not only
     /// those with a [`topic_error`]: on while a topic is in trouble, so that its first
     /// success is seen; off otherwise (a string per report).
@@ -623,21 +641,8 @@ impl KafkaSink {
         let mut refused = None;
         let sent = match record {
             Record::Event(e) => {
-                // A `route` stage's choice, rendered when it was made; else the output's.
+                let topic = event_topic(&self.cfg, self.topic_by_source, topic, topic_source, e);
                 let route = e.route.as_deref();
-                let topic: &str = match route.and_then(|r| r.topic.as_deref()) {
-                    Some(t) => t,
-                    None => {
-                        let cached =
-                            self.topic_by_source && topic_source.as_deref() == Some(&e.source);
-                        if !cached {
-                            topic.clear();
-                            expand_into(&self.cfg.topic, e, true, topic);
-                            *topic_source = self.topic_by_source.then(|| e.source.clone());
-                        }
-                        topic
-                    }
-                };
                 let key: &str = match route.and_then(|r| r.key.as_deref()) {
                     Some(k) => k,
                     None if self.cfg.key == "{device}" => &e.device,
@@ -683,11 +688,7 @@ impl KafkaSink {
             Record::DeadLetter(d) => {
                 // The same payload again (a redelivery) has the same id.
                 let id = crate::event::content_id(&d.source, &d.origin, &d.payload, 0);
-                let topic = self
-                    .cfg
-                    .dead_letter_topic
-                    .as_deref()
-                    .unwrap_or("dead-letter");
+                let topic = dead_letter_topic(&self.cfg);
                 produce(
                     rk,
                     self.topics.get(rk, topic)?,
@@ -929,6 +930,32 @@ fn produce(
         rd::rd_kafka_error_destroy(error);
         Err(KafkaError::MessageProduction(code.into()))
     }
+}
+
+/// Where dead letters go.
+fn dead_letter_topic(cfg: &KafkaOutput) -> &str {
+    cfg.dead_letter_topic.as_deref().unwrap_or("dead-letter")
+}
+
+/// An event's topic: a `route` stage's choice, rendered when it was made; else the
+/// output's template, rendered into `buf` (and kept there for the next event of the same
+/// source, `by_source`, when the template depends on nothing else).
+fn event_topic<'a>(
+    cfg: &KafkaOutput,
+    by_source: bool,
+    buf: &'a mut String,
+    buf_source: &mut Option<CompactString>,
+    e: &'a Event,
+) -> &'a str {
+    if let Some(t) = e.route.as_deref().and_then(|r| r.topic.as_deref()) {
+        return t;
+    }
+    if !(by_source && buf_source.as_deref() == Some(&e.source)) {
+        buf.clear();
+        expand_into(&cfg.topic, e, true, buf);
+        *buf_source = by_source.then(|| e.source.clone());
+    }
+    buf
 }
 
 /// Kafka topic names allow `[A-Za-z0-9._-]`; anything else in a substituted value
