@@ -1061,6 +1061,32 @@ topic = "later"
 }
 
 #[test]
+fn a_missing_topic_that_is_all_there_is_is_probed_until_it_is_made() {
+    // Every record goes to one topic, which does not exist (auto-creation off), and
+    // librdkafka takes longer than spool_after to say so: the router spools as for a slow
+    // Kafka ("unhealthy"), and every spooled row is parked. Probes go on regardless, so
+    // once the topic is made everything goes, in order.
+    let kafka_extra = r#"topic_refused_after = "10m"
+options = { "allow.auto.create.topics" = "false", "topic.metadata.propagation.max.ms" = "4000" }
+"#;
+    let (_dir, mqtt, kafka, gw) = rig(&[], Uplink::Up, "", "", kafka_extra);
+    publish(mqtt.port, 5, 100, None, None);
+    wait_for("every event parked", Duration::from_secs(30), || {
+        gw.metric("gateway_spool_rows") == 500.0
+            && gw.metric("gateway_kafka_errors_total{kind=\"unknown_topic\"}") > 0.0
+    });
+    kafka.create_topic(TOPIC, PARTITIONS);
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= 500
+    });
+    check_complete_and_ordered(&records, 5, 100);
+    wait_for("the spool to empty", Duration::from_secs(30), || {
+        gw.metric("gateway_spool_rows") == 0.0
+    });
+    assert_eq!(gw.dropped_total(), 0.0, "nothing set aside or dropped");
+}
+
+#[test]
 fn a_topic_removed_by_a_reload_is_counted_not_decoded() {
     // The broker keeps a persistent session's subscriptions: after a reload that
     // removed a topic, it still sends that topic's messages. They were decoded as the

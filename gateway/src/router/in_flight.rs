@@ -72,6 +72,10 @@ impl<T> InFlight<T> {
         Some(value)
     }
 
+    pub fn contains(&self, seq: &u64) -> bool {
+        self.position(*seq).is_ok_and(|i| self.ring[i].1.is_some())
+    }
+
     pub fn get_mut(&mut self, seq: &u64) -> Option<&mut T> {
         let i = self.position(*seq).ok()?;
         self.ring[i].1.as_mut()

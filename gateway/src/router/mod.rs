@@ -1200,15 +1200,22 @@ impl Router {
             })
             .collect();
         for seq in due {
-            if self.drain_inflight.get_mut(&seq).is_some() {
+            // Not while a lower row is in flight (one of its topic sent before it was
+            // refused would go after it if it failed).
+            if self
+                .drain_inflight
+                .first_key_value()
+                .is_some_and(|(lowest, _)| *lowest <= seq)
+            {
                 continue;
             }
             match self.spool.read_after(seq.saturating_sub(1), 1) {
                 Ok(rows) => match rows.into_iter().next() {
                     Some(row) if row.seq == seq => {
                         self.now = Instant::now();
-                        let alone = self.drain_inflight.is_empty();
-                        if let Step::Stop = self.send_drained(row, alone, true) {
+                        // The only record of its topic in flight: an error for its whole
+                        // request is its own.
+                        if let Step::Stop = self.send_drained(row, true, true) {
                             return;
                         }
                     }
@@ -1243,7 +1250,10 @@ impl Router {
         self.trouble_looked_at = now;
         let mut reread = None::<u64>;
         self.topic_trouble.retain(|_, t| {
-            let keep = now.saturating_duration_since(t.last) <= t.forgotten_after();
+            // A topic with parked rows is probed every second: it is not forgotten while
+            // it refuses them.
+            let keep = now.saturating_duration_since(t.last) <= t.forgotten_after()
+                || (t.first_parked.is_some() && !t.set_aside);
             if let (false, Some(p)) = (keep, t.first_parked) {
                 reread = Some(reread.map_or(p, |r| r.min(p)));
             }
@@ -1491,13 +1501,24 @@ impl Router {
             }
         }
         let mut need = total - self.cfg.max_bytes;
-        // Rows being drained are not dropped: they may be confirmed any moment.
+        // Rows being drained are not dropped: they may be confirmed any moment. Parked
+        // rows (below the drain cursor) are the oldest, and go first.
         let after = self
             .drain_inflight
             .last_key_value()
             .map_or(self.drain_cursor, |(s, _)| *s)
             .max(self.drain_cursor);
-        match self.spool.drop_oldest(after, need) {
+        let after = self
+            .topic_trouble
+            .values()
+            .filter_map(|t| t.first_parked)
+            .min()
+            .map_or(after, |p| after.min(p.saturating_sub(1)));
+        let in_flight = &self.drain_inflight;
+        match self
+            .spool
+            .drop_oldest(after, need, |seq| in_flight.contains(&seq))
+        {
             Ok(dropped) => {
                 let freed_rows = dropped.len();
                 for (seq, source, event) in dropped {
@@ -1679,7 +1700,9 @@ impl Router {
                 tracing::warn!("every record of the refused batch went through alone: the topic's max.message.bytes is probably below output.kafka.batch_bytes; lower batch_bytes, or batches will keep being refused and resent one record at a time");
             }
         }
-        if self.healthy && self.isolate_until.is_none() {
+        // Unhealthy too: a spool of nothing but parked rows has nothing else to send, and
+        // only a probe finds out whether their topic takes records again.
+        if self.isolate_until.is_none() {
             self.probe_parked();
         }
         let budget = if self.healthy && self.isolate_until.is_some() {
@@ -1700,9 +1723,16 @@ impl Router {
         // on them keeps one call short behind a long run of a parked topic's rows.
         let mut scanned = 0usize;
         while left > 0 && scanned < DRAIN_SCAN_LIMIT {
+            // With parked rows about, read a whole batch even for a small budget: passing
+            // over them one query per row would be slow. What is not reached stays unread.
+            let want = if self.topic_trouble.is_empty() {
+                left
+            } else {
+                self.cfg.drain_batch
+            };
             let rows = match self
                 .spool
-                .read_after(self.drain_cursor, left.min(self.cfg.drain_batch))
+                .read_after(self.drain_cursor, want.min(self.cfg.drain_batch))
             {
                 Ok(r) => r,
                 Err(e) => {
@@ -1725,6 +1755,9 @@ impl Router {
             self.now = Instant::now();
             scanned += rows.len();
             for row in rows {
+                if left == 0 {
+                    break;
+                }
                 let alone = budget == 1 && self.drain_inflight.is_empty();
                 match self.send_drained(row, alone, false) {
                     Step::Sent => left -= 1,

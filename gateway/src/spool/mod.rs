@@ -525,13 +525,14 @@ impl Spool {
         Ok(rows)
     }
 
-    /// Deletes the oldest rows with `seq > after` until at least `need` bytes are freed
-    /// (or nothing is left). Returns `(seq, source)` of every row dropped, so every drop
-    /// can be counted.
+    /// Deletes the oldest rows with `seq > after`, except those `keep` names, until at
+    /// least `need` bytes are freed (or nothing is left). Returns `(seq, source)` of every
+    /// row dropped, so every drop can be counted.
     pub fn drop_oldest(
         &mut self,
         after: u64,
         need: u64,
+        keep: impl Fn(u64) -> bool,
     ) -> Result<Vec<(u64, String, bool)>, SpoolError> {
         let tx = self.conn.transaction()?;
         let mut freed = 0u64;
@@ -561,10 +562,13 @@ impl Spool {
                     if freed >= need {
                         break;
                     }
+                    cursor = seq as u64;
+                    if keep(seq as u64) {
+                        continue;
+                    }
                     del.execute([seq])?;
                     freed += len as u64;
                     count += 1;
-                    cursor = seq as u64;
                     dropped.push((seq as u64, source, !Record::is_dead_letter(&head)));
                 }
             }

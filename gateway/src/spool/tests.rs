@@ -132,7 +132,7 @@ fn drop_oldest_frees_bytes_and_reports_each_row() {
     let rows: Vec<Row> = (1..=10).map(|i| row(i, 100)).collect();
     s.write(&rows, &[]).expect("write");
     // Rows up to seq 2 are being drained: never dropped.
-    let dropped = s.drop_oldest(2, 250).expect("drop");
+    let dropped = s.drop_oldest(2, 250, |_| false).expect("drop");
     assert_eq!(dropped.iter().map(|d| d.0).collect::<Vec<_>>(), [3, 4, 5]);
     assert_eq!((s.rows(), s.bytes()), (7, 700));
     let left: Vec<u64> = s
@@ -265,7 +265,9 @@ fn cells_of_the_wrong_type_are_read_not_refused() {
     assert!(s.stats().is_ok());
     s.quarantine_row(3, "test")
         .expect("a number cell quarantines");
-    let dropped = s.drop_oldest(0, 1).expect("drop_oldest reads them too");
+    let dropped = s
+        .drop_oldest(0, 1, |_| false)
+        .expect("drop_oldest reads them too");
     assert_eq!(dropped.first().map(|d| d.1.as_str()), Some("\u{FFFD}a"));
 }
 
