@@ -1061,6 +1061,76 @@ topic = "later"
 }
 
 #[test]
+fn drop_oldest_takes_a_refused_topics_parked_records_first() {
+    // A full spool (drop_oldest) while one topic is refused: its parked records are the
+    // oldest and go first; the other topic's records all get through.
+    let kafka_extra = r#"topic_refused_after = "10m"
+options = { "allow.auto.create.topics" = "false", "topic.metadata.propagation.max.ms" = "1000" }
+
+[[stages]]
+type = "route"
+
+[[stages.rules]]
+when = 'device == "ghost"'
+topic = "later"
+"#;
+    let (_dir, mqtt, kafka, gw) = rig(
+        &[TOPIC],
+        Uplink::Up,
+        "max_bytes = 65536\noverflow = \"drop_oldest\"",
+        "",
+        kafka_extra,
+    );
+    let event = |device: &str, seq: usize| {
+        (
+            format!("sensors/{device}/telemetry"),
+            format!(r#"{{"seq":{seq},"v":1,"pad":"{}"}}"#, "x".repeat(100)).into_bytes(),
+        )
+    };
+    // 1500 of the ghost's (far over the budget once parked), then 300 of dev-0.
+    publish_raw(mqtt.port, (0..1500).map(|i| event("ghost", i)).collect());
+    publish_raw(mqtt.port, (0..300).map(|i| event("dev-0", i)).collect());
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(30), |r| {
+        unique_ids(r) >= 300
+    });
+    assert_eq!(unique_ids(&records), 300, "every dev-0 event");
+    let dropped =
+        || gw.metric("gateway_events_dropped_total{input=\"site\",reason=\"spool_overflow\"}");
+    assert!(dropped() > 0.0, "the budget was enforced");
+    // The topic is made: the ghost's records left go, in order, and are the newest.
+    kafka.create_topic("later", PARTITIONS);
+    wait_for("the spool to empty", Duration::from_secs(60), || {
+        gw.metric("gateway_spool_rows") == 0.0
+    });
+    let dropped = dropped() as usize;
+    let ghost = kafka.read("later", PARTITIONS, Duration::from_secs(30), |r| {
+        unique_ids(r) + dropped >= 1500
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    let seqs: Vec<usize> = ghost
+        .iter()
+        .filter(|r| seen.insert(r.headers["event-id"].clone()))
+        .map(|r| {
+            let id = &r.headers["event-id"];
+            id.rsplit(':')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("seq in id")
+        })
+        .collect();
+    assert_eq!(
+        seqs.len() + dropped,
+        1500,
+        "delivered + dropped = published"
+    );
+    assert_eq!(
+        seqs,
+        (dropped..1500).collect::<Vec<_>>(),
+        "the oldest dropped, the rest in order"
+    );
+}
+
+#[test]
 fn a_missing_topic_that_is_all_there_is_is_probed_until_it_is_made() {
     // Every record goes to one topic, which does not exist (auto-creation off), and
     // librdkafka takes longer than spool_after to say so: the router spools as for a slow

@@ -97,6 +97,13 @@ impl<T> InFlight<T> {
     }
 
     /// Live entries in seq order.
+    pub fn iter(&self) -> impl Iterator<Item = (&u64, &T)> {
+        self.ring
+            .iter()
+            .filter_map(|(s, v)| v.as_ref().map(|v| (s, v)))
+    }
+
+    /// Live entries in seq order.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&u64, &mut T)> {
         self.ring
             .iter_mut()

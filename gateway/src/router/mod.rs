@@ -449,6 +449,8 @@ struct Drained {
     /// Sent with nothing else in flight: an error the broker gives a whole batch is this
     /// record's own.
     alone: bool,
+    /// A parked topic's probe ([`Router::probe_parked`]).
+    probe: bool,
 }
 
 enum Wake {
@@ -1058,6 +1060,7 @@ impl Router {
                 event,
                 sent,
                 alone,
+                ..
             }) = self.drain_inflight.remove(&seq)
             else {
                 return;
@@ -1190,24 +1193,35 @@ impl Router {
             return;
         }
         self.parked_looked_at = now;
-        let due: Vec<u64> = self
+        // Kafka away: one probe at a time (each would wait for message_timeout).
+        let probing = self.drain_inflight.iter().filter(|(_, d)| d.probe).count();
+        if !self.healthy && probing > 0 {
+            return;
+        }
+        let mut due: Vec<(String, u64)> = self
             .topic_trouble
-            .values_mut()
-            .filter(|t| !t.set_aside && now >= t.retry_at)
-            .filter_map(|t| {
-                t.retry_at = now + PROBE_INTERVAL;
-                t.first_parked
-            })
+            .iter()
+            .filter(|(_, t)| !t.set_aside && now >= t.retry_at)
+            .filter_map(|(topic, t)| Some((topic.clone(), t.first_parked?)))
             .collect();
-        for seq in due {
-            // Not while a lower row is in flight (one of its topic sent before it was
-            // refused would go after it if it failed).
+        due.sort_unstable_by_key(|(_, seq)| *seq);
+        if !self.healthy {
+            due.truncate(1);
+        }
+        for (topic, seq) in due {
+            // Not while a lower row other than a probe is in flight (one of its topic sent
+            // before it was refused would go after it if it failed).
             if self
                 .drain_inflight
-                .first_key_value()
-                .is_some_and(|(lowest, _)| *lowest <= seq)
+                .iter()
+                .take_while(|(s, _)| **s < seq)
+                .any(|(_, d)| !d.probe)
+                || self.drain_inflight.contains(&seq)
             {
                 continue;
+            }
+            if let Some(t) = self.topic_trouble.get_mut(&topic) {
+                t.retry_at = now + PROBE_INTERVAL;
             }
             match self.spool.read_after(seq.saturating_sub(1), 1) {
                 Ok(rows) => match rows.into_iter().next() {
@@ -1220,7 +1234,12 @@ impl Router {
                         }
                     }
                     // Gone (dropped by drop_oldest): the drain finds the topic's rows again.
-                    _ => self.reread_from(seq),
+                    _ => {
+                        if let Some(t) = self.topic_trouble.get_mut(&topic) {
+                            t.first_parked = None;
+                        }
+                        self.reread_from(seq);
+                    }
                 },
                 Err(e) => {
                     self.exit_if_corrupt(&e);
@@ -1671,12 +1690,6 @@ impl Router {
             }
             self.drain_cursor = min.saturating_sub(1);
             self.drain_failed_min = None;
-            // Parked rows from `min` on are read (and parked) again; those below stay.
-            for t in self.topic_trouble.values_mut() {
-                if t.first_parked.is_some_and(|p| p >= min) {
-                    t.first_parked = None;
-                }
-            }
             self.next_probe = Instant::now()
                 + if self.healthy {
                     Duration::ZERO
@@ -1686,6 +1699,10 @@ impl Router {
         }
         if self.spool.rows() == 0 {
             self.drain_cursor = 0;
+            // Nothing committed, nothing parked (drop_oldest may have taken the rows).
+            for t in self.topic_trouble.values_mut() {
+                t.first_parked = None;
+            }
             return;
         }
         if self
@@ -1720,15 +1737,16 @@ impl Router {
         };
         let mut left = budget;
         // Rows passed over (parked, set aside) do not count against the budget: a bound
-        // on them keeps one call short behind a long run of a parked topic's rows.
+        // on the rows read keeps one call short behind a long run of a parked topic's rows.
         let mut scanned = 0usize;
+        let mut passed = 0usize;
         while left > 0 && scanned < DRAIN_SCAN_LIMIT {
-            // With parked rows about, read a whole batch even for a small budget: passing
-            // over them one query per row would be slow. What is not reached stays unread.
+            // With parked rows about, read more than the budget as rows are passed over:
+            // one query per row would be slow. What is not reached stays unread.
             let want = if self.topic_trouble.is_empty() {
                 left
             } else {
-                self.cfg.drain_batch
+                left.max(passed * 2).max(64)
             };
             let rows = match self
                 .spool
@@ -1761,7 +1779,7 @@ impl Router {
                 let alone = budget == 1 && self.drain_inflight.is_empty();
                 match self.send_drained(row, alone, false) {
                     Step::Sent => left -= 1,
-                    Step::Passed => {}
+                    Step::Passed => passed += 1,
                     Step::Stop => return,
                 }
             }
@@ -1814,6 +1832,7 @@ impl Router {
                     event: matches!(record, Record::Event(_)),
                     sent: self.now,
                     alone,
+                    probe,
                 };
                 self.drain_inflight.insert(row.seq, drained);
                 self.pass(row.seq, probe);
