@@ -929,29 +929,45 @@ fn rejected_for_good(quarantine_fails: bool) {
     }
 }
 
-#[test]
-fn a_record_for_a_missing_topic_is_set_aside_and_the_rest_flow() {
-    // With topic auto-creation off, a `route` to a topic that does not exist made Kafka
-    // "unhealthy": the record went to the spool, the drain probed with it once a second,
-    // and nothing behind it, of any device, was sent again. Now it is retried for
-    // `topic_refused_after`, then set aside.
-    let kafka_extra = r#"topic_refused_after = "3s"
-options = { "allow.auto.create.topics" = "false", "topic.metadata.propagation.max.ms" = "1000" }
+/// Kafka options for the refused-topic tests: auto-creation off, a missing topic known
+/// for one after a second, and a `route` stage that sends device "ghost" to `topic`.
+fn ghost_routed_to(topic: &str, topic_refused_after: &str) -> String {
+    format!(
+        r#"topic_refused_after = "{topic_refused_after}"
+options = {{ "allow.auto.create.topics" = "false", "topic.metadata.propagation.max.ms" = "1000" }}
 
 [[stages]]
 type = "route"
 
 [[stages.rules]]
 when = 'device == "ghost"'
-topic = "nowhere"
-"#;
-    let (dir, mqtt, kafka, gw) = rig(&[TOPIC], Uplink::Up, "", "", kafka_extra);
-    let event = |device: &str, seq: usize| {
-        (
-            format!("sensors/{device}/telemetry"),
-            format!(r#"{{"seq":{seq},"v":1}}"#).into_bytes(),
-        )
+topic = "{topic}"
+"#
+    )
+}
+
+/// A small JSON reading of `device` numbered `seq` (and `pad` bytes of padding).
+fn numbered(device: &str, seq: usize, pad: usize) -> (String, Vec<u8>) {
+    let pad = if pad > 0 {
+        format!(r#","pad":"{}""#, "x".repeat(pad))
+    } else {
+        String::new()
     };
+    (
+        format!("sensors/{device}/telemetry"),
+        format!(r#"{{"seq":{seq},"v":1{pad}}}"#).into_bytes(),
+    )
+}
+
+#[test]
+fn a_record_for_a_missing_topic_is_set_aside_and_the_rest_flow() {
+    // With topic auto-creation off, a `route` to a topic that does not exist made Kafka
+    // "unhealthy": the record went to the spool, the drain probed with it once a second,
+    // and nothing behind it, of any device, was sent again. Now it is retried for
+    // `topic_refused_after`, then set aside.
+    let kafka_extra = &ghost_routed_to("nowhere", "3s");
+    let (dir, mqtt, kafka, gw) = rig(&[TOPIC], Uplink::Up, "", "", kafka_extra);
+    let event = |device: &str, seq: usize| numbered(device, seq, 0);
     let mut messages: Vec<_> = (0..100).map(|i| event("dev-0", i)).collect();
     messages.push(event("ghost", 0));
     messages.extend((100..200).map(|i| event("dev-0", i)));
@@ -994,23 +1010,9 @@ fn a_refused_topic_holds_back_only_its_own_records() {
     // A route to a topic not made yet (auto-creation off): its records wait in the
     // spool, every other record flows meanwhile, and once the topic exists they go, in
     // order, well inside topic_refused_after. (It held everything back before.)
-    let kafka_extra = r#"topic_refused_after = "10m"
-options = { "allow.auto.create.topics" = "false", "topic.metadata.propagation.max.ms" = "1000" }
-
-[[stages]]
-type = "route"
-
-[[stages.rules]]
-when = 'device == "ghost"'
-topic = "later"
-"#;
+    let kafka_extra = &ghost_routed_to("later", "10m");
     let (_dir, mqtt, kafka, gw) = rig(&[TOPIC], Uplink::Up, "", "", kafka_extra);
-    let event = |device: &str, seq: usize| {
-        (
-            format!("sensors/{device}/telemetry"),
-            format!(r#"{{"seq":{seq},"v":1}}"#).into_bytes(),
-        )
-    };
+    let event = |device: &str, seq: usize| numbered(device, seq, 0);
     let mut messages: Vec<_> = (0..100).map(|i| event("dev-0", i)).collect();
     messages.extend([event("ghost", 0), event("ghost", 1)]);
     messages.extend((100..200).map(|i| event("dev-0", i)));
@@ -1064,16 +1066,7 @@ topic = "later"
 fn drop_oldest_takes_a_refused_topics_parked_records_first() {
     // A full spool (drop_oldest) while one topic is refused: its parked records are the
     // oldest and go first; the other topic's records all get through.
-    let kafka_extra = r#"topic_refused_after = "10m"
-options = { "allow.auto.create.topics" = "false", "topic.metadata.propagation.max.ms" = "1000" }
-
-[[stages]]
-type = "route"
-
-[[stages.rules]]
-when = 'device == "ghost"'
-topic = "later"
-"#;
+    let kafka_extra = &ghost_routed_to("later", "10m");
     let (_dir, mqtt, kafka, gw) = rig(
         &[TOPIC],
         Uplink::Up,
@@ -1081,12 +1074,7 @@ topic = "later"
         "",
         kafka_extra,
     );
-    let event = |device: &str, seq: usize| {
-        (
-            format!("sensors/{device}/telemetry"),
-            format!(r#"{{"seq":{seq},"v":1,"pad":"{}"}}"#, "x".repeat(100)).into_bytes(),
-        )
-    };
+    let event = |device: &str, seq: usize| numbered(device, seq, 100);
     // 1500 of the ghost's (far over the budget once parked), then 300 of dev-0.
     publish_raw(mqtt.port, (0..1500).map(|i| event("ghost", i)).collect());
     publish_raw(mqtt.port, (0..300).map(|i| event("dev-0", i)).collect());

@@ -1194,8 +1194,7 @@ impl Router {
         }
         self.parked_looked_at = now;
         // Kafka away: one probe at a time (each would wait for message_timeout).
-        let probing = self.drain_inflight.iter().filter(|(_, d)| d.probe).count();
-        if !self.healthy && probing > 0 {
+        if !self.healthy && self.drain_inflight.iter().any(|(_, d)| d.probe) {
             return;
         }
         let mut due: Vec<(String, u64)> = self
@@ -1267,21 +1266,11 @@ impl Router {
             return;
         }
         self.trouble_looked_at = now;
-        let mut reread = None::<u64>;
+        // A topic with parked rows is probed every second: it is not forgotten while it
+        // refuses them (a topic set aside has none: `topic_refused` took them).
         self.topic_trouble.retain(|_, t| {
-            // A topic with parked rows is probed every second: it is not forgotten while
-            // it refuses them.
-            let keep = now.saturating_duration_since(t.last) <= t.forgotten_after()
-                || (t.first_parked.is_some() && !t.set_aside);
-            if let (false, Some(p)) = (keep, t.first_parked) {
-                reread = Some(reread.map_or(p, |r| r.min(p)));
-            }
-            keep
+            now.saturating_duration_since(t.last) <= t.forgotten_after() || t.first_parked.is_some()
         });
-        // Rows still parked for a forgotten topic go again.
-        if let Some(seq) = reread {
-            self.reread_from(seq);
-        }
         if self.topic_trouble.is_empty() {
             self.sink.report_topics(false);
         }
