@@ -12,6 +12,8 @@ pub mod payload;
 #[cfg(feature = "serial")]
 pub mod serial;
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -235,11 +237,16 @@ impl<'a> Emitter<'a> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds an item to the batch; sends the batch once it is full.
-    async fn push(&self, item: Item) -> Result<(), Closed> {
+    /// Adds an item to the batch; sends the batch once it is full, running `meanwhile`
+    /// while it waits (see [`Emitter::flush_while`]).
+    async fn push_while(
+        &self,
+        item: Item,
+        meanwhile: impl Future<Output = Infallible>,
+    ) -> Result<(), Closed> {
         let full = self.gather(&mut self.pending().batch, item);
         if full {
-            self.flush().await?;
+            self.flush_while(meanwhile).await?;
         }
         Ok(())
     }
@@ -254,6 +261,16 @@ impl<'a> Emitter<'a> {
     /// Sends what is gathered to the router (waiting while its channel is full:
     /// backpressure). Call it before waiting for more input.
     pub async fn flush(&self) -> Result<(), Closed> {
+        self.flush_while(std::future::pending()).await
+    }
+
+    /// [`Emitter::flush`] that runs `meanwhile` while it waits for room in the router
+    /// (an MQTT input keeps its connection going); `meanwhile` is dropped once the batch
+    /// is in, and is never polled when there is room at once.
+    pub async fn flush_while(
+        &self,
+        meanwhile: impl Future<Output = Infallible>,
+    ) -> Result<(), Closed> {
         let mut batch = std::mem::take(&mut self.pending().batch);
         if batch.is_empty() {
             return Ok(());
@@ -275,7 +292,12 @@ impl<'a> Emitter<'a> {
             }
             tokio::time::sleep(STOP_GRACE).await;
         };
-        let Err(unsent) = self.ctx.items.send_unless(batch, stopped).await else {
+        let sent = tokio::select! {
+            biased;
+            sent = self.ctx.items.send_unless(batch, stopped) => sent,
+            never = meanwhile => match never {},
+        };
+        let Err(unsent) = sent else {
             return Ok(());
         };
         let events = unsent.count_dropped(&self.ctx.metrics, "input_stopped");
@@ -289,7 +311,16 @@ impl<'a> Emitter<'a> {
     /// ([`Settled`]). An input calls it once it is quiescing and takes nothing more in
     /// that it holds: a shutdown stops the router only after every input settled.
     pub async fn settle(&self) -> Result<(), Closed> {
-        let sent = self.flush().await;
+        self.settle_while(std::future::pending()).await
+    }
+
+    /// [`Emitter::settle`] that runs `meanwhile` while it waits (see
+    /// [`Emitter::flush_while`]).
+    pub async fn settle_while(
+        &self,
+        meanwhile: impl Future<Output = Infallible>,
+    ) -> Result<(), Closed> {
+        let sent = self.flush_while(meanwhile).await;
         if !self.settled.swap(true, Ordering::Relaxed) {
             self.ctx.settled.signal();
         }
@@ -369,6 +400,22 @@ impl<'a> Emitter<'a> {
         payload: &[u8],
         ack: Ack,
     ) -> Result<(), Closed> {
+        let meanwhile = std::future::pending();
+        self.malformed_while(bad, origin, received_ns, payload, ack, meanwhile)
+            .await
+    }
+
+    /// [`Emitter::malformed`] that runs `meanwhile` while it waits (see
+    /// [`Emitter::flush_while`]).
+    pub async fn malformed_while(
+        &self,
+        bad: payload::Malformed,
+        origin: &str,
+        received_ns: i64,
+        payload: &[u8],
+        ack: Ack,
+        meanwhile: impl Future<Output = Infallible>,
+    ) -> Result<(), Closed> {
         self.m.received.inc();
         self.m.dropped(bad.reason, 1);
         let n = self.malformed_seen.fetch_add(1, Ordering::Relaxed);
@@ -385,12 +432,12 @@ impl<'a> Emitter<'a> {
                 received_ns,
                 payload: payload.to_vec(),
             };
-            self.push(Item {
+            let item = Item {
                 record: Record::DeadLetter(dl),
                 ack,
                 until_delivered: self.until_delivered,
-            })
-            .await?;
+            };
+            self.push_while(item, meanwhile).await?;
         }
         Ok(())
     }

@@ -7,25 +7,21 @@
 //! in-flight window (Mosquitto `max_inflight_messages`, default 20; MQTT 5 receive maximum)
 //! bounds how many publishes wait for their acks, and so QoS 1 throughput: see README.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use std::borrow::Cow;
-
 use gateway_config::{AckPolicy, MqttInput, MqttVersion, TopicTemplate};
-use rumqttc::v5::mqttbytes::v5 as m5;
-use rumqttc::{
-    AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
-    TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, MqttOptions, TlsConfiguration, Transport};
 use tokio::sync::watch;
 
 use super::payload::{Decoder, Origin};
 use super::{jittered, sleep_unless_stopped, Closed, Emitter, SourceContext, SourceState};
 use crate::ack::{Ack, AckQueue};
 use crate::event::now_ns;
+use link::{Client, Events, Msg, Net, PollOwned, Polled};
+
+mod link;
 
 /// Everything both protocol versions share: identity, credentials, TLS.
 struct Common {
@@ -111,7 +107,7 @@ fn v311_max_packet(max_payload: usize) -> usize {
 }
 
 /// Opens the client for the configured protocol version.
-fn connect(cfg: &MqttInput, gateway_id: &str) -> Result<Link, String> {
+fn connect(cfg: &MqttInput, gateway_id: &str) -> Result<(Client, Events), String> {
     let c = common(cfg, gateway_id)?;
     // The request channel carries acks and subscriptions; acks are bounded by the
     // broker's in-flight window.
@@ -130,7 +126,7 @@ fn connect(cfg: &MqttInput, gateway_id: &str) -> Result<Link, String> {
                 o.set_transport(t);
             }
             let (client, events) = AsyncClient::new(o, REQUESTS);
-            Ok(Link::V4(client, Box::new(events)))
+            Ok((Client::V4(client), Events::V4(Box::new(events))))
         }
         MqttVersion::V5 => {
             let mut o = rumqttc::v5::MqttOptions::new(c.client_id, &cfg.host, c.port);
@@ -150,232 +146,8 @@ fn connect(cfg: &MqttInput, gateway_id: &str) -> Result<Link, String> {
                 o.set_transport(t);
             }
             let (client, events) = rumqttc::v5::AsyncClient::new(o, REQUESTS);
-            Ok(Link::V5(client, Box::new(events)))
+            Ok((Client::V5(client), Events::V5(Box::new(events))))
         }
-    }
-}
-
-/// A received publish of either protocol version, reduced to what the input uses.
-///
-/// It is moved a few times per message (out of the event loop's queue, through the
-/// match), so it holds no more than that: rumqttc's MQTT 5 publish with its properties is
-/// 216 bytes, this is 80.
-struct Msg {
-    /// MQTT 3.1.1 gives the topic as text, MQTT 5 as bytes.
-    topic: Topic,
-    payload: bytes::Bytes,
-    /// The packet id, for the ack.
-    pkid: u16,
-    qos1: bool,
-    /// The broker sends it again (DUP): the first copy's ack was never seen.
-    dup: bool,
-}
-
-enum Topic {
-    Text(String),
-    Bytes(bytes::Bytes),
-}
-
-impl Msg {
-    fn v4(p: Publish) -> Msg {
-        Msg {
-            qos1: p.qos == QoS::AtLeastOnce,
-            pkid: p.pkid,
-            dup: p.dup,
-            topic: Topic::Text(p.topic),
-            payload: p.payload,
-        }
-    }
-
-    fn v5(p: m5::Publish) -> Msg {
-        Msg {
-            qos1: p.qos == rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            pkid: p.pkid,
-            dup: p.dup,
-            topic: Topic::Bytes(p.topic),
-            payload: p.payload,
-        }
-    }
-
-    /// rumqttc acknowledged it already, or it needs no ack: QoS 0, or acks left to
-    /// rumqttc (`on_receive`, `manual` false). Such a message is the gateway's to keep
-    /// from the moment it is read: skipped, it is lost.
-    fn acked_by_client(&self, manual: bool) -> bool {
-        !(manual && self.qos1)
-    }
-
-    fn topic(&self) -> Cow<'_, str> {
-        match &self.topic {
-            Topic::Text(t) => Cow::Borrowed(t),
-            Topic::Bytes(t) => String::from_utf8_lossy(t),
-        }
-    }
-}
-
-/// What a poll of either event loop amounts to here.
-// Returned by value once per packet and matched at once; boxing the publish would cost
-// an allocation per message.
-#[allow(clippy::large_enum_variant)]
-enum Polled {
-    Connected { session_present: bool },
-    SubAck { refused: bool },
-    Publish(Msg),
-    Disconnected,
-    Other,
-}
-
-/// A client and its event loop, MQTT 3.1.1 or 5.
-enum Link {
-    V4(AsyncClient, Box<rumqttc::EventLoop>),
-    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
-}
-
-/// The client half, for the ack task.
-#[derive(Clone)]
-enum Acker {
-    V4(AsyncClient),
-    V5(rumqttc::v5::AsyncClient),
-}
-
-impl Acker {
-    /// Hands the client the ack of the QoS 1 publish with packet id `pkid`, without
-    /// waiting. rumqttc builds an ack from a publish's QoS and packet id alone, so the
-    /// ack queue keeps only the id.
-    fn try_ack(&self, pkid: u16) -> Result<(), String> {
-        match self {
-            Acker::V4(c) => {
-                let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
-                p.pkid = pkid;
-                c.try_ack(&p).map_err(|e| e.to_string())
-            }
-            Acker::V5(c) => {
-                let mut p = m5::Publish::new(
-                    "",
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    Vec::new(),
-                    None,
-                );
-                p.pkid = pkid;
-                c.try_ack(&p).map_err(|e| e.to_string())
-            }
-        }
-    }
-}
-
-impl Link {
-    fn acker(&self) -> Acker {
-        match self {
-            Link::V4(c, _) => Acker::V4(c.clone()),
-            Link::V5(c, _) => Acker::V5(c.clone()),
-        }
-    }
-
-    async fn poll(&mut self) -> Result<Polled, String> {
-        match self {
-            Link::V4(_, ev) => ev.poll().await.map(polled_v4).map_err(|e| e.to_string()),
-            Link::V5(_, ev) => ev.poll().await.map(polled_v5).map_err(|e| e.to_string()),
-        }
-    }
-
-    /// The next event the event loop has already parsed, if any, without a poll.
-    ///
-    /// One read of the socket parses every packet in it into the event loop's queue, and
-    /// its `poll` hands them out one per call. Each call built rumqttc's poll future and
-    /// moved the event through it several times (`memcpy` was a tenth of the input
-    /// thread); the queue is public, so the input takes what it holds directly and polls
-    /// only when it is empty. `poll` itself returns the same queue's front first, so the
-    /// order is the same.
-    fn next_parsed(&mut self) -> Option<Polled> {
-        match self {
-            Link::V4(_, ev) => ev.state.events.pop_front().map(polled_v4),
-            Link::V5(_, ev) => ev.state.events.pop_front().map(polled_v5),
-        }
-    }
-
-    /// Forgets the broken connection's state: rumqttc's `clean`, which also drops the
-    /// acks waiting in the request queue (the broker sends their messages again).
-    fn clean(&mut self) {
-        match self {
-            Link::V4(_, ev) => ev.clean(),
-            Link::V5(_, ev) => ev.clean(),
-        }
-    }
-
-    fn subscribe(&self, filters: &[String], qos1: bool) -> Result<(), String> {
-        match self {
-            Link::V4(c, _) => {
-                let q = if qos1 {
-                    QoS::AtLeastOnce
-                } else {
-                    QoS::AtMostOnce
-                };
-                c.try_subscribe_many(filters.iter().map(|f| SubscribeFilter::new(f.clone(), q)))
-                    .map_err(|e| e.to_string())
-            }
-            Link::V5(c, _) => {
-                use rumqttc::v5::mqttbytes::QoS as Q5;
-                let q = if qos1 {
-                    Q5::AtLeastOnce
-                } else {
-                    Q5::AtMostOnce
-                };
-                // Retained messages only for a subscription the broker did not have: a
-                // session resumed after a restart does not get them all again.
-                c.try_subscribe_many(filters.iter().map(|f| m5::Filter {
-                    retain_forward_rule: m5::RetainForwardRule::OnNewSubscribe,
-                    ..m5::Filter::new(f.clone(), q)
-                }))
-                .map_err(|e| e.to_string())
-            }
-        }
-    }
-
-    fn try_disconnect(&self) {
-        match self {
-            Link::V4(c, _) => {
-                let _ = c.try_disconnect();
-            }
-            Link::V5(c, _) => {
-                let _ = c.try_disconnect();
-            }
-        }
-    }
-}
-
-/// What an MQTT 3.1.1 event amounts to here.
-fn polled_v4(event: Event) -> Polled {
-    match event {
-        Event::Incoming(Packet::ConnAck(ca)) => Polled::Connected {
-            session_present: ca.session_present,
-        },
-        Event::Incoming(Packet::SubAck(s)) => Polled::SubAck {
-            refused: s
-                .return_codes
-                .iter()
-                .any(|c| matches!(c, SubscribeReasonCode::Failure)),
-        },
-        Event::Incoming(Packet::Publish(p)) => Polled::Publish(Msg::v4(p)),
-        Event::Outgoing(rumqttc::Outgoing::Disconnect) => Polled::Disconnected,
-        _ => Polled::Other,
-    }
-}
-
-/// What an MQTT 5 event amounts to here.
-fn polled_v5(event: rumqttc::v5::Event) -> Polled {
-    use rumqttc::v5::Event as E5;
-    match event {
-        E5::Incoming(m5::Packet::ConnAck(ca)) => Polled::Connected {
-            session_present: ca.session_present,
-        },
-        E5::Incoming(m5::Packet::SubAck(s)) => Polled::SubAck {
-            refused: s
-                .return_codes
-                .iter()
-                .any(|c| !matches!(c, m5::SubscribeReasonCode::Success(_))),
-        },
-        E5::Incoming(m5::Packet::Publish(p)) => Polled::Publish(Msg::v5(p)),
-        E5::Outgoing(rumqttc::Outgoing::Disconnect) => Polled::Disconnected,
-        _ => Polled::Other,
     }
 }
 
@@ -386,7 +158,8 @@ pub async fn run(
     ctx: SourceContext,
     mut state: watch::Receiver<SourceState>,
 ) -> Result<(), String> {
-    let mut link = connect(&cfg, &ctx.gateway_id)?;
+    let (client, events) = connect(&cfg, &ctx.gateway_id)?;
+    let mut net = link::net(client, events);
     let templates: Vec<TopicTemplate> = cfg
         .topics
         .iter()
@@ -411,7 +184,7 @@ pub async fn run(
         let _ = ack_tx.send(p);
     });
     let acker = {
-        let client = link.acker();
+        let client = net.client.clone();
         let m = m.clone();
         let epoch = epoch.clone();
         tokio::spawn(async move {
@@ -461,23 +234,23 @@ pub async fn run(
         // updates than decoding them (BENCHMARKS.md); the pause adds at most a
         // millisecond of latency, and only when there is no backlog. The poll is not
         // dropped for the pause but resumed after it: rumqttc's poll is not cancel-safe
-        // once it writes (an ack, a ping).
-        let polled = if let Some(parsed) = link.next_parsed() {
-            Ok(parsed)
+        // once it writes (an ack, a ping). While the input waits for room in the router
+        // (handing over, settling, a full batch), `Net::keep_up` polls meanwhile and
+        // holds what arrives, which `next_ready` returns first.
+        let polled = if let Some(ready) = net.next_ready() {
+            ready
         } else {
-            let mut poll = std::pin::pin!(link.poll());
-            let first = {
-                let mut noop = std::task::Context::from_waker(std::task::Waker::noop());
-                poll.as_mut().poll(&mut noop)
-            };
-            match first {
+            match net.try_next() {
                 std::task::Poll::Ready(ev) => ev,
                 std::task::Poll::Pending => {
                     input.clock.expire();
                     // Caught up: what this burst yielded goes to the router before any
                     // waiting.
-                    if input.hand_over(&state).await.is_err() {
+                    if input.hand_over(&state, &mut net).await.is_err() {
                         break; // the router is gone
+                    }
+                    if net.holds() {
+                        continue; // read while the router had no room
                     }
                     if *state.borrow() == SourceState::Run
                         && !pause_unless_stopped(&mut state).await
@@ -486,24 +259,29 @@ pub async fn run(
                     }
                     // Told to quiesce during the pause: nothing is held (the batch went
                     // before it), which a shutdown waits to hear.
-                    if *state.borrow() != SourceState::Run && input.emit.settle().await.is_err() {
+                    if *state.borrow() != SourceState::Run
+                        && input.emit.settle_while(net.keep_up()).await.is_err()
+                    {
                         break;
                     }
                     // A change to Quiesce or Run needs nothing from the event loop: the
                     // same poll is awaited again, not dropped half-way through a write.
                     loop {
+                        if net.holds() {
+                            continue 'input;
+                        }
                         tokio::select! {
                             changed = state.changed() => {
                                 if changed.is_err() || *state.borrow() == SourceState::Stop {
                                     break 'input;
                                 }
                                 if *state.borrow() != SourceState::Run
-                                    && input.emit.settle().await.is_err()
+                                    && input.emit.settle_while(net.keep_up()).await.is_err()
                                 {
                                     break 'input;
                                 }
                             }
-                            ev = poll.as_mut() => break ev,
+                            ev = net.next() => break ev,
                         }
                     }
                 }
@@ -522,7 +300,7 @@ pub async fn run(
                     // for retained messages of new subscriptions only, and subscribes
                     // again in case a broker lost them.)
                     m.connected.set(1);
-                } else if let Err(e) = link.subscribe(&filters, cfg.qos == 1) {
+                } else if let Err(e) = net.client.subscribe(&filters, cfg.qos == 1) {
                     tracing::error!(input = %cfg.name, error = %e, "cannot subscribe");
                 }
             }
@@ -537,7 +315,7 @@ pub async fn run(
             Ok(Polled::Publish(p)) => {
                 let now = *state.borrow();
                 let taken = match now {
-                    SourceState::Run => input.take(&p, &acks, &epoch, manual).await,
+                    SourceState::Run => input.take(&p, &acks, &epoch, manual, &mut net).await,
                     // A flood that never lets the poll wait must not keep a stop waiting.
                     // A message rumqttc acknowledged already is lost here: counted.
                     SourceState::Stop => {
@@ -551,11 +329,15 @@ pub async fn run(
                     // acknowledged already (QoS 0, `on_receive`) is taken in and handed
                     // over at once, while the router still runs: skipping it would lose
                     // it unseen.
-                    SourceState::Quiesce if !p.acked_by_client(manual) => input.emit.settle().await,
-                    SourceState::Quiesce => match input.take(&p, &acks, &epoch, manual).await {
-                        Ok(()) => input.emit.settle().await,
-                        Err(closed) => Err(closed),
-                    },
+                    SourceState::Quiesce if !p.acked_by_client(manual) => {
+                        input.emit.settle_while(net.keep_up()).await
+                    }
+                    SourceState::Quiesce => {
+                        match input.take(&p, &acks, &epoch, manual, &mut net).await {
+                            Ok(()) => input.emit.settle_while(net.keep_up()).await,
+                            Err(closed) => Err(closed),
+                        }
+                    }
                 };
                 if taken.is_err() {
                     break; // the router is gone
@@ -571,22 +353,23 @@ pub async fn run(
                     let mut current = lock(&epoch);
                     *current += 1;
                     acks.reset();
-                    link.clean();
+                    net.clean();
                 }
                 // Packets parsed before the connection broke are taken without acks:
                 // the broker sends those again (a duplicate with the same event id).
                 // Quiescing, only those rumqttc acknowledged already are taken.
-                while let Some(parsed) = link.next_parsed() {
-                    if let Polled::Publish(p) = parsed {
+                // (`keep_up` does not poll after the error, so nothing is held.)
+                while let Some(parsed) = net.next_ready() {
+                    if let Ok(Polled::Publish(p)) = parsed {
                         let take = *state.borrow() == SourceState::Run || p.acked_by_client(manual);
-                        if take && input.handle(&p, Ack::none()).await.is_err() {
+                        if take && input.handle(&p, Ack::none(), &mut net).await.is_err() {
                             break 'input;
                         }
                     }
                 }
                 m.connected.set(0);
                 m.reconnects.inc();
-                if input.hand_over(&state).await.is_err() {
+                if input.hand_over(&state, &mut net).await.is_err() {
                     break;
                 }
                 if connected_at
@@ -614,12 +397,18 @@ pub async fn run(
     // acks.
     let _ = input.emit.flush().await;
     drop(input);
+    // Read while the router had no room, and not taken: lost if rumqttc acknowledged it.
+    for held in net.drain_held() {
+        if matches!(held, Ok(Polled::Publish(ref p)) if p.acked_by_client(manual)) {
+            m.stopped_unseen(1);
+        }
+    }
     drop(acks);
     let mut broken = false;
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while !acker.is_finished() {
             tokio::select! {
-                polled = link.poll() => match polled {
+                polled = net.next() => match polled {
                     // A broken connection: the next poll would connect again, and the
                     // acks of this one mean nothing on another.
                     Err(_) => {
@@ -638,15 +427,15 @@ pub async fn run(
     acker.abort();
     if broken {
         // Parsed before the connection broke, acknowledged by rumqttc already.
-        while let Some(parsed) = link.next_parsed() {
-            if matches!(parsed, Polled::Publish(ref p) if p.acked_by_client(manual)) {
+        while let Some(parsed) = net.next_ready() {
+            if matches!(parsed, Ok(Polled::Publish(ref p)) if p.acked_by_client(manual)) {
                 m.stopped_unseen(1);
             }
         }
     } else {
-        link.try_disconnect();
+        net.client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while let Ok(ev) = link.poll().await {
+            while let Ok(ev) = net.next().await {
                 match ev {
                     Polled::Disconnected => break,
                     Polled::Publish(p) if p.acked_by_client(manual) => m.stopped_unseen(1),
@@ -740,33 +529,43 @@ impl BurstClock {
 impl Input<'_> {
     /// Sends what was gathered before the input waits; quiescing, also reports it
     /// settled (nothing of its own held).
-    async fn hand_over(&self, state: &watch::Receiver<SourceState>) -> Result<(), Closed> {
+    async fn hand_over<F: PollOwned>(
+        &self,
+        state: &watch::Receiver<SourceState>,
+        net: &mut Net<F>,
+    ) -> Result<(), Closed> {
         let running = *state.borrow() == SourceState::Run;
         if running {
-            self.emit.flush().await
+            self.emit.flush_while(net.keep_up()).await
         } else {
-            self.emit.settle().await
+            self.emit.settle_while(net.keep_up()).await
         }
     }
 
     /// Takes one publish: queues its ack when the gateway acknowledges by hand, then
     /// decodes it and hands its events on.
-    async fn take(
+    async fn take<F: PollOwned>(
         &self,
         p: &Msg,
         acks: &std::sync::Arc<AckQueue<(u64, u16)>>,
         epoch: &Mutex<u64>,
         manual: bool,
+        net: &mut Net<F>,
     ) -> Result<(), Closed> {
         let ack = if !p.acked_by_client(manual) {
             acks.push((*lock(epoch), p.pkid))
         } else {
             Ack::none()
         };
-        self.handle(p, ack).await
+        self.handle(p, ack, net).await
     }
 
-    async fn handle(&self, p: &Msg, ack: Ack) -> Result<(), Closed> {
+    async fn handle<F: PollOwned>(
+        &self,
+        p: &Msg,
+        ack: Ack,
+        net: &mut Net<F>,
+    ) -> Result<(), Closed> {
         let received_ns = self.clock.now();
         let topic = p.topic();
         let payload = &p.payload[..];
@@ -781,7 +580,7 @@ impl Input<'_> {
             let kept = &p.payload[..p.payload.len().min(self.cfg.max_payload)];
             let sent = self
                 .emit
-                .malformed(bad, &topic, received_ns, kept, ack)
+                .malformed_while(bad, &topic, received_ns, kept, ack, net.keep_up())
                 .await;
             self.clock.expire();
             return sent;
@@ -814,7 +613,7 @@ impl Input<'_> {
                 // `Emitter::events`, inlined (see `gather_events`).
                 let mut events = events.into_iter();
                 while self.emit.gather_events(&mut events, &ack) {
-                    self.emit.flush().await?;
+                    self.emit.flush_while(net.keep_up()).await?;
                     // The router may have held the batch back (backpressure).
                     self.clock.expire();
                 }
@@ -827,7 +626,7 @@ impl Input<'_> {
                 let kept = &payload[..payload.len().min(self.cfg.max_payload)];
                 let sent = self
                     .emit
-                    .malformed(bad, &topic, received_ns, kept, ack)
+                    .malformed_while(bad, &topic, received_ns, kept, ack, net.keep_up())
                     .await;
                 // A dead letter may have filled the batch and waited for the router.
                 self.clock.expire();
