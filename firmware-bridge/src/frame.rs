@@ -82,6 +82,16 @@ pub fn encode<M: Message>(msg: &M, out: &mut [u8]) -> Result<usize, FrameError> 
     let used = postcard::to_slice(msg, &mut raw[..MAX_PAYLOAD])
         .map_err(|_| FrameError::TooLarge)?
         .len();
+    seal(&mut raw, used, out)
+}
+
+/// Frames the message bytes `raw[..used]`: appends the CRC, then COBS and the delimiter
+/// into `out`.
+fn seal(
+    raw: &mut [u8; MAX_PAYLOAD + CRC_LEN],
+    used: usize,
+    out: &mut [u8],
+) -> Result<usize, FrameError> {
     let crc = CRC.checksum(&raw[..used]);
     raw[used..used + CRC_LEN].copy_from_slice(&crc.to_le_bytes());
     let body = &raw[..used + CRC_LEN];
@@ -95,6 +105,14 @@ pub fn encode<M: Message>(msg: &M, out: &mut [u8]) -> Result<usize, FrameError> 
 
 /// Decodes one frame body (the bytes between two delimiters, without them), in place.
 pub fn decode_frame<M: Message>(frame: &mut [u8]) -> Result<M, FrameError> {
+    decode_message(check_frame(frame)?)
+}
+
+/// Checks one frame body (the bytes between two delimiters, without them) in place:
+/// COBS, length and CRC. Returns the message's bytes (its type, then its fields; the
+/// CRC cut off), for [`decode_message`]. A receiver that wants the bytes of a message it
+/// cannot decode (to keep them, see [`reading_seq`]) decodes in these two steps.
+pub fn check_frame(frame: &mut [u8]) -> Result<&[u8], FrameError> {
     let n = cobs::decode_in_place(frame).map_err(|_| FrameError::Cobs)?;
     if n < 1 + CRC_LEN {
         return Err(FrameError::Short);
@@ -103,12 +121,60 @@ pub fn decode_frame<M: Message>(frame: &mut [u8]) -> Result<M, FrameError> {
     if CRC.checksum(body).to_le_bytes() != crc {
         return Err(FrameError::Crc);
     }
+    Ok(body)
+}
+
+/// Decodes a message's bytes (what [`check_frame`] returns).
+pub fn decode_message<M: Message>(body: &[u8]) -> Result<M, FrameError> {
     let ty = message_type(body).ok_or(FrameError::Malformed)?;
     if ty >= M::TYPES {
         return Err(FrameError::UnknownType(ty));
     }
     // Trailing bytes are fields a newer sender appended; this version ignores them.
     postcard::from_bytes(body).map_err(|_| FrameError::Malformed)
+}
+
+/// The `seq` of a device message's bytes (what [`check_frame`] returns) that are a
+/// [`Reading`](crate::Reading), read without decoding the rest: `seq` is its first
+/// field. A reading this version cannot decode (a newer firmware put an enum value in
+/// it that this one does not know) is still known by its `seq`, so a gateway can keep
+/// its bytes and acknowledge it instead of leaving it unacknowledged for good.
+pub fn reading_seq(body: &[u8]) -> Option<u32> {
+    let ty_len = varint_len(body)?;
+    if message_type(body)? != READING_TYPE {
+        return None;
+    }
+    let rest = &body[ty_len..];
+    let seq_len = varint_len(rest)?;
+    // A u32 takes at most 5 bytes, the fifth with 4 bits.
+    if seq_len == 5 && rest[4] > 0x0f {
+        return None;
+    }
+    message_type(rest)
+}
+
+/// The message type of [`DeviceMessage::Reading`].
+const READING_TYPE: u32 = 1;
+
+/// The length of the varint `bytes` starts with, if it ends within 5 bytes.
+fn varint_len(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .iter()
+        .take(5)
+        .position(|b| b & 0x80 == 0)
+        .map(|i| i + 1)
+}
+
+/// Frames a message's bytes as they are (what [`check_frame`] returns): CRC, COBS,
+/// delimiter, into `out`; the frame's length. For tests and simulators that send bytes
+/// a real sender would (a newer firmware's message).
+pub fn encode_raw(body: &[u8], out: &mut [u8]) -> Result<usize, FrameError> {
+    if body.len() > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge);
+    }
+    let mut raw = [0u8; MAX_PAYLOAD + CRC_LEN];
+    raw[..body.len()].copy_from_slice(body);
+    seal(&mut raw, body.len(), out)
 }
 
 /// The leading varint (the enum variant index).
@@ -151,6 +217,14 @@ impl Decoder {
     /// Takes one byte. At a delimiter that ends a non-empty frame it returns the message
     /// or why there is none; empty frames (repeated delimiters) are ignored.
     pub fn push<M: Message>(&mut self, byte: u8) -> Option<Result<M, FrameError>> {
+        self.push_checked(byte)
+            .map(|checked| checked.and_then(decode_message))
+    }
+
+    /// [`Decoder::push`] that stops short of decoding: at a delimiter that ends a
+    /// non-empty frame it returns the message's bytes, checked (see [`check_frame`]),
+    /// or why there are none.
+    pub fn push_checked(&mut self, byte: u8) -> Option<Result<&[u8], FrameError>> {
         if byte == 0 {
             let len = core::mem::take(&mut self.len);
             if core::mem::take(&mut self.overflow) {
@@ -159,7 +233,7 @@ impl Decoder {
             if len == 0 {
                 return None;
             }
-            return Some(decode_frame(&mut self.buf[..len]));
+            return Some(check_frame(&mut self.buf[..len]));
         }
         if self.overflow {
             return None;

@@ -23,7 +23,10 @@ pub mod device;
 pub mod frame;
 pub mod message;
 
-pub use frame::{decode_frame, encode, Decoded, Decoder, FrameError, MAX_FRAME, MAX_PAYLOAD};
+pub use frame::{
+    check_frame, decode_frame, decode_message, encode, encode_raw, reading_seq, Decoded, Decoder,
+    FrameError, MAX_FRAME, MAX_PAYLOAD,
+};
 pub use message::{
     Capabilities, Channel, Configure, DeviceMessage, Fix, FixQuality, GatewayMessage, Heartbeat,
     Hello, Level, Log, Reading, Timestamp, MAX_CHANNELS, MAX_DEVICE_ID, MAX_TEXT, MAX_VERSION,

@@ -209,6 +209,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             persistent_seq: false,
             lose_hello: false,
             nan_every: 0,
+            newer_every: 0,
             unplug_every: 0.0,
             unplug_for: 1.0,
             resend_after: 1.0,

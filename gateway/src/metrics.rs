@@ -33,6 +33,7 @@ pub const DROP_REASONS: &[&str] = &[
     "kafka_rejected",
     "corrupt_frame",
     "unknown_message",
+    "malformed_reading",
     "out_of_sequence",
     "duplicate",
     "no_hello",

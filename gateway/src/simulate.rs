@@ -80,6 +80,11 @@ pub struct SerialSim {
     /// Every this many readings, channel 2 reads NaN (a sensor fault) (0: never).
     #[arg(long, default_value_t = 0)]
     pub nan_every: u64,
+    /// Every reading whose `seq` is a multiple of this is sent as a newer firmware might
+    /// send it: with a `Timestamp` variant this version does not know, so it passes its
+    /// CRC but does not decode (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub newer_every: u32,
     /// Unplug every this many seconds (0: never).
     #[arg(long, default_value_t = 0.0)]
     pub unplug_every: f64,
@@ -163,6 +168,8 @@ struct SimBoard {
     limit: u64,
     /// `--nan-every`.
     nan_every: u64,
+    /// `--newer-every`.
+    newer_every: u32,
 }
 
 impl Board for SimBoard {
@@ -204,7 +211,16 @@ impl Board for SimBoard {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        self.tx.extend_from_slice(bytes);
+        if self.newer_every == 0 {
+            self.tx.extend_from_slice(bytes);
+            return;
+        }
+        for frame in bytes.split_inclusive(|&b| b == 0) {
+            match newer(frame, self.newer_every) {
+                Some(changed) => self.tx.extend_from_slice(&changed),
+                None => self.tx.extend_from_slice(frame),
+            }
+        }
     }
 
     fn read(&mut self, buf: &mut [u8]) -> usize {
@@ -360,6 +376,7 @@ pub async fn serial(
         taken: 0,
         limit: sim.count,
         nan_every: sim.nan_every,
+        newer_every: sim.newer_every,
     };
     let mut sniff = Decoder::new();
     let mut buf = [0u8; 4096];
@@ -459,6 +476,24 @@ fn finish_boot(report: &mut SimReport, device: &Device<RING>, acked: Option<u32>
         acked_up_to: acked,
         unacked: u32::try_from(device.unacked()).unwrap_or(u32::MAX),
     });
+}
+
+/// `frame` (a whole frame, delimiter included) as a newer firmware would send it, if it
+/// is a reading whose `seq` is a multiple of `every`: its `Timestamp` variant index
+/// replaced by one this version does not know, framed again with a good CRC.
+fn newer(frame: &[u8], every: u32) -> Option<Vec<u8>> {
+    let mut copy = frame.strip_suffix(&[0])?.to_vec();
+    let mut body = firmware_bridge::check_frame(&mut copy).ok()?.to_vec();
+    let seq = firmware_bridge::reading_seq(&body)?;
+    if seq % every != 0 {
+        return None;
+    }
+    // The type (one byte), then `seq` as a varint, then the timestamp's variant index.
+    let seq_len = body[1..].iter().position(|b| b & 0x80 == 0)? + 1;
+    *body.get_mut(1 + seq_len)? = 2;
+    let mut out = [0u8; firmware_bridge::MAX_FRAME];
+    let n = firmware_bridge::encode_raw(&body, &mut out).ok()?;
+    Some(out[..n].to_vec())
 }
 
 /// Takes the first `Hello` frame out of `out`, if there is one; true if it did.

@@ -14,7 +14,13 @@ use common::*;
 
 const TOPIC: &str = "telemetry.dev";
 
-fn serial_config(dir: &Path, link: &Path, bootstrap: &str, extra: &str) -> String {
+fn serial_config(
+    dir: &Path,
+    link: &Path,
+    bootstrap: &str,
+    extra: &str,
+    kafka_extra: &str,
+) -> String {
     let input = format!(
         r#"type = "serial"
 name = "dev"
@@ -24,7 +30,7 @@ channels = {{ 1 = "temperature", 2 = "humidity" }}
 {extra}"#,
         link = link.display(),
     );
-    config_with_input(dir, bootstrap, &input, "", "")
+    config_with_input(dir, bootstrap, &input, "", kafka_extra)
 }
 
 /// What `gateway simulate serial` reported.
@@ -68,16 +74,26 @@ fn report(child: std::process::Child) -> Report {
 
 /// Starts Kafka, the simulator (which creates the link) and the gateway.
 fn rig(extra: &str, sim_args: &[&str]) -> (tempfile::TempDir, Kafka, Gateway, std::process::Child) {
+    rig_with(extra, "", &[TOPIC], sim_args)
+}
+
+/// [`rig`] with extra lines for `[output.kafka]` and these topics.
+fn rig_with(
+    extra: &str,
+    kafka_extra: &str,
+    topics: &[&str],
+    sim_args: &[&str],
+) -> (tempfile::TempDir, Kafka, Gateway, std::process::Child) {
     let dir = tempfile::tempdir().expect("tempdir");
     let link = dir.path().join("ttyDEV");
-    let kafka = Kafka::start(1, &[TOPIC], PARTITIONS);
+    let kafka = Kafka::start(1, topics, PARTITIONS);
     let sim = simulate(&link, sim_args);
     wait_for("the simulator's link", Duration::from_secs(10), || {
         link.exists()
     });
     let gw = Gateway::start(
         dir.path(),
-        &serial_config(dir.path(), &link, &kafka.bootstrap, extra),
+        &serial_config(dir.path(), &link, &kafka.bootstrap, extra, kafka_extra),
     );
     (dir, kafka, gw, sim)
 }
@@ -285,6 +301,61 @@ fn a_nan_channel_is_left_out_and_counted() {
     assert_eq!(
         gw.metric("gateway_input_values_skipped_total{input=\"dev\",reason=\"not_finite\"}"),
         40.0
+    );
+}
+
+/// A reading that passes its CRC but does not decode (a newer firmware's `Timestamp`
+/// variant) is dead-lettered with its bytes and acknowledged in its turn: the readings
+/// after it go on, and the device is not left sending it for good.
+#[test]
+fn a_reading_that_does_not_decode_is_dead_lettered_and_the_rest_go_on() {
+    let dead = "telemetry.dead-letter";
+    let (_dir, kafka, gw, sim) = rig_with(
+        "",
+        &format!("dead_letter_topic = \"{dead}\""),
+        &[TOPIC, dead],
+        &["--count", "400", "--rate", "400", "--newer-every", "50"],
+    );
+    let r = report(sim);
+    assert_eq!(r.boots.len(), 1, "{r:?}");
+    let boot = &r.boots[0];
+    assert_eq!(
+        boot.acked_up_to,
+        Some(399),
+        "every reading acknowledged: {r:?}"
+    );
+    let newer: BTreeSet<u32> = (0..400).filter(|s| s % 50 == 0).collect();
+    let want: BTreeSet<String> = (0..400)
+        .filter(|s| !newer.contains(s))
+        .map(|s| format!("sim-1:{}:{s}", boot.boot))
+        .collect();
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |recs| {
+        let got: BTreeSet<&String> = recs
+            .iter()
+            .filter_map(|c| c.headers.get("event-id"))
+            .collect();
+        want.iter().all(|w| got.contains(w))
+    });
+    let got: BTreeSet<String> = records
+        .iter()
+        .filter_map(|c| c.headers.get("event-id").cloned())
+        .collect();
+    assert_eq!(got, want, "an event for every reading but the newer ones");
+    let letters = kafka.read(dead, PARTITIONS, Duration::from_secs(30), |l| {
+        l.len() >= newer.len()
+    });
+    assert_eq!(letters.len(), newer.len(), "one dead letter each");
+    for l in &letters {
+        assert_eq!(
+            l.headers.get("dead-letter-reason").map(String::as_str),
+            Some("malformed_reading")
+        );
+        // The reading's message bytes as they came: type 1 (Reading), then its seq.
+        assert_eq!(l.raw.first(), Some(&1), "{:?}", l.raw);
+    }
+    assert_eq!(
+        gw.metric("gateway_events_dropped_total{input=\"dev\",reason=\"malformed_reading\"}"),
+        newer.len() as f64
     );
 }
 

@@ -9,7 +9,8 @@
 //!    past the CRC check into postcard's decoding of the message types.
 //!
 //! Every message that decodes must re-encode into a well-formed frame that decodes again
-//! to a message with the same encoding (compared as bytes, since NaN != NaN).
+//! to a message with the same encoding (compared as bytes, since NaN != NaN), and a
+//! reading's `reading_seq` must be its `seq`.
 
 #![no_main]
 
@@ -30,6 +31,12 @@ fuzz_target!(|data: &[u8]| {
     let framed = frame_body(body);
     stream::<DeviceMessage>(&framed);
     stream::<GatewayMessage>(&framed);
+
+    // A reading's seq reads the same without decoding the rest of it.
+    let seq = firmware_bridge::reading_seq(body);
+    if let Ok(DeviceMessage::Reading(r)) = firmware_bridge::decode_message::<DeviceMessage>(body) {
+        assert_eq!(seq, Some(r.seq), "reading_seq of {body:02x?}");
+    }
 });
 
 /// Feeds `bytes` to a fresh decoder and checks every message that comes out.

@@ -410,6 +410,69 @@ fn same(a: &DeviceMessage, b: &DeviceMessage) -> bool {
     frame(a) == frame(b)
 }
 
+/// A reading as a newer firmware might send it: a `Timestamp` variant this version does
+/// not know (2) in place of `UnixMs` (0), framed with a good CRC.
+fn newer_reading() -> (std::vec::Vec<u8>, std::vec::Vec<u8>) {
+    let mut body = postcard::to_allocvec(&reading()).expect("postcard");
+    // Type 1, seq 300 (ac 02), then the timestamp's variant index.
+    assert_eq!(&body[..4], &[0x01, 0xac, 0x02, 0x00]);
+    body[3] = 0x02;
+    let mut out = [0u8; MAX_FRAME];
+    let n = encode_raw(&body, &mut out).expect("frame");
+    (body, out[..n].to_vec())
+}
+
+#[test]
+fn a_reading_that_does_not_decode_is_still_known_by_its_seq() {
+    let (body, wire) = newer_reading();
+    assert_eq!(
+        decode_all::<DeviceMessage>(&wire),
+        [Err(FrameError::Malformed)]
+    );
+    let mut d = Decoder::new();
+    let mut checked = std::vec::Vec::new();
+    for &b in &wire {
+        if let Some(r) = d.push_checked(b) {
+            checked.push(r.map(<[u8]>::to_vec));
+        }
+    }
+    assert_eq!(
+        checked,
+        [Ok(body.clone())],
+        "the message's bytes, CRC cut off"
+    );
+    assert_eq!(reading_seq(&body), Some(300));
+    assert_eq!(
+        decode_message::<DeviceMessage>(&body),
+        Err(FrameError::Malformed)
+    );
+    // Other messages have no seq to read; a good reading's is its own.
+    let hello = postcard::to_allocvec(&hello()).expect("postcard");
+    assert_eq!(reading_seq(&hello), None);
+    let good = postcard::to_allocvec(&reading()).expect("postcard");
+    assert_eq!(reading_seq(&good), Some(300));
+    // Cut short, or a seq past u32: none.
+    assert_eq!(reading_seq(&[0x01]), None);
+    assert_eq!(reading_seq(&[0x01, 0xff, 0xff, 0xff, 0xff, 0x1f]), None);
+    assert_eq!(
+        reading_seq(&[0x01, 0xff, 0xff, 0xff, 0xff, 0x0f]),
+        Some(u32::MAX)
+    );
+}
+
+#[test]
+fn raw_framing_is_the_framing_of_encode() {
+    let m = reading();
+    let body = postcard::to_allocvec(&m).expect("postcard");
+    let mut out = [0u8; MAX_FRAME];
+    let n = encode_raw(&body, &mut out).expect("frame");
+    assert_eq!(out[..n], frame(&m)[..]);
+    assert_eq!(
+        encode_raw(&[0u8; MAX_PAYLOAD + 1], &mut out),
+        Err(FrameError::TooLarge)
+    );
+}
+
 proptest! {
     #[test]
     fn decode_of_encode_is_identity(m in arb_device_message()) {

@@ -194,6 +194,10 @@ pub(crate) struct Track {
     /// Changes with every new device or boot, so that acks released for readings of
     /// an earlier one (still in the pipeline) are never sent to this one.
     generation: u64,
+    /// The bytes of readings this version could not decode, by `seq`, from when they are
+    /// taken (in place of each, a reading without values holds its `seq`) until they are
+    /// forwarded (dead-lettered and acknowledged, not turned into events).
+    undecodable: BTreeMap<u32, Vec<u8>>,
 }
 
 /// What to do with one reading.
@@ -366,6 +370,42 @@ impl Track {
     }
 }
 
+/// A frame of a read: a message, or why there is none.
+type Frame = Result<DeviceMessage, Undecodable>;
+
+/// Why a frame gave no message.
+enum Undecodable {
+    /// A `Reading` that passed its CRC but does not decode: known by its `seq`, with its
+    /// message bytes (see [`firmware_bridge::reading_seq`]).
+    Reading { seq: u32, bytes: Vec<u8> },
+    /// Anything else (corrupt, unknown type, a message other than a reading that does
+    /// not decode).
+    Frame(FrameError),
+}
+
+/// The frames that end in `bytes`, decoded.
+fn read_frames(decoder: &mut Decoder, bytes: &[u8]) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    for &b in bytes {
+        let Some(checked) = decoder.push_checked(b) else {
+            continue;
+        };
+        frames.push(match checked {
+            Err(e) => Err(Undecodable::Frame(e)),
+            Ok(body) => firmware_bridge::decode_message(body).map_err(|e| {
+                match (e, firmware_bridge::reading_seq(body)) {
+                    (FrameError::Malformed, Some(seq)) => Undecodable::Reading {
+                        seq,
+                        bytes: body.to_vec(),
+                    },
+                    (e, _) => Undecodable::Frame(e),
+                }
+            }),
+        });
+    }
+    frames
+}
+
 /// One open port.
 struct Session<'a> {
     cfg: &'a SerialInput,
@@ -495,8 +535,7 @@ impl<'a> Session<'a> {
                     }
                     let received_ns = now_ns();
                     let r = if bridge {
-                        let mut frames = Vec::new();
-                        decoder.feed(&buf[..n], |f| frames.push(f));
+                        let frames = read_frames(&mut decoder, &buf[..n]);
                         self.frames(frames, &acks, &out, received_ns).await
                     } else {
                         let mut lines = Vec::new();
@@ -578,7 +617,7 @@ impl<'a> Session<'a> {
     /// Handles the firmware-bridge frames of one read.
     async fn frames(
         &mut self,
-        frames: Vec<Result<DeviceMessage, FrameError>>,
+        frames: Vec<Frame>,
         acks: &Acks,
         out: &Out,
         received_ns: i64,
@@ -586,7 +625,23 @@ impl<'a> Session<'a> {
         for f in frames {
             match f {
                 Ok(DeviceMessage::Hello(h)) => self.hello(h, acks, out).await?,
-                Ok(DeviceMessage::Reading(r)) => self.reading(r, acks, out, received_ns).await?,
+                Ok(DeviceMessage::Reading(r)) => {
+                    self.reading(r, None, acks, out, received_ns).await?
+                }
+                Err(Undecodable::Reading { seq, bytes }) => {
+                    // Known by its seq alone: it takes its place in the order and its
+                    // ack moves on past it, or the device would send it for good and
+                    // hold back every reading after it.
+                    let placeholder = Reading {
+                        seq,
+                        time: Timestamp::UptimeMs(0),
+                        fix: None,
+                        channels: heapless::Vec::new(),
+                        boot: None,
+                    };
+                    self.reading(placeholder, Some(bytes), acks, out, received_ns)
+                        .await?
+                }
                 Ok(DeviceMessage::Heartbeat(h)) => {
                     tracing::debug!(input = %self.cfg.name, uptime_ms = h.uptime_ms, unacked = h.unacked, "heartbeat");
                 }
@@ -611,12 +666,12 @@ impl<'a> Session<'a> {
                         }
                     }
                 }
-                Err(FrameError::UnknownType(t)) => {
+                Err(Undecodable::Frame(FrameError::UnknownType(t))) => {
                     self.m.received.inc();
                     self.m.dropped("unknown_message", 1);
                     tracing::debug!(input = %self.cfg.name, message_type = t, "skipped a message type this version does not know");
                 }
-                Err(e) => {
+                Err(Undecodable::Frame(e)) => {
                     // A lost reading is resent by the device (it was not acknowledged).
                     self.m.received.inc();
                     self.m.dropped("corrupt_frame", 1);
@@ -656,16 +711,23 @@ impl<'a> Session<'a> {
             .await
     }
 
+    /// Takes a reading; `undecodable` holds the bytes of one this version could not
+    /// decode (`r` then holds only its seq).
     async fn reading(
         &mut self,
         r: Reading,
+        undecodable: Option<Vec<u8>>,
         acks: &Acks,
         out: &Out,
         received_ns: i64,
     ) -> Result<(), Closed> {
         let (take, device, gap) = {
             let mut t = lock(&self.track);
+            let seq = r.seq;
             let take = t.take(r, received_ns);
+            if let (Take::Forward { .. }, Some(bytes)) = (&take, undecodable) {
+                t.undecodable.insert(seq, bytes);
+            }
             (take, t.device().map(|(d, b)| (d.to_string(), b)), t.gap())
         };
         let (ready, resend, (id, boot)) = match (take, device) {
@@ -742,6 +804,25 @@ impl<'a> Session<'a> {
                 Some((acks, out)) => self.ack(acks, out, boot, r.seq),
                 None => Ack::none(),
             };
+            let undecodable = {
+                let mut t = lock(&self.track);
+                (!t.undecodable.is_empty())
+                    .then(|| t.undecodable.remove(&r.seq))
+                    .flatten()
+            };
+            if let Some(bytes) = undecodable {
+                let bad = super::payload::Malformed {
+                    reason: "malformed_reading",
+                    detail: format!(
+                        "reading {} of boot {boot} passed its CRC but does not decode (a newer firmware's value?); its bytes are kept",
+                        r.seq
+                    ),
+                };
+                self.emit
+                    .malformed(bad, &self.origin, received_ns, &bytes, ack)
+                    .await?;
+                continue;
+            }
             // A NaN or infinite value (a sensor fault) has no JSON form: the reading goes
             // on without it, counted.
             let not_finite = r.channels.iter().filter(|c| !c.value.is_finite()).count();
