@@ -144,13 +144,7 @@ pub fn reading_seq(body: &[u8]) -> Option<u32> {
     if message_type(body)? != READING_TYPE {
         return None;
     }
-    let rest = &body[ty_len..];
-    let seq_len = varint_len(rest)?;
-    // A u32 takes at most 5 bytes, the fifth with 4 bits.
-    if seq_len == 5 && rest[4] > 0x0f {
-        return None;
-    }
-    message_type(rest)
+    message_type(&body[ty_len..])
 }
 
 /// The message type of [`DeviceMessage::Reading`].
@@ -177,10 +171,14 @@ pub fn encode_raw(body: &[u8], out: &mut [u8]) -> Result<usize, FrameError> {
     seal(&mut raw, body.len(), out)
 }
 
-/// The leading varint (the enum variant index).
+/// The leading varint (the enum variant index) as a u32, as postcard reads one: at most
+/// 5 bytes, the fifth carrying 4 bits.
 fn message_type(body: &[u8]) -> Option<u32> {
     let mut v: u32 = 0;
-    for (i, b) in body.iter().take(5).enumerate() {
+    for (i, &b) in body.iter().take(5).enumerate() {
+        if i == 4 && b > 0x0f {
+            return None;
+        }
         v |= u32::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
             return Some(v);

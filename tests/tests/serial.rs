@@ -314,9 +314,20 @@ fn a_reading_that_does_not_decode_is_dead_lettered_and_the_rest_go_on() {
         "",
         &format!("dead_letter_topic = \"{dead}\""),
         &[TOPIC, dead],
-        &["--count", "400", "--rate", "400", "--newer-every", "50"],
+        // Some frames corrupted too: gaps, resends and readings held behind them.
+        &[
+            "--count",
+            "400",
+            "--rate",
+            "400",
+            "--newer-every",
+            "50",
+            "--corrupt",
+            "0.005",
+        ],
     );
     let r = report(sim);
+    assert!(r.corrupted_bytes > 0, "{r:?}");
     assert_eq!(r.boots.len(), 1, "{r:?}");
     let boot = &r.boots[0];
     assert_eq!(

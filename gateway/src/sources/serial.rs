@@ -11,7 +11,9 @@
 //!   once (`Resend`), and the oldest one again every 100 ms while readings keep coming; a
 //!   device that hears nothing resends everything unacknowledged after its timeout,
 //!   `Hello` first, whose `resume_from` also says which missing readings it gave up. Resends of readings already taken are
-//!   dropped as `duplicate` and acknowledged again.
+//!   dropped as `duplicate` and acknowledged again. A reading that passes its CRC but
+//!   does not decode (a newer firmware's value) is taken by its `seq` alone and
+//!   dead-lettered in its turn (`malformed_reading`), so its ack does not stop there.
 //! - `json-lines`: one JSON object per line, mapped like an MQTT payload; nothing is
 //!   acknowledged (the line has no way back).
 //! - `nmea`: NMEA 0183 from a GPS receiver; position fixes become location events
