@@ -279,6 +279,10 @@ pub(super) struct Net<F> {
     /// connect again at once, which is the input's to do (after its backoff), not
     /// `keep_up`'s.
     broken: bool,
+    /// When the event loop was last polled: `keep_up` starts polling [`KEEP_UP_AFTER`]
+    /// from then, not from the start of each wait (an input working through what it
+    /// held, waiting a little for each batch, would otherwise never poll).
+    polled_at: tokio::time::Instant,
 }
 
 /// An input's connection over `client` and `events`.
@@ -294,6 +298,7 @@ pub(super) fn net(
         held: VecDeque::new(),
         held_bytes: 0,
         broken: false,
+        polled_at: tokio::time::Instant::now(),
     }
 }
 
@@ -323,6 +328,7 @@ impl<F: PollOwned> Net<F> {
 
     /// Resumes the poll under way, or starts one.
     fn poll_events(&mut self, cx: &mut Context<'_>) -> Poll<Result<Polled, String>> {
+        self.polled_at = tokio::time::Instant::now();
         if self.polling.is_none() {
             let Some(events) = self.events.take() else {
                 // Only a poll that panicked could have taken it.
@@ -358,14 +364,15 @@ impl<F: PollOwned> Net<F> {
     }
 
     /// Keeps the connection going while the input waits for room in the router; never
-    /// returns (the wait drops it). After [`KEEP_UP_AFTER`] it polls the event loop, so
+    /// returns (the wait drops it). [`KEEP_UP_AFTER`] after the last poll it polls the
+    /// event loop, so
     /// that acks and pings go out and the broker does not drop a client it stopped
     /// hearing from (after 1.5 x `keep_alive`, sending its unacknowledged window again);
     /// what arrives is held for the input, in order, up to [`MAX_HELD_BYTES`]. It stops
     /// polling at that bound and at a broken connection (reconnecting is the input's
     /// part, after its backoff).
     pub async fn keep_up(&mut self) -> Infallible {
-        tokio::time::sleep(KEEP_UP_AFTER).await;
+        tokio::time::sleep_until(self.polled_at + KEEP_UP_AFTER).await;
         loop {
             if self.broken || self.held_bytes >= MAX_HELD_BYTES {
                 return std::future::pending().await;
@@ -381,6 +388,12 @@ impl<F: PollOwned> Net<F> {
                 other => self.held.push_back(other),
             }
         }
+    }
+
+    /// The last poll ended in a connection error, and nothing polled since (the next
+    /// poll would connect again).
+    pub fn broken(&self) -> bool {
+        self.broken
     }
 
     /// Forgets a broken connection's state (see `Events::clean`); only between polls.

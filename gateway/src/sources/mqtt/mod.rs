@@ -404,9 +404,12 @@ pub async fn run(
         }
     }
     drop(acks);
-    let mut broken = false;
+    // A connection that broke (an error the loop did not get to, held by `keep_up`, or
+    // one it was waiting out): a poll would connect again, and acks of the old
+    // connection mean nothing on a new one.
+    let mut broken = net.broken();
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while !acker.is_finished() {
+        while !broken && !acker.is_finished() {
             tokio::select! {
                 polled = net.next() => match polled {
                     // A broken connection: the next poll would connect again, and the
