@@ -784,6 +784,17 @@ fn default_topic() -> String {
 fn default_key() -> String {
     "{device}".into()
 }
+impl KafkaOutput {
+    /// The producer is idempotent: `options` do not turn `enable.idempotence` off
+    /// (librdkafka reads `false`, `f` and `0`, in any case, as false).
+    pub fn idempotent(&self) -> bool {
+        !self
+            .options
+            .get("enable.idempotence")
+            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "f" | "0"))
+    }
+}
+
 fn default_linger() -> Duration {
     Duration::from_millis(20)
 }
@@ -1371,6 +1382,19 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
             err(format!("output.kafka.options.\"{key}\""), why);
         }
     }
+    // Without idempotence librdkafka retries a failed request after the ones behind it
+    // went: with more than one in flight per connection a device's events lose their
+    // order. The producer then sends one at a time unless told otherwise; not more.
+    if !k.idempotent() {
+        for key in ["max.in.flight.requests.per.connection", "max.in.flight"] {
+            if k.options.get(key).is_some_and(|v| v.trim() != "1") {
+                err(
+                    format!("output.kafka.options.\"{key}\""),
+                    "must be 1 with enable.idempotence off (a retried request would land after the next one, and a device's events lose their order); leave it out, the gateway sets 1",
+                );
+            }
+        }
+    }
     if k.queue_max_messages == 0 || k.queue_max_kbytes == 0 {
         err(
             "output.kafka.queue_max_messages".into(),
@@ -1854,6 +1878,8 @@ brokers = "k:9092"
         for ok in [
             "\"acks\" = \"all\"",
             "\"enable.idempotence\" = \"false\"",
+            "\"enable.idempotence\" = \"F\"\n\"max.in.flight\" = \"1\"",
+            "\"max.in.flight.requests.per.connection\" = \"5\"",
             "\"linger.ms\" = \"50\"",
             "\"partitioner\" = \"murmur2_random\"",
             "\"reconnect.backoff.max.ms\" = \"500\"",
@@ -1866,6 +1892,8 @@ brokers = "k:9092"
             "\"delivery.report.only.error\" = \"true\"",
             "\"transactional.id\" = \"x\"",
             "\"partitioner\" = \"random\"",
+            "\"enable.idempotence\" = \"0\"\n\"max.in.flight.requests.per.connection\" = \"5\"",
+            "\"enable.idempotence\" = \"false\"\n\"max.in.flight\" = \"2\"",
             "\"queue.buffering.max.kbytes\" = \"1048576\"",
             "\"message.timeout.ms\" = \"0\"",
         ] {

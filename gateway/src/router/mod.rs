@@ -567,7 +567,7 @@ const GATE_RECHECK: Duration = Duration::from_millis(5);
 /// sent, and only one input batch would go per round trip.
 fn gate_linger(out: &KafkaOutput) -> Option<Duration> {
     let option = |k: &str| out.options.get(k).map(|v| v.trim().to_ascii_lowercase());
-    if option("enable.idempotence").is_some_and(|v| v == "false" || v == "0") {
+    if !out.idempotent() {
         return None;
     }
     let linger = match option("linger.ms").or_else(|| option("queue.buffering.max.ms")) {

@@ -561,6 +561,15 @@ pub fn client_config(cfg: &KafkaOutput, gateway_id: &str) -> Result<ClientConfig
     for (k, v) in &cfg.options {
         c.set(k, v);
     }
+    // Without idempotence a retried request lands after the ones behind it: one request
+    // in flight per connection keeps each device's order (config validation refuses
+    // more).
+    let in_flight_set = ["max.in.flight.requests.per.connection", "max.in.flight"]
+        .iter()
+        .any(|k| cfg.options.contains_key(*k));
+    if !cfg.idempotent() && !in_flight_set {
+        c.set("max.in.flight.requests.per.connection", "1");
+    }
     Ok(c)
 }
 
@@ -1008,18 +1017,27 @@ fn expand_into(template: &str, e: &Event, safe: bool, out: &mut String) {
     }
 }
 
-/// An event's Kafka record timestamp: its time in ms. One at or before the epoch (a
-/// stage's arithmetic, a clock never set that went through) is the receive time
-/// instead: librdkafka reads 0 as "now", which would differ between a direct send and a
-/// later drain, and -1 as no timestamp.
+/// An event's Kafka record timestamp: its time in ms. The receive time instead for a
+/// time at or before the epoch (a stage's arithmetic, a clock never set that went
+/// through: librdkafka reads 0 as "now", which would differ between a direct send and a
+/// later drain, and -1 as no timestamp), and for one more than [`MAX_AHEAD_MS`] after
+/// the receive time (a device clock far ahead): Kafka 4.0 refuses a record more than
+/// an hour ahead of the broker's clock (`log.message.timestamp.after.max.ms`), and with
+/// it the whole batch it came in. The value keeps the event's own time either way.
 fn record_timestamp_ms(e: &Event) -> i64 {
     let ms = e.time_ns.div_euclid(1_000_000);
-    if ms > 0 {
+    let received = e.received_ns.div_euclid(1_000_000).max(1);
+    if ms > 0 && ms <= received.saturating_add(MAX_AHEAD_MS) {
         ms
     } else {
-        e.received_ns.div_euclid(1_000_000).max(1)
+        received
     }
 }
+
+/// How far past its receipt an event's time may be and still be its record's
+/// timestamp: half of Kafka 4.0's default limit, leaving room for the gateway's clock
+/// and the broker's to differ.
+const MAX_AHEAD_MS: i64 = 30 * 60 * 1000;
 
 /// The longest topic name Kafka takes.
 const MAX_TOPIC_NAME: usize = 249;
@@ -1340,6 +1358,43 @@ mod tests {
         assert!(
             sink.fatal.load(Ordering::SeqCst),
             "the fatal error event was served"
+        );
+    }
+
+    #[test]
+    fn a_record_timestamp_is_the_event_time_unless_before_1970_or_far_ahead() {
+        let at = |time_ms: i64, received_ms: i64| {
+            let mut e = event();
+            e.time_ns = time_ms * 1_000_000;
+            e.received_ns = received_ms * 1_000_000;
+            record_timestamp_ms(&e)
+        };
+        let now = 1_800_000_000_000;
+        assert_eq!(at(now - 86_400_000, now), now - 86_400_000, "a day old");
+        assert_eq!(at(now + MAX_AHEAD_MS, now), now + MAX_AHEAD_MS);
+        assert_eq!(at(now + MAX_AHEAD_MS + 1, now), now, "too far ahead");
+        assert_eq!(at(4_102_444_800_000, now), now, "a clock at 2100");
+        assert_eq!(at(0, now), now);
+        assert_eq!(at(-5, now), now);
+        assert_eq!(at(-5, 0), 1, "never 0 (now) or -1 (none)");
+    }
+
+    #[test]
+    fn without_idempotence_one_request_is_in_flight() {
+        let with = |opts: &str| {
+            let cfg: KafkaOutput =
+                toml::from_str(&format!("brokers = \"127.0.0.1:1\"\n[options]\n{opts}"))
+                    .expect("cfg");
+            let c = client_config(&cfg, "g").expect("config");
+            c.get("max.in.flight.requests.per.connection")
+                .map(str::to_string)
+        };
+        assert_eq!(with(""), None, "idempotent: librdkafka's own limit");
+        assert_eq!(with("\"enable.idempotence\" = \"False\""), Some("1".into()));
+        assert_eq!(
+            with("\"enable.idempotence\" = \"0\"\n\"max.in.flight\" = \"1\""),
+            None,
+            "the alias the options set stands"
         );
     }
 
