@@ -1436,15 +1436,22 @@ impl Router {
                 }
             }
         }
-        let commit_due = self.pending.len() >= self.cfg.commit_rows
-            || self
-                .pending_since
-                .is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
-            || self.pending_deletes.len() >= 8192
-            || self
-                .deletes_since
-                .is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
-            || self.write_retry_at.is_some_and(|t| Instant::now() >= t);
+        // After a failed write, the next try waits for its time (not every turn of the
+        // loop while `pending` stays over `commit_rows`: a full disk was written to
+        // about a hundred times a second).
+        let commit_due = match self.write_retry_at {
+            Some(t) => Instant::now() >= t,
+            None => {
+                self.pending.len() >= self.cfg.commit_rows
+                    || self
+                        .pending_since
+                        .is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
+                    || self.pending_deletes.len() >= 8192
+                    || self
+                        .deletes_since
+                        .is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
+            }
+        };
         if commit_due {
             self.commit();
         }
