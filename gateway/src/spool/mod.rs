@@ -381,7 +381,10 @@ impl Spool {
             Err(e) => return Err(e),
         };
         if marker.exists() {
+            // Gone for good before anything is acknowledged from this spool: a marker
+            // that came back after a power loss would move a healthy spool aside.
             std::fs::remove_file(&marker)?;
+            sync_dir(&marker)?;
         }
         Spool::with_counts(conn, path)
     }
@@ -389,7 +392,11 @@ impl Spool {
     /// Records that SQLite found this spool corrupt while running, so that the next open
     /// moves it aside whatever its quick check says.
     pub fn mark_corrupt(&self) -> std::io::Result<()> {
-        std::fs::write(corrupt_marker(&self.path), b"")
+        // Durable before the exit that follows: without it a power loss could take it
+        // back, and the next start would find the damage again and again.
+        let marker = corrupt_marker(&self.path);
+        std::fs::File::create(&marker)?.sync_all()?;
+        sync_dir(&marker)
     }
 
     /// Wraps an open connection, reading the row and byte counts and the highest seq.
