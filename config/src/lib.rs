@@ -784,6 +784,7 @@ fn default_topic() -> String {
 fn default_key() -> String {
     "{device}".into()
 }
+
 impl KafkaOutput {
     /// The producer is idempotent: `options` do not turn `enable.idempotence` off
     /// (librdkafka reads `false`, `f` and `0`, in any case, as false).

@@ -385,6 +385,14 @@ enum Undecodable {
     Frame(FrameError),
 }
 
+/// Whether a protocol version 2 reading's bytes end with `boot`, its last field (a
+/// varint; `Reading` writes it only when there is one). A boot whose varint ends with
+/// the same bytes (128 and 1) passes: this tells boots apart, it does not prove one.
+fn ends_with_boot(bytes: &[u8], boot: u32) -> bool {
+    let mut tail = [0u8; 5];
+    postcard::to_slice(&boot, &mut tail).is_ok_and(|varint| bytes.ends_with(varint))
+}
+
 /// The frames that end in `bytes`, decoded.
 fn read_frames(decoder: &mut Decoder, bytes: &[u8]) -> Vec<Frame> {
     let mut frames = Vec::new();
@@ -420,6 +428,8 @@ struct Session<'a> {
     no_hello_seen: u64,
     /// The last boot whose readings came before its `Hello` (logged once per boot).
     other_boot_seen: Option<u32>,
+    /// The protocol version of the last `Hello`.
+    protocol: Option<u16>,
     /// The last `Resend` asked for the oldest gap, and when.
     asked: Option<(u32, Instant)>,
     /// What the previous session of this port took in: device, boot, and the seq above
@@ -445,6 +455,7 @@ impl<'a> Session<'a> {
             track: Arc::new(Mutex::new(Track::default())),
             no_hello_seen: 0,
             other_boot_seen: None,
+            protocol: None,
             asked: None,
             before,
         }
@@ -633,7 +644,18 @@ impl<'a> Session<'a> {
                 Err(Undecodable::Reading { seq, bytes }) => {
                     // Known by its seq alone: it takes its place in the order and its
                     // ack moves on past it, or the device would send it for good and
-                    // hold back every reading after it.
+                    // hold back every reading after it. A version 2 reading ends with
+                    // its boot: one of another boot than the last Hello's (a reboot
+                    // whose Hello was lost) waits for the device to introduce itself,
+                    // as a reading that decodes would (`unknown_boot`).
+                    let boot = lock(&self.track).device().map(|(_, b)| b);
+                    if let (Some(2), Some(boot)) = (self.protocol, boot) {
+                        if !ends_with_boot(&bytes, boot) {
+                            self.m.received.inc();
+                            self.m.dropped("unknown_boot", 1);
+                            continue;
+                        }
+                    }
                     let placeholder = Reading {
                         seq,
                         time: Timestamp::UptimeMs(0),
@@ -685,6 +707,7 @@ impl<'a> Session<'a> {
     }
 
     async fn hello(&mut self, h: Hello, acks: &Acks, out: &Out) -> Result<(), Closed> {
+        self.protocol = Some(h.protocol);
         tracing::info!(input = %self.cfg.name, device = %h.device_id, boot = h.boot, resume_from = h.resume_from, firmware = %h.firmware, protocol = h.protocol, "device hello");
         let ended = lock(&self.track).end_boot(&h.device_id, h.boot);
         if let Some(Ended {
@@ -816,7 +839,7 @@ impl<'a> Session<'a> {
                 let bad = super::payload::Malformed {
                     reason: "malformed_reading",
                     detail: format!(
-                        "reading {} of boot {boot} passed its CRC but does not decode (a newer firmware's value?); its bytes are kept",
+                        "reading {} of boot {boot} passed its CRC but does not decode (a value of a newer firmware?); acknowledged, its bytes go to the dead-letter topic if one is set",
                         r.seq
                     ),
                 };
@@ -1094,6 +1117,23 @@ fn reading_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_2_reading_ends_with_its_boot() {
+        let reading = |boot| Reading {
+            seq: 7,
+            time: Timestamp::UnixMs(1_800_000_000_000),
+            fix: None,
+            channels: heapless::Vec::new(),
+            boot: Some(boot),
+        };
+        for boot in [0, 1, 127, 128, 300_000, u32::MAX] {
+            let bytes = postcard::to_allocvec(&reading(boot)).expect("postcard");
+            assert!(ends_with_boot(&bytes, boot), "{boot}");
+            assert!(!ends_with_boot(&bytes, boot.wrapping_add(1)), "{boot}");
+            assert!(!ends_with_boot(&bytes, boot.wrapping_add(2)), "{boot}");
+        }
+    }
 
     fn r(seq: u32) -> Reading {
         Reading {
