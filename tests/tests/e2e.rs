@@ -995,7 +995,7 @@ fn rejected_for_good(quarantine_fails: bool) {
         assert_eq!(quarantined, 1, "the direct one, before the trigger");
         assert!(
             gw.log_text()
-                .contains("cannot quarantine a spool row; deleting it"),
+                .contains("cannot quarantine spool rows; deleting them"),
             "{}",
             gw.log_text()
         );

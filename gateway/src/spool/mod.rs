@@ -588,25 +588,37 @@ impl Spool {
 
     /// Moves a row that cannot be decoded to the quarantine table.
     pub fn quarantine_row(&mut self, seq: u64, reason: &str) -> Result<(), SpoolError> {
+        self.quarantine_rows(&[(seq, reason.to_string())])
+    }
+
+    /// Moves rows (seq, reason) to the quarantine table, in one transaction: a topic
+    /// set aside with a backlog is one commit per batch of reports, not one per row.
+    /// Rows no longer in the spool are passed over.
+    pub fn quarantine_rows(&mut self, rows: &[(u64, String)]) -> Result<(), SpoolError> {
         let tx = self.conn.transaction()?;
-        let len: Option<i64> = tx
-            .query_row(
-                "SELECT coalesce(length(data), 0) FROM spool WHERE seq = ?1",
-                [seq as i64],
-                |r| r.get(0),
-            )
-            .optional()?;
-        tx.execute(
-            "INSERT OR REPLACE INTO quarantine (seq, source, data, reason, at) SELECT seq, source, data, ?2, unixepoch() FROM spool WHERE seq = ?1",
-            params![seq as i64, reason],
-        )?;
-        tx.execute("DELETE FROM spool WHERE seq = ?1", [seq as i64])?;
-        tx.commit()?;
-        if let Some(len) = len {
-            self.rows -= 1;
-            self.bytes -= len as u64;
-            self.quarantine_bytes += len as u64;
+        let (mut moved, mut moved_bytes) = (0u64, 0u64);
+        {
+            let mut len_of =
+                tx.prepare_cached("SELECT coalesce(length(data), 0) FROM spool WHERE seq = ?1")?;
+            let mut copy = tx.prepare_cached(
+                "INSERT OR REPLACE INTO quarantine (seq, source, data, reason, at) SELECT seq, source, data, ?2, unixepoch() FROM spool WHERE seq = ?1",
+            )?;
+            let mut delete = tx.prepare_cached("DELETE FROM spool WHERE seq = ?1")?;
+            for (seq, reason) in rows {
+                let len: Option<i64> = len_of.query_row([*seq as i64], |r| r.get(0)).optional()?;
+                let Some(len) = len else {
+                    continue;
+                };
+                copy.execute(params![*seq as i64, reason])?;
+                delete.execute([*seq as i64])?;
+                moved += 1;
+                moved_bytes += len as u64;
+            }
         }
+        tx.commit()?;
+        self.rows -= moved;
+        self.bytes -= moved_bytes;
+        self.quarantine_bytes += moved_bytes;
         Ok(())
     }
 

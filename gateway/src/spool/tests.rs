@@ -204,6 +204,35 @@ fn undecodable_rows_go_to_quarantine() {
 }
 
 #[test]
+fn rows_move_to_the_quarantine_together_and_missing_ones_are_passed_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = open(&dir);
+    s.write(&[row(1, 10), row(2, 20), row(3, 30), row(4, 40)], &[])
+        .expect("write");
+    let moves: Vec<(u64, String)> = [2, 9, 4]
+        .iter()
+        .map(|&q| (q, format!("refused {q}")))
+        .collect();
+    s.quarantine_rows(&moves).expect("quarantine");
+    assert_eq!((s.rows(), s.bytes(), s.quarantine_bytes()), (2, 40, 60));
+    let left: Vec<u64> = s
+        .read_after(0, 10)
+        .expect("read")
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(left, [1, 3]);
+    drop(s);
+    let s = open(&dir);
+    assert_eq!(
+        (s.rows(), s.bytes(), s.quarantine_bytes()),
+        (2, 40, 60),
+        "the same at open"
+    );
+    assert_eq!(s.stats().expect("stats").quarantined_rows, 2);
+}
+
+#[test]
 fn refused_records_go_to_the_quarantine_with_the_commit_and_export_with_reasons() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = open(&dir);
