@@ -814,7 +814,7 @@ pub fn publish(
             let topic = format!("sensors/dev-{d}/telemetry");
             let payload = format!(
                 r#"{{"device":"dev-{d}","seq":{seq},"ts":{},"temperature":{:.1},"lat":52.{d:04},"lon":13.{seq:04}}}"#,
-                1_800_000_000_000u64 + seq as u64,
+                1_750_000_000_000u64 + seq as u64,
                 20.0 + (seq % 10) as f64
             );
             messages.push((topic.clone(), payload.into_bytes()));

@@ -49,7 +49,7 @@ fn qos1_events_reach_kafka_in_order_with_key_and_headers() {
         .expect("seq");
     assert_eq!(
         r.timestamp,
-        Some(1_800_000_000_000 + seq),
+        Some(1_750_000_000_000 + seq),
         "record timestamp = event time"
     );
     assert!(r.value["location"]["lat"].is_number());
@@ -346,7 +346,7 @@ fn an_input_waiting_for_a_full_spool_keeps_its_connection() {
             let records: Vec<String> = (0..pack)
                 .map(|k| format!(r#"{{"n":"temperature","t":{},"v":{k}}}"#, seq * pack + k))
                 .collect();
-            let payload = format!(r#"[{{"bt":1800000000}},{}]"#, records.join(","));
+            let payload = format!(r#"[{{"bt":1750000000}},{}]"#, records.join(","));
             messages.push((format!("sensors/dev-{d}/telemetry"), payload.into_bytes()));
         }
     }

@@ -19,7 +19,7 @@ const DEAD: &str = "telemetry.dead-letter";
 fn stages_filter_reject_geofence_window_and_route_with_every_event_accounted_for() {
     let (devices, n) = (10, 200);
     // The publisher's events: temperature 20 + seq % 10, lat 52.000d, lon 13.0000 + seq
-    // / 10000, time 1_800_000_000_000 ms + seq.
+    // / 10000, time 1_750_000_000_000 ms + seq.
     let input_stages = r#"
 [[inputs.stages]]
 type = "filter"
@@ -34,6 +34,7 @@ expr = "temperature >= 29.0"
 type = "validate"
 ranges = {{ temperature = {{ max = 27.5 }} }}
 max_future = "1000d"
+max_past = "1000d"
 action = "dead_letter"
 
 [[stages]]

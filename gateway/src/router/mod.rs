@@ -794,8 +794,15 @@ impl Router {
 
     fn next_deadline(&self) -> Duration {
         let mut d = Duration::from_millis(100);
-        if let Some(since) = self.pending_since.or(self.deletes_since) {
-            d = d.min(self.cfg.commit_interval.saturating_sub(since.elapsed()));
+        match self.write_retry_at {
+            // A failed write is tried again at its time, not when the commit interval
+            // says (which has long passed: the thread would wake every millisecond).
+            Some(at) => d = d.min(at.saturating_duration_since(Instant::now())),
+            None => {
+                if let Some(since) = self.pending_since.or(self.deletes_since) {
+                    d = d.min(self.cfg.commit_interval.saturating_sub(since.elapsed()));
+                }
+            }
         }
         d.max(Duration::from_millis(1))
     }
@@ -957,11 +964,23 @@ impl Router {
             return;
         }
         let moves = std::mem::take(&mut self.pending_moves);
-        if let Err(e) = self.spool.quarantine_rows(&moves) {
-            self.exit_if_corrupt(&e);
-            tracing::error!(rows = moves.len(), error = %e, "cannot quarantine spool rows; deleting them (they are counted as dropped)");
-            for (seq, _) in moves {
-                self.delete_row(seq);
+        // The quarantine's bound (see `quarantine_has_room`), row by row.
+        let room = (self.cfg.max_bytes / 4).saturating_sub(self.pending_quarantine_bytes);
+        match self.spool.quarantine_rows(&moves, room) {
+            Ok(no_room) => {
+                if !no_room.is_empty() {
+                    self.quarantine_full();
+                }
+                for seq in no_room {
+                    self.delete_row(seq);
+                }
+            }
+            Err(e) => {
+                self.exit_if_corrupt(&e);
+                tracing::error!(rows = moves.len(), error = %e, "cannot quarantine spool rows; deleting them (they are counted as dropped)");
+                for (seq, _) in moves {
+                    self.delete_row(seq);
+                }
             }
         }
     }
@@ -1381,8 +1400,8 @@ impl Router {
             self.delete_row(seq);
             return;
         }
-        // Moved with the others of this batch of reports (`move_set_aside`), or at
-        // once by the drain.
+        // Moved with the others of this batch of reports, or of this drain
+        // (`move_set_aside`; the drain's cursor is past it already).
         self.pending_moves.push((seq, reason.to_string()));
     }
 
@@ -1410,15 +1429,21 @@ impl Router {
     fn quarantine_has_room(&mut self, more: u64) -> bool {
         let used = self.spool.quarantine_bytes() + self.pending_quarantine_bytes + more;
         let room = used <= self.cfg.max_bytes / 4;
-        if !room
-            && self
-                .quarantine_full_logged
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        if !room {
+            self.quarantine_full();
+        }
+        room
+    }
+
+    /// Logs, at most once a minute, that the quarantine table is full.
+    fn quarantine_full(&mut self) {
+        if self
+            .quarantine_full_logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
         {
             self.quarantine_full_logged = Some(Instant::now());
             tracing::error!(limit = self.cfg.max_bytes / 4, "the spool's quarantine table is full (a quarter of spool.max_bytes): records Kafka refuses are dropped without a copy; `gateway spool export --quarantined` writes it out (README, \"Inspect the spool\")");
         }
-        room
     }
 
     fn delete_row(&mut self, seq: u64) {
@@ -1677,6 +1702,12 @@ impl Router {
     }
 
     fn drain(&mut self) {
+        self.drain_rows();
+        // What it set aside (undecodable rows, rows refused at send), in one go.
+        self.move_set_aside();
+    }
+
+    fn drain_rows(&mut self) {
         // Nor while spool writes fail (a full disk): the deletes of what Kafka confirms
         // cannot be committed either, and would pile up in memory, to be sent all over
         // again after a restart.
@@ -1832,7 +1863,6 @@ impl Router {
                 }
                 self.delivery_acks.remove(&row.seq);
                 self.set_aside(row.seq, &e.to_string());
-                self.move_set_aside();
                 self.pass(row.seq, probe);
                 return Step::Passed;
             }
@@ -1864,8 +1894,6 @@ impl Router {
                 self.delivery_acks.remove(&row.seq);
                 let event = matches!(record, Record::Event(_));
                 self.reject(input, event, row.seq, &e, Some(row.seq));
-                // Moved now: the drain may read on past it in this call.
-                self.move_set_aside();
                 Step::Passed
             }
             // Its topic is refused for now: parked, the drain goes on with the others.

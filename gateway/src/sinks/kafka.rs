@@ -1027,7 +1027,11 @@ fn expand_into(template: &str, e: &Event, safe: bool, out: &mut String) {
 fn record_timestamp_ms(e: &Event) -> i64 {
     let ms = e.time_ns.div_euclid(1_000_000);
     let received = e.received_ns.div_euclid(1_000_000).max(1);
-    if ms > 0 && ms <= received.saturating_add(MAX_AHEAD_MS) {
+    // Only a gateway clock that was set can say a device's is ahead (a board without a
+    // real-time clock starts offline in 1970 or at a stale saved time).
+    let gateway_clock_set = e.received_ns >= crate::sources::payload::UNSET_CLOCK_BEFORE_NS;
+    let too_far_ahead = gateway_clock_set && ms > received.saturating_add(MAX_AHEAD_MS);
+    if ms > 0 && !too_far_ahead {
         ms
     } else {
         received
@@ -1377,6 +1381,9 @@ mod tests {
         assert_eq!(at(0, now), now);
         assert_eq!(at(-5, now), now);
         assert_eq!(at(-5, 0), 1, "never 0 (now) or -1 (none)");
+        // A gateway clock not set yet (1970, or before 2001) says nothing.
+        assert_eq!(at(now, 5_000), now);
+        assert_eq!(at(now, 900_000_000_000), now);
     }
 
     #[test]

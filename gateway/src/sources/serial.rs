@@ -430,6 +430,8 @@ struct Session<'a> {
     other_boot_seen: Option<u32>,
     /// The protocol version of the last `Hello`.
     protocol: Option<u16>,
+    /// "An undecodable reading of another boot" was logged (once a session).
+    undecodable_other_boot_logged: bool,
     /// The last `Resend` asked for the oldest gap, and when.
     asked: Option<(u32, Instant)>,
     /// What the previous session of this port took in: device, boot, and the seq above
@@ -456,6 +458,7 @@ impl<'a> Session<'a> {
             no_hello_seen: 0,
             other_boot_seen: None,
             protocol: None,
+            undecodable_other_boot_logged: false,
             asked: None,
             before,
         }
@@ -653,6 +656,10 @@ impl<'a> Session<'a> {
                         if !ends_with_boot(&bytes, boot) {
                             self.m.received.inc();
                             self.m.dropped("unknown_boot", 1);
+                            if !self.undecodable_other_boot_logged {
+                                self.undecodable_other_boot_logged = true;
+                                tracing::warn!(input = %self.cfg.name, seq, "an undecodable reading of another boot than the last Hello's (the device rebooted); waiting for it to introduce itself");
+                            }
                             continue;
                         }
                     }

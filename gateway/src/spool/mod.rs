@@ -588,15 +588,22 @@ impl Spool {
 
     /// Moves a row that cannot be decoded to the quarantine table.
     pub fn quarantine_row(&mut self, seq: u64, reason: &str) -> Result<(), SpoolError> {
-        self.quarantine_rows(&[(seq, reason.to_string())])
+        self.quarantine_rows(&[(seq, reason.to_string())], u64::MAX)
+            .map(|_| ())
     }
 
     /// Moves rows (seq, reason) to the quarantine table, in one transaction: a topic
     /// set aside with a backlog is one commit per batch of reports, not one per row.
-    /// Rows no longer in the spool are passed over.
-    pub fn quarantine_rows(&mut self, rows: &[(u64, String)]) -> Result<(), SpoolError> {
+    /// Rows no longer in the spool are passed over; a row that would take the table's
+    /// bytes past `limit` is not moved, and its seq is returned (the caller deletes it).
+    pub fn quarantine_rows(
+        &mut self,
+        rows: &[(u64, String)],
+        limit: u64,
+    ) -> Result<Vec<u64>, SpoolError> {
         let tx = self.conn.transaction()?;
         let (mut moved, mut moved_bytes) = (0u64, 0u64);
+        let mut no_room = Vec::new();
         {
             let mut len_of =
                 tx.prepare_cached("SELECT coalesce(length(data), 0) FROM spool WHERE seq = ?1")?;
@@ -609,6 +616,10 @@ impl Spool {
                 let Some(len) = len else {
                     continue;
                 };
+                if self.quarantine_bytes + moved_bytes + len as u64 > limit {
+                    no_room.push(*seq);
+                    continue;
+                }
                 copy.execute(params![*seq as i64, reason])?;
                 delete.execute([*seq as i64])?;
                 moved += 1;
@@ -619,7 +630,7 @@ impl Spool {
         self.rows -= moved;
         self.bytes -= moved_bytes;
         self.quarantine_bytes += moved_bytes;
-        Ok(())
+        Ok(no_room)
     }
 
     /// Bytes of record data in the quarantine table.

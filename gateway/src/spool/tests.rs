@@ -209,11 +209,13 @@ fn rows_move_to_the_quarantine_together_and_missing_ones_are_passed_over() {
     let mut s = open(&dir);
     s.write(&[row(1, 10), row(2, 20), row(3, 30), row(4, 40)], &[])
         .expect("write");
-    let moves: Vec<(u64, String)> = [2, 9, 4]
+    let moves: Vec<(u64, String)> = [2, 9, 4, 3]
         .iter()
         .map(|&q| (q, format!("refused {q}")))
         .collect();
-    s.quarantine_rows(&moves).expect("quarantine");
+    // Room for 2 and 4 (60 bytes), not for 3 as well.
+    let no_room = s.quarantine_rows(&moves, 80).expect("quarantine");
+    assert_eq!(no_room, [3]);
     assert_eq!((s.rows(), s.bytes(), s.quarantine_bytes()), (2, 40, 60));
     let left: Vec<u64> = s
         .read_after(0, 10)

@@ -45,7 +45,7 @@ fn payload(d: usize, seq: usize) -> String {
     // ~120 bytes, like a small sensor event.
     format!(
         r#"{{"device":"dev-{d:02}","seq":{seq},"ts":{},"temperature":{:.2},"lat":52.{d:04},"lon":13.{seq:06}}}"#,
-        1_800_000_000_000u64 + seq as u64,
+        1_750_000_000_000u64 + seq as u64,
         20.0 + (seq % 100) as f64 / 10.0
     )
 }
@@ -552,7 +552,7 @@ topic = "telemetry.{{source}}"
                 }
                 let r = DeviceMessage::Reading(Reading {
                     seq,
-                    time: Timestamp::UnixMs(1_800_000_000_000 + u64::from(seq)),
+                    time: Timestamp::UnixMs(1_750_000_000_000 + u64::from(seq)),
                     fix: None,
                     channels,
                     boot: Some(1),
