@@ -111,6 +111,23 @@ fn acknowledged(r: &Report) -> BTreeSet<String> {
         .collect()
 }
 
+/// Reads the topic until every id in `want` is there (or the wait ends); the records and
+/// the event ids they carry.
+fn read_ids(kafka: &Kafka, want: &BTreeSet<String>) -> (Vec<Consumed>, BTreeSet<String>) {
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |recs| {
+        let got: BTreeSet<&String> = recs
+            .iter()
+            .filter_map(|c| c.headers.get("event-id"))
+            .collect();
+        want.iter().all(|w| got.contains(w))
+    });
+    let got = records
+        .iter()
+        .filter_map(|c| c.headers.get("event-id").cloned())
+        .collect();
+    (records, got)
+}
+
 /// Reads Kafka until every acknowledged id is there; checks ids, order and content.
 fn check_delivered(kafka: &Kafka, gw: &Gateway, r: &Report) -> Vec<Consumed> {
     assert_eq!(
@@ -119,17 +136,7 @@ fn check_delivered(kafka: &Kafka, gw: &Gateway, r: &Report) -> Vec<Consumed> {
     );
     let want = acknowledged(r);
     assert!(!want.is_empty(), "the gateway acknowledged nothing: {r:?}");
-    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |recs| {
-        let got: BTreeSet<&String> = recs
-            .iter()
-            .filter_map(|c| c.headers.get("event-id"))
-            .collect();
-        want.iter().all(|w| got.contains(w))
-    });
-    let got: BTreeSet<String> = records
-        .iter()
-        .filter_map(|c| c.headers.get("event-id").cloned())
-        .collect();
+    let (records, got) = read_ids(kafka, &want);
     let missing: Vec<_> = want.difference(&got).take(10).collect();
     if !missing.is_empty() {
         eprintln!("{}", gw.log_text());
@@ -340,17 +347,7 @@ fn a_reading_that_does_not_decode_is_dead_lettered_and_the_rest_go_on() {
         .filter(|s| !newer.contains(s))
         .map(|s| format!("sim-1:{}:{s}", boot.boot))
         .collect();
-    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |recs| {
-        let got: BTreeSet<&String> = recs
-            .iter()
-            .filter_map(|c| c.headers.get("event-id"))
-            .collect();
-        want.iter().all(|w| got.contains(w))
-    });
-    let got: BTreeSet<String> = records
-        .iter()
-        .filter_map(|c| c.headers.get("event-id").cloned())
-        .collect();
+    let (_, got) = read_ids(&kafka, &want);
     assert_eq!(got, want, "an event for every reading but the newer ones");
     let letters = kafka.read(dead, PARTITIONS, Duration::from_secs(30), |l| {
         l.len() >= newer.len()

@@ -18,6 +18,15 @@ fn open(dir: &tempfile::TempDir) -> Spool {
         .0
 }
 
+/// The seqs of up to `n` rows after `after`.
+fn seqs_after(s: &mut Spool, after: u64, n: usize) -> Vec<u64> {
+    s.read_after(after, n)
+        .expect("read")
+        .iter()
+        .map(|r| r.seq)
+        .collect()
+}
+
 #[test]
 fn a_spool_marked_corrupt_while_running_is_moved_aside_at_the_next_open() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -111,12 +120,7 @@ fn append_read_delete_reopen() {
     s.write(&[row(1, 10), row(2, 20), row(3, 30)], &[])
         .expect("write");
     assert_eq!((s.rows(), s.bytes(), s.max_seq()), (3, 60, 3));
-    let got: Vec<u64> = s
-        .read_after(1, 10)
-        .expect("read")
-        .iter()
-        .map(|r| r.seq)
-        .collect();
+    let got = seqs_after(&mut s, 1, 10);
     assert_eq!(got, [2, 3]);
     assert_eq!(s.write(&[], &[1, 3, 99]).expect("delete"), 2);
     assert_eq!((s.rows(), s.bytes()), (1, 20));
@@ -135,12 +139,7 @@ fn drop_oldest_frees_bytes_and_reports_each_row() {
     let dropped = s.drop_oldest(2, 250, |_| false).expect("drop");
     assert_eq!(dropped.iter().map(|d| d.0).collect::<Vec<_>>(), [3, 4, 5]);
     assert_eq!((s.rows(), s.bytes()), (7, 700));
-    let left: Vec<u64> = s
-        .read_after(0, 100)
-        .expect("read")
-        .iter()
-        .map(|r| r.seq)
-        .collect();
+    let left = seqs_after(&mut s, 0, 100);
     assert_eq!(left, [1, 2, 6, 7, 8, 9, 10]);
 }
 
@@ -217,12 +216,7 @@ fn rows_move_to_the_quarantine_together_and_missing_ones_are_passed_over() {
     let no_room = s.quarantine_rows(&moves, 80).expect("quarantine");
     assert_eq!(no_room, [3]);
     assert_eq!((s.rows(), s.bytes(), s.quarantine_bytes()), (2, 40, 60));
-    let left: Vec<u64> = s
-        .read_after(0, 10)
-        .expect("read")
-        .iter()
-        .map(|r| r.seq)
-        .collect();
+    let left = seqs_after(&mut s, 0, 10);
     assert_eq!(left, [1, 3]);
     drop(s);
     let s = open(&dir);
