@@ -365,12 +365,11 @@ impl<F: PollOwned> Net<F> {
 
     /// Keeps the connection going while the input waits for room in the router; never
     /// returns (the wait drops it). [`KEEP_UP_AFTER`] after the last poll it polls the
-    /// event loop, so
-    /// that acks and pings go out and the broker does not drop a client it stopped
-    /// hearing from (after 1.5 x `keep_alive`, sending its unacknowledged window again);
-    /// what arrives is held for the input, in order, up to [`MAX_HELD_BYTES`]. It stops
-    /// polling at that bound and at a broken connection (reconnecting is the input's
-    /// part, after its backoff).
+    /// event loop, so that acks and pings go out and the broker does not drop a client
+    /// it stopped hearing from (after 1.5 x `keep_alive`, sending its unacknowledged
+    /// window again); what arrives is held for the input, in order, up to
+    /// [`MAX_HELD_BYTES`]. It stops polling at that bound and at a broken connection
+    /// (reconnecting is the input's part, after its backoff).
     pub async fn keep_up(&mut self) -> Infallible {
         tokio::time::sleep_until(self.polled_at + KEEP_UP_AFTER).await;
         loop {
