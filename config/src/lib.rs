@@ -171,6 +171,11 @@ pub enum OverflowPolicy {
     DropOldest,
 }
 
+/// The smallest spool reserve that is of use (`spool.reserve_bytes`, also its default):
+/// SQLite's checkpoint may have to grow the database file by up to the WAL's
+/// automatic-checkpoint size (1000 pages, about 4 MiB) plus one transaction.
+pub const MIN_RESERVE_BYTES: u64 = 8 * 1024 * 1024;
+
 /// The SQLite spool.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -190,6 +195,12 @@ pub struct SpoolConfig {
     pub commit_interval: Duration,
     /// Rows read per drain batch when Kafka is back.
     pub drain_batch: usize,
+    /// Size of the reserve file kept next to the spool (`<path>.reserve`), given up when
+    /// the disk fills: without it, a spool that filled its own disk could not write even
+    /// the deletes that drain it once Kafka is back. Taken again when the file system
+    /// has room for it twice. 0: no reserve; otherwise at least 8 MiB (8388608), what a
+    /// checkpoint and the first deletes may need.
+    pub reserve_bytes: u64,
 }
 
 impl Default for SpoolConfig {
@@ -202,6 +213,7 @@ impl Default for SpoolConfig {
             commit_rows: 1000,
             commit_interval: Duration::from_millis(50),
             drain_batch: 1000,
+            reserve_bytes: MIN_RESERVE_BYTES,
         }
     }
 }
@@ -1200,6 +1212,13 @@ pub fn validate(c: &Config) -> Vec<(String, String)> {
     if c.spool.max_bytes < 64 * 1024 {
         err("spool.max_bytes".into(), "must be at least 65536 bytes");
     }
+    if c.spool.reserve_bytes != 0 && c.spool.reserve_bytes < MIN_RESERVE_BYTES {
+        err(
+            "spool.reserve_bytes".into(),
+            "must be 0 (no reserve) or at least 8388608 bytes (8 MiB): a smaller reserve \
+             cannot hold what SQLite needs to drain a spool that filled its disk",
+        );
+    }
     if c.spool.commit_rows == 0 {
         err("spool.commit_rows".into(), "must be at least 1");
     }
@@ -2056,6 +2075,21 @@ brokers = ""
                 "output.kafka.brokers"
             ]
         );
+    }
+
+    #[test]
+    fn a_spool_reserve_is_none_or_large_enough() {
+        let with = |reserve: u64| {
+            format!(
+                "[gateway]\nid = \"g\"\nstate_dir = \"/tmp\"\n[spool]\nreserve_bytes = {reserve}\n\
+                 [output.kafka]\nbrokers = \"k:9092\"\n"
+            )
+        };
+        assert!(parse(&with(0), None).is_ok());
+        assert!(parse(&with(MIN_RESERVE_BYTES), None).is_ok());
+        let e = parse(&with(MIN_RESERVE_BYTES - 1), None).unwrap_err();
+        assert_eq!(e.0[0].path.as_deref(), Some("spool.reserve_bytes"));
+        assert_eq!(e.0[0].position, Some((5, 17)));
     }
 
     #[test]

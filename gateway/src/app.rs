@@ -404,6 +404,14 @@ pub async fn run(
                 } else {
                     "io"
                 });
+                // The reserve is there for this: given up, it may be the room the open
+                // needs (a run that filled the disk and stopped), at once.
+                let mut reserve = crate::spool::Reserve::new(&path, config.spool.reserve_bytes);
+                if reserve.held() && reserve.release().is_ok() {
+                    tracing::warn!(spool = %path.display(), error = %e, reserve = %reserve.path().display(),
+                        "cannot open the spool (is the disk full?); gave up its reserve and trying again");
+                    continue;
+                }
                 tracing::error!(spool = %path.display(), error = %e, retry_in = ?SPOOL_OPEN_RETRY,
                     "cannot open the spool (is the disk full?); inputs wait until it opens");
                 tokio::select! {

@@ -89,6 +89,7 @@ struct Inner {
     spool_quarantined: Counter,
     spool_errors: Family<L1, Counter>,
     spool_blocked: Gauge,
+    spool_reserve: Gauge,
     drained: Counter,
     kafka_latency: Histogram,
     kafka_errors: Family<L1, Counter>,
@@ -134,6 +135,7 @@ impl Metrics {
         let spool_quarantined = Counter::default();
         let spool_errors = Family::default();
         let spool_blocked = Gauge::default();
+        let spool_reserve = Gauge::default();
         let drained = Counter::default();
         let kafka_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let kafka_errors = Family::default();
@@ -239,6 +241,11 @@ impl Metrics {
             spool_blocked.clone(),
         );
         r.register(
+            "spool_reserve_bytes",
+            "Bytes of the spool's reserve file held (0 once given up to a full disk)",
+            spool_reserve.clone(),
+        );
+        r.register(
             "spool_drained",
             "Events drained from the spool to Kafka",
             drained.clone(),
@@ -296,6 +303,7 @@ impl Metrics {
             spool_quarantined,
             spool_errors,
             spool_blocked,
+            spool_reserve,
             drained,
             kafka_latency,
             kafka_errors,
@@ -374,6 +382,10 @@ impl Metrics {
     /// Counts a closing of the send gate.
     pub fn kafka_gated(&self) {
         self.0.kafka_gated.inc();
+    }
+    /// Bytes of the spool's reserve file held.
+    pub fn spool_reserve(&self, bytes: u64) {
+        self.0.spool_reserve.set(bytes as i64);
     }
     /// Whether inputs are held back.
     pub fn spool_blocked(&self, blocked: bool) {

@@ -742,6 +742,8 @@ fn a_full_disk_holds_inputs_back_and_recovers_when_space_returns() {
     let (devices, n) = (10, 1000);
     let dir = tempfile::tempdir().expect("tempdir");
     // A real full file system: a 1 MiB tmpfs under the spool (needs root, as CI has).
+    // Without a reserve, which would not fit (SQLite's own full-disk errors are the
+    // subject here; `a_spool_that_fills_its_own_disk_drains_when_kafka_returns` has it).
     let Some(disk) = Tmpfs::mount(&dir.path().join("state"), "1m") else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -750,7 +752,7 @@ fn a_full_disk_holds_inputs_back_and_recovers_when_space_returns() {
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
         return;
     };
-    let (_dir, mqtt, kafka, gw) = rig_in(dir, &[TOPIC], Uplink::Down, "", "", "");
+    let (_dir, mqtt, kafka, gw) = rig_in(dir, &[TOPIC], Uplink::Down, "reserve_bytes = 0", "", "");
     publish(mqtt.port, devices, n, None, None);
     wait_for("the disk to fill", Duration::from_secs(30), || {
         gw.metric("gateway_spool_errors_total{kind=\"disk_full\"}") > 0.0
@@ -787,16 +789,16 @@ fn a_full_disk_holds_inputs_back_and_recovers_when_space_returns() {
     drop(gw);
 }
 
-/// The spool's disk is full when the gateway starts (it stopped cleanly, so SQLite has
-/// to create the WAL's shared-memory file again, and cannot). The gateway waits for room
-/// instead of exiting, which under a service manager is a restart loop that never
-/// drains the backlog, and opens the spool once space returns.
+/// The spool itself fills its disk (its budget is larger than the file system), and no
+/// one makes room: once Kafka returns, the spool drains all the same. The reserve file
+/// it gave up when the disk filled lets SQLite finish its checkpoint and write the
+/// deletes that make room; once the spool is empty the space goes back to the file
+/// system and the reserve is taken again.
 #[test]
-fn a_full_disk_at_start_is_waited_out() {
-    let (devices, n) = (5, 100);
+fn a_spool_that_fills_its_own_disk_drains_when_kafka_returns() {
+    let (devices, n) = (20, 8000);
     let dir = tempfile::tempdir().expect("tempdir");
-    let state = dir.path().join("state");
-    let Some(_disk) = Tmpfs::mount(&state, "1m") else {
+    let Some(_disk) = Tmpfs::mount(&dir.path().join("state"), "24m") else {
         assert!(
             std::env::var_os("CI").is_none(),
             "CI must be able to mount a tmpfs for this test (run as root)"
@@ -804,11 +806,97 @@ fn a_full_disk_at_start_is_waited_out() {
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
         return;
     };
-    let (_dir, mqtt, kafka, mut gw) = rig_in(dir, &[TOPIC], Uplink::Down, "", "", "");
+    let (_dir, mqtt, kafka, gw) = rig_in(
+        dir,
+        &[TOPIC],
+        Uplink::Down,
+        "max_bytes = 1073741824",
+        "",
+        "",
+    );
+    let reserve = gw.metric("gateway_spool_reserve_bytes");
+    assert_eq!(
+        reserve,
+        8.0 * 1024.0 * 1024.0,
+        "the default reserve is held"
+    );
+    publish(mqtt.port, devices, n, None, None);
+    wait_for("the disk to fill", Duration::from_secs(60), || {
+        gw.metric("gateway_spool_errors_total{kind=\"disk_full\"}") > 0.0
+    });
+    wait_for("inputs held back", Duration::from_secs(10), || {
+        gw.metric("gateway_spool_blocked") == 1.0
+    });
+    assert_eq!(
+        gw.metric("gateway_spool_reserve_bytes"),
+        0.0,
+        "the reserve was given up"
+    );
+    let spooled = gw.metric("gateway_spool_rows");
+    assert!(
+        spooled < (devices * n) as f64,
+        "the disk filled before the spool took everything ({spooled} rows)"
+    );
+    kafka.up();
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(120), |r| {
+        unique_ids(r) >= devices * n
+    });
+    check_complete_and_ordered(&records, devices, n);
+    wait_for(
+        "the spool empty, writes working and the reserve back",
+        Duration::from_secs(30),
+        || {
+            gw.metric("gateway_spool_rows") == 0.0
+                && gw.metric("gateway_spool_blocked") == 0.0
+                && gw.metric("gateway_spool_reserve_bytes") == reserve
+        },
+    );
+    assert_eq!(
+        gw.log_text().matches("cannot write the spool").count(),
+        1,
+        "SQLite found the disk full once: from then on the spool kept the reserve's room free"
+    );
+    assert_eq!(gw.dropped_total(), 0.0, "nothing dropped");
+}
+
+/// The spool's disk is full when the gateway starts (it stopped cleanly, so SQLite has
+/// to create the WAL's shared-memory file again, and cannot). The gateway waits for room
+/// instead of exiting, which under a service manager is a restart loop that never
+/// drains the backlog, and opens the spool once space returns.
+#[test]
+fn a_full_disk_at_start_is_waited_out() {
+    full_disk_at_start(false);
+}
+
+/// The same with a reserve file: the gateway gives it up and opens the spool at once.
+#[test]
+fn a_full_disk_at_start_takes_the_reserve() {
+    full_disk_at_start(true);
+}
+
+fn full_disk_at_start(reserve: bool) {
+    let (devices, n) = (5, 100);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let Some(_disk) = Tmpfs::mount(&state, if reserve { "24m" } else { "1m" }) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to mount a tmpfs for this test (run as root)"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
+        return;
+    };
+    let spool = if reserve { "" } else { "reserve_bytes = 0" };
+    let (_dir, mqtt, kafka, mut gw) = rig_in(dir, &[TOPIC], Uplink::Down, spool, "", "");
     publish(mqtt.port, devices, n, None, None);
     wait_for("spooled", Duration::from_secs(30), || {
         gw.metric("gateway_spool_rows") == (devices * n) as f64
     });
+    assert_eq!(
+        gw.metric("gateway_spool_reserve_bytes") > 0.0,
+        reserve,
+        "the reserve held or not"
+    );
     assert!(gw.terminate().success());
     let filler = state.join("filler");
     {
@@ -817,19 +905,30 @@ fn a_full_disk_at_start_is_waited_out() {
         while f.write_all(&[0u8; 4096]).and_then(|()| f.flush()).is_ok() {}
     }
     gw.restart_unready();
-    wait_for("the spool tried again", Duration::from_secs(20), || {
-        gw.log_text()
-            .contains("cannot open the spool (is the disk full?)")
-            && gw.metric("gateway_spool_errors_total{kind=\"io\"}") >= 2.0
-    });
-    assert!(
-        http_get(gw.metrics_port, "/health").is_none(),
-        "not healthy without a spool"
-    );
-    std::fs::remove_file(&filler).expect("free the space");
-    wait_for("the spool open", Duration::from_secs(20), || {
-        http_get(gw.metrics_port, "/health").is_some()
-    });
+    if reserve {
+        wait_for("the spool open", Duration::from_secs(20), || {
+            http_get(gw.metrics_port, "/health").is_some()
+        });
+        assert!(
+            gw.log_text()
+                .contains("gave up its reserve and trying again"),
+            "opened in the reserve's room"
+        );
+    } else {
+        wait_for("the spool tried again", Duration::from_secs(20), || {
+            gw.log_text()
+                .contains("cannot open the spool (is the disk full?)")
+                && gw.metric("gateway_spool_errors_total{kind=\"io\"}") >= 2.0
+        });
+        assert!(
+            http_get(gw.metrics_port, "/health").is_none(),
+            "not healthy without a spool"
+        );
+        std::fs::remove_file(&filler).expect("free the space");
+        wait_for("the spool open", Duration::from_secs(20), || {
+            http_get(gw.metrics_port, "/health").is_some()
+        });
+    }
     kafka.up();
     let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
         unique_ids(r) >= devices * n

@@ -36,7 +36,7 @@ use crate::ack::Ack;
 use crate::event::Record;
 use crate::metrics::{InputMetrics, Metrics};
 use crate::sinks::kafka::{topic_error, KafkaSink, Report, Tag};
-use crate::spool::{Quarantined, Row, Spool, SpoolError};
+use crate::spool::{Quarantined, Reserve, Row, Spool, SpoolError};
 use in_flight::InFlight;
 
 /// A record on its way from an input to the router.
@@ -285,6 +285,29 @@ impl RouterHandle {
     }
 }
 
+/// Takes the spool's reserve if there is room for it, and says so. `at_start`: also
+/// when there is not (later attempts are quiet until one succeeds).
+fn take_reserve(reserve: &mut Reserve, metrics: &Metrics, at_start: bool) {
+    let was = reserve.held();
+    match reserve.take() {
+        Ok(true) if !was && !at_start => {
+            tracing::info!(bytes = reserve.size(), "took the spool's reserve again")
+        }
+        Ok(true) => {}
+        Ok(false) if at_start && reserve.size() > 0 => tracing::warn!(
+            bytes = reserve.size(),
+            reserve = %reserve.path().display(),
+            "no room for the spool's reserve file (it needs twice its size free); the spool \
+             keeps that much of its disk free instead"
+        ),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, reserve = %reserve.path().display(), "cannot take the spool's reserve")
+        }
+    }
+    metrics.spool_reserve(reserve.held_bytes());
+}
+
 /// Starts the router thread over an open spool.
 pub fn start(
     spool: Spool,
@@ -301,11 +324,15 @@ pub fn start(
     let (kick_tx, kick_rx) = flume::bounded(1);
     let sink = KafkaSink::new(output, gateway_id, kick_tx.clone())?;
     let next_seq = spool.max_seq() + 1;
+    let mut reserve = Reserve::new(spool.path(), spool_cfg.reserve_bytes);
+    take_reserve(&mut reserve, &metrics, true);
     let router = Router {
         gate_linger: gate_linger(output),
         max_inflight: (output.queue_max_messages as usize).clamp(1, 1_000_000),
         spool_after: output.spool_after,
         spool,
+        reserve,
+        reserve_looked_at: Instant::now(),
         cfg: spool_cfg,
         sink,
         gateway_id: gateway_id.to_string(),
@@ -339,6 +366,7 @@ pub fn start(
         healthy: true,
         next_probe: Instant::now(),
         write_retry_at: None,
+        deletes_fail: false,
         recreate_at: None,
         shutting_down: false,
         last_progress_log: Instant::now(),
@@ -464,6 +492,10 @@ enum Wake {
 
 struct Router {
     spool: Spool,
+    /// The spool's reserve file, given up when its disk fills ([`Router::commit`]).
+    reserve: Reserve,
+    /// When [`Router::look_after_reserve`] last looked.
+    reserve_looked_at: Instant,
     cfg: SpoolConfig,
     sink: KafkaSink,
     gateway_id: String,
@@ -517,8 +549,12 @@ struct Router {
     isolation_found: bool,
     healthy: bool,
     next_probe: Instant,
-    /// Set after a failed spool write: inputs are held back until the retry succeeds.
+    /// Set after a failed spool write (or appends refused for want of room): inputs are
+    /// held back until the retry succeeds.
     write_retry_at: Option<Instant>,
+    /// While writes fail: the last write of deletes alone failed too. The drain waits
+    /// then (what Kafka confirms could not be deleted).
+    deletes_fail: bool,
     /// After a failed attempt to recreate a fatally failed producer: when to try again.
     recreate_at: Option<Instant>,
     shutting_down: bool,
@@ -612,6 +648,9 @@ fn gate(
 }
 
 const WRITE_RETRY: Duration = Duration::from_secs(1);
+
+/// How often a reserve not held is looked after ([`Router::look_after_reserve`]).
+const RESERVE_LOOK: Duration = Duration::from_secs(5);
 
 fn error_kind(e: &KafkaError) -> &'static str {
     match e.rdkafka_error_code() {
@@ -797,7 +836,12 @@ impl Router {
         match self.write_retry_at {
             // A failed write is tried again at its time, not when the commit interval
             // says (which has long passed: the thread would wake every millisecond).
-            Some(at) => d = d.min(at.saturating_duration_since(Instant::now())),
+            Some(at) => {
+                d = d.min(at.saturating_duration_since(Instant::now()));
+                if let Some(since) = self.deletes_since.filter(|_| !self.deletes_fail) {
+                    d = d.min(self.cfg.commit_interval.saturating_sub(since.elapsed()));
+                }
+            }
             None => {
                 if let Some(since) = self.pending_since.or(self.deletes_since) {
                     d = d.min(self.cfg.commit_interval.saturating_sub(since.elapsed()));
@@ -1454,6 +1498,7 @@ impl Router {
 
     fn tick(&mut self) {
         self.forget_old_trouble();
+        self.look_after_reserve();
         // Kafka slow: copy direct records into the spool so their acks can go out.
         if let Some((_, oldest)) = self.direct.first_key_value() {
             if oldest.sent.elapsed() > self.spool_after && self.uncopied_direct {
@@ -1487,17 +1532,20 @@ impl Router {
         // After a failed write, the next try waits for its time (not every turn of the
         // loop while `pending` stays over `commit_rows`: a full disk was written to
         // about a hundred times a second).
+        // Deletes keep their pace while appends wait (they make the room on a full
+        // disk), unless they fail too.
+        let deletes_due = self.pending_deletes.len() >= 8192
+            || self
+                .deletes_since
+                .is_some_and(|t| t.elapsed() >= self.cfg.commit_interval);
         let commit_due = match self.write_retry_at {
-            Some(t) => Instant::now() >= t,
+            Some(t) => Instant::now() >= t || (deletes_due && !self.deletes_fail),
             None => {
                 self.pending.len() >= self.cfg.commit_rows
                     || self
                         .pending_since
                         .is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
-                    || self.pending_deletes.len() >= 8192
-                    || self
-                        .deletes_since
-                        .is_some_and(|t| t.elapsed() >= self.cfg.commit_interval)
+                    || deletes_due
             }
         };
         if commit_due {
@@ -1641,9 +1689,61 @@ impl Router {
             self.pending_acks.clear();
             self.pending_since = None;
             self.deletes_since = None;
+            if self.write_retry_at.take().is_some() {
+                tracing::info!("spool writes work again");
+            }
             return;
         }
         self.enforce_budget();
+        let fit = self.pending.is_empty() || self.room_for_appends();
+        if (self.write_retry_at.is_some() || !fit)
+            && !(self.pending_deletes.is_empty() && self.pending_quarantine.is_empty())
+        {
+            // Deletes (and refused records) first, in their own transaction: they are
+            // what makes room, and must not wait for appends that do not fit.
+            match self
+                .spool
+                .write_with(&[], &self.pending_deletes, &self.pending_quarantine)
+            {
+                Ok(_) => {
+                    self.deletes_fail = false;
+                    self.pending_deletes.clear();
+                    self.pending_quarantine.clear();
+                    self.pending_quarantine_bytes = 0;
+                    self.deletes_since = None;
+                }
+                Err(e) => {
+                    self.write_failed(e);
+                    self.deletes_fail = true;
+                    return;
+                }
+            }
+            if self.pending.is_empty() {
+                return self.commit();
+            }
+        }
+        if self
+            .write_retry_at
+            .is_some_and(|t| Instant::now() < t && !self.shutting_down)
+        {
+            return; // appends wait for their retry time
+        }
+        if !fit {
+            if !self.write_low_rows() {
+                return;
+            }
+            if self.write_retry_at.is_none() {
+                tracing::error!(
+                    reserve_bytes = self.reserve.size(),
+                    "the spool's disk has less room left than its reserve \
+                     (spool.reserve_bytes) and the spool no free pages; holding inputs back \
+                     until the spool drains or space returns"
+                );
+            }
+            self.metrics.spool_error("disk_full");
+            self.write_retry_at = Some(Instant::now() + WRITE_RETRY);
+            return;
+        }
         match self.spool.write_with(
             &self.pending,
             &self.pending_deletes,
@@ -1668,20 +1768,124 @@ impl Router {
                 self.pending_since = None;
                 self.deletes_since = None;
             }
-            Err(e) => {
-                self.exit_if_corrupt(&e);
-                let kind = if matches!(e, SpoolError::DiskFull(_)) {
-                    "disk_full"
-                } else {
-                    "io"
-                };
-                self.metrics.spool_error(kind);
-                if self.write_retry_at.is_none() {
-                    tracing::error!(error = %e, "cannot write the spool; holding inputs back and retrying every second");
+            Err(e) => self.write_failed(e),
+        }
+    }
+
+    /// Writes the pending rows below the spool's newest on their own, while newer ones
+    /// wait for room ([`Router::room_for_appends`]): records re-spooled after Kafka
+    /// failed them or was slow (at most the producer's queue), which the drain must send
+    /// first. They may take the room kept for SQLite. Returns false if the write failed.
+    fn write_low_rows(&mut self) -> bool {
+        let top = self.spool.max_seq();
+        if !self.pending.iter().any(|r| r.seq <= top) {
+            return true;
+        }
+        let (low, rest): (Vec<Row>, Vec<Row>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|r| r.seq <= top);
+        match self.spool.write(&low, &[]) {
+            Ok(_) => {
+                for row in &low {
+                    self.pending_bytes -= row.data.len() as u64;
+                    if let Some(i) = self.input_idx.get(&row.source) {
+                        self.inputs[*i as usize].spooled.inc();
+                    }
                 }
-                self.write_retry_at = Some(Instant::now() + WRITE_RETRY);
+                self.pending = rest;
+                true
+            }
+            Err(e) => {
+                self.pending = low;
+                self.pending.extend(rest);
+                self.write_failed(e);
+                false
             }
         }
+    }
+
+    /// A spool write failed: counted, logged once, tried again in a second. On a full
+    /// disk the reserve is given up, so that the deletes of what Kafka confirms fit.
+    fn write_failed(&mut self, e: SpoolError) {
+        self.exit_if_corrupt(&e);
+        let full = matches!(e, SpoolError::DiskFull(_));
+        self.metrics
+            .spool_error(if full { "disk_full" } else { "io" });
+        if self.write_retry_at.is_none() {
+            tracing::error!(error = %e, "cannot write the spool; holding inputs back and retrying every second");
+            self.deletes_fail = false;
+        }
+        self.write_retry_at = Some(Instant::now() + WRITE_RETRY);
+        if full {
+            match self.reserve.release() {
+                Ok(true) => {
+                    self.metrics.spool_reserve(0);
+                    tracing::warn!(
+                        bytes = self.reserve.size(),
+                        reserve = %self.reserve.path().display(),
+                        "the spool's disk is full: gave up its reserve, so that the spool can \
+                         delete what Kafka confirms; new events wait for the room that makes"
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, reserve = %self.reserve.path().display(), "cannot delete the spool's reserve file")
+                }
+            }
+        }
+    }
+
+    /// Whether the pending appends may be written. A spool whose reserve is not held
+    /// (given up to a full disk, or never room for it) keeps that much of its file
+    /// system free instead, for SQLite's checkpoint (which may grow the file by the
+    /// WAL's new pages, up to about 4 MiB) and the deletes that drain the spool: appends
+    /// go into free pages inside the file, or where they leave that much free.
+    fn room_for_appends(&self) -> bool {
+        if self.reserve.size() == 0 || self.reserve.held() {
+            return true;
+        }
+        // Twice the records' bytes: SQLite's pages are not full, and the WAL holds them
+        // until a checkpoint.
+        let need = self.pending_bytes.saturating_mul(2);
+        if self.spool.free_bytes().is_ok_and(|free| free >= need) {
+            return true;
+        }
+        // A file system that cannot say (an error) is not held back for it.
+        crate::spool::reserve::available(self.reserve.dir())
+            .map_or(true, |a| a >= self.reserve.size().saturating_add(need))
+    }
+
+    /// Takes a reserve not held when there is room for it again; an empty spool first
+    /// gives its free pages back (after it filled its disk, they are the room).
+    fn look_after_reserve(&mut self) {
+        if self.reserve.size() == 0
+            || self.reserve.held()
+            || self.reserve_looked_at.elapsed() < RESERVE_LOOK
+        {
+            return;
+        }
+        self.reserve_looked_at = Instant::now();
+        let empty = self.spool.rows() == 0
+            && self.pending.is_empty()
+            && self.pending_deletes.is_empty()
+            && self.write_retry_at.is_none();
+        if empty
+            && self
+                .spool
+                .free_bytes()
+                .is_ok_and(|free| free >= self.reserve.size())
+        {
+            match self.spool.compact() {
+                Ok(()) => tracing::info!(
+                    "the spool is empty: gave its free pages back to the file system"
+                ),
+                Err(e) => {
+                    self.exit_if_corrupt(&e);
+                    tracing::warn!(error = %e, "cannot give the empty spool's free pages back");
+                }
+            }
+        }
+        take_reserve(&mut self.reserve, &self.metrics, false);
     }
 
     /// A spool file that turns corrupt while the gateway runs (a bad block on the SD
@@ -1708,20 +1912,24 @@ impl Router {
     }
 
     fn drain_rows(&mut self) {
-        // Nor while spool writes fail (a full disk): the deletes of what Kafka confirms
-        // cannot be committed either, and would pile up in memory, to be sent all over
-        // again after a restart.
+        // Nor while spool writes fail and deletes fail with them: what Kafka confirms
+        // could not be deleted, and would pile up in memory, to be sent all over again
+        // after a restart. (While only appends fail, on a full disk, the drain is what
+        // makes room.)
         if self.shutting_down
             || !self.direct.is_empty()
             || self.sink.is_fatal()
-            || self.write_retry_at.is_some()
+            || (self.write_retry_at.is_some() && self.deletes_fail)
         {
             return;
         }
         if self.respooled_low {
-            if !self.pending.is_empty() {
+            // Rows newer than the spool's may wait for room (a full disk): the drain
+            // restarts below them.
+            let top = self.spool.max_seq();
+            if self.pending.iter().any(|r| r.seq <= top) {
                 self.commit();
-                if !self.pending.is_empty() {
+                if self.pending.iter().any(|r| r.seq <= self.spool.max_seq()) {
                     return;
                 }
             }
@@ -1734,8 +1942,10 @@ impl Router {
             }
             // Restart the drain at the first failed row; flush confirmed deletes first
             // so they are not sent again (and wait while the spool cannot be written).
+            // Appends may still wait (a full disk, where the drain is what makes room):
+            // they are newer than every spool row (older ones were `respooled_low`).
             self.commit();
-            if !self.pending_deletes.is_empty() || !self.pending.is_empty() {
+            if !self.pending_deletes.is_empty() {
                 return;
             }
             self.drain_cursor = min.saturating_sub(1);

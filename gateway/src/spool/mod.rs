@@ -19,6 +19,9 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use crate::event::Record;
 
+pub mod reserve;
+pub use reserve::Reserve;
+
 /// Schema migrations; entry `i` upgrades `user_version` `i` to `i + 1`.
 pub const MIGRATIONS: &[&str] = &["
     CREATE TABLE spool (
@@ -513,6 +516,27 @@ impl Spool {
             self.max_seq = self.max_seq.max(m);
         }
         Ok(removed.0)
+    }
+
+    /// Bytes of free pages inside the file (rows deleted since it last shrank): what
+    /// new rows can take without the file growing.
+    pub fn free_bytes(&self) -> Result<u64, SpoolError> {
+        let (free, page): (i64, i64) = self.conn.query_row(
+            "SELECT freelist_count, page_size FROM pragma_freelist_count(), pragma_page_size()",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((free.max(0) as u64).saturating_mul(page.max(0) as u64))
+    }
+
+    /// Gives the file's free pages back to the file system: `VACUUM`, then a checkpoint
+    /// that truncates the WAL. Takes as long as copying what is left; the router calls it
+    /// only once the spool is empty.
+    pub fn compact(&mut self) -> Result<(), SpoolError> {
+        self.conn.execute_batch("VACUUM")?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
     }
 
     /// Up to `limit` rows with `seq > after`, in seq order.

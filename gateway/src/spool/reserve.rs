@@ -1,0 +1,180 @@
+//! The spool's reserve: a file of `spool.reserve_bytes` next to the spool, given up when
+//! the disk fills so that the spool can still make room.
+//!
+//! When the spool is what filled its disk, SQLite cannot write even the deletes that
+//! would free it: a delete is written to the WAL, which cannot start over until a
+//! checkpoint has copied it into the database file, and the checkpoint needs that file to
+//! grow first. Without help the gateway would hold its inputs back for good, with Kafka
+//! back and the backlog never draining. The reserve is that help (CockroachDB keeps an
+//! "emergency ballast" file for the same reason): taken while there is room, deleted at
+//! the first full-disk error, and taken again once the file system has room for it and
+//! as much again.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The reserve file of one spool.
+#[derive(Debug)]
+pub struct Reserve {
+    path: PathBuf,
+    size: u64,
+    held: bool,
+}
+
+impl Reserve {
+    /// The reserve of the spool at `spool`: `<spool>.reserve`, of `size` bytes (0: none).
+    /// Held if the file is there at its size (kept from the last run); nothing is
+    /// written until [`Reserve::take`].
+    pub fn new(spool: &Path, size: u64) -> Reserve {
+        let mut name = spool.as_os_str().to_owned();
+        name.push(".reserve");
+        let path = PathBuf::from(name);
+        let held = size > 0 && std::fs::metadata(&path).is_ok_and(|m| m.len() >= size);
+        Reserve { path, size, held }
+    }
+
+    /// The configured size (0: no reserve).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether the file is there, its space taken.
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
+    /// Bytes held now: the size, or 0 once given up.
+    pub fn held_bytes(&self) -> u64 {
+        if self.held {
+            self.size
+        } else {
+            0
+        }
+    }
+
+    /// The directory of the file (and of the spool).
+    pub fn dir(&self) -> &Path {
+        self.path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+
+    /// The path of the file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes the reserve if it is not held and the file system has room for it and as
+    /// much again (taking the last of the free space would fill the disk itself).
+    /// Returns whether it is held now. The file's blocks are allocated
+    /// (`posix_fallocate`, or written where the file system cannot), made durable, and
+    /// the file is written under a temporary name first, so a stop half-way never
+    /// leaves a short file that counts as held.
+    pub fn take(&mut self) -> std::io::Result<bool> {
+        if self.held || self.size == 0 {
+            return Ok(self.held);
+        }
+        if available(self.dir())? < self.size.saturating_mul(2) {
+            return Ok(false);
+        }
+        let mut tmp = self.path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let filled = fill(&tmp, self.size);
+        if let Err(e) = filled {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        super::sync_dir(&self.path)?;
+        self.held = true;
+        Ok(true)
+    }
+
+    /// Gives the reserve up (deletes the file). Returns whether it was held.
+    pub fn release(&mut self) -> std::io::Result<bool> {
+        if !self.held {
+            return Ok(false);
+        }
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.held = false;
+        Ok(true)
+    }
+}
+
+/// Bytes an unprivileged process may still write on the file system holding `dir`.
+pub fn available(dir: &Path) -> std::io::Result<u64> {
+    let s = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok((s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64))
+}
+
+/// Creates `path` with `size` bytes of allocated blocks, synced.
+fn fill(path: &Path, size: u64) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    let len = i64::try_from(size).map_err(|_| std::io::Error::other("reserve size too large"))?;
+    match nix::fcntl::posix_fallocate(&f, 0, len) {
+        Ok(()) => {}
+        // A file system without fallocate (glibc emulates it, but not everywhere):
+        // real bytes. Not zeros, which a compressing file system would not store.
+        Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EINVAL) => {
+            let block: Vec<u8> = (0..64 * 1024u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+                .collect();
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(block.len() as u64) as usize;
+                f.write_all(&block[..n])?;
+                left -= n as u64;
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reserve_is_taken_given_up_and_found_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = dir.path().join("spool.sqlite");
+        let mut r = Reserve::new(&spool, 1 << 20);
+        assert!(!r.held());
+        assert!(r.take().expect("room on a temp dir"));
+        assert_eq!(
+            std::fs::metadata(dir.path().join("spool.sqlite.reserve"))
+                .expect("file")
+                .len(),
+            1 << 20
+        );
+        assert_eq!(r.held_bytes(), 1 << 20);
+        // A later run finds it held.
+        assert!(Reserve::new(&spool, 1 << 20).held());
+        // Not a larger one than the file is.
+        assert!(!Reserve::new(&spool, 2 << 20).held());
+        assert!(r.release().expect("release"));
+        assert!(!r.held() && !r.path().exists());
+        assert!(!r.release().expect("twice is nothing"));
+        assert!(!Reserve::new(&spool, 1 << 20).held());
+    }
+
+    #[test]
+    fn no_reserve_is_taken_without_room_for_it_twice_or_when_its_size_is_zero() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = dir.path().join("spool.sqlite");
+        let free = available(dir.path()).expect("statvfs");
+        let mut r = Reserve::new(&spool, free / 2 + (1 << 20));
+        assert!(!r.take().expect("not an error"));
+        assert!(!r.path().exists());
+        let mut none = Reserve::new(&spool, 0);
+        assert!(!none.take().expect("nothing to take"));
+        assert_eq!(none.held_bytes(), 0);
+    }
+}
