@@ -1580,6 +1580,18 @@ pub fn refused_kafka_option(key: &str, value: &str) -> Option<&'static str> {
         "queue.buffering.max.kbytes" => Some("set `queue_max_kbytes` instead"),
         "queue.buffering.max.messages" => Some("set `queue_max_messages` instead"),
         "message.timeout.ms" | "delivery.timeout.ms" => Some("set `message_timeout` instead"),
+        "bootstrap.servers" | "metadata.broker.list" => Some("set `brokers` instead"),
+        "compression.type" | "compression.codec" => Some("set `compression` instead"),
+        "security.protocol" => Some("set `security.protocol` instead"),
+        "sasl.mechanism" | "sasl.mechanisms" => Some("set `security.sasl_mechanism` instead"),
+        "sasl.username" => Some("set `security.username` instead"),
+        "sasl.password" => Some(
+            "set `security.password` instead: it is read from a file or the environment, \
+             not kept in the config in plain text",
+        ),
+        "ssl.ca.location" => Some("set `security.ca_file` instead"),
+        "ssl.certificate.location" => Some("set `security.client_cert_file` instead"),
+        "ssl.key.location" => Some("set `security.client_key_file` instead"),
         _ => None,
     }
 }
@@ -1916,6 +1928,11 @@ brokers = "k:9092"
             "\"enable.idempotence\" = \"false\"\n\"max.in.flight\" = \"2\"",
             "\"queue.buffering.max.kbytes\" = \"1048576\"",
             "\"message.timeout.ms\" = \"0\"",
+            "\"compression.codec\" = \"gzip\"",
+            "\"bootstrap.servers\" = \"elsewhere:9092\"",
+            "\"security.protocol\" = \"ssl\"",
+            "\"sasl.password\" = \"hunter2\"",
+            "\"ssl.ca.location\" = \"/etc/ca.pem\"",
         ] {
             let e = opts(bad);
             assert!(
