@@ -859,6 +859,72 @@ fn a_spool_that_fills_its_own_disk_drains_when_kafka_returns() {
     assert_eq!(gw.dropped_total(), 0.0, "nothing dropped");
 }
 
+/// Fills the file system of `dir` with a file; returns its path.
+fn fill_up(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).expect("filler");
+    while f.write_all(&[0u8; 4096]).and_then(|()| f.flush()).is_ok() {}
+    filler
+}
+
+/// Kafka stops confirming while the disk is full: the spool copies of the direct
+/// records cannot be written (the reserve is given up, and new rows keep out of its
+/// room), and then Kafka confirms the records after all. The copies are forgotten with
+/// the deletes that confirm them, not spooled once there is room and sent again.
+#[test]
+fn copies_of_records_kafka_confirms_while_the_disk_is_full_are_not_sent_again() {
+    let (devices, n) = (10, 100);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let Some(_disk) = Tmpfs::mount(&state, "20m") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to mount a tmpfs for this test (run as root)"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
+        return;
+    };
+    let (_dir, mqtt, kafka, gw) = rig_in(dir, &[TOPIC], Uplink::Up, "", "", "");
+    let reserve = gw.metric("gateway_spool_reserve_bytes");
+    assert!(reserve > 0.0, "the reserve is held");
+    let filler = fill_up(&state);
+    kafka.down();
+    publish(mqtt.port, devices, n, None, None);
+    wait_for("the reserve given up", Duration::from_secs(30), || {
+        gw.metric("gateway_spool_reserve_bytes") == 0.0
+    });
+    wait_for("inputs held back", Duration::from_secs(10), || {
+        gw.metric("gateway_spool_blocked") == 1.0
+    });
+    // Kafka confirms what was sent straight to it; the rest waits for room.
+    kafka.up();
+    wait_for(
+        "the direct records confirmed",
+        Duration::from_secs(30),
+        || {
+            gw.metric("gateway_kafka_inflight") == 0.0
+                && gw.metric("gateway_events_delivered_total{input=\"site\"}") > 0.0
+        },
+    );
+    let direct = gw.metric("gateway_events_delivered_total{input=\"site\"}");
+    // Room again: copies still kept would be spooled now with the rest, and drained.
+    std::fs::remove_file(&filler).expect("free the space");
+    let records = kafka.read(TOPIC, PARTITIONS, Duration::from_secs(60), |r| {
+        unique_ids(r) >= devices * n
+    });
+    check_complete_and_ordered(&records, devices, n);
+    wait_for("the spool drained", Duration::from_secs(30), || {
+        gw.metric("gateway_spool_rows") == 0.0 && gw.metric("gateway_spool_blocked") == 0.0
+    });
+    assert_eq!(records.len(), devices * n, "no record twice");
+    assert_eq!(
+        gw.metric("gateway_spool_drained_total"),
+        (devices * n) as f64 - direct,
+        "what Kafka confirmed straight away did not go through the spool"
+    );
+}
+
 /// The spool's disk is full when the gateway starts (it stopped cleanly, so SQLite has
 /// to create the WAL's shared-memory file again, and cannot). The gateway waits for room
 /// instead of exiting, which under a service manager is a restart loop that never
@@ -898,12 +964,7 @@ fn full_disk_at_start(reserve: bool) {
         "the reserve held or not"
     );
     assert!(gw.terminate().success());
-    let filler = state.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).expect("filler");
-        while f.write_all(&[0u8; 4096]).and_then(|()| f.flush()).is_ok() {}
-    }
+    let filler = fill_up(&state);
     gw.restart_unready();
     if reserve {
         wait_for("the spool open", Duration::from_secs(20), || {

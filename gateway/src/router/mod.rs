@@ -294,11 +294,17 @@ fn take_reserve(reserve: &mut Reserve, metrics: &Metrics, at_start: bool) {
             tracing::info!(bytes = reserve.size(), "took the spool's reserve again")
         }
         Ok(true) => {}
+        Ok(false) if at_start && reserve.given_up() => tracing::warn!(
+            bytes = reserve.size(),
+            reserve = %reserve.path().display(),
+            "the spool's reserve was given up to a full disk and there is no room to take it \
+             again: the spool keeps that much of its disk free until there is"
+        ),
         Ok(false) if at_start && reserve.size() > 0 => tracing::warn!(
             bytes = reserve.size(),
             reserve = %reserve.path().display(),
-            "no room for the spool's reserve file (it needs twice its size free); the spool \
-             keeps that much of its disk free instead"
+            "no room for the spool's reserve file (it needs twice its size free): should the \
+             spool fill this disk, it cannot drain by itself until room is made"
         ),
         Ok(false) => {}
         Err(e) => {
@@ -333,6 +339,7 @@ pub fn start(
         spool,
         reserve,
         reserve_looked_at: Instant::now(),
+        compact_tried: false,
         cfg: spool_cfg,
         sink,
         gateway_id: gateway_id.to_string(),
@@ -496,6 +503,9 @@ struct Router {
     reserve: Reserve,
     /// When [`Router::look_after_reserve`] last looked.
     reserve_looked_at: Instant,
+    /// The empty spool's free pages were given back (or that failed) since it was last
+    /// not empty.
+    compact_tried: bool,
     cfg: SpoolConfig,
     sink: KafkaSink,
     gateway_id: String,
@@ -1580,6 +1590,27 @@ impl Router {
         }
     }
 
+    /// Takes out of `pending` the rows whose deletes wait too (spool copies of direct
+    /// records Kafka has since confirmed): written with their deletes in one transaction
+    /// they come to nothing, but deletes written alone would leave them to be spooled
+    /// and sent again.
+    fn forget_confirmed_pending(&mut self) {
+        if self.pending.is_empty() || self.pending_deletes.is_empty() {
+            return;
+        }
+        let confirmed: std::collections::HashSet<u64> =
+            self.pending_deletes.iter().copied().collect();
+        let mut freed = 0;
+        self.pending.retain(|r| {
+            let keep = !confirmed.contains(&r.seq);
+            if !keep {
+                freed += r.data.len() as u64;
+            }
+            keep
+        });
+        self.pending_bytes -= freed;
+    }
+
     fn enforce_budget(&mut self) {
         if self.cfg.overflow != OverflowPolicy::DropOldest {
             return;
@@ -1590,17 +1621,7 @@ impl Router {
         }
         // Rows Kafka already confirmed go first: deleting them drops nothing.
         if !self.pending_deletes.is_empty() {
-            let confirmed: std::collections::HashSet<u64> =
-                self.pending_deletes.iter().copied().collect();
-            let mut freed = 0;
-            self.pending.retain(|r| {
-                let keep = !confirmed.contains(&r.seq);
-                if !keep {
-                    freed += r.data.len() as u64;
-                }
-                keep
-            });
-            self.pending_bytes -= freed;
+            self.forget_confirmed_pending();
             if self.spool.write(&[], &self.pending_deletes).is_err() {
                 return; // the commit that follows reports the error
             }
@@ -1695,12 +1716,12 @@ impl Router {
             return;
         }
         self.enforce_budget();
-        let fit = self.pending.is_empty() || self.room_for_appends();
-        if (self.write_retry_at.is_some() || !fit)
+        if (self.write_retry_at.is_some() || !self.room_for_appends())
             && !(self.pending_deletes.is_empty() && self.pending_quarantine.is_empty())
         {
             // Deletes (and refused records) first, in their own transaction: they are
             // what makes room, and must not wait for appends that do not fit.
+            self.forget_confirmed_pending();
             match self
                 .spool
                 .write_with(&[], &self.pending_deletes, &self.pending_quarantine)
@@ -1728,9 +1749,12 @@ impl Router {
         {
             return; // appends wait for their retry time
         }
-        if !fit {
+        if !self.room_for_appends() {
             if !self.write_low_rows() {
                 return;
+            }
+            if self.pending.is_empty() {
+                return self.commit();
             }
             if self.write_retry_at.is_none() {
                 tracing::error!(
@@ -1811,12 +1835,18 @@ impl Router {
         let full = matches!(e, SpoolError::DiskFull(_));
         self.metrics
             .spool_error(if full { "disk_full" } else { "io" });
+        // A full disk also shows as an I/O error (the WAL's shared-memory index cannot
+        // grow): the reserve goes then too, if the file system is that short of room.
+        let short = full
+            || (e.may_pass()
+                && crate::spool::reserve::available(self.reserve.dir())
+                    .is_ok_and(|a| a < self.reserve.size()));
         if self.write_retry_at.is_none() {
             tracing::error!(error = %e, "cannot write the spool; holding inputs back and retrying every second");
             self.deletes_fail = false;
         }
         self.write_retry_at = Some(Instant::now() + WRITE_RETRY);
-        if full {
+        if short {
             match self.reserve.release() {
                 Ok(true) => {
                     self.metrics.spool_reserve(0);
@@ -1835,13 +1865,13 @@ impl Router {
         }
     }
 
-    /// Whether the pending appends may be written. A spool whose reserve is not held
-    /// (given up to a full disk, or never room for it) keeps that much of its file
-    /// system free instead, for SQLite's checkpoint (which may grow the file by the
+    /// Whether the pending appends may be written. A spool whose reserve was given up
+    /// to a full disk (and not taken again) keeps that much of its file system free
+    /// instead, for SQLite's checkpoint (which may grow the file by the
     /// WAL's new pages, up to about 4 MiB) and the deletes that drain the spool: appends
     /// go into free pages inside the file, or where they leave that much free.
     fn room_for_appends(&self) -> bool {
-        if self.reserve.size() == 0 || self.reserve.held() {
+        if self.pending.is_empty() || !self.reserve.given_up() {
             return true;
         }
         // Twice the records' bytes: SQLite's pages are not full, and the WAL holds them
@@ -1869,12 +1899,21 @@ impl Router {
             && self.pending.is_empty()
             && self.pending_deletes.is_empty()
             && self.write_retry_at.is_none();
+        if !empty {
+            self.compact_tried = false;
+        }
+        // Once per emptying (a failure is not tried over and over), and only with a
+        // small quarantine table: VACUUM copies what is left through memory
+        // (`temp_store=MEMORY`) and the WAL.
         if empty
+            && !self.compact_tried
+            && self.spool.quarantine_bytes() <= self.reserve.size() / 4
             && self
                 .spool
                 .free_bytes()
                 .is_ok_and(|free| free >= self.reserve.size())
         {
+            self.compact_tried = true;
             match self.spool.compact() {
                 Ok(()) => tracing::info!(
                     "the spool is empty: gave its free pages back to the file system"
@@ -1919,7 +1958,9 @@ impl Router {
         if self.shutting_down
             || !self.direct.is_empty()
             || self.sink.is_fatal()
-            || (self.write_retry_at.is_some() && self.deletes_fail)
+            || (self.write_retry_at.is_some()
+                && self.deletes_fail
+                && !self.pending_deletes.is_empty())
         {
             return;
         }

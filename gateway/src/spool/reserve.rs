@@ -8,7 +8,8 @@
 //! back and the backlog never draining. The reserve is that help (CockroachDB keeps an
 //! "emergency ballast" file for the same reason): taken while there is room, deleted at
 //! the first full-disk error, and taken again once the file system has room for it and
-//! as much again.
+//! as much again. Given up, the file stays, empty: that says so to the next run too,
+//! which then keeps the spool out of the room the reserve would take.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,18 +20,36 @@ pub struct Reserve {
     path: PathBuf,
     size: u64,
     held: bool,
+    given_up: bool,
 }
 
 impl Reserve {
     /// The reserve of the spool at `spool`: `<spool>.reserve`, of `size` bytes (0: none).
-    /// Held if the file is there at its size (kept from the last run); nothing is
-    /// written until [`Reserve::take`].
+    /// Held if the file is there at its size (kept from the last run), given up if it is
+    /// there empty; nothing is written until [`Reserve::take`]. A file of another size
+    /// (the setting changed), any file with no reserve wanted, and a temporary one a stop
+    /// cut short are deleted: they would hold room for nothing.
     pub fn new(spool: &Path, size: u64) -> Reserve {
-        let mut name = spool.as_os_str().to_owned();
-        name.push(".reserve");
-        let path = PathBuf::from(name);
-        let held = size > 0 && std::fs::metadata(&path).is_ok_and(|m| m.len() >= size);
-        Reserve { path, size, held }
+        let path = with_suffix(spool, ".reserve");
+        let _ = std::fs::remove_file(with_suffix(spool, ".reserve.tmp"));
+        let len = std::fs::metadata(&path).map_or(None, |m| Some(m.len()));
+        let held = size > 0 && len == Some(size);
+        let given_up = size > 0 && len == Some(0);
+        if len.is_some() && !held && !given_up {
+            let _ = std::fs::remove_file(&path);
+        }
+        Reserve {
+            path,
+            size,
+            held,
+            given_up,
+        }
+    }
+
+    /// Whether the reserve was given up to a full disk (in this run or an earlier one)
+    /// and not taken again: the spool then keeps its size free.
+    pub fn given_up(&self) -> bool {
+        self.given_up
     }
 
     /// The configured size (0: no reserve).
@@ -78,33 +97,38 @@ impl Reserve {
         if available(self.dir())? < self.size.saturating_mul(2) {
             return Ok(false);
         }
-        let mut tmp = self.path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let filled = fill(&tmp, self.size);
-        if let Err(e) = filled {
+        let tmp = with_suffix(&self.path, ".tmp");
+        let made = fill(&tmp, self.size).and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = made {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        std::fs::rename(&tmp, &self.path)?;
         super::sync_dir(&self.path)?;
         self.held = true;
+        self.given_up = false;
         Ok(true)
     }
 
-    /// Gives the reserve up (deletes the file). Returns whether it was held.
+    /// Gives the reserve up: the file is truncated to nothing (which needs no room on a
+    /// full disk, and leaves the mark a later run reads). Returns whether it was held.
     pub fn release(&mut self) -> std::io::Result<bool> {
         if !self.held {
             return Ok(false);
         }
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        let file = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+        file.set_len(0)?;
+        // Best effort: the room is free either way, and a full disk may refuse the sync.
+        let _ = file.sync_all();
         self.held = false;
+        self.given_up = true;
         Ok(true)
     }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// Bytes an unprivileged process may still write on the file system holding `dir`.
@@ -157,12 +181,34 @@ mod tests {
         assert_eq!(r.held_bytes(), 1 << 20);
         // A later run finds it held.
         assert!(Reserve::new(&spool, 1 << 20).held());
-        // Not a larger one than the file is.
-        assert!(!Reserve::new(&spool, 2 << 20).held());
+        assert!(!r.given_up());
         assert!(r.release().expect("release"));
-        assert!(!r.held() && !r.path().exists());
+        assert!(!r.held() && r.given_up());
+        assert_eq!(std::fs::metadata(r.path()).expect("marker").len(), 0);
         assert!(!r.release().expect("twice is nothing"));
-        assert!(!Reserve::new(&spool, 1 << 20).held());
+        // A later run finds it given up, until it is taken again.
+        let mut again = Reserve::new(&spool, 1 << 20);
+        assert!(!again.held() && again.given_up());
+        assert!(again.take().expect("room"));
+        assert!(again.held() && !again.given_up());
+    }
+
+    #[test]
+    fn a_reserve_of_another_size_or_cut_short_is_not_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = dir.path().join("spool.sqlite");
+        assert!(Reserve::new(&spool, 1 << 20).take().expect("room"));
+        let file = dir.path().join("spool.sqlite.reserve");
+        let tmp = dir.path().join("spool.sqlite.reserve.tmp");
+        std::fs::write(&tmp, b"cut short").expect("write");
+        // The setting changed: the old file goes, and so does the temporary one.
+        let mut r = Reserve::new(&spool, 2 << 20);
+        assert!(!r.held() && !file.exists() && !tmp.exists());
+        assert!(r.take().expect("room"));
+        assert_eq!(std::fs::metadata(&file).expect("file").len(), 2 << 20);
+        // No reserve wanted: none kept.
+        assert!(!Reserve::new(&spool, 0).held());
+        assert!(!file.exists());
     }
 
     #[test]
