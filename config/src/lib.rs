@@ -173,7 +173,8 @@ pub enum OverflowPolicy {
 
 /// The smallest spool reserve that is of use (`spool.reserve_bytes`, also its default):
 /// SQLite's checkpoint may have to grow the database file by up to the WAL's
-/// automatic-checkpoint size (1000 pages, about 4 MiB) plus one transaction.
+/// automatic-checkpoint size (1000 pages, about 4 MiB) plus one transaction, while
+/// checkpoints complete (a long-running reader can hold them back and let the WAL grow).
 pub const MIN_RESERVE_BYTES: u64 = 8 * 1024 * 1024;
 
 /// The SQLite spool.

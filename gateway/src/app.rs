@@ -407,7 +407,9 @@ pub async fn run(
                 // The reserve is there for this: given up, it may be the room the open
                 // needs (a run that filled the disk and stopped), at once.
                 let mut reserve = crate::spool::Reserve::new(&path, config.spool.reserve_bytes);
-                if reserve.held() && reserve.release().is_ok() {
+                let full = matches!(e, crate::spool::SpoolError::DiskFull(_));
+                if reserve.held() && (full || reserve.short_of_room()) && reserve.release().is_ok()
+                {
                     tracing::warn!(spool = %path.display(), error = %e, reserve = %reserve.path().display(),
                         "cannot open the spool (is the disk full?); gave up its reserve and trying again");
                     continue;

@@ -1625,6 +1625,7 @@ impl Router {
             if self.spool.write(&[], &self.pending_deletes).is_err() {
                 return; // the commit that follows reports the error
             }
+            self.deletes_fail = false;
             self.pending_deletes.clear();
             self.deletes_since = None;
             total = self.spool.bytes() + self.pending_bytes;
@@ -1837,10 +1838,7 @@ impl Router {
             .spool_error(if full { "disk_full" } else { "io" });
         // A full disk also shows as an I/O error (the WAL's shared-memory index cannot
         // grow): the reserve goes then too, if the file system is that short of room.
-        let short = full
-            || (e.may_pass()
-                && crate::spool::reserve::available(self.reserve.dir())
-                    .is_ok_and(|a| a < self.reserve.size()));
+        let short = full || (e.may_pass() && self.reserve.short_of_room());
         if self.write_retry_at.is_none() {
             tracing::error!(error = %e, "cannot write the spool; holding inputs back and retrying every second");
             self.deletes_fail = false;

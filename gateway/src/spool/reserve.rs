@@ -27,16 +27,26 @@ impl Reserve {
     /// The reserve of the spool at `spool`: `<spool>.reserve`, of `size` bytes (0: none).
     /// Held if the file is there at its size (kept from the last run), given up if it is
     /// there empty; nothing is written until [`Reserve::take`]. A file of another size
-    /// (the setting changed), any file with no reserve wanted, and a temporary one a stop
-    /// cut short are deleted: they would hold room for nothing.
+    /// (the setting changed) is emptied, so it counts as given up until taken again at
+    /// the new size (it may have been the room a full disk needed); with no reserve
+    /// wanted it is deleted, and so is a temporary one a stop cut short.
     pub fn new(spool: &Path, size: u64) -> Reserve {
         let path = with_suffix(spool, ".reserve");
         let _ = std::fs::remove_file(with_suffix(spool, ".reserve.tmp"));
         let len = std::fs::metadata(&path).map_or(None, |m| Some(m.len()));
         let held = size > 0 && len == Some(size);
-        let given_up = size > 0 && len == Some(0);
+        let mut given_up = size > 0 && len == Some(0);
         if len.is_some() && !held && !given_up {
-            let _ = std::fs::remove_file(&path);
+            if size == 0 {
+                let _ = std::fs::remove_file(&path);
+            } else if std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(0))
+                .is_ok()
+            {
+                given_up = true;
+            }
         }
         Reserve {
             path,
@@ -103,25 +113,42 @@ impl Reserve {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        super::sync_dir(&self.path)?;
+        // In place: held, whether or not its name is durable yet (a later run finds it
+        // or takes it again).
         self.held = true;
         self.given_up = false;
+        super::sync_dir(&self.path)?;
         Ok(true)
     }
 
     /// Gives the reserve up: the file is truncated to nothing (which needs no room on a
     /// full disk, and leaves the mark a later run reads). Returns whether it was held.
+    /// Given up even when that fails (someone deleted the file to make room: the mark is
+    /// made again if it can be), so the spool keeps out of the room from then on and the
+    /// error comes once.
     pub fn release(&mut self) -> std::io::Result<bool> {
         if !self.held {
             return Ok(false);
         }
-        let file = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+        self.held = false;
+        self.given_up = true;
+        let file = match std::fs::OpenOptions::new().write(true).open(&self.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let _ = std::fs::File::create(&self.path);
+                return Ok(true);
+            }
+            opened => opened?,
+        };
         file.set_len(0)?;
         // Best effort: the room is free either way, and a full disk may refuse the sync.
         let _ = file.sync_all();
-        self.held = false;
-        self.given_up = true;
         Ok(true)
+    }
+
+    /// Whether the file system has less room left than the reserve's size: an I/O error
+    /// then may well be a full disk.
+    pub fn short_of_room(&self) -> bool {
+        available(self.dir()).is_ok_and(|a| a < self.size)
     }
 }
 
@@ -186,6 +213,13 @@ mod tests {
         assert!(!r.held() && r.given_up());
         assert_eq!(std::fs::metadata(r.path()).expect("marker").len(), 0);
         assert!(!r.release().expect("twice is nothing"));
+        // Deleted by hand to make room: given up all the same, the mark made again.
+        let mut gone = Reserve::new(&spool, 1 << 20);
+        assert!(gone.take().expect("room"));
+        std::fs::remove_file(gone.path()).expect("delete");
+        assert!(gone.release().expect("given up"));
+        assert!(gone.given_up() && !gone.held());
+        assert_eq!(std::fs::metadata(gone.path()).expect("mark").len(), 0);
         // A later run finds it given up, until it is taken again.
         let mut again = Reserve::new(&spool, 1 << 20);
         assert!(!again.held() && again.given_up());
@@ -201,9 +235,11 @@ mod tests {
         let file = dir.path().join("spool.sqlite.reserve");
         let tmp = dir.path().join("spool.sqlite.reserve.tmp");
         std::fs::write(&tmp, b"cut short").expect("write");
-        // The setting changed: the old file goes, and so does the temporary one.
+        // The setting changed: the old file is emptied (given up until taken at the new
+        // size), and the temporary one goes.
         let mut r = Reserve::new(&spool, 2 << 20);
-        assert!(!r.held() && !file.exists() && !tmp.exists());
+        assert!(!r.held() && r.given_up() && !tmp.exists());
+        assert_eq!(std::fs::metadata(&file).expect("mark").len(), 0);
         assert!(r.take().expect("room"));
         assert_eq!(std::fs::metadata(&file).expect("file").len(), 2 << 20);
         // No reserve wanted: none kept.
