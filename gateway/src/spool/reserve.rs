@@ -167,7 +167,9 @@ pub fn available(dir: &Path) -> std::io::Result<u64> {
 /// Creates `path` with `size` bytes of allocated blocks, synced.
 fn fill(path: &Path, size: u64) -> std::io::Result<()> {
     let mut f = std::fs::File::create(path)?;
-    let len = i64::try_from(size).map_err(|_| std::io::Error::other("reserve size too large"))?;
+    // off_t: 32 bits on 32-bit ARM without large-file offsets.
+    let len = nix::libc::off_t::try_from(size)
+        .map_err(|_| std::io::Error::other("reserve size too large for this platform"))?;
     match nix::fcntl::posix_fallocate(&f, 0, len) {
         Ok(()) => {}
         // A file system without fallocate (glibc emulates it, but not everywhere):
