@@ -534,7 +534,12 @@ pub fn client_config(cfg: &KafkaOutput, gateway_id: &str) -> Result<ClientConfig
         .set("security.protocol", &cfg.security.protocol)
         // Reconnect within 2 s of the uplink returning (librdkafka's default backs off
         // up to 10 s); override with options."reconnect.backoff.max.ms".
-        .set("reconnect.backoff.max.ms", "2000");
+        .set("reconnect.backoff.max.ms", "2000")
+        // librdkafka's default (`consistent_random`) with one difference: a record with
+        // an empty key (a key template that renders nothing) goes to one partition, not
+        // a random one, so the order of such records holds too. Keys that are not empty
+        // map to the same partitions.
+        .set("partitioner", "consistent");
     let s = &cfg.security;
     if let Some(m) = &s.sasl_mechanism {
         c.set("sasl.mechanism", m);
@@ -1384,6 +1389,22 @@ mod tests {
         // A gateway clock not set yet (1970, or before 2001) says nothing.
         assert_eq!(at(now, 5_000), now);
         assert_eq!(at(now, 900_000_000_000), now);
+    }
+
+    #[test]
+    fn empty_keys_keep_to_one_partition_unless_options_say_otherwise() {
+        let with = |opts: &str| {
+            let cfg: KafkaOutput =
+                toml::from_str(&format!("brokers = \"127.0.0.1:1\"\n[options]\n{opts}"))
+                    .expect("cfg");
+            let c = client_config(&cfg, "g").expect("config");
+            c.get("partitioner").map(str::to_string)
+        };
+        assert_eq!(with("").as_deref(), Some("consistent"));
+        assert_eq!(
+            with("\"partitioner\" = \"murmur2_random\"").as_deref(),
+            Some("murmur2_random")
+        );
     }
 
     #[test]
