@@ -1857,7 +1857,7 @@ impl Router {
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::error!(error = %e, reserve = %self.reserve.path().display(), "cannot delete the spool's reserve file")
+                    tracing::error!(error = %e, reserve = %self.reserve.path().display(), "cannot give up the spool's reserve file (truncate it)")
                 }
             }
         }
