@@ -718,6 +718,20 @@ impl Tmpfs {
         ok.then(|| Tmpfs(path.to_path_buf()))
     }
 
+    /// [`Tmpfs::mount`], or `None` after a SKIPPED line where mounting needs root and
+    /// this is not CI (which must be able to).
+    fn mount_or_skip(path: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        let mounted = Tmpfs::mount(path, size);
+        if mounted.is_none() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must be able to mount a tmpfs for this test (run as root)"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
+        }
+        mounted
+    }
+
     fn resize(&self, size: &str) {
         let ok = std::process::Command::new("mount")
             .args(["-o", &format!("remount,size={size}")])
@@ -744,12 +758,7 @@ fn a_full_disk_holds_inputs_back_and_recovers_when_space_returns() {
     // A real full file system: a 1 MiB tmpfs under the spool (needs root, as CI has).
     // Without a reserve, which would not fit (SQLite's own full-disk errors are the
     // subject here; `a_spool_that_fills_its_own_disk_drains_when_kafka_returns` has it).
-    let Some(disk) = Tmpfs::mount(&dir.path().join("state"), "1m") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must be able to mount a tmpfs for this test (run as root)"
-        );
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
+    let Some(disk) = Tmpfs::mount_or_skip(&dir.path().join("state"), "1m") else {
         return;
     };
     let (_dir, mqtt, kafka, gw) = rig_in(dir, &[TOPIC], Uplink::Down, "reserve_bytes = 0", "", "");
@@ -798,12 +807,7 @@ fn a_full_disk_holds_inputs_back_and_recovers_when_space_returns() {
 fn a_spool_that_fills_its_own_disk_drains_when_kafka_returns() {
     let (devices, n) = (20, 8000);
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(_disk) = Tmpfs::mount(&dir.path().join("state"), "24m") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must be able to mount a tmpfs for this test (run as root)"
-        );
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
+    let Some(_disk) = Tmpfs::mount_or_skip(&dir.path().join("state"), "24m") else {
         return;
     };
     let (_dir, mqtt, kafka, gw) = rig_in(
@@ -877,12 +881,7 @@ fn copies_of_records_kafka_confirms_while_the_disk_is_full_are_not_sent_again() 
     let (devices, n) = (10, 100);
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
-    let Some(_disk) = Tmpfs::mount(&state, "20m") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must be able to mount a tmpfs for this test (run as root)"
-        );
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
+    let Some(_disk) = Tmpfs::mount_or_skip(&state, "20m") else {
         return;
     };
     let (_dir, mqtt, kafka, gw) = rig_in(dir, &[TOPIC], Uplink::Up, "", "", "");
@@ -944,12 +943,7 @@ fn full_disk_at_start(reserve: bool) {
     let (devices, n) = (5, 100);
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
-    let Some(_disk) = Tmpfs::mount(&state, if reserve { "24m" } else { "1m" }) else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must be able to mount a tmpfs for this test (run as root)"
-        );
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
+    let Some(_disk) = Tmpfs::mount_or_skip(&state, if reserve { "24m" } else { "1m" }) else {
         return;
     };
     let spool = if reserve { "" } else { "reserve_bytes = 0" };
