@@ -763,12 +763,7 @@ fn a_full_disk_holds_inputs_back_and_recovers_when_space_returns() {
     };
     let (_dir, mqtt, kafka, gw) = rig_in(dir, &[TOPIC], Uplink::Down, "reserve_bytes = 0", "", "");
     publish(mqtt.port, devices, n, None, None);
-    wait_for("the disk to fill", Duration::from_secs(30), || {
-        gw.metric("gateway_spool_errors_total{kind=\"disk_full\"}") > 0.0
-    });
-    wait_for("inputs held back", Duration::from_secs(10), || {
-        gw.metric("gateway_spool_blocked") == 1.0
-    });
+    wait_full_and_held_back(&gw, Duration::from_secs(30));
     assert!(
         http_get(gw.metrics_port, "/health").is_some(),
         "the gateway keeps running"
@@ -825,12 +820,7 @@ fn a_spool_that_fills_its_own_disk_drains_when_kafka_returns() {
         "the default reserve is held"
     );
     publish(mqtt.port, devices, n, None, None);
-    wait_for("the disk to fill", Duration::from_secs(60), || {
-        gw.metric("gateway_spool_errors_total{kind=\"disk_full\"}") > 0.0
-    });
-    wait_for("inputs held back", Duration::from_secs(10), || {
-        gw.metric("gateway_spool_blocked") == 1.0
-    });
+    wait_full_and_held_back(&gw, Duration::from_secs(60));
     assert_eq!(
         gw.metric("gateway_spool_reserve_bytes"),
         0.0,
@@ -861,6 +851,17 @@ fn a_spool_that_fills_its_own_disk_drains_when_kafka_returns() {
         "SQLite found the disk full once: from then on the spool kept the reserve's room free"
     );
     assert_eq!(gw.dropped_total(), 0.0, "nothing dropped");
+}
+
+/// Waits until the spool's disk is full (SQLite said so, or appends were held back for
+/// want of room) within `fill_within`, and then until the inputs are held back.
+fn wait_full_and_held_back(gw: &Gateway, fill_within: Duration) {
+    wait_for("the disk to fill", fill_within, || {
+        gw.metric("gateway_spool_errors_total{kind=\"disk_full\"}") > 0.0
+    });
+    wait_for("inputs held back", Duration::from_secs(10), || {
+        gw.metric("gateway_spool_blocked") == 1.0
+    });
 }
 
 /// Fills the file system of `dir` with a file; returns its path.

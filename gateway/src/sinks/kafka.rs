@@ -1391,15 +1391,19 @@ mod tests {
         assert_eq!(at(now, 900_000_000_000), now);
     }
 
+    /// The librdkafka property `key` that `client_config` sets for an output with
+    /// `options` (TOML lines).
+    fn property(options: &str, key: &str) -> Option<String> {
+        let cfg: KafkaOutput =
+            toml::from_str(&format!("brokers = \"127.0.0.1:1\"\n[options]\n{options}"))
+                .expect("cfg");
+        let c = client_config(&cfg, "g").expect("config");
+        c.get(key).map(str::to_string)
+    }
+
     #[test]
     fn empty_keys_keep_to_one_partition_unless_options_say_otherwise() {
-        let with = |opts: &str| {
-            let cfg: KafkaOutput =
-                toml::from_str(&format!("brokers = \"127.0.0.1:1\"\n[options]\n{opts}"))
-                    .expect("cfg");
-            let c = client_config(&cfg, "g").expect("config");
-            c.get("partitioner").map(str::to_string)
-        };
+        let with = |opts: &str| property(opts, "partitioner");
         assert_eq!(with("").as_deref(), Some("consistent"));
         assert_eq!(
             with("\"partitioner\" = \"murmur2_random\"").as_deref(),
@@ -1409,14 +1413,7 @@ mod tests {
 
     #[test]
     fn without_idempotence_one_request_is_in_flight() {
-        let with = |opts: &str| {
-            let cfg: KafkaOutput =
-                toml::from_str(&format!("brokers = \"127.0.0.1:1\"\n[options]\n{opts}"))
-                    .expect("cfg");
-            let c = client_config(&cfg, "g").expect("config");
-            c.get("max.in.flight.requests.per.connection")
-                .map(str::to_string)
-        };
+        let with = |opts: &str| property(opts, "max.in.flight.requests.per.connection");
         assert_eq!(with(""), None, "idempotent: librdkafka's own limit");
         assert_eq!(with("\"enable.idempotence\" = \"False\""), Some("1".into()));
         assert_eq!(

@@ -258,12 +258,16 @@ fn quarantined_name(path: &Path, suffix: &str, extra: &str) -> PathBuf {
     PathBuf::from(format!("{}.corrupt-{suffix}{extra}", path.display()))
 }
 
+/// The directory a file's path is in (`.` for a bare file name).
+fn dir_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 /// Makes the directory's entries (renames, new and removed files) durable.
 fn sync_dir(path: &Path) -> std::io::Result<()> {
-    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => std::fs::File::open(".")?.sync_all(),
-    }
+    std::fs::File::open(dir_of(path))?.sync_all()
 }
 
 /// Moves a damaged spool (and its WAL and SHM files) aside; returns the new name.

@@ -83,10 +83,7 @@ impl Reserve {
 
     /// The directory of the file (and of the spool).
     pub fn dir(&self) -> &Path {
-        self.path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
+        super::dir_of(&self.path)
     }
 
     /// The path of the file.
